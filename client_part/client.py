@@ -1,0 +1,214 @@
+"""`SplitClient`: the first part of a split model, trained against a `SplitServer` with Keras habits."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from client_part import batches
+from client_part.trainer import ClientTrainer
+from client_part.transport import Transport
+from splitlearning.contract import Agreement, Spec
+from splitlearning.devices import resolve_device
+from splitlearning.models import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+class SplitClient:
+    """Trains the first part of a split model; the server at `target` holds the rest and the loss.
+
+    Use it as a context manager, or call `connect()` and `close()`. `fit`, `evaluate` and `predict` take
+    numpy arrays or batched `tf.data.Dataset`s and mean what they mean on a `keras.Model`.
+    """
+
+    def __init__(
+        self,
+        model: ModelSource,
+        optimizer: Any = "sgd",
+        target: str = "127.0.0.1:50051",
+        device: str = "/CPU:0",
+        max_batch_size: int = 1024,
+        label_spec: Spec | None = None,
+        connect_timeout: float = 30.0,
+        rpc_timeout: float = 60.0,
+        session_id: str = "",
+    ) -> None:
+        self.device = resolve_device(device)
+        self.trainer = ClientTrainer(model, optimizer, self.device, self._exchange)
+        self.max_batch_size = max_batch_size
+        self.label_spec = label_spec
+        self.connect_timeout = connect_timeout
+        self._session_id = session_id
+        self._transport = Transport(target, max_batch_size * self.trainer.iv_spec.sample_bytes * 4, rpc_timeout)
+        self._agreement: Agreement | None = None
+        self._step = self.trainer.iterations
+        self._reset_metrics = False
+        self._in_step = False  # True once this connection has checked that both sides agree on the step
+        self._last_metrics: list[float] = []
+
+    @property
+    def model(self) -> keras.Model:
+        return self.trainer.model
+
+    @property
+    def agreement(self) -> Agreement:
+        return self._agreement or self.connect()
+
+    @property
+    def step(self) -> int:
+        """Number of training steps this client has completed in the session."""
+        return self._step
+
+    def connect(self) -> Agreement:
+        """Wait for the server (bounded by `connect_timeout`) and agree on the cut; idempotent."""
+        if self._agreement is None:
+            self._transport.wait_ready(self.connect_timeout)
+            self._agreement = self._transport.handshake(
+                self.trainer.iv_spec, self.label_spec, self.max_batch_size, self._session_id
+            )
+            log.info(
+                "joined session %s at step %d; cut: %s",
+                self._agreement.session_id,
+                self._agreement.next_step,
+                self._agreement.contract,
+            )
+        return self._agreement
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> SplitClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- Keras-style API -----------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        x: Any,
+        y: Any = None,
+        batch_size: int = 32,
+        epochs: int = 1,
+        shuffle: bool = True,
+        validation_data: Any = None,
+        verbose: int = 1,
+        seed: int = 0,
+        initial_epoch: int = 0,
+    ) -> keras.callbacks.History:
+        """Train for `epochs`; the returned `History.history` holds per-epoch loss and metrics as in Keras."""
+        agreement = self.agreement
+        self._check_batch_size(batch_size)
+        if not self._in_step and agreement.next_step != self._step:
+            raise RuntimeError(
+                f"the server's session is at step {agreement.next_step} but this client is at step {self._step}: "
+                "restore the client from the matching checkpoint, or start a fresh server"
+            )
+        self._in_step = True
+        history = keras.callbacks.History()
+        history.set_model(self.model)
+        history.on_train_begin()
+        history.set_params({"epochs": epochs, "steps": batches.num_batches(x, batch_size), "verbose": verbose})
+        names = agreement.metric_names
+        for epoch in range(initial_epoch, epochs):
+            order = None if _is_dataset(x) else batches.epoch_order(len(x), seed, epoch, shuffle)
+            progress = keras.utils.Progbar(
+                batches.num_batches(x, batch_size), verbose=verbose, stateful_metrics=[*names, "samples/s"]
+            )
+            if verbose:
+                print(f"Epoch {epoch + 1}/{epochs}")
+            self._reset_metrics = True
+            self.trainer.regularization.reset_state()
+            started, samples, logs, index = time.perf_counter(), 0, {}, -1
+            for index, (xb, yb) in enumerate(batches.iterate(x, y, batch_size, order)):
+                penalty = self.trainer.train(xb, self._labels(yb))
+                samples += len(xb)
+                logs = self._logs(self._last_metrics, penalty)
+                logs["samples/s"] = samples / max(time.perf_counter() - started, 1e-9)
+                progress.update(index + 1, list(logs.items()), finalize=False)
+            if index < 0:
+                raise ValueError("fit got no data: the training set is empty")
+            logs.pop("samples/s")
+            if validation_data is not None:
+                val = self.evaluate(*_unpack(validation_data), batch_size=batch_size, verbose=0)
+                logs.update({f"val_{k}": v for k, v in val.items()})
+            progress.update(index + 1, list(logs.items()), finalize=True)
+            history.on_epoch_end(epoch, logs)
+        return history
+
+    def evaluate(self, x: Any, y: Any = None, batch_size: int = 32, verbose: int = 0) -> dict[str, float]:
+        """Loss and metrics over all of (x, y), accumulated exactly as `keras.Model.evaluate` does."""
+        agreement = self.agreement
+        self._check_batch_size(batch_size)
+        values: list[float] = []
+        reset = True
+        progress = keras.utils.Progbar(batches.num_batches(x, batch_size), verbose=verbose)
+        for index, (xb, yb) in enumerate(batches.iterate(x, y, batch_size)):
+            values = self._transport.evaluate(self.trainer.forward(xb), self._labels(yb), reset)
+            reset = False
+            progress.update(index + 1)
+        if not values:
+            raise ValueError("evaluate got no data")
+        penalty = self.trainer.penalty()
+        return self._logs(values, penalty, agreement.metric_names)
+
+    def predict(self, x: Any, batch_size: int = 32, verbose: int = 0) -> np.ndarray:
+        """Outputs of the whole (uncut) model for `x`."""
+        self.agreement  # noqa: B018 (connect first)
+        self._check_batch_size(batch_size)
+        outputs = [self._transport.predict(self.trainer.forward(xb)) for xb in batches.iterate_inputs(x, batch_size)]
+        if not outputs:
+            raise ValueError("predict got no data")
+        return np.concatenate(outputs)
+
+    # -- the step's exchange, called from inside the compiled step -----------------------------------------
+
+    def _exchange(self, iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        grad, self._last_metrics = self._transport.train(self._step, iv, labels, self._reset_metrics)
+        self._reset_metrics = False
+        self._step += 1
+        return grad
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _logs(self, values: list[float], penalty: float, names: list[str] | None = None) -> dict[str, float]:
+        logs = dict(zip(names or self.agreement.metric_names, values, strict=True))
+        logs["loss"] += penalty
+        return logs
+
+    def _labels(self, y: Any) -> np.ndarray:
+        spec = self.agreement.contract.label
+        labels = np.asarray(y)
+        if labels.dtype != spec.dtype:
+            if not np.can_cast(labels.dtype, spec.dtype, casting="same_kind"):
+                raise TypeError(
+                    f"labels of dtype {labels.dtype.name} cannot become {spec.dtype.name}, "
+                    f"the server's label dtype ({spec})"
+                )
+            labels = labels.astype(spec.dtype)
+        return labels
+
+    def _check_batch_size(self, batch_size: int) -> None:
+        if not 0 < batch_size <= min(self.max_batch_size, self.agreement.max_batch_size):
+            raise ValueError(
+                f"batch_size must lie in [1, {min(self.max_batch_size, self.agreement.max_batch_size)}], "
+                f"got {batch_size}"
+            )
+
+
+def _is_dataset(x: Any) -> bool:
+    return isinstance(x, tf.data.Dataset)
+
+
+def _unpack(data: Any) -> tuple[Any, Any]:
+    if isinstance(data, tuple):
+        return data[0], data[1]
+    return data, None

@@ -1,0 +1,102 @@
+"""The first part's training math: one compiled TensorFlow call per step, no gRPC.
+
+The step runs the forward pass under a tape, hands the IV (and labels) to `exchange` (a plain Python
+function: in a `SplitClient` it is the gRPC round trip) through `tf.numpy_function`, and back-propagates the
+returned dLoss/dIV with `tape.gradient(iv, weights, output_gradients=grad)`. No forward pass is repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from splitlearning.contract import Spec
+from splitlearning.devices import describe_placement
+from splitlearning.models import ModelSource, materialize
+
+log = logging.getLogger(__name__)
+
+Exchange = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class ClientTrainer:
+    """Holds the first part of the model and its optimizer on one device."""
+
+    def __init__(self, model: ModelSource, optimizer: Any, device: str, exchange: Exchange) -> None:
+        self.device = device
+        self._exchange = exchange
+        self._error: BaseException | None = None
+        with tf.device(device):
+            self.model: keras.Model = materialize(model)
+            if not self.model.inputs or not self.model.outputs:
+                raise ValueError("the client part needs a known input shape: start it with keras.Input(...)")
+            self.optimizer: keras.optimizers.Optimizer = keras.optimizers.get(optimizer)
+            self.optimizer.build(self.model.trainable_variables)
+            self.regularization = keras.metrics.Mean(name="regularization")
+        self.iv_spec = _spec(self.model.outputs[0])
+        self._train_fn = tf.function(self._train_step, reduce_retracing=True)
+        self._forward_fn = tf.function(self._forward, reduce_retracing=True)
+        variables = [getattr(v, "value", v) for h in (self.model, self.optimizer) for v in h.variables]
+        log.info("client part on %s: %s", device, describe_placement(variables))
+
+    @property
+    def iterations(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def train(self, x: Any, labels: Any) -> float:
+        """Run one step; return the mean regularisation penalty of this part so far (0.0 without one)."""
+        self._error = None
+        try:
+            with tf.device(self.device):
+                self._train_fn(x, labels)
+        except tf.errors.OpError:
+            if self._error is not None:  # the exchange failed: raise its own error, not TensorFlow's wrapper
+                raise self._error from None
+            raise
+        return float(self.regularization.result()) if self.model.losses else 0.0
+
+    def penalty(self) -> float:
+        """This part's regularisation penalty at the current weights (0.0 without one)."""
+        return float(sum(float(loss) for loss in self.model.losses))
+
+    def forward(self, x: Any) -> np.ndarray:
+        """The IV for `x`, in inference mode (for evaluate and predict)."""
+        with tf.device(self.device):
+            return self._forward_fn(x).numpy()
+
+    def _exchange_guarded(self, iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        try:
+            return self._exchange(iv, labels)
+        except BaseException as error:
+            self._error = error
+            raise
+
+    def _train_step(self, x: tf.Tensor, labels: tf.Tensor) -> None:
+        model = self.model
+        weights = model.trainable_variables
+        with tf.GradientTape() as tape:
+            iv = model(x, training=True)
+            penalty = tf.add_n(model.losses) if model.losses else None
+        grad = tf.numpy_function(self._exchange_guarded, [iv, labels], Tout=iv.dtype, stateful=True)
+        grad = tf.ensure_shape(grad, iv.shape)
+        if penalty is None:
+            grads = tape.gradient(iv, weights, output_gradients=grad)
+        else:
+            self.regularization.update_state(penalty, sample_weight=tf.shape(iv)[0])
+            grads = tape.gradient([iv, penalty], weights, output_gradients=[grad, tf.ones_like(penalty)])
+        self.optimizer.apply(grads, weights)
+
+    def _forward(self, x: tf.Tensor) -> tf.Tensor:
+        return self.model(x, training=False)
+
+
+def _spec(tensor: Any) -> Spec:
+    shape = tensor.shape[1:]
+    if any(d is None for d in shape):
+        raise ValueError(f"the client part's output (the cut) must have a fully known shape, got {tensor.shape}")
+    return Spec(tuple(int(d) for d in shape), np.dtype(tensor.dtype))

@@ -1,0 +1,135 @@
+"""The gRPC edge of the client: the channel, the handshake and the per-step exchange on one stream."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from splitlearning import codec
+from splitlearning.contract import PROTOCOL_VERSION, Agreement, Spec, contract_from_proto, spec_to_proto
+from splitlearning.v1 import split_learning_pb2 as pb
+from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_MESSAGE_OVERHEAD = 64 * 1024
+_END = None
+
+
+class RemoteError(RuntimeError):
+    """The server refused a request (or could not be reached): `code` is the gRPC status."""
+
+    def __init__(self, what: str, error: grpc.RpcError) -> None:
+        self.code: grpc.StatusCode = error.code()
+        self.details: str = error.details() or ""
+        super().__init__(f"{what}: {self.code.name}: {self.details}")
+
+
+class Transport:
+    """One channel to the server; `train` reuses one bidirectional stream for every step."""
+
+    def __init__(self, target: str, max_message_bytes: int, rpc_timeout: float) -> None:
+        self.target = target
+        self.rpc_timeout = rpc_timeout
+        limit = max_message_bytes + _MESSAGE_OVERHEAD
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+        )
+        self._stub = pb_grpc.SplitLearningServiceStub(self._channel)
+        self._requests: queue.SimpleQueue[pb.TrainRequest | None] | None = None
+        self._responses: Iterator[pb.TrainResponse] | None = None
+        self.session_id = ""
+
+    def wait_ready(self, timeout: float) -> None:
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ConnectionError(f"no server answered at {self.target} within {timeout:g} s") from None
+
+    def handshake(self, iv: Spec, label: Spec | None, max_batch_size: int, session_id: str = "") -> Agreement:
+        request = pb.HandshakeRequest(
+            protocol_version=PROTOCOL_VERSION,
+            contract=pb.CutContract(iv=spec_to_proto(iv), label=spec_to_proto(label) if label else None),
+            session_id=session_id,
+            max_batch_size=max_batch_size,
+            encodings=[pb.ENCODING_RAW],
+        )
+        try:
+            reply = self._stub.Handshake(request, timeout=self.rpc_timeout)
+        except grpc.RpcError as error:
+            raise RemoteError("handshake refused", error) from None
+        self.session_id = reply.session_id
+        return Agreement(
+            session_id=reply.session_id,
+            next_step=reply.next_step,
+            contract=contract_from_proto(reply.contract),
+            max_batch_size=reply.max_batch_size,
+            metric_names=list(reply.metric_names),
+        )
+
+    def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:
+        """Send one step on the training stream; return dLoss/dIV and the running metrics."""
+        if self._responses is None:
+            self._open_stream()
+        assert self._requests is not None and self._responses is not None
+        self._requests.put(
+            pb.TrainRequest(
+                session_id=self.session_id,
+                step=step,
+                iv=codec.to_proto(iv),
+                labels=codec.to_proto(labels),
+                reset_metrics=reset,
+            )
+        )
+        try:
+            reply = next(self._responses)
+        except grpc.RpcError as error:
+            self._close_stream()
+            raise RemoteError(f"step {step} refused", error) from None
+        except StopIteration:
+            self._close_stream()
+            raise ConnectionError(f"the server closed the training stream at step {step}") from None
+        return codec.from_proto(reply.iv_gradient, "iv_gradient"), list(reply.metrics)
+
+    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
+        request = pb.EvaluateRequest(
+            session_id=self.session_id, iv=codec.to_proto(iv), labels=codec.to_proto(labels), reset_metrics=reset
+        )
+        try:
+            return list(self._stub.Evaluate(request, timeout=self.rpc_timeout).metrics)
+        except grpc.RpcError as error:
+            raise RemoteError("evaluate refused", error) from None
+
+    def predict(self, iv: np.ndarray) -> np.ndarray:
+        request = pb.PredictRequest(session_id=self.session_id, iv=codec.to_proto(iv))
+        try:
+            reply = self._stub.Predict(request, timeout=self.rpc_timeout)
+        except grpc.RpcError as error:
+            raise RemoteError("predict refused", error) from None
+        return codec.from_proto(reply.outputs, "outputs")
+
+    def close(self) -> None:
+        self._close_stream()
+        self._channel.close()
+
+    def _open_stream(self) -> None:
+        requests: queue.SimpleQueue[pb.TrainRequest | None] = queue.SimpleQueue()
+
+        def feed() -> Iterator[pb.TrainRequest]:
+            while (request := requests.get()) is not _END:
+                yield request
+
+        self._requests = requests
+        self._responses = self._stub.Train(feed())
+
+    def _close_stream(self) -> None:
+        if self._requests is not None:
+            self._requests.put(_END)
+        if self._responses is not None:
+            self._responses.cancel()  # type: ignore[attr-defined]
+        self._requests = self._responses = None

@@ -1,0 +1,108 @@
+"""`SplitServer`: the second part of a split model, served over gRPC with standard health checking."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from server_part.servicer import SplitLearningServicer
+from server_part.state import TrainingState
+from server_part.trainer import ServerTrainer
+from splitlearning.contract import Spec
+from splitlearning.devices import resolve_device
+from splitlearning.models import ModelSource
+from splitlearning.v1 import split_learning_pb2 as pb
+from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitLearningService"].full_name
+# Room for the protobuf framing around the tensors of one request.
+_MESSAGE_OVERHEAD = 64 * 1024
+
+
+class SplitServer:
+    """Serves the second part of a split model.
+
+    `model` is a Keras model whose input is the cut (or a function building one, called on `device`);
+    it is compiled here with `loss`, `optimizer` and `metrics`, as `keras.Model.compile` takes them.
+    """
+
+    def __init__(
+        self,
+        model: ModelSource,
+        loss: Any,
+        optimizer: Any = "sgd",
+        metrics: Sequence[Any] | None = None,
+        device: str = "/CPU:0",
+        max_batch_size: int = 1024,
+        label_spec: Spec | None = None,
+        max_workers: int = 8,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.trainer = ServerTrainer(model, loss, optimizer, metrics, self.device, label_spec)
+        self.state = TrainingState(self.trainer, max_batch_size)
+        self._max_workers = max_workers
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+
+    @property
+    def model(self) -> Any:
+        return self.trainer.model
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest request the contract allows: a full batch of IVs and labels, plus framing."""
+        contract = self.trainer.contract
+        return self.state.max_batch_size * (contract.iv.sample_bytes + contract.label.sample_bytes) + _MESSAGE_OVERHEAD
+
+    def start(self, address: str = "127.0.0.1:0") -> int:
+        """Bind `address` and start serving; return the bound port (useful with port 0)."""
+        if self._server is not None:
+            raise RuntimeError("this server is already started")
+        limit = self.max_message_bytes
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="split-rpc"),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+            maximum_concurrent_rpcs=self._max_workers,
+        )
+        pb_grpc.add_SplitLearningServiceServicer_to_server(SplitLearningServicer(self.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s (port %d), session %s", SERVICE_NAME, address, port, self.state.session_id)
+        return port
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or `timeout` passes); True if it stopped."""
+        if self._server is None:
+            raise RuntimeError("this server is not started")
+        return bool(self._server.wait_for_termination(timeout))
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop serving: health turns NOT_SERVING, RPCs in flight get `grace` seconds to finish."""
+        if self._server is None:
+            return
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self._server = None
+        log.info("stopped")
+
+    def __enter__(self) -> SplitServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

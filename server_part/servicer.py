@@ -1,0 +1,103 @@
+"""The gRPC edge of the server: decode, call the training state, encode; domain errors become statuses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import NoReturn, TypeVar
+
+import grpc
+import numpy as np
+
+from server_part.state import TrainingState
+from splitlearning import codec
+from splitlearning.contract import contract_to_proto, spec_from_proto
+from splitlearning.errors import InvalidRequest, SplitError
+from splitlearning.v1 import split_learning_pb2 as pb
+from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
+    def __init__(self, state: TrainingState) -> None:
+        self._state = state
+
+    def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
+        return _guard(context, lambda: self._handshake(request))
+
+    def Train(
+        self, request_iterator: Iterator[pb.TrainRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.TrainResponse]:
+        for request in request_iterator:
+            yield _guard(context, lambda: self._train(request))  # noqa: B023 (called at once)
+
+    def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
+        def run() -> pb.EvaluateResponse:
+            iv, labels = _tensor(request, "iv"), _tensor(request, "labels")
+            values = self._state.evaluate(request.session_id, iv, labels, request.reset_metrics)
+            return pb.EvaluateResponse(metrics=values)
+
+        return _guard(context, run)
+
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        def run() -> pb.PredictResponse:
+            outputs = self._state.predict(request.session_id, _tensor(request, "iv"))
+            return pb.PredictResponse(outputs=codec.to_proto(outputs))
+
+        return _guard(context, run)
+
+    def _handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
+        if not request.HasField("contract") or not request.contract.HasField("iv"):
+            raise InvalidRequest("contract.iv is required: state the shape and dtype of the IV your part sends")
+        iv = spec_from_proto(request.contract.iv, "contract.iv")
+        has_label = request.contract.HasField("label")
+        label = spec_from_proto(request.contract.label, "contract.label") if has_label else None
+        agreed = self._state.handshake(request.protocol_version, iv, label, request.session_id, request.max_batch_size)
+        return pb.HandshakeResponse(
+            protocol_version=request.protocol_version,
+            contract=contract_to_proto(agreed.contract),
+            session_id=agreed.session_id,
+            next_step=agreed.next_step,
+            max_batch_size=agreed.max_batch_size,
+            encoding=pb.ENCODING_RAW,
+            metric_names=agreed.metric_names,
+        )
+
+    def _train(self, request: pb.TrainRequest) -> pb.TrainResponse:
+        iv, labels = _tensor(request, "iv"), _tensor(request, "labels")
+        result = self._state.train(request.session_id, request.step, iv, labels, request.reset_metrics)
+        return pb.TrainResponse(
+            step=result.step, iv_gradient=codec.to_proto(result.iv_gradient), metrics=result.metrics
+        )
+
+
+def _tensor(request: pb.TrainRequest | pb.EvaluateRequest | pb.PredictRequest, name: str) -> np.ndarray:
+    if not request.HasField(name):  # type: ignore[arg-type]
+        raise InvalidRequest(f"{name} is required")
+    return codec.from_proto(getattr(request, name), name)
+
+
+def _guard(context: grpc.ServicerContext, run: Callable[[], T]) -> T:
+    try:
+        return run()
+    except SplitError as error:
+        log.warning("refused %s: %s", _peer(context), error)
+        _abort(context, getattr(grpc.StatusCode, error.status), str(error))
+    except Exception as error:  # a bug, not a bad request: say so, keep serving
+        log.exception("internal error serving %s", _peer(context))
+        _abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def _peer(context: grpc.ServicerContext) -> str:
+    try:
+        return context.peer()
+    except Exception:
+        return "unknown peer"

@@ -1,0 +1,150 @@
+"""The second part's training math: one compiled TensorFlow call per request, numpy in and out, no gRPC.
+
+The received IV is watched by the tape and `tape.gradient(loss, [*weights, iv])` yields the weight gradients
+and dLoss/dIV from one forward pass. Loss, regularisation and metrics are Keras's own (the model is compiled
+here), so they mean exactly what they mean in `keras.Model.fit`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from splitlearning.contract import CutContract, Spec
+from splitlearning.devices import describe_placement
+from splitlearning.models import ModelSource, materialize
+
+log = logging.getLogger(__name__)
+
+
+_SPARSE_LOSSES = {"sparse_categorical_crossentropy", "SparseCategoricalCrossentropy"}
+
+
+class ServerTrainer:
+    """Holds the second part of the model, its loss, optimizer and metrics, on one device."""
+
+    def __init__(
+        self,
+        model: ModelSource,
+        loss: Any,
+        optimizer: Any,
+        metrics: Sequence[Any] | None = None,
+        device: str = "/CPU:0",
+        label_spec: Spec | None = None,
+    ) -> None:
+        self.device = device
+        with tf.device(device):
+            self.model: keras.Model = materialize(model)
+            if not self.model.inputs:
+                raise ValueError("the server part needs a known input shape: start it with keras.Input(...)")
+            self.model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics or []))
+            self.optimizer: keras.optimizers.Optimizer = self.model.optimizer
+            self.optimizer.build(self.model.trainable_variables)
+            self.contract = CutContract(self._iv_spec(), label_spec or self._label_spec(loss))
+            self._num_classes = self._sparse_classes(loss)
+            iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
+            label_sig = tf.TensorSpec([None, *self.contract.label.shape], self.contract.label.dtype)
+            self._train_fn = tf.function(self._train_step, input_signature=[iv_sig, label_sig])
+            self._test_fn = tf.function(self._test_step, input_signature=[iv_sig, label_sig])
+            self._predict_fn = tf.function(self._predict_step, input_signature=[iv_sig])
+            self.metric_names = self._build_metrics()
+        log.info("server part on %s: %s", device, describe_placement(_tf_variables(self.model, self.optimizer)))
+
+    @property
+    def iterations(self) -> int:
+        """Number of updates the optimizer has applied."""
+        return int(self.optimizer.iterations.numpy())
+
+    @property
+    def num_classes(self) -> int | None:
+        """For sparse categorical losses, labels must lie in [0, num_classes)."""
+        return self._num_classes
+
+    def train(self, iv: np.ndarray, labels: np.ndarray, reset_metrics: bool) -> tuple[np.ndarray, list[float]]:
+        """Apply one update; return dLoss/dIV and the running metrics (loss first)."""
+        if reset_metrics:
+            self.model.reset_metrics()
+        with tf.device(self.device):
+            grad, values = self._train_fn(iv, labels)
+        return grad.numpy(), [float(v) for v in values]
+
+    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset_metrics: bool) -> list[float]:
+        """Accumulate loss and metrics on one batch with no update; return the running values."""
+        if reset_metrics:
+            self.model.reset_metrics()
+        with tf.device(self.device):
+            values = self._test_fn(iv, labels)
+        return [float(v) for v in values]
+
+    def predict(self, iv: np.ndarray) -> np.ndarray:
+        with tf.device(self.device):
+            return self._predict_fn(iv).numpy()
+
+    # -- compiled bodies -----------------------------------------------------------------------------------
+
+    def _train_step(self, iv: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        model = self.model
+        weights = model.trainable_variables
+        with tf.GradientTape() as tape:
+            tape.watch(iv)
+            y_pred = model(iv, training=True)
+            loss = model.compute_loss(x=iv, y=labels, y_pred=y_pred, training=True)
+        model._loss_tracker.update_state(loss, sample_weight=tf.shape(iv)[0])
+        *grads, iv_grad = tape.gradient(loss, [*weights, iv])
+        self.optimizer.apply(grads, weights)
+        return iv_grad, self._results(model.compute_metrics(iv, labels, y_pred))
+
+    def _test_step(self, iv: tf.Tensor, labels: tf.Tensor) -> list[tf.Tensor]:
+        model = self.model
+        y_pred = model(iv, training=False)
+        loss = model.compute_loss(x=iv, y=labels, y_pred=y_pred, training=False)
+        model._loss_tracker.update_state(loss, sample_weight=tf.shape(iv)[0])
+        return self._results(model.compute_metrics(iv, labels, y_pred))
+
+    def _predict_step(self, iv: tf.Tensor) -> tf.Tensor:
+        return self.model(iv, training=False)
+
+    def _results(self, results: dict[str, tf.Tensor]) -> list[tf.Tensor]:
+        return [tf.cast(results[n], tf.float64) for n in self.metric_names]
+
+    # -- set-up ------------------------------------------------------------------------------------------
+
+    def _build_metrics(self) -> list[str]:
+        """Run the metrics once on zeros (no update) so their names are known before the first request."""
+        zeros_iv = np.zeros((1, *self.contract.iv.shape), self.contract.iv.dtype)
+        zeros_label = np.zeros((1, *self.contract.label.shape), self.contract.label.dtype)
+        model = self.model
+        y_pred = model(zeros_iv, training=False)
+        model.compute_loss(x=zeros_iv, y=zeros_label, y_pred=y_pred, training=False)
+        names = list(model.compute_metrics(zeros_iv, zeros_label, y_pred))
+        model.reset_metrics()
+        return sorted(names, key=lambda n: n != "loss")
+
+    def _iv_spec(self) -> Spec:
+        spec = self.model.inputs[0]
+        if any(d is None for d in spec.shape[1:]):
+            raise ValueError(f"the server part's input shape must be fully known after the batch, got {spec.shape}")
+        return Spec(tuple(int(d) for d in spec.shape[1:]), np.dtype(spec.dtype))
+
+    def _label_spec(self, loss: Any) -> Spec:
+        out = self.model.outputs[0].shape
+        if self._is_sparse(loss):
+            return Spec(tuple(int(d) for d in out[1:-1]), np.dtype("int64"))
+        return Spec(tuple(int(d) for d in out[1:]), np.dtype(self.model.outputs[0].dtype))
+
+    def _sparse_classes(self, loss: Any) -> int | None:
+        return int(self.model.outputs[0].shape[-1]) if self._is_sparse(loss) else None
+
+    @staticmethod
+    def _is_sparse(loss: Any) -> bool:
+        name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+        return name in _SPARSE_LOSSES
+
+
+def _tf_variables(*holders: Any) -> list[Any]:
+    return [getattr(v, "value", v) for h in holders for v in h.variables]

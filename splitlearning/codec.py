@@ -1,0 +1,121 @@
+"""Tensors on the wire: `dtype` + `shape` + raw little-endian bytes, never pickle.
+
+`to_proto` / `from_proto` are the only place ndarrays meet `splitlearning.v1.Tensor`. Decoding does not copy
+the payload for the raw encoding: the ndarray is a read-only view of the message's bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TypeAlias
+
+import ml_dtypes
+import numpy as np
+
+from splitlearning.errors import InvalidRequest
+from splitlearning.v1 import split_learning_pb2 as pb
+
+DTypeCode: TypeAlias = pb.DType.ValueType
+EncodingCode: TypeAlias = pb.Encoding.ValueType
+
+_DTYPES: dict[DTypeCode, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    pb.DTYPE_INT8: np.dtype("i1"),
+    pb.DTYPE_INT16: np.dtype("<i2"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_UINT8: np.dtype("u1"),
+    pb.DTYPE_BOOL: np.dtype("?"),
+}
+_BY_NAME: dict[str, DTypeCode] = {dt.name: code for code, dt in _DTYPES.items()}
+
+# Wire encodings whose payload is a narrower float than the tensor's own dtype.
+_NARROW_FLOATS: dict[EncodingCode, np.dtype] = {
+    pb.ENCODING_FLOAT16: np.dtype("<f2"),
+    pb.ENCODING_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+}
+_FLOAT_CODES = {pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16}
+
+
+def dtype_to_proto(dtype: np.dtype | str | type) -> DTypeCode:
+    """The `DType` enum value for a numpy (or TensorFlow-named) dtype."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in _BY_NAME:
+        raise InvalidRequest(f"dtype {name!r} cannot go on the wire; supported: {sorted(_BY_NAME)}")
+    return _BY_NAME[name]
+
+
+def dtype_from_proto(code: DTypeCode) -> np.dtype:
+    """The numpy dtype for a `DType` enum value."""
+    if code not in _DTYPES:
+        raise InvalidRequest(f"unknown or unspecified dtype {code}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[code]
+
+
+def dtype_name(code: int) -> str:
+    return pb.DType.Name(code) if code in pb.DType.values() else str(code)  # type: ignore[arg-type]
+
+
+def to_proto(array: np.ndarray, encoding: EncodingCode = pb.ENCODING_RAW) -> pb.Tensor:
+    """Encode an ndarray; `encoding` may narrow floating tensors (float16, bfloat16, int8 + scale)."""
+    array = np.asarray(array)
+    code = dtype_to_proto(array.dtype)
+    message = pb.Tensor(dtype=code, shape=array.shape, encoding=encoding)
+    if encoding in (pb.ENCODING_RAW, pb.ENCODING_UNSPECIFIED) or code not in _FLOAT_CODES:
+        message.encoding = pb.ENCODING_RAW
+        message.content = np.ascontiguousarray(array, dtype=_DTYPES[code]).tobytes()
+    elif encoding in _NARROW_FLOATS:
+        message.content = np.ascontiguousarray(array, dtype=_NARROW_FLOATS[encoding]).tobytes()
+    elif encoding == pb.ENCODING_INT8:
+        peak = float(np.max(np.abs(array))) if array.size else 0.0
+        scale = peak / 127.0 if peak > 0 and math.isfinite(peak) else 1.0
+        message.scale = scale
+        message.content = np.clip(np.rint(array / scale), -127, 127).astype("i1").tobytes()
+    else:
+        raise InvalidRequest(f"unknown encoding {encoding}")
+    return message
+
+
+def from_proto(message: pb.Tensor, field: str = "tensor") -> np.ndarray:
+    """Decode a `Tensor`; a malformed one raises `InvalidRequest` naming `field`, expected vs. got."""
+    dtype = _checked_dtype(message.dtype, field)
+    shape = tuple(message.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"{field}: negative dimension in shape {list(shape)}")
+    count = math.prod(shape)
+    encoding = message.encoding or pb.ENCODING_RAW
+    if encoding == pb.ENCODING_RAW:
+        wire = dtype
+    elif encoding in _NARROW_FLOATS and message.dtype in _FLOAT_CODES:
+        wire = _NARROW_FLOATS[encoding]
+    elif encoding == pb.ENCODING_INT8 and message.dtype in _FLOAT_CODES:
+        wire = np.dtype("i1")
+    else:
+        raise InvalidRequest(
+            f"{field}: encoding {_encoding_name(encoding)} does not apply to dtype {dtype_name(message.dtype)}"
+        )
+    expected = count * wire.itemsize
+    if len(message.content) != expected:
+        raise InvalidRequest(
+            f"{field}: shape {list(shape)} of {dtype_name(message.dtype)} encoded as {_encoding_name(encoding)} "
+            f"needs {expected} bytes, got {len(message.content)}"
+        )
+    values = np.frombuffer(message.content, dtype=wire, count=count).reshape(shape)
+    if encoding == pb.ENCODING_INT8:
+        return (values.astype(dtype) * dtype.type(message.scale)).astype(dtype, copy=False)
+    return values if wire == dtype else values.astype(dtype)
+
+
+def _checked_dtype(code: DTypeCode, field: str) -> np.dtype:
+    if code not in _DTYPES:
+        raise InvalidRequest(
+            f"{field}: unknown or unspecified dtype {code}; expected one of {[dtype_name(c) for c in _DTYPES]}"
+        )
+    return _DTYPES[code]
+
+
+def _encoding_name(code: int) -> str:
+    return pb.Encoding.Name(code) if code in pb.Encoding.values() else str(code)  # type: ignore[arg-type]

@@ -1,0 +1,73 @@
+"""Datasets: the bundled handwritten digits (no download) or the user's own `.npz`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DIGITS = "digits"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self.x_train)} training and {len(self.x_test)} test samples of shape {list(self.x_train.shape[1:])}"
+        )
+
+
+def load(name: str = DIGITS, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """`digits` (scikit-learn's 1,797 8x8 images, bundled in the package) or the path of an `.npz` file."""
+    if name == DIGITS:
+        return digits(test_fraction, seed)
+    return from_npz(Path(name))
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """The real handwritten digits that ship inside scikit-learn: images scaled to [0, 1], shape (8, 8, 1).
+
+    The split into train and test is a fixed function of `seed`, stratified by class.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype("float32")[..., None]
+    labels = bunch.target.astype("int64")
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=test_fraction, random_state=seed, stratify=labels
+    )
+    return Dataset(x_train, y_train, x_test, y_test)
+
+
+def from_npz(path: Path) -> Dataset:
+    """An `.npz` holding `x_train, y_train, x_test, y_test` (the layout of the common mnist.npz).
+
+    Integer images (uint8 pixels) are scaled to [0, 1] float32; a channel axis is added to 3-d images.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"--dataset: no such file {str(path)!r} (expected 'digits' or an .npz path)")
+    with np.load(path, allow_pickle=False) as archive:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)
+        if missing:
+            raise ValueError(f"{path}: missing arrays {sorted(missing)}; found {sorted(archive.files)}")
+        arrays = {name: archive[name] for name in ("x_train", "y_train", "x_test", "y_test")}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y):
+            raise ValueError(f"{path}: x_{split} has {len(x)} samples but y_{split} has {len(y)}")
+        if np.issubdtype(x.dtype, np.integer):
+            x = x.astype("float32") / float(np.iinfo(x.dtype).max)
+        if x.ndim == 3:
+            x = x[..., None]
+        arrays[f"x_{split}"] = x.astype("float32", copy=False)
+        if np.issubdtype(y.dtype, np.integer):
+            arrays[f"y_{split}"] = y.astype("int64", copy=False)
+    return Dataset(**arrays)

@@ -1,0 +1,33 @@
+"""Domain errors, each naming the gRPC status it maps to, so the training code imports no gRPC."""
+
+from __future__ import annotations
+
+
+class SplitError(Exception):
+    """Base of every error the server turns into a gRPC status; `status` is a `grpc.StatusCode` name."""
+
+    status = "UNKNOWN"
+
+
+class InvalidRequest(SplitError):
+    """The request itself is malformed or inconsistent (wrong shape, dtype, missing field, NaN)."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class PreconditionFailed(SplitError):
+    """A well-formed request that does not fit the server's state (contract mismatch, step out of order)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class SessionNotFound(SplitError):
+    """The request names a session the server does not hold."""
+
+    status = "NOT_FOUND"
+
+
+class TooLarge(SplitError):
+    """The request is bigger than the limits agreed in the handshake."""
+
+    status = "RESOURCE_EXHAUSTED"

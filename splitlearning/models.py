@@ -1,0 +1,108 @@
+"""Model pairs: the built-in ones for the bundled digits data, and loading the user's own.
+
+A pair is two functions: `client(seed)` builds the first part (input -> cut), `server(seed)` the second
+(cut -> outputs). `--model package.module:function` names a user's function returning one Keras part.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import keras
+
+ModelSource: TypeAlias = "keras.Model | Callable[[], keras.Model]"
+
+
+def materialize(source: Any) -> Any:
+    """The Keras model itself: `source` when it is one, else what calling it returns."""
+    model = source if isinstance(source, keras.Model) else source()
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"expected a keras.Model (or a function returning one), got {type(model).__name__}")
+    return model
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """The two parts of a built-in model, and what the server part trains with by default."""
+
+    client: Callable[[int], Any]
+    server: Callable[[int], Any]
+    loss: Any
+    metrics: tuple[str, ...] = ("accuracy",)
+
+
+def _digits_mlp_client(seed: int) -> Any:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((8, 8, 1), name="image"), keras.layers.Flatten(), keras.layers.Dense(64, activation="relu")],
+        name="digits_mlp_client",
+    )
+
+
+def _digits_mlp_server(seed: int) -> Any:
+    keras.utils.set_random_seed(seed + 1)
+    return keras.Sequential(
+        [keras.Input((64,), name="cut"), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)],
+        name="digits_mlp_server",
+    )
+
+
+def _digits_cnn_client(seed: int) -> Any:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1), name="image"),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+            keras.layers.Flatten(),
+        ],
+        name="digits_cnn_client",
+    )
+
+
+def _digits_cnn_server(seed: int) -> Any:
+    keras.utils.set_random_seed(seed + 1)
+    return keras.Sequential(
+        [keras.Input((512,), name="cut"), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)],
+        name="digits_cnn_server",
+    )
+
+
+_LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+BUILTIN: dict[str, ModelPair] = {
+    "digits-mlp": ModelPair(_digits_mlp_client, _digits_mlp_server, _LOGITS),
+    "digits-cnn": ModelPair(_digits_cnn_client, _digits_cnn_server, _LOGITS),
+}
+
+
+def load_part(spec: str, side: str, seed: int) -> Callable[[], Any]:
+    """A function building one part: a built-in pair's `side` ('client' or 'server'), or `module:function`.
+
+    A user's function is called with no arguments, or with `seed=` if it takes one.
+    """
+    if spec in BUILTIN:
+        builtin = getattr(BUILTIN[spec], side)
+        return lambda: builtin(seed)
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"--model: expected one of {sorted(BUILTIN)} or 'package.module:function', got {spec!r}")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"--model {spec!r}: {error}") from None
+    if not callable(function):
+        raise ValueError(f"--model {spec!r} is not callable")
+
+    def build() -> Any:
+        keras.utils.set_random_seed(seed)
+        try:
+            return function(seed=seed)
+        except TypeError:
+            return function()
+
+    return build
