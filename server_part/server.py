@@ -30,14 +30,15 @@ class SplitServer:
     """Serves the second part of a split model.
 
     `model` is a Keras model whose input is the cut (or a function building one, called on `device`);
-    it is compiled here with `loss`, `optimizer` and `metrics`, as `keras.Model.compile` takes them.
+    it is compiled here with `loss`, `optimizer` (default SGD) and `metrics`, as `keras.Model.compile` takes
+    them. A model that comes compiled, given no `loss`, trains with what it was compiled with.
     """
 
     def __init__(
         self,
         model: ModelSource,
-        loss: Any,
-        optimizer: Any = "sgd",
+        loss: Any = None,
+        optimizer: Any = None,
         metrics: Sequence[Any] | None = None,
         device: str = "/CPU:0",
         max_batch_size: int = 1024,

@@ -42,7 +42,13 @@ class ServerTrainer:
             self.model: keras.Model = materialize(model)
             if not self.model.inputs:
                 raise ValueError("the server part needs a known input shape: start it with keras.Input(...)")
-            self.model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics or []))
+            if loss is None:  # the part came compiled: train it with what it was compiled with
+                if not self.model.compiled:
+                    raise ValueError("no loss: pass loss=..., or give a model compiled with one")
+                config = self.model.get_compile_config()
+                loss, metrics = self.model.loss, metrics if metrics is not None else config.get("metrics")
+                optimizer = optimizer if optimizer is not None else self.model.optimizer
+            self.model.compile(optimizer=optimizer or "sgd", loss=loss, metrics=list(metrics or []))
             self.optimizer: keras.optimizers.Optimizer = self.model.optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.contract = CutContract(self._iv_spec(), label_spec or self._label_spec(loss))

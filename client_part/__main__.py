@@ -1,0 +1,3 @@
+from client_part.cli import main
+
+raise SystemExit(main())

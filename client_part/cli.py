@@ -1,0 +1,106 @@
+"""`split-client`: train the first part of a split model against a `split-server`, on data it keeps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitlearning import cli
+
+log = logging.getLogger("split-client")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    target: str
+    model: str
+    device: str
+    cpus: str | None
+    threads: int | None
+    optimizer: str
+    learning_rate: float
+    seed: int
+    log_level: str
+    dataset: str
+    batch_size: int
+    epochs: int
+    no_shuffle: bool
+    connect_timeout: float
+    history_json: Path | None
+
+
+def parse_args(argv: list[str] | None = None) -> ClientConfig:
+    parser = argparse.ArgumentParser(prog="split-client", description=__doc__)
+    cli.add(parser, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
+    cli.add_process_flags(
+        parser, "model pair (digits-mlp, digits-cnn) or package.module:function returning the first part"
+    )
+    cli.add(parser, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
+    cli.add(parser, "--batch-size", type=int, default=64, help="samples per training step")
+    cli.add(parser, "--epochs", type=int, default=10, help="passes over the training data")
+    cli.add(parser, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
+    cli.add(parser, "--connect-timeout", type=float, default=60.0, help="seconds to wait for the server at start")
+    cli.add(parser, "--history-json", type=Path, default=None, help="write the training history here as JSON")
+    return ClientConfig(**vars(parser.parse_args(argv)))
+
+
+def run(config: ClientConfig) -> dict[str, float]:
+    cli.setup_logging(config.log_level)
+    cli.setup_process(config.cpus, config.threads)
+    from client_part.client import SplitClient
+    from splitlearning import data
+    from splitlearning.models import load_part
+
+    dataset = data.load(config.dataset, seed=config.seed)
+    log.info("data: %s", dataset)
+    client = SplitClient(
+        model=load_part(config.model, "client", config.seed),
+        optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),
+        target=config.target,
+        device=config.device,
+        max_batch_size=max(config.batch_size, 1),
+        connect_timeout=config.connect_timeout,
+    )
+    with client:
+        started = time.perf_counter()
+        history = client.fit(
+            dataset.x_train,
+            dataset.y_train,
+            batch_size=config.batch_size,
+            epochs=config.epochs,
+            shuffle=not config.no_shuffle,
+            validation_data=(dataset.x_test, dataset.y_test),
+            seed=config.seed,
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+        elapsed = time.perf_counter() - started
+        test = client.evaluate(dataset.x_test, dataset.y_test, batch_size=config.batch_size)
+    samples = len(dataset.x_train) * config.epochs
+    rate = samples / elapsed
+    print(f"\ntrained {config.epochs} epochs, {client.step} steps, in {elapsed:.1f} s ({rate:,.0f} samples/s)")
+    print("test " + ", ".join(f"{name}: {value:.4f}" for name, value in test.items()))
+    if config.history_json:
+        payload = {"history": history.history, "test": test, "steps": client.step, "seconds": elapsed}
+        config.history_json.write_text(json.dumps(payload, indent=2))
+    return test
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train, evaluate on the test split, print the result; exit 0, 1 if training failed, 2 on bad set-up."""
+    from client_part.transport import RemoteError
+
+    config = parse_args(argv)
+    try:
+        run(config)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    except (RemoteError, ConnectionError) as error:
+        log.error("%s", error)
+        return 1
+    return 0

@@ -1,0 +1,3 @@
+from server_part.cli import main
+
+raise SystemExit(main())

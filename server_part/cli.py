@@ -1,0 +1,84 @@
+"""`split-server`: serve the second part of a split model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from splitlearning import cli
+
+log = logging.getLogger("split-server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    address: str
+    model: str
+    device: str
+    cpus: str | None
+    threads: int | None
+    optimizer: str
+    learning_rate: float
+    seed: int
+    log_level: str
+    loss: str | None
+    metrics: str | None
+    max_batch_size: int
+    port_file: Path | None
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser(prog="split-server", description=__doc__)
+    cli.add(parser, "--address", default="127.0.0.1:50051", help="host:port to listen on (0.0.0.0:PORT for all)")
+    cli.add_process_flags(
+        parser, "model pair (digits-mlp, digits-cnn) or package.module:function returning the second part"
+    )
+    cli.add(parser, "--loss", default=None, help="Keras loss name (default: the model pair's, or a compiled part's)")
+    cli.add(parser, "--metrics", default=None, help="comma-separated Keras metric names (default: accuracy)")
+    cli.add(parser, "--max-batch-size", type=int, default=1024, help="largest batch a request may carry")
+    cli.add(parser, "--port-file", type=Path, default=None, help="write the bound port here once serving")
+    return ServerConfig(**vars(parser.parse_args(argv)))
+
+
+def run(config: ServerConfig) -> None:
+    cli.setup_logging(config.log_level)
+    cli.setup_process(config.cpus, config.threads)
+    from server_part.server import SplitServer
+    from splitlearning.models import BUILTIN, load_part
+
+    pair = BUILTIN.get(config.model)
+    metrics = config.metrics.split(",") if config.metrics else list(pair.metrics) if pair else None
+    server = SplitServer(
+        model=load_part(config.model, "server", config.seed),
+        loss=config.loss or (pair.loss if pair else None),
+        optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),
+        metrics=metrics,
+        device=config.device,
+        max_batch_size=config.max_batch_size,
+    )
+    port = server.start(config.address)
+    if config.port_file:
+        config.port_file.write_text(f"{port}\n")
+
+    def shut_down(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        server.stop(grace=5.0)
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    server.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; the exit status: 0, or 2 for a set-up error."""
+    config = parse_args(argv)
+    try:
+        run(config)
+    except (ValueError, OSError, TypeError) as error:
+        log.error("%s", error)
+        return 2
+    return 0

@@ -1,0 +1,66 @@
+"""What both command-line programs share: flags that read environment variables, logging, process set-up."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+ENV_PREFIX = "SPLIT_"
+
+
+def env_name(flag: str) -> str:
+    """'--batch-size' -> 'SPLIT_BATCH_SIZE': the variable that gives the flag its default."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+    """Add `flag` whose default comes from its environment variable (for compose files) when set."""
+    variable = env_name(flag)
+    if variable in os.environ:
+        raw = os.environ[variable]
+        if kwargs.get("action") == "store_true":
+            kwargs["default"] = raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            kwargs["default"] = kwargs.get("type", str)(raw)
+    kwargs["help"] = f"{kwargs.get('help', '')} [env {variable}]".strip()
+    if kwargs.get("default") is not None and kwargs.get("action") != "store_true":
+        kwargs["help"] += " (default: %(default)s)"
+    parser.add_argument(flag, **kwargs)
+
+
+def add_process_flags(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """Flags both processes take: model, device, cores, threads, optimizer, seed, logging."""
+    add(parser, "--model", default="digits-mlp", help=model_help)
+    add(parser, "--device", default="/CPU:0", help="device to pin this process to: /CPU:0, /GPU:0, /GPU:1, ...")
+    add(parser, "--cpus", default=None, help="pin this process to these CPU cores, e.g. '0' or '0-3'")
+    add(parser, "--threads", type=int, default=None, help="TensorFlow intra-op threads (inter-op: 1 when set)")
+    add(parser, "--optimizer", default="adam", help="any Keras optimizer name: sgd, adam, rmsprop, ...")
+    add(parser, "--learning-rate", type=float, default=3e-3, help="the optimizer's learning rate")
+    add(parser, "--seed", type=int, default=0, help="seed for weights and data order")
+    add(parser, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def setup_process(cpus: str | None, threads: int | None) -> None:
+    """Core pinning and thread pools: must run before TensorFlow executes anything."""
+    from splitlearning.devices import configure_threads, parse_cpus, pin_cpus
+
+    if cpus:
+        pin_cpus(parse_cpus(cpus))
+    if threads:
+        configure_threads(threads, 1)
+
+
+def make_optimizer(name: str, learning_rate: float) -> Any:
+    import keras
+
+    try:
+        return keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate}})
+    except ValueError as error:
+        raise ValueError(f"--optimizer {name!r}: {error}") from None

@@ -1,0 +1,127 @@
+"""Shared helpers: tiny seeded model pairs, seeded data, and a real `SplitServer` on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from server_part import SplitServer  # noqa: E402
+
+INPUT_DIM = 6
+CUT_DIM = 5
+NUM_CLASSES = 3
+KINDS = ("plain", "regularized", "batchnorm")
+
+
+def build_bottom(kind: str = "plain", seed: int = 0) -> keras.Model:
+    """The client's part (input -> cut), built from `seed` alone."""
+    keras.utils.set_random_seed(seed)
+    regularizer = keras.regularizers.L2(1e-2) if kind == "regularized" else None
+    layers: list[Any] = [
+        keras.Input((INPUT_DIM,), name="features"),
+        keras.layers.Dense(8, activation="relu", kernel_regularizer=regularizer),
+    ]
+    if kind == "batchnorm":
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(CUT_DIM, activation="tanh"))
+    return keras.Sequential(layers, name="bottom")
+
+
+def build_top(kind: str = "plain", seed: int = 0) -> keras.Model:
+    """The server's part (cut -> logits), built from `seed` alone."""
+    keras.utils.set_random_seed(seed + 1)
+    layers: list[Any] = [keras.Input((CUT_DIM,), name="cut"), keras.layers.Dense(8, activation="relu")]
+    if kind == "batchnorm":
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(NUM_CLASSES))
+    return keras.Sequential(layers, name="top")
+
+
+def build_pair(kind: str = "plain", seed: int = 0) -> tuple[keras.Model, keras.Model]:
+    """(bottom, top): the same seed always gives the same weights."""
+    return build_bottom(kind, seed), build_top(kind, seed)
+
+
+def make_loss() -> keras.losses.Loss:
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def make_data(n: int = 50, seed: int = 123) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, INPUT_DIM)).astype("float32")
+    y = rng.integers(0, NUM_CLASSES, size=n).astype("int64")
+    return x, y
+
+
+@dataclass
+class Split:
+    """A started server holding `top`, plus the `bottom` a client would train."""
+
+    bottom: keras.Model
+    top: keras.Model
+    server: SplitServer
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+StartServer = Callable[..., Split]
+
+
+@pytest.fixture
+def split_pair() -> Iterator[StartServer]:
+    """A factory: `split_pair(kind, seed, optimizer=..., ...)` builds a seeded pair and serves its top.
+
+    Every server it starts is stopped when the test ends.
+    """
+    servers: list[SplitServer] = []
+
+    def start(
+        kind: str = "plain",
+        seed: int = 0,
+        optimizer: Any = "sgd",
+        metrics: Sequence[Any] = ("accuracy",),
+        loss: Any = None,
+        **server_kwargs: Any,
+    ) -> Split:
+        bottom, top = build_pair(kind, seed)
+        server = SplitServer(top, loss or make_loss(), optimizer, list(metrics), **server_kwargs)
+        servers.append(server)
+        port = server.start("127.0.0.1:0")
+        return Split(bottom, top, server, port)
+
+    yield start
+    for server in servers:
+        server.stop(grace=1.0)
+
+
+def server_snapshot(server: SplitServer) -> dict[str, Any]:
+    """Everything a refused request must leave alone: weights, optimizer slots, metrics, the step."""
+    trainer = server.trainer
+    return {
+        "weights": [np.array(w) for w in trainer.model.get_weights()],
+        "optimizer": [np.array(v.numpy()) for v in trainer.optimizer.variables],
+        "iterations": trainer.iterations,
+        "metrics": [np.array(v.numpy()) for v in trainer.model.metrics_variables],
+        "next_step": server.state.next_step,
+    }
+
+
+def assert_same_snapshot(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert after["iterations"] == before["iterations"]
+    assert after["next_step"] == before["next_step"]
+    for key in ("weights", "optimizer", "metrics"):
+        assert len(after[key]) == len(before[key]), key
+        for a, b in zip(after[key], before[key], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=key)
