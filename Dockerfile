@@ -1,0 +1,46 @@
+# One image for both roles of a split model: `split-server` (second part + loss) and `split-client` (first part
+# + data); docker-compose.yml runs one container of each. CPU TensorFlow by default; for the GPU image:
+#
+#   docker build --build-arg TF_EXTRA=gpu -t splitlearning:gpu .
+#
+# TF_EXTRA names the pyproject.toml extra that brings TensorFlow: `cpu` (tensorflow-cpu, the default) or `gpu`
+# (tensorflow[and-cuda]: CUDA and cuDNN come as pip wheels, the host needs only the NVIDIA driver and the
+# NVIDIA Container Toolkit).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# Build stage: install the project and its dependencies into a virtual environment. All wheels are prebuilt,
+# so no compiler is needed even here; whatever this stage holds besides /opt/venv stays behind.
+FROM ${PYTHON_IMAGE} AS build
+ARG TF_EXTRA=cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY splitlearning ./splitlearning
+COPY client_part ./client_part
+COPY server_part ./server_part
+RUN /opt/venv/bin/pip install ".[${TF_EXTRA}]" \
+ && /opt/venv/bin/pip uninstall --yes pip
+
+# Final stage: the interpreter, the virtual environment and a non-root user; no build tools, no sources.
+FROM ${PYTHON_IMAGE}
+ARG TF_EXTRA=cpu
+LABEL org.opencontainers.image.title="splitlearning" \
+      org.opencontainers.image.description="Split learning over gRPC: split-server and split-client" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      io.splitlearning.tensorflow="${TF_EXTRA}"
+COPY --from=build /opt/venv /opt/venv
+# /var/lib/splitlearning is where compose mounts the named volumes (checkpoints); created here and owned by
+# the user, a fresh named volume takes this ownership on first mount.
+RUN groupadd --system --gid 10001 split \
+ && useradd --system --uid 10001 --gid split --home-dir /home/split --create-home --shell /usr/sbin/nologin split \
+ && install --directory --owner split --group split /var/lib/splitlearning
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    TF_CPP_MIN_LOG_LEVEL=2
+USER split:split
+WORKDIR /home/split
+EXPOSE 50051
+# Both parts on loopback in one container; compose gives each service its own command instead.
+CMD ["split-demo"]

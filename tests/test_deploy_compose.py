@@ -1,0 +1,186 @@
+"""The deployment files, checked statically: the compose file is valid for compose, every command and variable it
+gives a service is one that service's CLI accepts, and the Dockerfile builds the image the compose file expects."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from splitlearning import cli
+from tests.deploy_compose import (
+    COMPOSE_FILE,
+    ENV_PREFIX,
+    GPU_COMPOSE_FILE,
+    REPO,
+    compose_config,
+    console_scripts,
+    resolved,
+    seconds,
+    services,
+    stages,
+)
+
+STATE_DIR = "/var/lib/splitlearning"
+FILES = {"cpu": (COMPOSE_FILE,), "gpu": (COMPOSE_FILE, GPU_COMPOSE_FILE)}
+
+
+def cli_module(command: list[str]) -> Any:
+    """The module behind a console script: 'split-server' -> server_part.cli."""
+    return importlib.import_module(console_scripts()[command[0]].split(":")[0])
+
+
+def env_flags(parse_args: Callable[[list[str]], Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
+    """The flags `parse_args` defines through `cli.add`, i.e. the ones that read a variable: {variable: kwargs}."""
+    found: dict[str, dict[str, Any]] = {}
+    original = cli.add
+
+    def recording_add(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+        found[cli.env_name(flag)] = {"flag": flag, **kwargs}
+        original(parser, flag, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "add", recording_add)
+        parse_args([])
+    return found
+
+
+def parse(parse_args: Callable[[list[str]], Any], argv: list[str], capsys: pytest.CaptureFixture[str]) -> Any:
+    """`parse_args(argv)`, failing the test with argparse's message instead of exiting."""
+    try:
+        return parse_args(argv)
+    except SystemExit as exit_:
+        pytest.fail(f"the CLI refused {argv!r} (exit {exit_.code}): {capsys.readouterr().err.strip()}")
+
+
+@pytest.mark.parametrize("variant", list(FILES))
+def test_compose_accepts_the_files(variant: str) -> None:
+    config = resolved(*FILES[variant])
+    assert set(config["services"]) == {"server", "client"}
+
+
+def test_compose_validation_can_fail(tmp_path: Path) -> None:
+    """The check above has teeth: a misspelt key, as compose's schema would catch, makes compose refuse."""
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("healthcheck:", "healthchek:", 1))
+    result = compose_config(broken)
+    assert result.returncode != 0
+    assert "healthchek" in result.stderr
+
+
+@pytest.mark.parametrize("variant", list(FILES))
+def test_every_command_and_variable_is_accepted_by_the_cli(
+    variant: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for service in services(resolved(*FILES[variant])).values():
+        parse_args = cli_module(service.command).parse_args
+        accepted = env_flags(parse_args, monkeypatch)
+        for variable, value in service.environment.items():
+            assert variable.startswith(ENV_PREFIX), f"{service.name}: {variable} is no CLI variable"
+            assert variable in accepted, f"{service.name}: {service.command[0]} has no flag for {variable}"
+            flag = accepted[variable]
+            if flag.get("action") != "store_true":
+                # The value as a flag: argparse checks its type and choices (it checks neither for defaults).
+                parse(parse_args, [*service.command[1:], flag["flag"], value], capsys)
+        # The command with the whole environment: what the container's process parses.
+        with monkeypatch.context() as patch:
+            for variable, value in service.environment.items():
+                patch.setenv(variable, value)
+            from_env = parse(parse_args, service.command[1:], capsys)
+        for variable, value in service.environment.items():
+            flag = accepted[variable]
+            dest = flag["flag"].lstrip("-").replace("-", "_")
+            expected = parse(parse_args, [*service.command[1:], flag["flag"], value], capsys)
+            assert getattr(from_env, dest) == getattr(expected, dest), f"{service.name}: {variable}={value!r}"
+
+
+def test_the_client_starts_when_the_server_is_healthy(capsys: pytest.CaptureFixture[str]) -> None:
+    found = services(resolved())
+    server, client = found["server"], found["client"]
+    assert server.command[0] == "split-server" and client.command[0] == "split-client"
+    assert client.raw["depends_on"] == {"server": {"condition": "service_healthy"}}
+
+    # The client reaches the server by its service name, on the port the server listens on.
+    server_port = server.environment["SPLIT_ADDRESS"].rsplit(":", 1)[1]
+    assert client.environment["SPLIT_TARGET"] == f"server:{server_port}"
+    assert server.environment["SPLIT_ADDRESS"].startswith("0.0.0.0:"), "listen on all interfaces in a container"
+
+    # The health check: the standard gRPC health service, asked by `split-health` at the server's port.
+    check = server.healthcheck
+    assert check["test"][0] == "CMD", "exec form: the image has no shell to rely on"
+    probe = check["test"][1:]
+    assert console_scripts()[probe[0]] == "splitlearning.health_probe:main"
+    probe_config = parse(cli_module(probe).parse_args, probe[1:], capsys)
+    assert probe_config.target == f"127.0.0.1:{server_port}"
+    assert probe_config.timeout < seconds(check["timeout"]), "the probe's deadline ends before compose's"
+    for key in ("interval", "timeout", "start_period"):
+        assert seconds(check[key]) > 0, key
+    assert int(check["retries"]) >= 1
+
+
+@pytest.mark.parametrize("variant", list(FILES))
+def test_state_goes_to_named_volumes(variant: str) -> None:
+    config = resolved(*FILES[variant])
+    mounted = []
+    for service in services(config).values():
+        mounts = [volume for volume in service.raw["volumes"] if volume.split(":")[1] == STATE_DIR]
+        assert len(mounts) == 1, f"{service.name}: mount a named volume at {STATE_DIR}"
+        mounted.append(mounts[0].split(":")[0])
+    assert len(set(mounted)) == len(mounted), "each service keeps its own state"
+    assert set(mounted) <= set(config["volumes"]), "named volumes, declared at the top level"
+
+
+def test_cpu_by_default_and_a_gpu_each_with_the_override() -> None:
+    for service in services(resolved()).values():
+        assert service.environment["SPLIT_DEVICE"] == "/CPU:0"
+        assert "deploy" not in service.raw, f"{service.name}: reserves devices by default"
+        assert service.raw["build"]["args"]["TF_EXTRA"] == "cpu"
+
+    gpu = services(resolved(COMPOSE_FILE, GPU_COMPOSE_FILE))
+    reserved = []
+    for service in gpu.values():
+        assert service.environment["SPLIT_DEVICE"] == "/GPU:0", "each container sees its one GPU as /GPU:0"
+        assert service.raw["build"]["args"]["TF_EXTRA"] == "gpu"
+        (device,) = service.raw["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        reserved.append(tuple(device["device_ids"]))
+    assert len(set(reserved)) == len(reserved), f"the services share a GPU by default: {reserved}"
+
+
+def test_the_image_matches_the_compose_file() -> None:
+    build, final = stages()
+    assert len(stages()) == 2
+    compose_args = {arg for service in services(resolved()).values() for arg in service.raw["build"]["args"]}
+
+    # The TensorFlow extra: a build argument, `cpu` by default, naming one of pyproject.toml's extras.
+    defaults = {}
+    for command in build:
+        if command.cmd == "ARG" and "=" in command.value[0]:
+            name, default = command.value[0].split("=", 1)
+            defaults[name] = default
+    assert defaults.get("TF_EXTRA") == "cpu"
+    assert compose_args <= set(defaults), "compose passes a build argument the Dockerfile does not declare"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r"^cpu = \[\"tensorflow-cpu", pyproject, re.M) and re.search(r"^gpu = \[", pyproject, re.M)
+    assert any(c.cmd == "RUN" and '".[${TF_EXTRA}]"' in c.value[0] for c in build)
+
+    # The final stage: only the virtual environment from the build stage, no build tools, a non-root user.
+    copies = [c for c in final if c.cmd in ("COPY", "ADD")]
+    assert [(c.flags, c.value) for c in copies] == [(("--from=build",), ("/opt/venv", "/opt/venv"))]
+    for command in final:
+        if command.cmd == "RUN":
+            assert not re.search(r"\b(apt-get|apt|apk|pip|gcc|make|build-essential)\b", command.value[0]), command
+    users = [c.value[0] for c in final if c.cmd == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+
+    # What the compose file runs is on the image's PATH: the project's console scripts in /opt/venv/bin.
+    env = dict(pair for c in final if c.cmd == "ENV" for pair in zip(c.value[0::2], c.value[1::2], strict=True))
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    commands = [s.command[0] for s in services(resolved()).values()]
+    commands += [s.healthcheck["test"][1] for s in services(resolved()).values() if s.healthcheck]
+    assert set(commands) <= set(console_scripts())
