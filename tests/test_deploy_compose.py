@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,10 @@ def test_the_image_matches_the_compose_file() -> None:
             defaults[name] = default
     assert defaults.get("TF_EXTRA") == "cpu"
     assert compose_args <= set(defaults), "compose passes a build argument the Dockerfile does not declare"
-    pyproject = (REPO / "pyproject.toml").read_text()
-    assert re.search(r"^cpu = \[\"tensorflow-cpu", pyproject, re.M) and re.search(r"^gpu = \[", pyproject, re.M)
+    with (REPO / "pyproject.toml").open("rb") as handle:
+        extras = tomllib.load(handle)["project"]["optional-dependencies"]
+    assert any(requirement.startswith("tensorflow-cpu") for requirement in extras["cpu"])
+    assert any(requirement.startswith("tensorflow[and-cuda]") for requirement in extras["gpu"])
     assert any(c.cmd == "RUN" and '".[${TF_EXTRA}]"' in c.value[0] for c in build)
 
     # The final stage: only the virtual environment from the build stage, no build tools, a non-root user.
