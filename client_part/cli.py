@@ -26,12 +26,16 @@ class ClientConfig:
     learning_rate: float
     seed: int
     log_level: str
+    log_format: str
     dataset: str
     batch_size: int
     epochs: int
     no_shuffle: bool
     connect_timeout: float
     history_json: Path | None
+    log_dir: Path | None
+    log_every: int
+    plot: Path | None
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
@@ -46,13 +50,18 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(parser, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
     cli.add(parser, "--connect-timeout", type=float, default=60.0, help="seconds to wait for the server at start")
     cli.add(parser, "--history-json", type=Path, default=None, help="write the training history here as JSON")
+    cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
+    cli.add(parser, "--log-every", type=int, default=1, help="write per-step TensorBoard scalars every N steps")
+    cli.add(parser, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
     return ClientConfig(**vars(parser.parse_args(argv)))
 
 
 def run(config: ClientConfig) -> dict[str, float]:
-    cli.setup_logging(config.log_level)
+    cli.setup_logging(config.log_level, config.log_format)
     cli.setup_process(config.cpus, config.threads)
+    from client_part import summary
     from client_part.client import SplitClient
+    from client_part.tensorboard_log import TensorBoardLogger
     from splitlearning import data
     from splitlearning.models import load_part
 
@@ -66,6 +75,7 @@ def run(config: ClientConfig) -> dict[str, float]:
         max_batch_size=max(config.batch_size, 1),
         connect_timeout=config.connect_timeout,
     )
+    tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:
         started = time.perf_counter()
         history = client.fit(
@@ -77,16 +87,31 @@ def run(config: ClientConfig) -> dict[str, float]:
             validation_data=(dataset.x_test, dataset.y_test),
             seed=config.seed,
             verbose=1 if sys.stdout.isatty() else 2,
+            callbacks=[tensorboard] if tensorboard else None,
         )
         elapsed = time.perf_counter() - started
         test = client.evaluate(dataset.x_test, dataset.y_test, batch_size=config.batch_size)
+    if tensorboard:
+        tensorboard.close()
+    result = summary.summarize(history.history, test, client.meter.totals, config.epochs, elapsed)
     samples = len(dataset.x_train) * config.epochs
     rate = samples / elapsed
     print(f"\ntrained {config.epochs} epochs, {client.step} steps, in {elapsed:.1f} s ({rate:,.0f} samples/s)")
     print("test " + ", ".join(f"{name}: {value:.4f}" for name, value in test.items()))
+    print(summary.table(result))
     if config.history_json:
-        payload = {"history": history.history, "test": test, "steps": client.step, "seconds": elapsed}
+        payload = {
+            "history": history.history,
+            "test": test,
+            "steps": client.step,
+            "seconds": elapsed,
+            "summary": result,
+        }
         config.history_json.write_text(json.dumps(payload, indent=2))
+    if config.plot:
+        from client_part.plot import write_plot
+
+        log.info("curves drawn to %s", write_plot(history.history, config.plot))
     return test
 
 

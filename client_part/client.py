@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -11,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from client_part import batches
+from client_part.callbacks import Callbacks
+from client_part.telemetry import ClientMeter, EpochLog
 from client_part.trainer import ClientTrainer
 from client_part.transport import Transport
 from splitlearning.contract import Agreement, Spec
@@ -51,6 +54,7 @@ class SplitClient:
         self._reset_metrics = False
         self._in_step = False  # True once this connection has checked that both sides agree on the step
         self._last_metrics: list[float] = []
+        self.meter = ClientMeter()  # per-step time and bytes, for logs, TensorBoard and the summary
 
     @property
     def model(self) -> keras.Model:
@@ -59,6 +63,10 @@ class SplitClient:
     @property
     def agreement(self) -> Agreement:
         return self._agreement or self.connect()
+
+    @property
+    def target(self) -> str:
+        return self._transport.target
 
     @property
     def step(self) -> int:
@@ -103,8 +111,12 @@ class SplitClient:
         verbose: int = 1,
         seed: int = 0,
         initial_epoch: int = 0,
+        callbacks: Sequence[keras.callbacks.Callback] | None = None,
     ) -> keras.callbacks.History:
-        """Train for `epochs`; the returned `History.history` holds per-epoch loss and metrics as in Keras."""
+        """Train for `epochs`; the returned `History.history` holds per-epoch loss and metrics as in Keras.
+
+        `callbacks` get `on_train_begin/end`, `on_epoch_begin/end` and `on_train_batch_end` with the logs.
+        """
         agreement = self.agreement
         self._check_batch_size(batch_size)
         if not self._in_step and agreement.next_step != self._step:
@@ -118,7 +130,10 @@ class SplitClient:
         history.on_train_begin()
         history.set_params({"epochs": epochs, "steps": batches.num_batches(x, batch_size), "verbose": verbose})
         names = agreement.metric_names
+        hooks = Callbacks([EpochLog(self), *(callbacks or [])], self.model, history.params)
+        hooks.on_train_begin()
         for epoch in range(initial_epoch, epochs):
+            hooks.on_epoch_begin(epoch)
             order = None if _is_dataset(x) else batches.epoch_order(len(x), seed, epoch, shuffle)
             progress = keras.utils.Progbar(
                 batches.num_batches(x, batch_size), verbose=verbose, stateful_metrics=[*names, "samples/s"]
@@ -129,9 +144,12 @@ class SplitClient:
             self.trainer.regularization.reset_state()
             started, samples, logs, index = time.perf_counter(), 0, {}, -1
             for index, (xb, yb) in enumerate(batches.iterate(x, y, batch_size, order)):
+                step_started = time.perf_counter()
                 penalty = self.trainer.train(xb, self._labels(yb))
+                self.meter.step(len(xb), time.perf_counter() - step_started)
                 samples += len(xb)
                 logs = self._logs(self._last_metrics, penalty)
+                hooks.on_train_batch_end(index, logs)
                 logs["samples/s"] = samples / max(time.perf_counter() - started, 1e-9)
                 progress.update(index + 1, list(logs.items()), finalize=False)
             if index < 0:
@@ -142,6 +160,8 @@ class SplitClient:
                 logs.update({f"val_{k}": v for k, v in val.items()})
             progress.update(index + 1, list(logs.items()), finalize=True)
             history.on_epoch_end(epoch, logs)
+            hooks.on_epoch_end(epoch, logs)
+        hooks.on_train_end({})
         return history
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 32, verbose: int = 0) -> dict[str, float]:
@@ -172,7 +192,11 @@ class SplitClient:
     # -- the step's exchange, called from inside the compiled step -----------------------------------------
 
     def _exchange(self, iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        grad, self._last_metrics = self._transport.train(self._step, iv, labels, self._reset_metrics)
+        transport = self._transport
+        sent, received, started = transport.bytes_sent, transport.bytes_received, time.perf_counter()
+        grad, self._last_metrics = transport.train(self._step, iv, labels, self._reset_metrics)
+        seconds = time.perf_counter() - started
+        self.meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
         self._reset_metrics = False
         self._step += 1
         return grad

@@ -44,6 +44,8 @@ class Transport:
         self._requests: queue.SimpleQueue[pb.TrainRequest | None] | None = None
         self._responses: Iterator[pb.TrainResponse] | None = None
         self.session_id = ""
+        self.bytes_sent = 0  # serialized TrainRequest bytes so far
+        self.bytes_received = 0  # serialized TrainResponse bytes so far
 
     def wait_ready(self, timeout: float) -> None:
         try:
@@ -77,15 +79,15 @@ class Transport:
         if self._responses is None:
             self._open_stream()
         assert self._requests is not None and self._responses is not None
-        self._requests.put(
-            pb.TrainRequest(
-                session_id=self.session_id,
-                step=step,
-                iv=codec.to_proto(iv),
-                labels=codec.to_proto(labels),
-                reset_metrics=reset,
-            )
+        request = pb.TrainRequest(
+            session_id=self.session_id,
+            step=step,
+            iv=codec.to_proto(iv),
+            labels=codec.to_proto(labels),
+            reset_metrics=reset,
         )
+        self.bytes_sent += request.ByteSize()
+        self._requests.put(request)
         try:
             reply = next(self._responses)
         except grpc.RpcError as error:
@@ -94,6 +96,7 @@ class Transport:
         except StopIteration:
             self._close_stream()
             raise ConnectionError(f"the server closed the training stream at step {step}") from None
+        self.bytes_received += reply.ByteSize()
         return codec.from_proto(reply.iv_gradient, "iv_gradient"), list(reply.metrics)
 
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:

@@ -25,10 +25,16 @@ class ServerConfig:
     learning_rate: float
     seed: int
     log_level: str
+    log_format: str
     loss: str | None
     metrics: str | None
     max_batch_size: int
     port_file: Path | None
+    metrics_port: int | None
+    metrics_host: str | None
+    metrics_port_file: Path | None
+    log_dir: Path | None
+    log_every: int
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -41,11 +47,20 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     cli.add(parser, "--metrics", default=None, help="comma-separated Keras metric names (default: accuracy)")
     cli.add(parser, "--max-batch-size", type=int, default=1024, help="largest batch a request may carry")
     cli.add(parser, "--port-file", type=Path, default=None, help="write the bound port here once serving")
+    add_telemetry_flags(parser)
     return ServerConfig(**vars(parser.parse_args(argv)))
 
 
+def add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
+    cli.add(parser, "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any)")
+    cli.add(parser, "--metrics-host", default=None, help="host for --metrics-port (default: the host of --address)")
+    cli.add(parser, "--metrics-port-file", type=Path, default=None, help="write the bound metrics port here")
+    cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/server")
+    cli.add(parser, "--log-every", type=int, default=1, help="write per-step TensorBoard scalars every N steps")
+
+
 def run(config: ServerConfig) -> None:
-    cli.setup_logging(config.log_level)
+    cli.setup_logging(config.log_level, config.log_format)
     cli.setup_process(config.cpus, config.threads)
     from server_part.server import SplitServer
     from splitlearning.models import BUILTIN, load_part
@@ -59,8 +74,14 @@ def run(config: ServerConfig) -> None:
         metrics=metrics,
         device=config.device,
         max_batch_size=config.max_batch_size,
+        metrics_port=config.metrics_port,
+        metrics_host=config.metrics_host,
+        log_dir=config.log_dir,
+        log_every=config.log_every,
     )
     port = server.start(config.address)
+    if config.metrics_port_file and server.metrics_port is not None:  # before --port-file, which says "ready"
+        config.metrics_port_file.write_text(f"{server.metrics_port}\n")
     if config.port_file:
         config.port_file.write_text(f"{port}\n")
 

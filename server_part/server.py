@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from server_part.interceptor import TelemetryInterceptor
+from server_part.prometheus import MetricsEndpoint, host_of
 from server_part.servicer import SplitLearningServicer
 from server_part.state import TrainingState
+from server_part.telemetry import ServerTelemetry
 from server_part.trainer import ServerTrainer
 from splitlearning.contract import Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
+from splitlearning.telemetry import learning_rate_of
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 
@@ -32,6 +37,10 @@ class SplitServer:
     `model` is a Keras model whose input is the cut (or a function building one, called on `device`);
     it is compiled here with `loss`, `optimizer` (default SGD) and `metrics`, as `keras.Model.compile` takes
     them. A model that comes compiled, given no `loss`, trains with what it was compiled with.
+
+    Telemetry (docs/observability.md): `metrics_port` serves Prometheus metrics over HTTP on `metrics_host`
+    (default: the host `start` binds; port 0 picks a free one, see the `metrics_port` property); `log_dir`
+    gets TensorBoard scalars under `log_dir/server`, per step every `log_every` steps.
     """
 
     def __init__(
@@ -44,6 +53,10 @@ class SplitServer:
         max_batch_size: int = 1024,
         label_spec: Spec | None = None,
         max_workers: int = 8,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
+        log_dir: str | Path | None = None,
+        log_every: int = 1,
     ) -> None:
         self.device = resolve_device(device)
         self.trainer = ServerTrainer(model, loss, optimizer, metrics, self.device, label_spec)
@@ -51,6 +64,11 @@ class SplitServer:
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
+        self.telemetry = ServerTelemetry(
+            self.trainer.metric_names, log_dir, log_every, lambda: learning_rate_of(self.trainer.optimizer)
+        )
+        self._metrics_request = (metrics_host, metrics_port)
+        self._metrics: MetricsEndpoint | None = None
 
     @property
     def model(self) -> Any:
@@ -61,6 +79,11 @@ class SplitServer:
         """Largest request the contract allows: a full batch of IVs and labels, plus framing."""
         contract = self.trainer.contract
         return self.state.max_batch_size * (contract.iv.sample_bytes + contract.label.sample_bytes) + _MESSAGE_OVERHEAD
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of the Prometheus endpoint while serving, else None."""
+        return self._metrics.port if self._metrics is not None else None
 
     def start(self, address: str = "127.0.0.1:0") -> int:
         """Bind `address` and start serving; return the bound port (useful with port 0)."""
@@ -74,6 +97,7 @@ class SplitServer:
                 ("grpc.max_send_message_length", limit),
             ],
             maximum_concurrent_rpcs=self._max_workers,
+            interceptors=[TelemetryInterceptor(SERVICE_NAME, self.telemetry, lambda: self.state.compute_seconds)],
         )
         pb_grpc.add_SplitLearningServiceServicer_to_server(SplitLearningServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -82,6 +106,9 @@ class SplitServer:
             raise OSError(f"could not bind {address}")
         server.start()
         self._server = server
+        metrics_host, metrics_port = self._metrics_request
+        if metrics_port is not None:
+            self._metrics = MetricsEndpoint(self.telemetry.registry, metrics_host or host_of(address), metrics_port)
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s (port %d), session %s", SERVICE_NAME, address, port, self.state.session_id)
@@ -100,6 +127,10 @@ class SplitServer:
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
         self._server = None
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
+        self.telemetry.close()
         log.info("stopped")
 
     def __enter__(self) -> SplitServer:

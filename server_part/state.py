@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ class TrainingState:
         self.max_batch_size = max_batch_size
         self._session = _Session(session_id or uuid.uuid4().hex, next_step=trainer.iterations)
         self._lock = threading.Lock()
+        self.compute_seconds = 0.0  # running total of time inside trainer.train (read by the telemetry)
 
     @property
     def session_id(self) -> str:
@@ -92,7 +94,9 @@ class TrainingState:
                     + (" (a gap: steps were skipped)" if step > session.next_step else " (already applied)")
                 )
             self._check_batch(iv, labels)
+            started = time.perf_counter()
             grad, metrics = self.trainer.train(iv, labels, reset)
+            self.compute_seconds += time.perf_counter() - started
             session.last = StepResult(step, grad, metrics)
             session.next_step = step + 1
             return session.last

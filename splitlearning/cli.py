@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from typing import Any
 
@@ -40,10 +39,14 @@ def add_process_flags(parser: argparse.ArgumentParser, model_help: str) -> None:
     add(parser, "--learning-rate", type=float, default=3e-3, help="the optimizer's learning rate")
     add(parser, "--seed", type=int, default=0, help="seed for weights and data order")
     add(parser, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    add(parser, "--log-format", default="text", choices=["text", "json"], help="log line format")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Structured logs (see splitlearning.logs): INFO says what starts, stops and ends an epoch; DEBUG, each step."""
+    from splitlearning import logs
+
+    logs.configure(level, fmt)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -1,0 +1,59 @@
+"""Structured logs: one format with step, session and peer; per-step lines only at DEBUG."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from client_part import SplitClient
+from splitlearning import logs
+from tests.conftest import StartServer, make_data
+from tests.observability_support import captured
+
+
+def record(message: str, **extra: object) -> logging.LogRecord:
+    item = logging.LogRecord("split-test", logging.INFO, __file__, 1, message, None, None)
+    for key, value in extra.items():
+        setattr(item, key, value)
+    logs.ContextFilter().filter(item)
+    return item
+
+
+def test_text_and_json_lines_carry_the_bound_fields() -> None:
+    with logs.bind(session="abc", peer="ipv4:127.0.0.1:1"), logs.bind(step=4):
+        text = logs.TextFormatter().format(record("hello %s", epoch=2))
+        entry = json.loads(logs.JsonFormatter().format(record("hello")))
+        logs.update(step=5)
+        assert logs.current()["step"] == 5
+    assert text.endswith("INFO split-test: hello %s session=abc step=4 epoch=2 peer=ipv4:127.0.0.1:1")
+    assert entry["message"] == "hello" and entry["level"] == "INFO" and entry["logger"] == "split-test"
+    assert (entry["session"], entry["step"], entry["peer"]) == ("abc", 4, "ipv4:127.0.0.1:1")
+    assert logs.current() == {}  # nothing leaks out of the blocks
+    with logs.bind(step=1), logs.bind(fresh=True, peer="p"):
+        assert logs.current() == {"peer": "p"}
+    assert logs.TextFormatter().format(record("plain")).endswith("split-test: plain")
+
+
+def test_server_and_client_step_lines_name_step_session_and_peer(split_pair: StartServer) -> None:
+    split = split_pair("plain", 2)
+    x, y = make_data(n=32)
+    with (
+        captured("server_part.interceptor") as server_lines,
+        captured("split-client") as client_lines,
+        SplitClient(split.bottom, "sgd", target=split.target, connect_timeout=10) as client,
+    ):
+        client.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    session = split.server.state.session_id
+    answered = [r for r in server_lines.records if r.getMessage().startswith("step answered")]
+    assert [r.step for r in answered] == [0, 1, 2, 3]  # type: ignore[attr-defined]
+    assert {r.session for r in answered} == {session}  # type: ignore[attr-defined]
+    assert all(r.peer.startswith("ipv4:127.0.0.1:") for r in answered)  # type: ignore[attr-defined]
+    assert {r.levelno for r in answered} == {logging.DEBUG}
+
+    done = [r for r in client_lines.records if r.getMessage().startswith("step done")]
+    assert [r.step for r in done] == [1, 2, 3, 4] and {r.levelno for r in done} == {logging.DEBUG}  # type: ignore[attr-defined]
+    epochs = [r for r in client_lines.records if r.levelno == logging.INFO]
+    assert [(r.epoch, r.step, r.session, r.peer) for r in epochs] == [  # type: ignore[attr-defined]
+        (1, 2, session, split.target),
+        (2, 4, session, split.target),
+    ]
