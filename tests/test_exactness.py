@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from client_part import SplitClient
+from client_part import RemoteError, SplitClient
 from tests.conftest import KINDS, StartServer, build_pair, make_data, make_loss
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -22,6 +22,13 @@ OPTIMIZERS: dict[str, Callable[[], keras.optimizers.Optimizer]] = {
     "sgd_momentum": lambda: keras.optimizers.SGD(learning_rate=0.05, momentum=0.9),
     "adam": lambda: keras.optimizers.Adam(learning_rate=0.01),
 }
+
+
+@pytest.fixture(autouse=True)
+def on_cpu() -> Iterator[None]:
+    """The uncut reference runs where both parts run by default (/CPU:0), so a GPU host compares like with like."""
+    with tf.device("/CPU:0"):
+        yield
 
 
 def uncut_model(kind: str, seed: int, optimizer: str) -> keras.Model:
@@ -52,8 +59,10 @@ def test_pairs_are_seeded() -> None:
     assert not np.allclose(build_pair("plain", 3)[0].get_weights()[0], build_pair("plain", 4)[0].get_weights()[0])
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("kind", "optimizer"),
+    [(kind, optimizer) for kind in KINDS for optimizer in ("sgd", "adam")] + [("regularized", "sgd_momentum")],
+)
 def test_split_fit_equals_uncut_fit(split_pair: StartServer, kind: str, optimizer: str) -> None:
     seed = 7
     x, y = make_data()
@@ -104,9 +113,8 @@ def test_regularizer_penalty_is_in_the_loss(split_pair: StartServer) -> None:
     np.testing.assert_allclose(losses[1] - losses[0], penalty, rtol=1e-4)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_dataset_input_equals_numpy_input(split_pair: StartServer, optimizer: str) -> None:
-    seed = 11
+def test_dataset_input_equals_numpy_input(split_pair: StartServer) -> None:
+    seed, optimizer = 11, "adam"
     x, y = make_data()
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     split = split_pair("batchnorm", seed, optimizer=OPTIMIZERS[optimizer]())
@@ -137,3 +145,19 @@ def test_training_changes_both_sides(split_pair: StartServer) -> None:
         assert not np.allclose(before, after)
     for before, after in zip(initial_top, split.server.model.get_weights(), strict=True):
         assert not np.allclose(before, after)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RemoteError,
+    reason="Keras parity gap: keras.Model.fit takes sparse labels shaped (n, 1), but SplitClient sends them as is "
+    "and the server refuses 'labels: shape [16, 1] does not match the cut contract [batch] int64'",
+)
+def test_column_labels_are_accepted_like_keras(split_pair: StartServer) -> None:
+    x, y = make_data()
+    split = split_pair("plain", 7, optimizer=OPTIMIZERS["sgd"]())
+    with SplitClient(split.bottom, OPTIMIZERS["sgd"](), target=split.target, connect_timeout=10) as client:
+        history = client.fit(x, y[:, None], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    uncut = uncut_model("plain", 7, "sgd")
+    expected = uncut.fit(x, y[:, None], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(history.history["loss"], expected.history["loss"], rtol=RTOL)
