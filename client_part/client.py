@@ -211,6 +211,8 @@ class SplitClient:
     def _labels(self, y: Any) -> np.ndarray:
         spec = self.agreement.contract.label
         labels = np.asarray(y)
+        if labels.ndim == len(spec.shape) + 2 and labels.shape[-1] == 1:  # sparse labels as a column, as Keras takes
+            labels = labels.reshape(labels.shape[:-1])
         if labels.dtype != spec.dtype:
             if not np.can_cast(labels.dtype, spec.dtype, casting="same_kind"):
                 raise TypeError(

@@ -81,9 +81,10 @@ class SplitServer:
         return self.state.max_batch_size * (contract.iv.sample_bytes + contract.label.sample_bytes) + _MESSAGE_OVERHEAD
 
     @property
-    def metrics_port(self) -> int | None:
-        """The bound port of the Prometheus endpoint while serving, else None."""
-        return self._metrics.port if self._metrics is not None else None
+    def max_reply_bytes(self) -> int:
+        """Largest reply: a full batch of dLoss/dIV (Train) or of the model's outputs (Predict), plus framing."""
+        per_sample = max(self.trainer.contract.iv.sample_bytes, self.trainer.output_spec.sample_bytes)
+        return self.state.max_batch_size * per_sample + _MESSAGE_OVERHEAD
 
     def start(self, address: str = "127.0.0.1:0") -> int:
         """Bind `address` and start serving; return the bound port (useful with port 0)."""
@@ -94,12 +95,13 @@ class SplitServer:
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="split-rpc"),
             options=[
                 ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
+                ("grpc.max_send_message_length", self.max_reply_bytes),
             ],
             maximum_concurrent_rpcs=self._max_workers,
             interceptors=[TelemetryInterceptor(SERVICE_NAME, self.telemetry, lambda: self.state.compute_seconds)],
         )
         pb_grpc.add_SplitLearningServiceServicer_to_server(SplitLearningServicer(self.state), server)
+        self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         port = server.add_insecure_port(address)
         if port == 0:

@@ -52,6 +52,7 @@ class ServerTrainer:
             self.optimizer: keras.optimizers.Optimizer = self.model.optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.contract = CutContract(self._iv_spec(), label_spec or self._label_spec(loss))
+            self.output_spec = _spec(self.model.outputs[0], "output")
             self._num_classes = self._sparse_classes(loss)
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             label_sig = tf.TensorSpec([None, *self.contract.label.shape], self.contract.label.dtype)
@@ -132,10 +133,7 @@ class ServerTrainer:
         return sorted(names, key=lambda n: n != "loss")
 
     def _iv_spec(self) -> Spec:
-        spec = self.model.inputs[0]
-        if any(d is None for d in spec.shape[1:]):
-            raise ValueError(f"the server part's input shape must be fully known after the batch, got {spec.shape}")
-        return Spec(tuple(int(d) for d in spec.shape[1:]), np.dtype(spec.dtype))
+        return _spec(self.model.inputs[0], "input")
 
     def _label_spec(self, loss: Any) -> Spec:
         out = self.model.outputs[0].shape
@@ -154,3 +152,9 @@ class ServerTrainer:
 
 def _tf_variables(*holders: Any) -> list[Any]:
     return [getattr(v, "value", v) for h in holders for v in h.variables]
+
+
+def _spec(tensor: Any, what: str) -> Spec:
+    if any(d is None for d in tensor.shape[1:]):
+        raise ValueError(f"the server part's {what} shape must be fully known after the batch, got {tensor.shape}")
+    return Spec(tuple(int(d) for d in tensor.shape[1:]), np.dtype(tensor.dtype))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from client_part import RemoteError, SplitClient
+from client_part import SplitClient
 from tests.conftest import KINDS, StartServer, build_pair, make_data, make_loss
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -147,12 +147,6 @@ def test_training_changes_both_sides(split_pair: StartServer) -> None:
         assert not np.allclose(before, after)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RemoteError,
-    reason="Keras parity gap: keras.Model.fit takes sparse labels shaped (n, 1), but SplitClient sends them as is "
-    "and the server refuses 'labels: shape [16, 1] does not match the cut contract [batch] int64'",
-)
 def test_column_labels_are_accepted_like_keras(split_pair: StartServer) -> None:
     x, y = make_data()
     split = split_pair("plain", 7, optimizer=OPTIMIZERS["sgd"]())

@@ -91,11 +91,6 @@ def test_start_twice_is_refused(split_pair: StartServer) -> None:
         split.server.start("127.0.0.1:0")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="package bug: stop() calls HealthServicer.enter_graceful_shutdown(), which makes the same servicer "
-    "ignore set(SERVING) forever, yet start() may be called again after stop()",
-)
 def test_restart_after_stop_serves_again(split_pair: StartServer) -> None:
     split = split_pair()
     split.server.stop(grace=0.5)
