@@ -86,6 +86,11 @@ class SplitServer:
         per_sample = max(self.trainer.contract.iv.sample_bytes, self.trainer.output_spec.sample_bytes)
         return self.state.max_batch_size * per_sample + _MESSAGE_OVERHEAD
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of the Prometheus endpoint while serving, else None."""
+        return self._metrics.port if self._metrics is not None else None
+
     def start(self, address: str = "127.0.0.1:0") -> int:
         """Bind `address` and start serving; return the bound port (useful with port 0)."""
         if self._server is not None:
