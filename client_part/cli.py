@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitlearning import cli
+from splitlearning import cli, security
 
 log = logging.getLogger("split-client")
 
@@ -36,6 +36,12 @@ class ClientConfig:
     log_dir: Path | None
     log_every: int
     plot: Path | None
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
+    auth_token_file: Path | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
@@ -53,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
     cli.add(parser, "--log-every", type=int, default=1, help="write per-step TensorBoard scalars every N steps")
     cli.add(parser, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
+    security.add_client_flags(parser)
     return ClientConfig(**vars(parser.parse_args(argv)))
 
 
@@ -74,6 +81,10 @@ def run(config: ClientConfig) -> dict[str, float]:
         device=config.device,
         max_batch_size=max(config.batch_size, 1),
         connect_timeout=config.connect_timeout,
+        tls=security.client_tls(
+            config.tls_cert, config.tls_key, config.tls_ca, config.tls_server_name, enabled=config.tls
+        ),
+        auth_token=security.read_token(config.auth_token_file) if config.auth_token_file else None,
     )
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:

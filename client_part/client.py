@@ -19,6 +19,7 @@ from client_part.transport import Transport
 from splitlearning.contract import Agreement, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
+from splitlearning.security import Secret, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ class SplitClient:
 
     Use it as a context manager, or call `connect()` and `close()`. `fit`, `evaluate` and `predict` take
     numpy arrays or batched `tf.data.Dataset`s and mean what they mean on a `keras.Model`.
+
+    `tls` connects over TLS (its `ca` checks the server; its `cert`/`key` answer a server that asks for a
+    client certificate); `auth_token` is sent as `authorization: Bearer <token>` on every call.
     """
 
     def __init__(
@@ -41,6 +45,8 @@ class SplitClient:
         connect_timeout: float = 30.0,
         rpc_timeout: float = 60.0,
         session_id: str = "",
+        tls: TlsConfig | None = None,
+        auth_token: Secret | str | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.trainer = ClientTrainer(model, optimizer, self.device, self._exchange)
@@ -48,7 +54,10 @@ class SplitClient:
         self.label_spec = label_spec
         self.connect_timeout = connect_timeout
         self._session_id = session_id
-        self._transport = Transport(target, max_batch_size * self.trainer.iv_spec.sample_bytes * 4, rpc_timeout)
+        token = Secret(auth_token) if isinstance(auth_token, str) else auth_token
+        self._transport = Transport(
+            target, max_batch_size * self.trainer.iv_spec.sample_bytes * 4, rpc_timeout, tls, token
+        )
         self._agreement: Agreement | None = None
         self._step = self.trainer.iterations
         self._reset_metrics = False

@@ -11,6 +11,7 @@ import numpy as np
 
 from splitlearning import codec
 from splitlearning.contract import PROTOCOL_VERSION, Agreement, Spec, contract_from_proto, spec_to_proto
+from splitlearning.security import Secret, TlsConfig, auth_metadata
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 
@@ -32,14 +33,30 @@ class RemoteError(RuntimeError):
 class Transport:
     """One channel to the server; `train` reuses one bidirectional stream for every step."""
 
-    def __init__(self, target: str, max_message_bytes: int, rpc_timeout: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        rpc_timeout: float,
+        tls: TlsConfig | None = None,
+        auth_token: Secret | None = None,
+    ) -> None:
         self.target = target
         self.rpc_timeout = rpc_timeout
         limit = max_message_bytes + _MESSAGE_OVERHEAD
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
-        )
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ]
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(target, tls.channel_credentials(), options=options)
+        # Built once: the bearer token (if any) rides on every call as plain per-call metadata, which works
+        # with and without TLS and costs nothing per training step (one stream carries all steps).
+        self._metadata = auth_metadata(auth_token)
         self._stub = pb_grpc.SplitLearningServiceStub(self._channel)
         self._requests: queue.SimpleQueue[pb.TrainRequest | None] | None = None
         self._responses: Iterator[pb.TrainResponse] | None = None
@@ -62,7 +79,7 @@ class Transport:
             encodings=[pb.ENCODING_RAW],
         )
         try:
-            reply = self._stub.Handshake(request, timeout=self.rpc_timeout)
+            reply = self._stub.Handshake(request, timeout=self.rpc_timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise RemoteError("handshake refused", error) from None
         self.session_id = reply.session_id
@@ -104,14 +121,14 @@ class Transport:
             session_id=self.session_id, iv=codec.to_proto(iv), labels=codec.to_proto(labels), reset_metrics=reset
         )
         try:
-            return list(self._stub.Evaluate(request, timeout=self.rpc_timeout).metrics)
+            return list(self._stub.Evaluate(request, timeout=self.rpc_timeout, metadata=self._metadata).metrics)
         except grpc.RpcError as error:
             raise RemoteError("evaluate refused", error) from None
 
     def predict(self, iv: np.ndarray) -> np.ndarray:
         request = pb.PredictRequest(session_id=self.session_id, iv=codec.to_proto(iv))
         try:
-            reply = self._stub.Predict(request, timeout=self.rpc_timeout)
+            reply = self._stub.Predict(request, timeout=self.rpc_timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise RemoteError("predict refused", error) from None
         return codec.from_proto(reply.outputs, "outputs")
@@ -128,7 +145,7 @@ class Transport:
                 yield request
 
         self._requests = requests
-        self._responses = self._stub.Train(feed())
+        self._responses = self._stub.Train(feed(), metadata=self._metadata)
 
     def _close_stream(self) -> None:
         if self._requests is not None:

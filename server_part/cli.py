@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from splitlearning import cli
+from splitlearning import cli, security
 
 log = logging.getLogger("split-server")
 
@@ -35,6 +35,10 @@ class ServerConfig:
     metrics_port_file: Path | None
     log_dir: Path | None
     log_every: int
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    auth_token_file: Path | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -48,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     cli.add(parser, "--max-batch-size", type=int, default=1024, help="largest batch a request may carry")
     cli.add(parser, "--port-file", type=Path, default=None, help="write the bound port here once serving")
     add_telemetry_flags(parser)
+    security.add_server_flags(parser)
     return ServerConfig(**vars(parser.parse_args(argv)))
 
 
@@ -78,6 +83,8 @@ def run(config: ServerConfig) -> None:
         metrics_host=config.metrics_host,
         log_dir=config.log_dir,
         log_every=config.log_every,
+        tls=security.server_tls(config.tls_cert, config.tls_key, config.tls_ca),
+        auth_token=security.read_token(config.auth_token_file) if config.auth_token_file else None,
     )
     port = server.start(config.address)
     if config.metrics_port_file and server.metrics_port is not None:  # before --port-file, which says "ready"

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from server_part.auth import TokenAuthInterceptor
 from server_part.interceptor import TelemetryInterceptor
 from server_part.prometheus import MetricsEndpoint, host_of
 from server_part.servicer import SplitLearningServicer
@@ -20,6 +21,7 @@ from server_part.trainer import ServerTrainer
 from splitlearning.contract import Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
+from splitlearning.security import Secret, TlsConfig, is_loopback
 from splitlearning.telemetry import learning_rate_of
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
@@ -41,6 +43,9 @@ class SplitServer:
     Telemetry (docs/observability.md): `metrics_port` serves Prometheus metrics over HTTP on `metrics_host`
     (default: the host `start` binds; port 0 picks a free one, see the `metrics_port` property); `log_dir`
     gets TensorBoard scalars under `log_dir/server`, per step every `log_every` steps.
+
+    `tls` serves TLS (its `ca` set: mutual TLS, client certificates required); `auth_token` requires every
+    RPC but health checks to carry it as `authorization: Bearer <token>` metadata.
     """
 
     def __init__(
@@ -57,6 +62,8 @@ class SplitServer:
         metrics_host: str | None = None,
         log_dir: str | Path | None = None,
         log_every: int = 1,
+        tls: TlsConfig | None = None,
+        auth_token: Secret | str | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.trainer = ServerTrainer(model, loss, optimizer, metrics, self.device, label_spec)
@@ -69,6 +76,8 @@ class SplitServer:
         )
         self._metrics_request = (metrics_host, metrics_port)
         self._metrics: MetricsEndpoint | None = None
+        self.tls = tls
+        self._auth_token = Secret(auth_token) if isinstance(auth_token, str) else auth_token
 
     @property
     def model(self) -> Any:
@@ -103,12 +112,19 @@ class SplitServer:
                 ("grpc.max_send_message_length", self.max_reply_bytes),
             ],
             maximum_concurrent_rpcs=self._max_workers,
-            interceptors=[TelemetryInterceptor(SERVICE_NAME, self.telemetry, lambda: self.state.compute_seconds)],
+            # The token check first: an unauthenticated call reaches nothing else.
+            interceptors=[
+                *([TokenAuthInterceptor(self._auth_token)] if self._auth_token is not None else []),
+                TelemetryInterceptor(SERVICE_NAME, self.telemetry, lambda: self.state.compute_seconds),
+            ],
         )
         pb_grpc.add_SplitLearningServiceServicer_to_server(SplitLearningServicer(self.state), server)
         self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        port = server.add_insecure_port(address)
+        if self.tls is not None:
+            port = server.add_secure_port(address, self.tls.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"could not bind {address}")
         server.start()
@@ -118,7 +134,24 @@ class SplitServer:
             self._metrics = MetricsEndpoint(self.telemetry.registry, metrics_host or host_of(address), metrics_port)
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s (port %d), session %s", SERVICE_NAME, address, port, self.state.session_id)
+        security = "mutual TLS" if self.tls and self.tls.mutual else "TLS" if self.tls else "plaintext"
+        auth = "bearer token" if self._auth_token is not None else "no authentication"
+        log.info(
+            "serving %s on %s (port %d, %s, %s), session %s",
+            SERVICE_NAME,
+            address,
+            port,
+            security,
+            auth,
+            self.state.session_id,
+        )
+        if self.tls is None and not is_loopback(address):
+            log.warning(
+                "INSECURE: serving without TLS on non-loopback address %s: activations, gradients%s cross the "
+                "network in clear text; pass --tls-cert/--tls-key (and --tls-ca for mutual TLS)",
+                address,
+                " and the bearer token" if self._auth_token is not None else "",
+            )
         return port
 
     def wait(self, timeout: float | None = None) -> bool:

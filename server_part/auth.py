@@ -1,0 +1,74 @@
+"""The server's bearer-token check: a gRPC interceptor run once per RPC (once per stream, not per message).
+
+Every RPC must carry `authorization: Bearer <token>` metadata, compared in constant time; the standard health
+service is exempt so orchestrators can probe without the secret. A refusal is UNAUTHENTICATED and is logged
+with the peer and the method, never with the token (neither the expected one nor the one offered).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from splitlearning.security import AUTH_METADATA_KEY, AUTH_SCHEME, Secret
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_REFUSAL = "missing or invalid bearer token (send 'authorization: Bearer <token>' metadata)"
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Refuses every RPC (health checks excepted) whose bearer token is not `token`."""
+
+    def __init__(self, token: Secret) -> None:
+        self._expected = (AUTH_SCHEME + token.reveal()).encode("utf-8")
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        if method.startswith(HEALTH_PREFIX) or self._authorized(handler_call_details):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:  # an unknown method: let gRPC answer UNIMPLEMENTED as usual
+            return None
+        return _refusing(handler, method)
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        offered = b""
+        for key, value in details.invocation_metadata or ():
+            if key == AUTH_METADATA_KEY:
+                offered = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+                break
+        # compare_digest takes time independent of where the first difference lies.
+        return hmac.compare_digest(offered, self._expected)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as `handler` that aborts with UNAUTHENTICATED."""
+
+    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
+        log.warning("refused %s: %s: %s", _peer(context), method, "missing or invalid bearer token")
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSAL)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def _peer(context: grpc.ServicerContext) -> str:
+    try:
+        return context.peer()
+    except Exception:
+        return "unknown peer"

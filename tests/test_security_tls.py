@@ -1,0 +1,216 @@
+"""TLS, mutual TLS and the bearer token, end to end: `split-server` runs as a real process; clients connect.
+
+The certificates are made by the test itself (tests/security_support.py), never committed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client_part import RemoteError, SplitClient
+from client_part.transport import Transport
+from splitlearning import data
+from splitlearning.contract import Spec
+from splitlearning.models import load_part
+from splitlearning.security import TlsConfig
+from tests.security_support import ROOT, Pki, ServerProcess, environment, make_pki, start_server, write_token
+
+TOKEN = "s3cr3t-T0KEN-for-tests-7f1d2a"
+WRONG_TOKEN = "wr0ng-T0KEN-offered-by-client-99"
+DIGITS_IV = Spec((64,), np.dtype("float32"))
+CLIENT_TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_token(tmp_path_factory.mktemp("token") / "token", TOKEN)
+
+
+@pytest.fixture(scope="module")
+def mtls_server(pki: Pki, token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Mutual TLS and a bearer token, logging at DEBUG (so a leak into any log line would show)."""
+    server = start_server(
+        tmp_path_factory.mktemp("mtls"),
+        *("--model", "digits-mlp", "--log-level", "DEBUG"),
+        *("--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key), "--tls-ca", str(pki.ca.cert)),
+        *("--auth-token-file", str(token_file)),
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    return data.digits()
+
+
+def good_tls(pki: Pki) -> TlsConfig:
+    return TlsConfig.from_files(pki.client.cert, pki.client.key, pki.ca.cert)
+
+
+def handshake(target: str, tls: TlsConfig | None, token: str | None) -> None:
+    """One handshake on a fresh channel (no waiting for readiness: a refused link fails the call at once)."""
+    from splitlearning.security import Secret
+
+    transport = Transport(target, 1 << 20, rpc_timeout=30, tls=tls, auth_token=Secret(token) if token else None)
+    try:
+        transport.handshake(DIGITS_IV, None, 32)
+    finally:
+        transport.close()
+
+
+def refusal(target: str, tls: TlsConfig | None, token: str | None) -> RemoteError:
+    with pytest.raises(RemoteError) as caught:
+        handshake(target, tls, token)
+    return caught.value
+
+
+# -- mutual TLS ------------------------------------------------------------------------------------------------
+
+
+def test_mtls_client_with_certificate_and_token_is_served(
+    mtls_server: ServerProcess, pki: Pki, digits: data.Dataset
+) -> None:
+    bottom = load_part("digits-mlp", "client", 0)
+    with SplitClient(
+        bottom, target=mtls_server.target, tls=good_tls(pki), auth_token=TOKEN, connect_timeout=30
+    ) as client:
+        assert client.agreement.contract.iv == DIGITS_IV
+        result = client.evaluate(digits.x_test[:64], digits.y_test[:64], batch_size=32)
+        outputs = client.predict(digits.x_test[:8], batch_size=8)
+    assert np.isfinite(result["loss"]) and 0.0 <= result["accuracy"] <= 1.0
+    assert outputs.shape == (8, 10)
+
+
+def test_mtls_refuses_a_client_without_a_certificate(mtls_server: ServerProcess, pki: Pki) -> None:
+    error = refusal(mtls_server.target, TlsConfig.from_files(ca=pki.ca.cert), TOKEN)
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_refuses_a_certificate_from_another_ca(mtls_server: ServerProcess, pki: Pki) -> None:
+    rogue = TlsConfig.from_files(pki.rogue_client.cert, pki.rogue_client.key, pki.ca.cert)
+    error = refusal(mtls_server.target, rogue, TOKEN)
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_refuses_plaintext(mtls_server: ServerProcess) -> None:
+    assert refusal(mtls_server.target, None, TOKEN).code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_refuses_a_server_its_ca_did_not_sign(mtls_server: ServerProcess, pki: Pki) -> None:
+    trusting_rogue = TlsConfig.from_files(pki.client.cert, pki.client.key, pki.rogue_ca.cert)
+    assert refusal(mtls_server.target, trusting_rogue, TOKEN).code == grpc.StatusCode.UNAVAILABLE
+
+
+# -- the bearer token ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "token", [None, WRONG_TOKEN, TOKEN + "x", TOKEN[:-1]], ids=["missing", "wrong", "long", "short"]
+)
+def test_a_missing_or_wrong_token_is_unauthenticated(mtls_server: ServerProcess, pki: Pki, token: str | None) -> None:
+    error = refusal(mtls_server.target, good_tls(pki), token)
+    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "token" in error.details
+
+
+def test_the_training_stream_and_every_rpc_need_the_token(mtls_server: ServerProcess, pki: Pki) -> None:
+    from splitlearning.security import Secret
+
+    transport = Transport(
+        mtls_server.target, 1 << 20, rpc_timeout=30, tls=good_tls(pki), auth_token=Secret(WRONG_TOKEN)
+    )
+    iv = np.zeros((2, 64), "float32")
+    labels = np.zeros((2,), "int64")
+    try:
+        for call in (
+            lambda: transport.train(0, iv, labels, True),
+            lambda: transport.evaluate(iv, labels, True),
+            lambda: transport.predict(iv),
+        ):
+            with pytest.raises(RemoteError) as caught:
+                call()
+            assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        transport.close()
+
+
+def test_health_checks_need_no_token(mtls_server: ServerProcess, pki: Pki) -> None:
+    channel = grpc.secure_channel(mtls_server.target, good_tls(pki).channel_credentials())
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    finally:
+        channel.close()
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_token_never_appears_in_logs_or_errors(mtls_server: ServerProcess, pki: Pki) -> None:
+    details = [refusal(mtls_server.target, good_tls(pki), t).details for t in (WRONG_TOKEN, TOKEN + "x", None)]
+    handshake(mtls_server.target, good_tls(pki), TOKEN)  # a served call, logged at DEBUG too
+    log = mtls_server.log_text()
+    assert "refused" in log and "bearer token" in log  # the refusals were logged ...
+    for secret in (TOKEN, WRONG_TOKEN):  # ... without the expected token or the one offered
+        assert secret not in log
+        for detail in details:
+            assert secret not in detail
+
+
+def test_the_client_cli_trains_over_mtls_with_a_token(
+    mtls_server: ServerProcess, pki: Pki, token_file: Path, tmp_path: Path
+) -> None:
+    history = tmp_path / "history.json"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "client_part", "--target", mtls_server.target, "--model", "digits-mlp"),
+            *("--epochs", "1", "--batch-size", "128", "--log-level", "DEBUG", "--history-json", str(history)),
+            *("--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)),
+            *("--auth-token-file", str(token_file), "--connect-timeout", "30"),
+        ],
+        env=environment(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert history.exists()
+    assert TOKEN not in output
+    assert TOKEN not in mtls_server.log_text()
+
+
+# -- TLS without client certificates ---------------------------------------------------------------------------
+
+
+def test_tls_server_trains_a_client_that_checks_it(pki: Pki, tmp_path: Path, digits: data.Dataset) -> None:
+    server = start_server(
+        tmp_path,
+        *("--model", "digits-mlp", "--optimizer", "sgd", "--tls-cert", str(pki.server.cert)),
+        *("--tls-key", str(pki.server.key)),
+    )
+    try:
+        assert refusal(server.target, None, None).code == grpc.StatusCode.UNAVAILABLE  # plaintext is refused
+        bottom = load_part("digits-mlp", "client", 0)
+        tls = TlsConfig.from_files(ca=pki.ca.cert)  # no client certificate: this server does not ask for one
+        with SplitClient(bottom, "sgd", target=server.target, tls=tls, connect_timeout=30) as client:
+            before = [np.array(w) for w in client.model.get_weights()]
+            client.fit(digits.x_train[:64], digits.y_train[:64], batch_size=32, epochs=1, verbose=0)
+            assert client.step == 2
+            assert not np.allclose(before[0], client.model.get_weights()[0])
+        assert "TLS" in server.log_text()
+    finally:
+        server.stop()
