@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import keras
@@ -13,10 +14,12 @@ import tensorflow as tf
 
 from client_part import batches
 from client_part.callbacks import Callbacks
+from client_part.link import Link
 from client_part.telemetry import ClientMeter, EpochLog
 from client_part.trainer import ClientTrainer
 from client_part.transport import Transport
-from splitlearning.contract import Agreement, Spec
+from client_part.ushape import UShapeLink, build_head
+from splitlearning.contract import Agreement, CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
 from splitlearning.security import Secret, TlsConfig
@@ -32,6 +35,10 @@ class SplitClient:
 
     `tls` connects over TLS (its `ca` checks the server; its `cert`/`key` answer a server that asks for a
     client certificate); `auth_token` is sent as `authorization: Bearer <token>` on every call.
+
+    `head` makes the cut U-shaped: this client also holds the last layers (`head`, compiled here with `loss`
+    and `metrics`, trained with a copy of `optimizer` or with `head_optimizer`), the server holds only the
+    middle, and labels never leave this process.
     """
 
     def __init__(
@@ -47,6 +54,10 @@ class SplitClient:
         session_id: str = "",
         tls: TlsConfig | None = None,
         auth_token: Secret | str | None = None,
+        head: ModelSource | None = None,
+        loss: Any = None,
+        metrics: Sequence[Any] | None = None,
+        head_optimizer: Any = None,
     ) -> None:
         self.device = resolve_device(device)
         self.trainer = ClientTrainer(model, optimizer, self.device, self._exchange)
@@ -54,10 +65,16 @@ class SplitClient:
         self.label_spec = label_spec
         self.connect_timeout = connect_timeout
         self._session_id = session_id
+        self.head = None
+        if head is not None:
+            self.head = build_head(head, loss, head_optimizer or optimizer, metrics, self.device, label_spec)
+        elif loss is not None or metrics is not None or head_optimizer is not None:
+            raise ValueError("loss, metrics and head_optimizer belong to a U-shaped client's head: pass head=...")
+        self.mode = CutMode.USHAPE if self.head is not None else CutMode.STANDARD
         token = Secret(auth_token) if isinstance(auth_token, str) else auth_token
-        self._transport = Transport(
-            target, max_batch_size * self.trainer.iv_spec.sample_bytes * 4, rpc_timeout, tls, token
-        )
+        sample_bytes = max(self.trainer.iv_spec.sample_bytes, self.head.contract.iv.sample_bytes if self.head else 0)
+        self._transport = Transport(target, max_batch_size * sample_bytes * 4, rpc_timeout, tls, token)
+        self._link: Link = UShapeLink(self._transport, self.head) if self.head is not None else self._transport
         self._agreement: Agreement | None = None
         self._step = self.trainer.iterations
         self._reset_metrics = False
@@ -86,9 +103,11 @@ class SplitClient:
         """Wait for the server (bounded by `connect_timeout`) and agree on the cut; idempotent."""
         if self._agreement is None:
             self._transport.wait_ready(self.connect_timeout)
-            self._agreement = self._transport.handshake(
-                self.trainer.iv_spec, self.label_spec, self.max_batch_size, self._session_id
+            label = self.label_spec if self.head is None else None  # the U-shape's server sees no label
+            agreement = self._transport.handshake(
+                self.trainer.iv_spec, label, self.max_batch_size, self._session_id, self.mode
             )
+            self._agreement = agreement if self.head is None else self._with_head(agreement)
             log.info(
                 "joined session %s at step %d; cut: %s",
                 self._agreement.session_id,
@@ -96,6 +115,18 @@ class SplitClient:
                 self._agreement.contract,
             )
         return self._agreement
+
+    def _with_head(self, agreement: Agreement) -> Agreement:
+        """The U-shape's agreement as this client uses it: the head's label contract and metric names."""
+        assert self.head is not None
+        if agreement.contract.output != self.head.contract.iv:
+            self._transport.close()
+            raise ValueError(
+                f"U-shape mismatch: the server's middle outputs {agreement.contract.output}, "
+                f"the client's head takes {self.head.contract.iv}"
+            )
+        contract = replace(agreement.contract, label=self.head.label_spec)
+        return replace(agreement, contract=contract, metric_names=self.head.metric_names)
 
     def close(self) -> None:
         self._transport.close()
@@ -181,7 +212,7 @@ class SplitClient:
         reset = True
         progress = keras.utils.Progbar(batches.num_batches(x, batch_size), verbose=verbose)
         for index, (xb, yb) in enumerate(batches.iterate(x, y, batch_size)):
-            values = self._transport.evaluate(self.trainer.forward(xb), self._labels(yb), reset)
+            values = self._link.evaluate(self.trainer.forward(xb), self._labels(yb), reset)
             reset = False
             progress.update(index + 1)
         if not values:
@@ -193,7 +224,7 @@ class SplitClient:
         """Outputs of the whole (uncut) model for `x`."""
         self.agreement  # noqa: B018 (connect first)
         self._check_batch_size(batch_size)
-        outputs = [self._transport.predict(self.trainer.forward(xb)) for xb in batches.iterate_inputs(x, batch_size)]
+        outputs = [self._link.predict(self.trainer.forward(xb)) for xb in batches.iterate_inputs(x, batch_size)]
         if not outputs:
             raise ValueError("predict got no data")
         return np.concatenate(outputs)
@@ -203,7 +234,7 @@ class SplitClient:
     def _exchange(self, iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
         transport = self._transport
         sent, received, started = transport.bytes_sent, transport.bytes_received, time.perf_counter()
-        grad, self._last_metrics = transport.train(self._step, iv, labels, self._reset_metrics)
+        grad, self._last_metrics = self._link.train(self._step, iv, labels, self._reset_metrics)
         seconds = time.perf_counter() - started
         self.meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
         self._reset_metrics = False
@@ -219,6 +250,8 @@ class SplitClient:
 
     def _labels(self, y: Any) -> np.ndarray:
         spec = self.agreement.contract.label
+        if spec is None:
+            raise RuntimeError("the agreed contract names no label")
         labels = np.asarray(y)
         if labels.ndim == len(spec.shape) + 2 and labels.shape[-1] == 1:  # sparse labels as a column, as Keras takes
             labels = labels.reshape(labels.shape[:-1])

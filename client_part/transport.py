@@ -10,7 +10,16 @@ import grpc
 import numpy as np
 
 from splitlearning import codec
-from splitlearning.contract import PROTOCOL_VERSION, Agreement, Spec, contract_from_proto, spec_to_proto
+from splitlearning.contract import (
+    PROTOCOL_VERSION,
+    Agreement,
+    CutMode,
+    Spec,
+    contract_from_proto,
+    mode_from_proto,
+    mode_to_proto,
+    spec_to_proto,
+)
 from splitlearning.security import Secret, TlsConfig, auth_metadata
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
@@ -70,32 +79,44 @@ class Transport:
         except grpc.FutureTimeoutError:
             raise ConnectionError(f"no server answered at {self.target} within {timeout:g} s") from None
 
-    def handshake(self, iv: Spec, label: Spec | None, max_batch_size: int, session_id: str = "") -> Agreement:
+    def handshake(
+        self,
+        iv: Spec,
+        label: Spec | None,
+        max_batch_size: int,
+        session_id: str = "",
+        mode: CutMode = CutMode.STANDARD,
+    ) -> Agreement:
         request = pb.HandshakeRequest(
             protocol_version=PROTOCOL_VERSION,
             contract=pb.CutContract(iv=spec_to_proto(iv), label=spec_to_proto(label) if label else None),
             session_id=session_id,
             max_batch_size=max_batch_size,
             encodings=[pb.ENCODING_RAW],
+            mode=mode_to_proto(mode),
         )
         try:
             reply = self._stub.Handshake(request, timeout=self.rpc_timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise RemoteError("handshake refused", error) from None
         self.session_id = reply.session_id
+        server_mode = mode_from_proto(reply.mode)
+        if server_mode is not mode:  # a server that predates the field answers UNSPECIFIED: the standard cut
+            raise ConnectionError(
+                f"cut mode mismatch: the server holds {server_mode.describe()}, this client is built for "
+                f"{mode.describe()}; start both parts with the same --cut"
+            )
         return Agreement(
             session_id=reply.session_id,
             next_step=reply.next_step,
-            contract=contract_from_proto(reply.contract),
+            contract=contract_from_proto(reply.contract, mode),
             max_batch_size=reply.max_batch_size,
             metric_names=list(reply.metric_names),
+            mode=mode,
         )
 
     def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:
         """Send one step on the training stream; return dLoss/dIV and the running metrics."""
-        if self._responses is None:
-            self._open_stream()
-        assert self._requests is not None and self._responses is not None
         request = pb.TrainRequest(
             session_id=self.session_id,
             step=step,
@@ -103,18 +124,38 @@ class Transport:
             labels=codec.to_proto(labels),
             reset_metrics=reset,
         )
+        reply = self._exchange(request, f"step {step}")
+        return codec.from_proto(reply.iv_gradient, "iv_gradient"), list(reply.metrics)
+
+    def train_forward(self, step: int, iv: np.ndarray) -> np.ndarray:
+        """U-shape, first exchange of a step (no labels): the IV out, the middle's outputs back."""
+        request = pb.TrainRequest(session_id=self.session_id, step=step, iv=codec.to_proto(iv))
+        return codec.from_proto(self._exchange(request, f"step {step} (forward)").outputs, "outputs")
+
+    def train_backward(self, step: int, output_gradient: np.ndarray) -> np.ndarray:
+        """U-shape, second exchange of a step: dLoss/d(middle outputs) out, dLoss/dIV back."""
+        request = pb.TrainRequest(
+            session_id=self.session_id, step=step, output_gradient=codec.to_proto(output_gradient)
+        )
+        return codec.from_proto(self._exchange(request, f"step {step} (backward)").iv_gradient, "iv_gradient")
+
+    def _exchange(self, request: pb.TrainRequest, what: str) -> pb.TrainResponse:
+        """One request and its response on the training stream (opened on first use)."""
+        if self._responses is None:
+            self._open_stream()
+        assert self._requests is not None and self._responses is not None
         self.bytes_sent += request.ByteSize()
         self._requests.put(request)
         try:
             reply = next(self._responses)
         except grpc.RpcError as error:
             self._close_stream()
-            raise RemoteError(f"step {step} refused", error) from None
+            raise RemoteError(f"{what} refused", error) from None
         except StopIteration:
             self._close_stream()
-            raise ConnectionError(f"the server closed the training stream at step {step}") from None
+            raise ConnectionError(f"the server closed the training stream at {what}") from None
         self.bytes_received += reply.ByteSize()
-        return codec.from_proto(reply.iv_gradient, "iv_gradient"), list(reply.metrics)
+        return reply
 
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
         request = pb.EvaluateRequest(

@@ -13,12 +13,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server_part.auth import TokenAuthInterceptor
 from server_part.interceptor import TelemetryInterceptor
+from server_part.middle_trainer import MiddleTrainer
 from server_part.prometheus import MetricsEndpoint, host_of
 from server_part.servicer import SplitLearningServicer
 from server_part.state import TrainingState
 from server_part.telemetry import ServerTelemetry
 from server_part.trainer import ServerTrainer
-from splitlearning.contract import Spec
+from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
 from splitlearning.security import Secret, TlsConfig, is_loopback
@@ -46,6 +47,9 @@ class SplitServer:
 
     `tls` serves TLS (its `ca` set: mutual TLS, client certificates required); `auth_token` requires every
     RPC but health checks to carry it as `authorization: Bearer <token>` metadata.
+
+    `cut="ushape"` serves the middle of a U-shaped cut: `model` maps the client's IV to the IV its head takes;
+    there is no loss, label or metric here (the client keeps them), only `optimizer`.
     """
 
     def __init__(
@@ -64,9 +68,17 @@ class SplitServer:
         log_every: int = 1,
         tls: TlsConfig | None = None,
         auth_token: Secret | str | None = None,
+        cut: CutMode | str = CutMode.STANDARD,
     ) -> None:
         self.device = resolve_device(device)
-        self.trainer = ServerTrainer(model, loss, optimizer, metrics, self.device, label_spec)
+        self.cut = CutMode(cut)
+        self.trainer: ServerTrainer | MiddleTrainer
+        if self.cut is CutMode.USHAPE:
+            if loss is not None or metrics or label_spec is not None:
+                raise ValueError("a U-shaped middle takes no loss, metrics or label_spec: the client's head owns them")
+            self.trainer = MiddleTrainer(model, optimizer, self.device)
+        else:
+            self.trainer = ServerTrainer(model, loss, optimizer, metrics, self.device, label_spec)
         self.state = TrainingState(self.trainer, max_batch_size)
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
@@ -85,9 +97,10 @@ class SplitServer:
 
     @property
     def max_message_bytes(self) -> int:
-        """Largest request the contract allows: a full batch of IVs and labels, plus framing."""
+        """Largest message the contract allows: a full batch of IVs and labels (or middle outputs), plus framing."""
         contract = self.trainer.contract
-        return self.state.max_batch_size * (contract.iv.sample_bytes + contract.label.sample_bytes) + _MESSAGE_OVERHEAD
+        sample = contract.iv.sample_bytes + max(_bytes(contract.label), _bytes(contract.output))
+        return self.state.max_batch_size * sample + _MESSAGE_OVERHEAD
 
     @property
     def max_reply_bytes(self) -> int:
@@ -134,7 +147,9 @@ class SplitServer:
             self._metrics = MetricsEndpoint(self.telemetry.registry, metrics_host or host_of(address), metrics_port)
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        security = "mutual TLS" if self.tls and self.tls.mutual else "TLS" if self.tls else "plaintext"
+        security = f"{self.cut.value} cut, " + (
+            "mutual TLS" if self.tls and self.tls.mutual else "TLS" if self.tls else "plaintext"
+        )
         auth = "bearer token" if self._auth_token is not None else "no authentication"
         log.info(
             "serving %s on %s (port %d, %s, %s), session %s",
@@ -178,3 +193,7 @@ class SplitServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _bytes(spec: Spec | None) -> int:
+    return spec.sample_bytes if spec is not None else 0

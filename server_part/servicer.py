@@ -9,9 +9,9 @@ from typing import NoReturn, TypeVar
 import grpc
 import numpy as np
 
-from server_part.state import TrainingState
+from server_part.state import HalfStep, TrainingState
 from splitlearning import codec
-from splitlearning.contract import contract_to_proto, spec_from_proto
+from splitlearning.contract import CutMode, contract_to_proto, mode_from_proto, mode_to_proto, spec_from_proto
 from splitlearning.errors import InvalidRequest, SplitError
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
@@ -31,8 +31,42 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
     def Train(
         self, request_iterator: Iterator[pb.TrainRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.TrainResponse]:
+        if self._state.mode is CutMode.USHAPE:
+            yield from self._train_ushape(request_iterator, context)
+            return
         for request in request_iterator:
             yield _guard(context, lambda: self._train(request))  # noqa: B023 (called at once)
+
+    def _train_ushape(
+        self, request_iterator: Iterator[pb.TrainRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.TrainResponse]:
+        """Two exchanges per step: (iv) -> (outputs), then (output_gradient) -> (iv_gradient).
+
+        The half-done step (its tape) lives in this handler only, from the first exchange to the second.
+        """
+        half: HalfStep | None = None
+        try:
+            for request in request_iterator:
+                if request.HasField("labels"):
+                    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "labels must not be sent to a U-shaped middle")
+                if request.HasField("output_gradient"):
+                    reply = _guard(context, lambda: self._finish_step(half, request))  # noqa: B023
+                    half = None  # finished: nothing to abandon
+                    yield reply
+                else:
+                    half = _guard(context, lambda: self._begin_step(request))  # noqa: B023
+                    yield pb.TrainResponse(step=half.step, outputs=codec.to_proto(half.outputs))
+        finally:
+            if half is not None:
+                self._state.abandon(half)
+
+    def _begin_step(self, request: pb.TrainRequest) -> HalfStep:
+        return self._state.begin_step(request.session_id, request.step, _tensor(request, "iv"))
+
+    def _finish_step(self, half: HalfStep | None, request: pb.TrainRequest) -> pb.TrainResponse:
+        gradient = codec.from_proto(request.output_gradient, "output_gradient")
+        iv_gradient = self._state.finish_step(half, request.session_id, request.step, gradient)
+        return pb.TrainResponse(step=request.step, iv_gradient=codec.to_proto(iv_gradient))
 
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         def run() -> pb.EvaluateResponse:
@@ -55,7 +89,14 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
         iv = spec_from_proto(request.contract.iv, "contract.iv")
         has_label = request.contract.HasField("label")
         label = spec_from_proto(request.contract.label, "contract.label") if has_label else None
-        agreed = self._state.handshake(request.protocol_version, iv, label, request.session_id, request.max_batch_size)
+        agreed = self._state.handshake(
+            request.protocol_version,
+            iv,
+            label,
+            request.session_id,
+            request.max_batch_size,
+            mode_from_proto(request.mode),
+        )
         return pb.HandshakeResponse(
             protocol_version=request.protocol_version,
             contract=contract_to_proto(agreed.contract),
@@ -64,6 +105,7 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
             max_batch_size=agreed.max_batch_size,
             encoding=pb.ENCODING_RAW,
             metric_names=agreed.metric_names,
+            mode=mode_to_proto(agreed.mode),
         )
 
     def _train(self, request: pb.TrainRequest) -> pb.TrainResponse:

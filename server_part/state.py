@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server_part.middle_trainer import NOT_STANDARD, MiddleTrainer, PendingStep
 from server_part.trainer import ServerTrainer
-from splitlearning.contract import PROTOCOL_VERSION, Agreement, Spec
+from splitlearning.contract import PROTOCOL_VERSION, Agreement, CutMode, Spec
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SessionNotFound, TooLarge
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,24 @@ class _Session:
     id: str
     next_step: int = 0
     last: StepResult | None = field(default=None, repr=False)
+    in_flight: int | None = None  # U-shape: the step whose forward ran and whose backward is awaited
+
+
+@dataclass(frozen=True)
+class HalfStep:
+    """U-shape: a step between its forward and its backward; held by one training stream's handler only."""
+
+    step: int
+    outputs: np.ndarray
+    pending: PendingStep = field(repr=False)
 
 
 class TrainingState:
     """Serialises requests onto one `ServerTrainer` and enforces the session's step order."""
 
-    def __init__(self, trainer: ServerTrainer, max_batch_size: int, session_id: str | None = None) -> None:
+    def __init__(
+        self, trainer: ServerTrainer | MiddleTrainer, max_batch_size: int, session_id: str | None = None
+    ) -> None:
         self.trainer = trainer
         self.max_batch_size = max_batch_size
         self._session = _Session(session_id or uuid.uuid4().hex, next_step=trainer.iterations)
@@ -54,13 +67,28 @@ class TrainingState:
     def next_step(self) -> int:
         return self._session.next_step
 
+    @property
+    def mode(self) -> CutMode:
+        return CutMode.USHAPE if isinstance(self.trainer, MiddleTrainer) else CutMode.STANDARD
+
     def handshake(
-        self, protocol_version: int, iv: Spec, label: Spec | None, session_id: str, max_batch_size: int
+        self,
+        protocol_version: int,
+        iv: Spec,
+        label: Spec | None,
+        session_id: str,
+        max_batch_size: int,
+        mode: CutMode = CutMode.STANDARD,
     ) -> Agreement:
         expected = self.trainer.contract
         if protocol_version != PROTOCOL_VERSION:
             raise PreconditionFailed(
                 f"protocol version {protocol_version} is not spoken here: expected {PROTOCOL_VERSION}"
+            )
+        if mode is not self.mode:
+            raise PreconditionFailed(
+                f"cut mode mismatch: this server holds {self.mode.describe()}, but the client is built for "
+                f"{mode.describe()}; start both parts with the same --cut"
             )
         if iv != expected.iv:
             raise PreconditionFailed(f"cut mismatch: the server part expects iv {expected.iv}, the client sends {iv}")
@@ -79,6 +107,7 @@ class TrainingState:
             contract=expected,
             max_batch_size=self.max_batch_size,
             metric_names=self.trainer.metric_names,
+            mode=self.mode,
         )
 
     def train(self, session_id: str, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> StepResult:
@@ -101,6 +130,56 @@ class TrainingState:
             session.next_step = step + 1
             return session.last
 
+    # -- the U-shape's step: a forward and a backward, two exchanges on one training stream ----------------
+
+    def begin_step(self, session_id: str, step: int, iv: np.ndarray) -> HalfStep:
+        """Run the middle's forward for `step`; the returned half-step is finished by `finish_step`."""
+        middle = self._middle()
+        self._check_session(session_id)
+        with self._lock:
+            session = self._session
+            if step != session.next_step:
+                raise PreconditionFailed(
+                    f"step {step} is out of order: the server expects step {session.next_step} (the U-shape has "
+                    "no replay: a step whose reply was lost is sent again from its forward)"
+                )
+            if session.in_flight is not None:
+                raise PreconditionFailed(f"step {step} is already in flight on another training stream")
+            self._check_iv(iv)
+            started = time.perf_counter()
+            outputs, pending = middle.forward(iv)
+            self.compute_seconds += time.perf_counter() - started
+            session.in_flight = step
+            return HalfStep(step, outputs, pending)
+
+    def finish_step(self, half: HalfStep | None, session_id: str, step: int, output_gradient: np.ndarray) -> np.ndarray:
+        """Back-propagate `output_gradient` through `half`'s forward, update, advance; return dLoss/dIV."""
+        middle = self._middle()
+        self._check_session(session_id)
+        if half is None or half.step != step:
+            raise InvalidRequest(f"output_gradient for step {step} arrived without that step's forward (send iv first)")
+        if output_gradient.shape != half.outputs.shape or output_gradient.dtype != half.outputs.dtype:
+            raise InvalidRequest(
+                f"output_gradient: shape {list(output_gradient.shape)} {output_gradient.dtype.name} does not match "
+                f"the middle's outputs {list(half.outputs.shape)} {half.outputs.dtype.name}"
+            )
+        if output_gradient.dtype.kind == "f" and not np.isfinite(output_gradient).all():
+            raise InvalidRequest("output_gradient: contains NaN or Inf; the client's head has diverged")
+        with self._lock:
+            started = time.perf_counter()
+            iv_gradient = middle.backward(half.pending, output_gradient)
+            self.compute_seconds += time.perf_counter() - started
+            self._session.in_flight = None
+            self._session.next_step = step + 1
+            return iv_gradient
+
+    def abandon(self, half: HalfStep) -> None:
+        """The stream ended between a forward and its backward: no update happened; the step may start again."""
+        with self._lock:
+            if self._session.in_flight == half.step:
+                self._session.in_flight = None
+                log.warning("step %d abandoned between its forward and its backward; no update applied", half.step)
+
     def evaluate(self, session_id: str, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
         self._check_session(session_id)
         self._check_batch(iv, labels)
@@ -119,6 +198,13 @@ class TrainingState:
         if session_id and session_id != self._session.id:
             raise SessionNotFound(f"unknown session {session_id!r}: this server holds session {self._session.id!r}")
 
+    def _middle(self) -> MiddleTrainer:
+        if not isinstance(self.trainer, MiddleTrainer):
+            raise PreconditionFailed(
+                "this server holds the top of a standard cut: send iv with labels, not a U-shaped step"
+            )
+        return self.trainer
+
     def _check_iv(self, iv: np.ndarray) -> int:
         batch = self.trainer.contract.iv.check_batch(iv, "iv")
         if batch == 0:
@@ -131,7 +217,10 @@ class TrainingState:
 
     def _check_batch(self, iv: np.ndarray, labels: np.ndarray) -> None:
         batch = self._check_iv(iv)
-        label_batch = self.trainer.contract.label.check_batch(labels, "labels")
+        label_spec = self.trainer.contract.label
+        if label_spec is None:
+            raise PreconditionFailed(NOT_STANDARD)
+        label_batch = label_spec.check_batch(labels, "labels")
         if label_batch != batch:
             raise InvalidRequest(f"labels: {label_batch} labels for an iv batch of {batch} samples")
         classes = self.trainer.num_classes

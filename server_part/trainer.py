@@ -51,11 +51,12 @@ class ServerTrainer:
             self.model.compile(optimizer=optimizer or "sgd", loss=loss, metrics=list(metrics or []))
             self.optimizer: keras.optimizers.Optimizer = self.model.optimizer
             self.optimizer.build(self.model.trainable_variables)
-            self.contract = CutContract(self._iv_spec(), label_spec or self._label_spec(loss))
+            self.label_spec: Spec = label_spec or self._label_spec(loss)
+            self.contract = CutContract(self._iv_spec(), self.label_spec)
             self.output_spec = _spec(self.model.outputs[0], "output")
             self._num_classes = self._sparse_classes(loss)
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
-            label_sig = tf.TensorSpec([None, *self.contract.label.shape], self.contract.label.dtype)
+            label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)
             self._train_fn = tf.function(self._train_step, input_signature=[iv_sig, label_sig])
             self._test_fn = tf.function(self._test_step, input_signature=[iv_sig, label_sig])
             self._predict_fn = tf.function(self._predict_step, input_signature=[iv_sig])
@@ -124,7 +125,7 @@ class ServerTrainer:
     def _build_metrics(self) -> list[str]:
         """Run the metrics once on zeros (no update) so their names are known before the first request."""
         zeros_iv = np.zeros((1, *self.contract.iv.shape), self.contract.iv.dtype)
-        zeros_label = np.zeros((1, *self.contract.label.shape), self.contract.label.dtype)
+        zeros_label = np.zeros((1, *self.label_spec.shape), self.label_spec.dtype)
         model = self.model
         y_pred = model(zeros_iv, training=False)
         model.compute_loss(x=zeros_iv, y=zeros_label, y_pred=y_pred, training=False)

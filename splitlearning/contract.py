@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -37,15 +38,34 @@ class Spec:
         return int(array.shape[0])
 
 
+class CutMode(enum.Enum):
+    """Which part the server holds: the second part and the loss, or (U-shape) only the middle."""
+
+    STANDARD = "standard"
+    USHAPE = "ushape"
+
+    def describe(self) -> str:
+        if self is CutMode.USHAPE:
+            return "the middle of a U-shaped cut (the client holds the head, the loss and the labels)"
+        return "the top of a standard cut (the server holds the loss and receives labels)"
+
+
 @dataclass(frozen=True)
 class CutContract:
-    """The interface at the cut: one sample's IV and one sample's label."""
+    """The interface at the cut: one sample's IV and one sample's label.
+
+    In the U-shape the server sees no label (`label` is None on its side) and `output` is one sample of what
+    the middle returns (the second cut, which the client's head takes).
+    """
 
     iv: Spec
-    label: Spec
+    label: Spec | None
+    output: Spec | None = None
 
     def __str__(self) -> str:
-        return f"iv {self.iv}, label {self.label}"
+        text = f"iv {self.iv}"
+        text += f", label {self.label}" if self.label is not None else ""
+        return text + (f", middle output {self.output}" if self.output is not None else "")
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,7 @@ class Agreement:
     contract: CutContract
     max_batch_size: int
     metric_names: list[str]
+    mode: CutMode = CutMode.STANDARD
 
 
 def spec_to_proto(spec: Spec) -> pb.TensorSpec:
@@ -72,10 +93,41 @@ def spec_from_proto(message: pb.TensorSpec, field: str) -> Spec:
 
 
 def contract_to_proto(contract: CutContract) -> pb.CutContract:
-    return pb.CutContract(iv=spec_to_proto(contract.iv), label=spec_to_proto(contract.label))
+    message = pb.CutContract(iv=spec_to_proto(contract.iv))
+    if contract.label is not None:
+        message.label.CopyFrom(spec_to_proto(contract.label))
+    if contract.output is not None:
+        message.output.CopyFrom(spec_to_proto(contract.output))
+    return message
 
 
-def contract_from_proto(message: pb.CutContract) -> CutContract:
+def contract_from_proto(message: pb.CutContract, mode: CutMode = CutMode.STANDARD) -> CutContract:
+    if mode is CutMode.USHAPE:
+        if not message.HasField("iv") or not message.HasField("output"):
+            raise InvalidRequest("contract: a U-shaped cut needs both the iv and the middle's output spec")
+        return CutContract(
+            spec_from_proto(message.iv, "contract.iv"), None, spec_from_proto(message.output, "contract.output")
+        )
     if not message.HasField("iv") or not message.HasField("label"):
         raise InvalidRequest("contract: both the iv and the label spec are required")
     return CutContract(spec_from_proto(message.iv, "contract.iv"), spec_from_proto(message.label, "contract.label"))
+
+
+_MODES: dict[CutMode, pb.CutMode.ValueType] = {
+    CutMode.STANDARD: pb.CUT_MODE_STANDARD,
+    CutMode.USHAPE: pb.CUT_MODE_USHAPE,
+}
+
+
+def mode_to_proto(mode: CutMode) -> pb.CutMode.ValueType:
+    return _MODES[mode]
+
+
+def mode_from_proto(code: pb.CutMode.ValueType) -> CutMode:
+    """CUT_MODE_UNSPECIFIED (a sender that predates the field) is the standard cut."""
+    if code == pb.CUT_MODE_UNSPECIFIED:
+        return CutMode.STANDARD
+    for mode, value in _MODES.items():
+        if value == code:
+            return mode
+    raise InvalidRequest(f"unknown cut mode {code}; expected one of {[m.value for m in CutMode]}")

@@ -90,6 +90,34 @@ ENCODING_INT8: Encoding.ValueType  # 4
 """Floating values sent as int8 times `Tensor.scale` (symmetric, per tensor)."""
 Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
+class _CutMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CutModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CutMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CUT_MODE_UNSPECIFIED: _CutMode.ValueType  # 0
+    """Treated as CUT_MODE_STANDARD, so a client that never sets it is understood."""
+    CUT_MODE_STANDARD: _CutMode.ValueType  # 1
+    """The server holds the second part and the loss; the client sends labels with the IV."""
+    CUT_MODE_USHAPE: _CutMode.ValueType  # 2
+    """U-shaped: the server holds only the middle; the client holds the bottom, the head and the loss, and its
+    labels never leave it. A step is two exchanges on the Train stream (see TrainRequest).
+    """
+
+class CutMode(_CutMode, metaclass=_CutModeEnumTypeWrapper):
+    """Which part of the model the server holds."""
+
+CUT_MODE_UNSPECIFIED: CutMode.ValueType  # 0
+"""Treated as CUT_MODE_STANDARD, so a client that never sets it is understood."""
+CUT_MODE_STANDARD: CutMode.ValueType  # 1
+"""The server holds the second part and the loss; the client sends labels with the IV."""
+CUT_MODE_USHAPE: CutMode.ValueType  # 2
+"""U-shaped: the server holds only the middle; the client holds the bottom, the head and the loss, and its
+labels never leave it. A step is two exchanges on the Train stream (see TrainRequest).
+"""
+Global___CutMode: _TypeAlias = CutMode  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """A dense tensor: element type, shape and the raw bytes of its values."""
@@ -166,23 +194,29 @@ class CutContract(_message.Message):
 
     IV_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def iv(self) -> Global___TensorSpec:
         """The intermediate vector (cut-layer activations) of one sample."""
 
     @_builtins.property
     def label(self) -> Global___TensorSpec:
-        """The label of one sample."""
+        """The label of one sample; unset in the U-shape (the server sees no labels)."""
+
+    @_builtins.property
+    def output(self) -> Global___TensorSpec:
+        """U-shape only: one sample of the middle part's output (the second cut, IV2), which the client's head takes."""
 
     def __init__(
         self,
         *,
         iv: Global___TensorSpec | None = ...,
         label: Global___TensorSpec | None = ...,
+        output: Global___TensorSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "label", b"label"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "label", b"label", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "label", b"label"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "label", b"label", "output", b"output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -197,12 +231,15 @@ class HandshakeRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     ENCODINGS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Version of this protocol the client speaks; see `splitlearning.contract.PROTOCOL_VERSION`."""
     session_id: _builtins.str
     """Session to join (for example after a restart); empty asks the server to open a new one."""
     max_batch_size: _builtins.int
     """Largest number of samples the client will put in one request."""
+    mode: Global___CutMode.ValueType
+    """The cut the client is built for; must equal the server's, or the handshake is refused."""
     @_builtins.property
     def contract(self) -> Global___CutContract:
         """The cut as the client's first part produces it."""
@@ -219,10 +256,11 @@ class HandshakeRequest(_message.Message):
         session_id: _builtins.str = ...,
         max_batch_size: _builtins.int = ...,
         encodings: _abc.Iterable[Global___Encoding.ValueType] | None = ...,
+        mode: Global___CutMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "encodings", b"encodings", "max_batch_size", b"max_batch_size", "protocol_version", b"protocol_version", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "encodings", b"encodings", "max_batch_size", b"max_batch_size", "mode", b"mode", "protocol_version", b"protocol_version", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -239,6 +277,7 @@ class HandshakeResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
     METRIC_NAMES_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Version of this protocol the server speaks."""
     session_id: _builtins.str
@@ -249,13 +288,15 @@ class HandshakeResponse(_message.Message):
     """Largest number of samples the server accepts in one request."""
     encoding: Global___Encoding.ValueType
     """Wire encoding chosen for the IV and its gradient."""
+    mode: Global___CutMode.ValueType
+    """The cut the server's part is built for."""
     @_builtins.property
     def contract(self) -> Global___CutContract:
         """The cut as the server's second part expects it."""
 
     @_builtins.property
     def metric_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names of the values `TrainResponse.metrics` carries, in order, "loss" first."""
+        """Names of the values `TrainResponse.metrics` carries, in order, "loss" first; empty in the U-shape."""
 
     def __init__(
         self,
@@ -267,10 +308,11 @@ class HandshakeResponse(_message.Message):
         max_batch_size: _builtins.int = ...,
         encoding: Global___Encoding.ValueType = ...,
         metric_names: _abc.Iterable[_builtins.str] | None = ...,
+        mode: Global___CutMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "encoding", b"encoding", "max_batch_size", b"max_batch_size", "metric_names", b"metric_names", "next_step", b"next_step", "protocol_version", b"protocol_version", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "encoding", b"encoding", "max_batch_size", b"max_batch_size", "metric_names", b"metric_names", "mode", b"mode", "next_step", b"next_step", "protocol_version", b"protocol_version", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -278,6 +320,10 @@ Global___HandshakeResponse: _TypeAlias = HandshakeResponse  # noqa: Y015
 
 @_typing.final
 class TrainRequest(_message.Message):
+    """Standard cut: one request (iv, labels) and one response (iv_gradient, metrics) per step.
+    U-shape: two of each per step, same step number: (iv) -> (outputs), then (output_gradient) -> (iv_gradient).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
@@ -285,6 +331,7 @@ class TrainRequest(_message.Message):
     IV_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     RESET_METRICS_FIELD_NUMBER: _builtins.int
+    OUTPUT_GRADIENT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session from the handshake."""
     step: _builtins.int
@@ -295,11 +342,15 @@ class TrainRequest(_message.Message):
     """Start a new accumulation of the running metrics (the first step of an epoch)."""
     @_builtins.property
     def iv(self) -> Global___Tensor:
-        """Cut-layer activations, shape [batch, *contract.iv.shape]."""
+        """Cut-layer activations, shape [batch, *contract.iv.shape]; unset in the U-shape's second request."""
 
     @_builtins.property
     def labels(self) -> Global___Tensor:
-        """Labels, shape [batch, *contract.label.shape]."""
+        """Labels, shape [batch, *contract.label.shape]; never set in the U-shape."""
+
+    @_builtins.property
+    def output_gradient(self) -> Global___Tensor:
+        """U-shape, second request of a step: dLoss/d(middle outputs), the shape of `TrainResponse.outputs`."""
 
     def __init__(
         self,
@@ -309,10 +360,11 @@ class TrainRequest(_message.Message):
         iv: Global___Tensor | None = ...,
         labels: Global___Tensor | None = ...,
         reset_metrics: _builtins.bool = ...,
+        output_gradient: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels", "output_gradient", b"output_gradient"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels", "reset_metrics", b"reset_metrics", "session_id", b"session_id", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels", "output_gradient", b"output_gradient", "reset_metrics", b"reset_metrics", "session_id", b"session_id", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -325,15 +377,20 @@ class TrainResponse(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     IV_GRADIENT_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The step this answers."""
     @_builtins.property
     def iv_gradient(self) -> Global___Tensor:
-        """dLoss/dIV, the same shape as the request's IV."""
+        """dLoss/dIV, the same shape as the request's IV; unset in the U-shape's first response."""
 
     @_builtins.property
     def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Running values since the last reset, named by `HandshakeResponse.metric_names` (loss first)."""
+
+    @_builtins.property
+    def outputs(self) -> Global___Tensor:
+        """U-shape, first response of a step: the middle part's outputs, shape [batch, *contract.output.shape]."""
 
     def __init__(
         self,
@@ -341,10 +398,11 @@ class TrainResponse(_message.Message):
         step: _builtins.int = ...,
         iv_gradient: Global___Tensor | None = ...,
         metrics: _abc.Iterable[_builtins.float] | None = ...,
+        outputs: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["iv_gradient", b"iv_gradient"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["iv_gradient", b"iv_gradient", "outputs", b"outputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv_gradient", b"iv_gradient", "metrics", b"metrics", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv_gradient", b"iv_gradient", "metrics", b"metrics", "outputs", b"outputs", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -441,7 +499,9 @@ class PredictResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def outputs(self) -> Global___Tensor:
-        """Outputs of the whole model for the batch, shape [batch, ...]."""
+        """Outputs of the server's part for the batch, shape [batch, ...]: the whole model's outputs in the
+        standard cut, the middle's outputs (which the client's head finishes) in the U-shape.
+        """
 
     def __init__(
         self,

@@ -76,14 +76,14 @@ class SplitLearningServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Evaluate(self, request, context):
-        """Loss and metrics on one batch, with no update.
+        """Loss and metrics on one batch, with no update (standard cut only: in the U-shape the client evaluates).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Predict(self, request, context):
-        """Outputs of the uncut model on one batch.
+        """Outputs of the server's part on one batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,9 +43,9 @@ class SplitLearningServiceStub:
     Train: _grpc.StreamStreamMultiCallable[_split_learning_pb2.TrainRequest, _split_learning_pb2.TrainResponse]
     """Training exchanges: one response per request, in order, over one long-lived stream."""
     Evaluate: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.EvaluateRequest, _split_learning_pb2.EvaluateResponse]
-    """Loss and metrics on one batch, with no update."""
+    """Loss and metrics on one batch, with no update (standard cut only: in the U-shape the client evaluates)."""
     Predict: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.PredictRequest, _split_learning_pb2.PredictResponse]
-    """Outputs of the uncut model on one batch."""
+    """Outputs of the server's part on one batch."""
 
 @_typing.type_check_only
 class SplitLearningServiceAsyncStub(SplitLearningServiceStub):
@@ -57,9 +57,9 @@ class SplitLearningServiceAsyncStub(SplitLearningServiceStub):
     Train: _aio.StreamStreamMultiCallable[_split_learning_pb2.TrainRequest, _split_learning_pb2.TrainResponse]  # type: ignore[assignment]
     """Training exchanges: one response per request, in order, over one long-lived stream."""
     Evaluate: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.EvaluateRequest, _split_learning_pb2.EvaluateResponse]  # type: ignore[assignment]
-    """Loss and metrics on one batch, with no update."""
+    """Loss and metrics on one batch, with no update (standard cut only: in the U-shape the client evaluates)."""
     Predict: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.PredictRequest, _split_learning_pb2.PredictResponse]  # type: ignore[assignment]
-    """Outputs of the uncut model on one batch."""
+    """Outputs of the server's part on one batch."""
 
 class SplitLearningServiceServicer(metaclass=_abc_1.ABCMeta):
     """Trains, evaluates and runs the second part of a split model."""
@@ -86,7 +86,7 @@ class SplitLearningServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _split_learning_pb2.EvaluateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_split_learning_pb2.EvaluateResponse, _abc.Awaitable[_split_learning_pb2.EvaluateResponse]]:
-        """Loss and metrics on one batch, with no update."""
+        """Loss and metrics on one batch, with no update (standard cut only: in the U-shape the client evaluates)."""
 
     @_abc_1.abstractmethod
     def Predict(
@@ -94,6 +94,6 @@ class SplitLearningServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _split_learning_pb2.PredictRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_split_learning_pb2.PredictResponse, _abc.Awaitable[_split_learning_pb2.PredictResponse]]:
-        """Outputs of the uncut model on one batch."""
+        """Outputs of the server's part on one batch."""
 
 def add_SplitLearningServiceServicer_to_server(servicer: SplitLearningServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,62 @@
+"""The client's side of a U-shaped cut: it holds the bottom, the head and the loss; labels never leave it.
+
+Per step, on the one training stream: the IV goes out (no labels) and the middle's outputs come back; the head
+runs forward, loss and backward here (with its own optimizer), dLoss/d(middle outputs) goes out and dLoss/dIV
+comes back for the bottom. The head's math is exactly the standard server part's (`ServerTrainer`: a compiled
+Keras step with Keras's own loss, loss tracker and metrics), run in this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from client_part.transport import Transport
+from server_part.trainer import ServerTrainer
+from splitlearning.contract import Spec
+from splitlearning.models import ModelSource
+
+
+class UShapeLink:
+    """A `Link` that finishes the model locally: `transport` reaches the server's middle, `head` is local."""
+
+    def __init__(self, transport: Transport, head: ServerTrainer) -> None:
+        self._transport = transport
+        self.head = head
+
+    def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:
+        outputs = self._transport.train_forward(step, iv)
+        output_gradient, metrics = self.head.train(self._checked(outputs), labels, reset)
+        return self._transport.train_backward(step, output_gradient), metrics
+
+    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
+        return self.head.evaluate(self._checked(self._transport.predict(iv)), labels, reset)
+
+    def predict(self, iv: np.ndarray) -> np.ndarray:
+        return self.head.predict(self._checked(self._transport.predict(iv)))
+
+    def _checked(self, outputs: np.ndarray) -> np.ndarray:
+        self.head.contract.iv.check_batch(outputs, "the middle's outputs")
+        return outputs
+
+
+def build_head(
+    head: ModelSource,
+    loss: Any,
+    optimizer: Any,
+    metrics: Sequence[Any] | None,
+    device: str,
+    label_spec: Spec | None,
+) -> ServerTrainer:
+    """The head part compiled with its loss and metrics, and an optimizer of its own (a copy of `optimizer`)."""
+    return ServerTrainer(head, loss, _own_copy(optimizer), metrics, device, label_spec)
+
+
+def _own_copy(optimizer: Any) -> Any:
+    """A Keras optimizer instance serves one set of variables: the head gets a fresh one of the same config."""
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return type(optimizer).from_config(optimizer.get_config())
+    return keras.optimizers.get(optimizer or "sgd")

@@ -1,0 +1,150 @@
+"""U-shaped split training (bottom + head on the client, middle on the server) equals the uncut model's fit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import keras
+import numpy as np
+import pytest
+
+from client_part import RemoteError, SplitClient
+from server_part import SplitServer
+from tests.conftest import CUT_DIM, NUM_CLASSES, build_bottom, build_top, make_data, make_loss
+
+Servers = Callable[..., tuple[SplitServer, str]]
+RTOL, ATOL = 1e-5, 1e-6  # the basic cut's tolerance (tests/test_exactness.py)
+BATCH = 16  # 50 samples: three full batches and a partial one of 2
+EPOCHS = 2
+MIDDLE_DIM = 7
+
+OPTIMIZERS: dict[str, Callable[[], keras.optimizers.Optimizer]] = {
+    "sgd": lambda: keras.optimizers.SGD(learning_rate=0.1),
+    "adam": lambda: keras.optimizers.Adam(learning_rate=0.01),
+}
+
+
+def build_middle(kind: str = "plain", seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed + 2)
+    layers: list[Any] = [keras.Input((CUT_DIM,), name="cut"), keras.layers.Dense(8, activation="relu")]
+    if kind == "batchnorm":
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(MIDDLE_DIM, activation="tanh"))
+    return keras.Sequential(layers, name="middle")
+
+
+def build_head(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed + 3)
+    return keras.Sequential([keras.Input((MIDDLE_DIM,), name="cut2"), keras.layers.Dense(NUM_CLASSES)], name="head")
+
+
+def build_triple(kind: str, seed: int) -> tuple[keras.Model, keras.Model, keras.Model]:
+    return build_bottom(kind, seed), build_middle(kind, seed), build_head(seed)
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    started: list[SplitServer] = []
+
+    def start(model: keras.Model, **kwargs: Any) -> tuple[SplitServer, str]:
+        server = SplitServer(model, **kwargs)
+        started.append(server)
+        return server, f"127.0.0.1:{server.start('127.0.0.1:0')}"
+
+    yield start
+    for server in started:
+        server.stop(grace=1.0)
+
+
+def assert_weights_equal(actual: list[np.ndarray], expected: list[np.ndarray], what: str) -> None:
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL, err_msg=f"{what}[{i}]")
+
+
+# SGD and Adam; BatchNormalization (state updated by the forward) on both sides of the server's middle.
+@pytest.mark.parametrize(("kind", "optimizer"), [("plain", "sgd"), ("batchnorm", "adam")])
+def test_ushape_fit_equals_uncut_fit(servers: Servers, kind: str, optimizer: str) -> None:
+    seed = 7
+    x, y = make_data()
+    x_val, y_val = make_data(n=20, seed=5)
+    bottom, middle, head = build_triple(kind, seed)
+    server, target = servers(middle, optimizer=OPTIMIZERS[optimizer](), cut="ushape")
+    with SplitClient(
+        bottom, OPTIMIZERS[optimizer](), target=target, head=head, loss=make_loss(), metrics=["accuracy"]
+    ) as client:
+        history = client.fit(
+            x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, validation_data=(x_val, y_val), verbose=0
+        )
+        split_eval = client.evaluate(x_val, y_val, batch_size=BATCH)
+        split_pred = client.predict(x_val, batch_size=BATCH)
+        assert client.step == EPOCHS * 4
+
+    uncut = keras.Sequential(list(build_triple(kind, seed)))
+    uncut.compile(optimizer=OPTIMIZERS[optimizer](), loss=make_loss(), metrics=["accuracy"], jit_compile=False)
+    expected = uncut.fit(
+        x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, validation_data=(x_val, y_val), verbose=0
+    )
+    uncut_bottom, uncut_middle, uncut_head = uncut.layers
+
+    assert server.trainer.iterations == EPOCHS * 4
+    assert_weights_equal(client.model.get_weights(), uncut_bottom.get_weights(), "bottom")
+    assert_weights_equal(server.model.get_weights(), uncut_middle.get_weights(), "middle")
+    assert client.head is not None
+    assert_weights_equal(client.head.model.get_weights(), uncut_head.get_weights(), "head")
+    assert sorted(history.history) == sorted(expected.history)
+    for key, values in expected.history.items():
+        np.testing.assert_allclose(history.history[key], values, rtol=RTOL, err_msg=key)
+    expected_eval = uncut.evaluate(x_val, y_val, batch_size=BATCH, return_dict=True, verbose=0)
+    assert sorted(split_eval) == sorted(expected_eval)
+    for key, value in expected_eval.items():
+        np.testing.assert_allclose(split_eval[key], value, rtol=RTOL, err_msg=key)
+    np.testing.assert_allclose(split_pred, uncut.predict(x_val, batch_size=BATCH, verbose=0), rtol=RTOL, atol=ATOL)
+
+
+def test_ushape_training_changes_all_three_parts(servers: Servers) -> None:
+    """Guards the comparison above: a no-op step would leave the initial weights."""
+    x, y = make_data()
+    bottom, middle, head = build_triple("plain", 7)
+    initial = [m.get_weights() for m in (bottom, middle, head)]
+    _, target = servers(middle, optimizer="sgd", cut="ushape")
+    with SplitClient(bottom, "sgd", target=target, head=head, loss=make_loss()) as client:
+        client.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        assert client.head is not None
+        final = [client.model.get_weights(), middle.get_weights(), client.head.model.get_weights()]
+    for before, after in zip(initial, final, strict=True):
+        assert not np.allclose(before[0], after[0])
+
+
+def test_a_standard_client_is_refused_by_a_ushape_server(servers: Servers) -> None:
+    _, target = servers(build_middle(), optimizer="sgd", cut="ushape")
+    with pytest.raises(RemoteError) as caught, SplitClient(build_bottom(), target=target, connect_timeout=10):
+        pass
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cut mode mismatch" in caught.value.details and "U-shaped" in caught.value.details
+
+
+def test_a_ushape_client_is_refused_by_a_standard_server(servers: Servers) -> None:
+    _, target = servers(build_top(), loss=make_loss(), optimizer="sgd")
+    client = SplitClient(build_bottom(), target=target, head=build_head(), loss=make_loss(), connect_timeout=10)
+    with pytest.raises(RemoteError) as caught:
+        client.connect()
+    client.close()
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cut mode mismatch" in caught.value.details
+
+
+def test_a_head_that_does_not_fit_the_middle_is_refused(servers: Servers) -> None:
+    _, target = servers(build_middle(), optimizer="sgd", cut="ushape")
+    wrong_head = keras.Sequential([keras.Input((MIDDLE_DIM + 1,)), keras.layers.Dense(NUM_CLASSES)])
+    client = SplitClient(build_bottom(), target=target, head=wrong_head, loss=make_loss(), connect_timeout=10)
+    with pytest.raises(ValueError, match="U-shape mismatch"):
+        client.connect()
+    client.close()
+
+
+def test_a_ushape_middle_takes_no_loss() -> None:
+    with pytest.raises(ValueError, match="no loss"):
+        SplitServer(build_middle(), loss=make_loss(), cut="ushape")
