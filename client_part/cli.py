@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from splitlearning import cli, security
 
@@ -42,6 +43,10 @@ class ClientConfig:
     tls_key: Path | None = None
     tls_server_name: str | None = None
     auth_token_file: Path | None = None
+    cut: str = "standard"
+    head: str | None = None
+    loss: str | None = None
+    metrics: str | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
@@ -59,6 +64,16 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
     cli.add(parser, "--log-every", type=int, default=1, help="write per-step TensorBoard scalars every N steps")
     cli.add(parser, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
+    cli.add(
+        parser,
+        "--cut",
+        default="standard",
+        choices=["standard", "ushape"],
+        help="ushape: this client also holds the head and the loss, so labels never leave it",
+    )
+    cli.add(parser, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
+    cli.add(parser, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
+    cli.add(parser, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
     security.add_client_flags(parser)
     return ClientConfig(**vars(parser.parse_args(argv)))
 
@@ -70,10 +85,20 @@ def run(config: ClientConfig) -> dict[str, float]:
     from client_part.client import SplitClient
     from client_part.tensorboard_log import TensorBoardLogger
     from splitlearning import data
-    from splitlearning.models import load_part
+    from splitlearning.models import BUILTIN, load_part
 
     dataset = data.load(config.dataset, seed=config.seed)
     log.info("data: %s", dataset)
+    head: dict[str, Any] = {}
+    if config.cut == "ushape":
+        pair = BUILTIN.get(config.model)
+        head = {
+            "head": load_part(config.head or config.model, "head", config.seed),
+            "loss": config.loss or (pair.loss if pair else None),
+            "metrics": config.metrics.split(",") if config.metrics else list(pair.metrics) if pair else None,
+        }
+    elif config.head or config.loss or config.metrics:
+        raise ValueError("--head, --loss and --metrics belong to --cut ushape")
     client = SplitClient(
         model=load_part(config.model, "client", config.seed),
         optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),
@@ -85,6 +110,7 @@ def run(config: ClientConfig) -> dict[str, float]:
             config.tls_cert, config.tls_key, config.tls_ca, config.tls_server_name, enabled=config.tls
         ),
         auth_token=security.read_token(config.auth_token_file) if config.auth_token_file else None,
+        **head,
     )
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:

@@ -39,6 +39,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     auth_token_file: Path | None = None
+    cut: str = "standard"
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -52,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     cli.add(parser, "--max-batch-size", type=int, default=1024, help="largest batch a request may carry")
     cli.add(parser, "--port-file", type=Path, default=None, help="write the bound port here once serving")
     add_telemetry_flags(parser)
+    cli.add(
+        parser,
+        "--cut",
+        default="standard",
+        choices=["standard", "ushape"],
+        help="standard: this part holds the loss and gets labels; ushape: it holds only the middle (no labels)",
+    )
     security.add_server_flags(parser)
     return ServerConfig(**vars(parser.parse_args(argv)))
 
@@ -71,12 +79,16 @@ def run(config: ServerConfig) -> None:
     from splitlearning.models import BUILTIN, load_part
 
     pair = BUILTIN.get(config.model)
+    ushape = config.cut == "ushape"
     metrics = config.metrics.split(",") if config.metrics else list(pair.metrics) if pair else None
+    if ushape and (config.loss or config.metrics):
+        raise ValueError("--cut ushape: the loss and metrics live on the client (split-client --loss/--metrics)")
     server = SplitServer(
-        model=load_part(config.model, "server", config.seed),
-        loss=config.loss or (pair.loss if pair else None),
+        model=load_part(config.model, "middle" if ushape else "server", config.seed),
+        loss=None if ushape else config.loss or (pair.loss if pair else None),
         optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),
-        metrics=metrics,
+        metrics=None if ushape else metrics,
+        cut=config.cut,
         device=config.device,
         max_batch_size=config.max_batch_size,
         metrics_port=config.metrics_port,

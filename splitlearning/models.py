@@ -32,6 +32,9 @@ class ModelPair:
     server: Callable[[int], Any]
     loss: Any
     metrics: tuple[str, ...] = ("accuracy",)
+    # The U-shape (`--cut ushape`): the server's `middle` (cut -> second cut) and the client's `head`.
+    middle: Callable[[int], Any] | None = None
+    head: Callable[[int], Any] | None = None
 
 
 def _digits_mlp_client(seed: int) -> Any:
@@ -72,21 +75,45 @@ def _digits_cnn_server(seed: int) -> Any:
     )
 
 
+def _digits_middle(seed: int) -> Any:
+    keras.utils.set_random_seed(seed + 1)
+    return keras.Sequential(
+        [keras.Input((64,), name="cut"), keras.layers.Dense(64, activation="relu")], name="digits_middle"
+    )
+
+
+def _digits_cnn_middle(seed: int) -> Any:
+    keras.utils.set_random_seed(seed + 1)
+    return keras.Sequential(
+        [keras.Input((512,), name="cut"), keras.layers.Dense(64, activation="relu")], name="digits_cnn_middle"
+    )
+
+
+def _digits_head(seed: int) -> Any:
+    keras.utils.set_random_seed(seed + 2)
+    return keras.Sequential([keras.Input((64,), name="cut2"), keras.layers.Dense(10)], name="digits_head")
+
+
 _LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 BUILTIN: dict[str, ModelPair] = {
-    "digits-mlp": ModelPair(_digits_mlp_client, _digits_mlp_server, _LOGITS),
-    "digits-cnn": ModelPair(_digits_cnn_client, _digits_cnn_server, _LOGITS),
+    "digits-mlp": ModelPair(_digits_mlp_client, _digits_mlp_server, _LOGITS, middle=_digits_middle, head=_digits_head),
+    "digits-cnn": ModelPair(
+        _digits_cnn_client, _digits_cnn_server, _LOGITS, middle=_digits_cnn_middle, head=_digits_head
+    ),
 }
 
 
 def load_part(spec: str, side: str, seed: int) -> Callable[[], Any]:
-    """A function building one part: a built-in pair's `side` ('client' or 'server'), or `module:function`.
+    """A function building one part: a built-in pair's `side` ('client', 'server'; for the U-shape 'middle',
+    'head'), or `module:function`.
 
     A user's function is called with no arguments, or with `seed=` if it takes one.
     """
     if spec in BUILTIN:
         builtin = getattr(BUILTIN[spec], side)
+        if builtin is None:
+            raise ValueError(f"--model {spec!r} has no {side} part")
         return lambda: builtin(seed)
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:

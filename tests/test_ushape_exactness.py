@@ -12,32 +12,18 @@ import pytest
 
 from client_part import RemoteError, SplitClient
 from server_part import SplitServer
-from tests.conftest import CUT_DIM, NUM_CLASSES, build_bottom, build_top, make_data, make_loss
+from tests.conftest import NUM_CLASSES, build_bottom, build_top, make_data, make_loss
+from tests.ushape_support import MIDDLE_DIM, build_head, build_middle
 
 Servers = Callable[..., tuple[SplitServer, str]]
 RTOL, ATOL = 1e-5, 1e-6  # the basic cut's tolerance (tests/test_exactness.py)
 BATCH = 16  # 50 samples: three full batches and a partial one of 2
 EPOCHS = 2
-MIDDLE_DIM = 7
 
 OPTIMIZERS: dict[str, Callable[[], keras.optimizers.Optimizer]] = {
     "sgd": lambda: keras.optimizers.SGD(learning_rate=0.1),
     "adam": lambda: keras.optimizers.Adam(learning_rate=0.01),
 }
-
-
-def build_middle(kind: str = "plain", seed: int = 0) -> keras.Model:
-    keras.utils.set_random_seed(seed + 2)
-    layers: list[Any] = [keras.Input((CUT_DIM,), name="cut"), keras.layers.Dense(8, activation="relu")]
-    if kind == "batchnorm":
-        layers.append(keras.layers.BatchNormalization())
-    layers.append(keras.layers.Dense(MIDDLE_DIM, activation="tanh"))
-    return keras.Sequential(layers, name="middle")
-
-
-def build_head(seed: int = 0) -> keras.Model:
-    keras.utils.set_random_seed(seed + 3)
-    return keras.Sequential([keras.Input((MIDDLE_DIM,), name="cut2"), keras.layers.Dense(NUM_CLASSES)], name="head")
 
 
 def build_triple(kind: str, seed: int) -> tuple[keras.Model, keras.Model, keras.Model]:
