@@ -47,6 +47,8 @@ class ClientConfig:
     head: str | None = None
     loss: str | None = None
     metrics: str | None = None
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
@@ -74,6 +76,14 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(parser, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
     cli.add(parser, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
     cli.add(parser, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
+    cli.add(parser, "--clip-norm", type=float, default=None, help="clip each sample's IV to this L2 norm when sent")
+    cli.add(
+        parser,
+        "--noise-multiplier",
+        type=float,
+        default=0.0,
+        help="add Gaussian noise of stddev MULTIPLIER * --clip-norm to every IV sent (needs --clip-norm)",
+    )
     security.add_client_flags(parser)
     return ClientConfig(**vars(parser.parse_args(argv)))
 
@@ -83,6 +93,7 @@ def run(config: ClientConfig) -> dict[str, float]:
     cli.setup_process(config.cpus, config.threads)
     from client_part import summary
     from client_part.client import SplitClient
+    from client_part.privacy import GaussianNoise
     from client_part.tensorboard_log import TensorBoardLogger
     from splitlearning import data
     from splitlearning.models import BUILTIN, load_part
@@ -99,6 +110,9 @@ def run(config: ClientConfig) -> dict[str, float]:
         }
     elif config.head or config.loss or config.metrics:
         raise ValueError("--head, --loss and --metrics belong to --cut ushape")
+    if config.noise_multiplier and config.clip_norm is None:
+        raise ValueError("--noise-multiplier needs --clip-norm (the noise is scaled to the clipping norm)")
+    noise = GaussianNoise(config.clip_norm, config.noise_multiplier, config.seed) if config.clip_norm else None
     client = SplitClient(
         model=load_part(config.model, "client", config.seed),
         optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),
@@ -110,6 +124,7 @@ def run(config: ClientConfig) -> dict[str, float]:
             config.tls_cert, config.tls_key, config.tls_ca, config.tls_server_name, enabled=config.tls
         ),
         auth_token=security.read_token(config.auth_token_file) if config.auth_token_file else None,
+        noise=noise,
         **head,
     )
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None

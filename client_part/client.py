@@ -15,6 +15,7 @@ import tensorflow as tf
 from client_part import batches
 from client_part.callbacks import Callbacks
 from client_part.link import Link
+from client_part.privacy import GaussianNoise, NoisyLink
 from client_part.telemetry import ClientMeter, EpochLog
 from client_part.trainer import ClientTrainer
 from client_part.transport import Transport
@@ -38,7 +39,8 @@ class SplitClient:
 
     `head` makes the cut U-shaped: this client also holds the last layers (`head`, compiled here with `loss`
     and `metrics`, trained with a copy of `optimizer` or with `head_optimizer`), the server holds only the
-    middle, and labels never leave this process.
+    middle, and labels never leave this process. `noise` clips each sample's IV and adds Gaussian noise to
+    it before it is sent (client_part/privacy.py).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class SplitClient:
         loss: Any = None,
         metrics: Sequence[Any] | None = None,
         head_optimizer: Any = None,
+        noise: GaussianNoise | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.trainer = ClientTrainer(model, optimizer, self.device, self._exchange)
@@ -75,6 +78,8 @@ class SplitClient:
         sample_bytes = max(self.trainer.iv_spec.sample_bytes, self.head.contract.iv.sample_bytes if self.head else 0)
         self._transport = Transport(target, max_batch_size * sample_bytes * 4, rpc_timeout, tls, token)
         self._link: Link = UShapeLink(self._transport, self.head) if self.head is not None else self._transport
+        if noise is not None:  # outermost: every IV is clipped and noised before it leaves this process
+            self._link = NoisyLink(self._link, noise)
         self._agreement: Agreement | None = None
         self._step = self.trainer.iterations
         self._reset_metrics = False
