@@ -140,8 +140,8 @@ class TrainingState:
             session = self._session
             if step != session.next_step:
                 raise PreconditionFailed(
-                    f"step {step} is out of order: the server expects step {session.next_step} (the U-shape has "
-                    "no replay: a step whose reply was lost is sent again from its forward)"
+                    f"step {step} is out of order: the server expects step {session.next_step} (the U-shape does "
+                    "not replay applied steps)"
                 )
             if session.in_flight is not None:
                 raise PreconditionFailed(f"step {step} is already in flight on another training stream")
