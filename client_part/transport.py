@@ -52,6 +52,7 @@ class Transport:
     ) -> None:
         self.target = target
         self.rpc_timeout = rpc_timeout
+        self._tls = tls is not None
         limit = max_message_bytes + _MESSAGE_OVERHEAD
         options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", limit),
@@ -77,7 +78,8 @@ class Transport:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise ConnectionError(f"no server answered at {self.target} within {timeout:g} s") from None
+            hint = " (or the TLS handshake failed: check --tls-ca, --tls-cert, --tls-key)" if self._tls else ""
+            raise ConnectionError(f"no server answered at {self.target} within {timeout:g} s{hint}") from None
 
     def handshake(
         self,
