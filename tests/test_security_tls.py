@@ -157,6 +157,14 @@ def test_health_checks_need_no_token(mtls_server: ServerProcess, pki: Pki) -> No
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_the_health_probe_speaks_mutual_tls(mtls_server: ServerProcess, pki: Pki) -> None:
+    from splitlearning import health_probe
+
+    tls_flags = ["--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)]
+    assert health_probe.main(["--target", mtls_server.target, "--timeout", "30", *tls_flags]) == 0
+    assert health_probe.main(["--target", mtls_server.target, "--timeout", "30"]) == 1  # plaintext: refused
+
+
 def test_the_token_never_appears_in_logs_or_errors(mtls_server: ServerProcess, pki: Pki) -> None:
     details = [refusal(mtls_server.target, good_tls(pki), t).details for t in (WRONG_TOKEN, TOKEN + "x", None)]
     handshake(mtls_server.target, good_tls(pki), TOKEN)  # a served call, logged at DEBUG too
