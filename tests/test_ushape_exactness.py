@@ -104,6 +104,16 @@ def test_ushape_training_changes_all_three_parts(servers: Servers) -> None:
         assert not np.allclose(before[0], after[0])
 
 
+def test_the_server_counts_each_ushape_step_once(servers: Servers) -> None:
+    """Two exchanges per step on the stream, one step in the server's telemetry."""
+    x, y = make_data()
+    server, target = servers(build_middle(), optimizer="sgd", cut="ushape")
+    with SplitClient(build_bottom(), "sgd", target=target, head=build_head(), loss=make_loss()) as client:
+        client.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    assert server.telemetry.registry.get_sample_value("split_server_steps_total") == 4
+    assert server.state.compute_seconds > 0
+
+
 def test_a_standard_client_is_refused_by_a_ushape_server(servers: Servers) -> None:
     _, target = servers(build_middle(), optimizer="sgd", cut="ushape")
     with pytest.raises(RemoteError) as caught, SplitClient(build_bottom(), target=target, connect_timeout=10):
