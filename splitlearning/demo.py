@@ -1,5 +1,6 @@
 """`split-demo`: the main job. Start `split-server` and `split-client` as two processes on loopback, train the
-bundled digits model, print per-epoch progress and the test accuracy. Extra flags go to the client."""
+bundled digits model, print per-epoch progress and the test accuracy. Extra flags go to the client (`--cut` to
+both)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(port_file),
                 "--log-level",
                 "WARNING",
+                *_shared_flags(client_args),
             ],
             env=env,
         )
@@ -65,6 +67,17 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def _shared_flags(client_args: list[str]) -> list[str]:
+    """The client flags the server must mirror: `--cut` (a U-shaped client needs a U-shaped server)."""
+    shared: list[str] = []
+    for index, arg in enumerate(client_args):
+        if arg.startswith("--cut="):
+            shared.append(arg)
+        elif arg == "--cut" and index + 1 < len(client_args):
+            shared += [arg, client_args[index + 1]]
+    return shared
 
 
 if __name__ == "__main__":
