@@ -33,6 +33,8 @@ class ClientConfig:
     epochs: int
     no_shuffle: bool
     connect_timeout: float
+    wire_encoding: str
+    micro_batches: int
     history_json: Path | None
     log_dir: Path | None
     log_every: int
@@ -62,6 +64,20 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(parser, "--epochs", type=int, default=10, help="passes over the training data")
     cli.add(parser, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
     cli.add(parser, "--connect-timeout", type=float, default=60.0, help="seconds to wait for the server at start")
+    cli.add(
+        parser,
+        "--wire-encoding",
+        default="raw",
+        choices=["raw", "float16", "bfloat16", "int8"],
+        help="encoding of the IV and its gradient on the wire; the server must allow it (--wire-encodings)",
+    )
+    cli.add(
+        parser,
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="pipeline each step in this many micro-batches (forward, transfer and server work overlap)",
+    )
     cli.add(parser, "--history-json", type=Path, default=None, help="write the training history here as JSON")
     cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
     cli.add(parser, "--log-every", type=int, default=1, help="write per-step TensorBoard scalars every N steps")
@@ -126,6 +142,8 @@ def run(config: ClientConfig) -> dict[str, float]:
         auth_token=security.read_token(config.auth_token_file) if config.auth_token_file else None,
         noise=noise,
         **head,
+        wire_encoding=config.wire_encoding,
+        micro_batches=config.micro_batches,
     )
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:

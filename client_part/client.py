@@ -17,9 +17,10 @@ from client_part.callbacks import Callbacks
 from client_part.link import Link
 from client_part.privacy import GaussianNoise, NoisyLink
 from client_part.telemetry import ClientMeter, EpochLog
-from client_part.trainer import ClientTrainer
+from client_part.trainer import ClientTrainer, Pipeline
 from client_part.transport import Transport
 from client_part.ushape import UShapeLink, build_head
+from splitlearning import encodings
 from splitlearning.contract import Agreement, CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
@@ -41,6 +42,13 @@ class SplitClient:
     and `metrics`, trained with a copy of `optimizer` or with `head_optimizer`), the server holds only the
     middle, and labels never leave this process. `noise` clips each sample's IV and adds Gaussian noise to
     it before it is sent (client_part/privacy.py).
+
+    `wire_encoding` ('raw', 'float16', 'bfloat16', 'int8') asks the server to narrow the IV and its gradient
+    on the wire; the server chooses in the handshake (raw unless it allows the one asked for).
+    `micro_batches` > 1 pipelines each step (standard cut, no noise): its batch streams out in that many
+    parts, so forward passes, transfers and the server's work overlap; both sides still apply one update per
+    batch, equal to the unpipelined one for losses that average over the batch (not with layers that depend
+    on the batch's statistics, such as BatchNormalization, whose statistics are then per micro-batch).
     """
 
     def __init__(
@@ -61,13 +69,22 @@ class SplitClient:
         metrics: Sequence[Any] | None = None,
         head_optimizer: Any = None,
         noise: GaussianNoise | None = None,
+        wire_encoding: str = "raw",
+        micro_batches: int = 1,
     ) -> None:
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
+        if micro_batches > 1 and (head is not None or noise is not None):
+            raise ValueError("micro-batch pipelining applies to the standard cut without noise")
         self.device = resolve_device(device)
-        self.trainer = ClientTrainer(model, optimizer, self.device, self._exchange)
+        self.micro_batches = micro_batches
+        pipeline = Pipeline(micro_batches, self._send_micro, self._receive_micro)
+        self.trainer = ClientTrainer(model, optimizer, self.device, self._exchange, pipeline)
         self.max_batch_size = max_batch_size
         self.label_spec = label_spec
         self.connect_timeout = connect_timeout
         self._session_id = session_id
+        self.wire_encoding = encodings.parse(wire_encoding)
         self.head = None
         if head is not None:
             self.head = build_head(head, loss, head_optimizer or optimizer, metrics, self.device, label_spec)
@@ -85,6 +102,8 @@ class SplitClient:
         self._reset_metrics = False
         self._in_step = False  # True once this connection has checked that both sides agree on the step
         self._last_metrics: list[float] = []
+        self._sent: list[bool] = []  # per micro-batch of the step in flight: was it sent (not empty)?
+        self._step_started: tuple[int, int, float] = (0, 0, 0.0)  # bytes sent, received, time at its first send
         self.meter = ClientMeter()  # per-step time and bytes, for logs, TensorBoard and the summary
 
     @property
@@ -109,15 +128,24 @@ class SplitClient:
         if self._agreement is None:
             self._transport.wait_ready(self.connect_timeout)
             label = self.label_spec if self.head is None else None  # the U-shape's server sees no label
+            wanted = () if self.wire_encoding == encodings.RAW else (self.wire_encoding,)
             agreement = self._transport.handshake(
-                self.trainer.iv_spec, label, self.max_batch_size, self._session_id, self.mode
+                self.trainer.iv_spec, label, self.max_batch_size, self._session_id, self.mode, wanted
             )
             self._agreement = agreement if self.head is None else self._with_head(agreement)
+            if self._agreement.encoding != self.wire_encoding:
+                log.warning(
+                    "asked for wire encoding %s, the server chose %s (start it with --wire-encodings %s to allow it)",
+                    encodings.name(self.wire_encoding),
+                    encodings.name(self._agreement.encoding),
+                    encodings.name(self.wire_encoding),
+                )
             log.info(
-                "joined session %s at step %d; cut: %s",
+                "joined session %s at step %d; cut: %s; wire encoding %s",
                 self._agreement.session_id,
                 self._agreement.next_step,
                 self._agreement.contract,
+                encodings.name(self._agreement.encoding),
             )
         return self._agreement
 
@@ -244,6 +272,33 @@ class SplitClient:
         self.meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
         self._reset_metrics = False
         self._step += 1
+        return grad
+
+    def _send_micro(self, index: np.ndarray, iv: np.ndarray, labels: np.ndarray, size: np.ndarray) -> np.ndarray:
+        transport = self._transport
+        if int(index) == 0:
+            self._sent = []
+            self._step_started = (transport.bytes_sent, transport.bytes_received, time.perf_counter())
+        batch = int(size)
+        self._sent.append(len(iv) > 0)  # a batch smaller than micro_batches leaves some parts empty
+        if len(iv):
+            parts = min(self.micro_batches, batch)
+            part = sum(self._sent) - 1
+            transport.send(self._step, iv, labels, self._reset_metrics and part == 0, part, parts, batch)
+        return np.zeros((), np.int64)
+
+    def _receive_micro(self, index: np.ndarray) -> np.ndarray:
+        k = int(index)
+        if not self._sent[k]:
+            return np.zeros((0, *self.trainer.iv_spec.shape), self.trainer.iv_spec.dtype)
+        transport = self._transport
+        grad, self._last_metrics = transport.receive(self._step)
+        if k == max(i for i, sent in enumerate(self._sent) if sent):  # the step's last answer
+            sent, received, started = self._step_started
+            seconds = time.perf_counter() - started
+            self.meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
+            self._reset_metrics = False
+            self._step += 1
         return grad
 
     # -- helpers -------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -24,12 +25,27 @@ log = logging.getLogger(__name__)
 Exchange = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """Micro-batch pipelining: the step's batch goes out in `micro_batches` parts, each sent as soon as its
+    forward pass is done (`send(index, iv, labels, batch_size)`), so the next part's forward overlaps the
+    transfer and the server's work; then `receive(index)` collects each part's dLoss/dIV, and one
+    back-propagation and one update follow, as without pipelining."""
+
+    micro_batches: int
+    send: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+    receive: Callable[[np.ndarray], np.ndarray]
+
+
 class ClientTrainer:
     """Holds the first part of the model and its optimizer on one device."""
 
-    def __init__(self, model: ModelSource, optimizer: Any, device: str, exchange: Exchange) -> None:
+    def __init__(
+        self, model: ModelSource, optimizer: Any, device: str, exchange: Exchange, pipeline: Pipeline | None = None
+    ) -> None:
         self.device = device
         self._exchange = exchange
+        self.pipeline = pipeline if pipeline is not None and pipeline.micro_batches > 1 else None
         self._error: BaseException | None = None
         with tf.device(device):
             self.model: keras.Model = materialize(model)
@@ -69,27 +85,58 @@ class ClientTrainer:
         with tf.device(self.device):
             return self._forward_fn(x).numpy()
 
+    def _guarded(self, function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        def call(*args: np.ndarray) -> np.ndarray:
+            try:
+                return function(*args)
+            except BaseException as error:
+                self._error = error
+                raise
+
+        return call
+
     def _exchange_guarded(self, iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        try:
-            return self._exchange(iv, labels)
-        except BaseException as error:
-            self._error = error
-            raise
+        return self._guarded(self._exchange)(iv, labels)
 
     def _train_step(self, x: tf.Tensor, labels: tf.Tensor) -> None:
         model = self.model
         weights = model.trainable_variables
         with tf.GradientTape() as tape:
-            iv = model(x, training=True)
+            if self.pipeline is None:
+                ivs = [model(x, training=True)]
+            else:
+                ivs = self._pipelined_forward(x, labels, self.pipeline)
             penalty = tf.add_n(model.losses) if model.losses else None
-        grad = tf.numpy_function(self._exchange_guarded, [iv, labels], Tout=iv.dtype, stateful=True)
-        grad = tf.ensure_shape(grad, iv.shape)
-        if penalty is None:
-            grads = tape.gradient(iv, weights, output_gradients=grad)
+        if self.pipeline is None:
+            grad = tf.numpy_function(self._exchange_guarded, [ivs[0], labels], Tout=ivs[0].dtype, stateful=True)
+            grads_iv = [tf.ensure_shape(grad, ivs[0].shape)]
         else:
-            self.regularization.update_state(penalty, sample_weight=tf.shape(iv)[0])
-            grads = tape.gradient([iv, penalty], weights, output_gradients=[grad, tf.ones_like(penalty)])
+            receive = self._guarded(self.pipeline.receive)
+            grads_iv = [
+                tf.ensure_shape(tf.numpy_function(receive, [k], Tout=iv.dtype, stateful=True), iv.shape)
+                for k, iv in enumerate(ivs)
+            ]
+        if penalty is None:
+            grads = tape.gradient(ivs, weights, output_gradients=grads_iv)
+        else:
+            self.regularization.update_state(penalty, sample_weight=tf.shape(x)[0])
+            grads = tape.gradient([*ivs, penalty], weights, output_gradients=[*grads_iv, tf.ones_like(penalty)])
         self.optimizer.apply(grads, weights)
+
+    def _pipelined_forward(self, x: tf.Tensor, labels: tf.Tensor, pipeline: Pipeline) -> list[tf.Tensor]:
+        """Forward each micro-batch and send it before the next one's forward starts (a control dependency)."""
+        size, parts = tf.shape(x)[0], pipeline.micro_batches
+        send = self._guarded(pipeline.send)
+        ivs: list[tf.Tensor] = []
+        sent: list[tf.Tensor] = []
+        for k in range(parts):
+            begin, end = (size * k) // parts, (size * (k + 1)) // parts
+            with tf.control_dependencies(sent):
+                part = tf.identity(x[begin:end])
+            iv = self.model(part, training=True)
+            ivs.append(iv)
+            sent = [tf.numpy_function(send, [k, iv, labels[begin:end], size], Tout=tf.int64, stateful=True)]
+        return ivs
 
     def _forward(self, x: tf.Tensor) -> tf.Tensor:
         return self.model(x, training=False)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 import numpy as np
 
-from splitlearning import codec
+from splitlearning import codec, encodings
 from splitlearning.contract import (
     PROTOCOL_VERSION,
     Agreement,
@@ -73,6 +73,7 @@ class Transport:
         self.session_id = ""
         self.bytes_sent = 0  # serialized TrainRequest bytes so far
         self.bytes_received = 0  # serialized TrainResponse bytes so far
+        self.encoding: codec.EncodingCode = encodings.RAW  # of the IV it sends; set by the handshake
 
     def wait_ready(self, timeout: float) -> None:
         try:
@@ -88,13 +89,15 @@ class Transport:
         max_batch_size: int,
         session_id: str = "",
         mode: CutMode = CutMode.STANDARD,
+        preferred_encodings: Sequence[codec.EncodingCode] = (),
     ) -> Agreement:
+        """Agree on the cut and the session; `preferred_encodings` (most preferred first) may narrow the wire."""
         request = pb.HandshakeRequest(
             protocol_version=PROTOCOL_VERSION,
             contract=pb.CutContract(iv=spec_to_proto(iv), label=spec_to_proto(label) if label else None),
             session_id=session_id,
             max_batch_size=max_batch_size,
-            encodings=[pb.ENCODING_RAW],
+            encodings=[*preferred_encodings, pb.ENCODING_RAW],
             mode=mode_to_proto(mode),
         )
         try:
@@ -102,6 +105,7 @@ class Transport:
         except grpc.RpcError as error:
             raise RemoteError("handshake refused", error) from None
         self.session_id = reply.session_id
+        self.encoding = encodings.parse(reply.encoding)
         server_mode = mode_from_proto(reply.mode)
         if server_mode is not mode:  # a server that predates the field answers UNSPECIFIED: the standard cut
             raise ConnectionError(
@@ -115,18 +119,35 @@ class Transport:
             max_batch_size=reply.max_batch_size,
             metric_names=list(reply.metric_names),
             mode=mode,
+            encoding=self.encoding,
         )
 
     def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:
         """Send one step on the training stream; return dLoss/dIV and the running metrics."""
-        request = pb.TrainRequest(
-            session_id=self.session_id,
-            step=step,
-            iv=codec.to_proto(iv),
-            labels=codec.to_proto(labels),
-            reset_metrics=reset,
-        )
-        reply = self._exchange(request, f"step {step}")
+        self.send(step, iv, labels, reset)
+        return self.receive(step)
+
+    def send(
+        self,
+        step: int,
+        iv: np.ndarray,
+        labels: np.ndarray,
+        reset: bool,
+        micro_batch: int = 0,
+        micro_batches: int = 1,
+        step_samples: int = 0,
+    ) -> None:
+        """Queue one request on the training stream without waiting for its answer (see `receive`)."""
+        request = pb.TrainRequest(session_id=self.session_id, step=step, reset_metrics=reset)
+        if micro_batches > 1:
+            request.micro_batches, request.micro_batch, request.step_samples = micro_batches, micro_batch, step_samples
+        codec.write(iv, request.iv, self.encoding)  # in place: TrainRequest(iv=...) would copy the payload
+        codec.write(labels, request.labels)
+        self._send(request)
+
+    def receive(self, step: int) -> tuple[np.ndarray, list[float]]:
+        """The answer to the oldest request sent and not yet received: dLoss/dIV and the running metrics."""
+        reply = self._receive(f"step {step}")
         return codec.from_proto(reply.iv_gradient, "iv_gradient"), list(reply.metrics)
 
     def train_forward(self, step: int, iv: np.ndarray) -> np.ndarray:
@@ -143,11 +164,18 @@ class Transport:
 
     def _exchange(self, request: pb.TrainRequest, what: str) -> pb.TrainResponse:
         """One request and its response on the training stream (opened on first use)."""
+        self._send(request)
+        return self._receive(what)
+
+    def _send(self, request: pb.TrainRequest) -> None:
         if self._responses is None:
             self._open_stream()
-        assert self._requests is not None and self._responses is not None
+        assert self._requests is not None
         self.bytes_sent += request.ByteSize()
         self._requests.put(request)
+
+    def _receive(self, what: str) -> pb.TrainResponse:
+        assert self._responses is not None, "receive before send"
         try:
             reply = next(self._responses)
         except grpc.RpcError as error:
@@ -161,7 +189,10 @@ class Transport:
 
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
         request = pb.EvaluateRequest(
-            session_id=self.session_id, iv=codec.to_proto(iv), labels=codec.to_proto(labels), reset_metrics=reset
+            session_id=self.session_id,
+            iv=codec.to_proto(iv, self.encoding),
+            labels=codec.to_proto(labels),
+            reset_metrics=reset,
         )
         try:
             return list(self._stub.Evaluate(request, timeout=self.rpc_timeout, metadata=self._metadata).metrics)
@@ -169,7 +200,7 @@ class Transport:
             raise RemoteError("evaluate refused", error) from None
 
     def predict(self, iv: np.ndarray) -> np.ndarray:
-        request = pb.PredictRequest(session_id=self.session_id, iv=codec.to_proto(iv))
+        request = pb.PredictRequest(session_id=self.session_id, iv=codec.to_proto(iv, self.encoding))
         try:
             reply = self._stub.Predict(request, timeout=self.rpc_timeout, metadata=self._metadata)
         except grpc.RpcError as error:

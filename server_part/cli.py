@@ -29,6 +29,7 @@ class ServerConfig:
     loss: str | None
     metrics: str | None
     max_batch_size: int
+    wire_encodings: str
     port_file: Path | None
     metrics_port: int | None
     metrics_host: str | None
@@ -51,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     cli.add(parser, "--loss", default=None, help="Keras loss name (default: the model pair's, or a compiled part's)")
     cli.add(parser, "--metrics", default=None, help="comma-separated Keras metric names (default: accuracy)")
     cli.add(parser, "--max-batch-size", type=int, default=1024, help="largest batch a request may carry")
+    cli.add(
+        parser,
+        "--wire-encodings",
+        default="raw",
+        help="comma-separated wire encodings a client may choose for the IV and its gradient "
+        "(raw, float16, bfloat16, int8); raw is always allowed",
+    )
     cli.add(parser, "--port-file", type=Path, default=None, help="write the bound port here once serving")
     add_telemetry_flags(parser)
     cli.add(
@@ -97,6 +105,7 @@ def run(config: ServerConfig) -> None:
         log_every=config.log_every,
         tls=security.server_tls(config.tls_cert, config.tls_key, config.tls_ca),
         auth_token=security.read_token(config.auth_token_file) if config.auth_token_file else None,
+        wire_encodings=config.wire_encodings.split(","),
     )
     port = server.start(config.address)
     if config.metrics_port_file and server.metrics_port is not None:  # before --port-file, which says "ready"

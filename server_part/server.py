@@ -50,6 +50,9 @@ class SplitServer:
 
     `cut="ushape"` serves the middle of a U-shaped cut: `model` maps the client's IV to the IV its head takes;
     there is no loss, label or metric here (the client keeps them), only `optimizer`.
+
+    `wire_encodings` are the encodings of the IV and its gradient a client may choose ('raw', 'float16',
+    'bfloat16', 'int8'); raw is always allowed, and is all that is allowed by default.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class SplitServer:
         tls: TlsConfig | None = None,
         auth_token: Secret | str | None = None,
         cut: CutMode | str = CutMode.STANDARD,
+        wire_encodings: Sequence[str | int] = ("raw",),
     ) -> None:
         self.device = resolve_device(device)
         self.cut = CutMode(cut)
@@ -79,7 +83,7 @@ class SplitServer:
             self.trainer = MiddleTrainer(model, optimizer, self.device)
         else:
             self.trainer = ServerTrainer(model, loss, optimizer, metrics, self.device, label_spec)
-        self.state = TrainingState(self.trainer, max_batch_size)
+        self.state = TrainingState(self.trainer, max_batch_size, wire_encodings=wire_encodings)
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()

@@ -96,6 +96,7 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
             request.session_id,
             request.max_batch_size,
             mode_from_proto(request.mode),
+            request.encodings,
         )
         return pb.HandshakeResponse(
             protocol_version=request.protocol_version,
@@ -103,17 +104,30 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
             session_id=agreed.session_id,
             next_step=agreed.next_step,
             max_batch_size=agreed.max_batch_size,
-            encoding=pb.ENCODING_RAW,
+            encoding=agreed.encoding,  # type: ignore[arg-type]
             metric_names=agreed.metric_names,
             mode=mode_to_proto(agreed.mode),
         )
 
     def _train(self, request: pb.TrainRequest) -> pb.TrainResponse:
         iv, labels = _tensor(request, "iv"), _tensor(request, "labels")
-        result = self._state.train(request.session_id, request.step, iv, labels, request.reset_metrics)
-        return pb.TrainResponse(
-            step=result.step, iv_gradient=codec.to_proto(result.iv_gradient), metrics=result.metrics
-        )
+        if request.micro_batches > 1:
+            result = self._state.train_micro(
+                request.session_id,
+                request.step,
+                request.micro_batch,
+                request.micro_batches,
+                request.step_samples,
+                iv,
+                labels,
+                request.reset_metrics,
+            )
+        else:
+            result = self._state.train(request.session_id, request.step, iv, labels, request.reset_metrics)
+        response = pb.TrainResponse(step=result.step, metrics=result.metrics)
+        # In place: TrainResponse(iv_gradient=...) would copy the payload once more.
+        codec.write(result.iv_gradient, response.iv_gradient, self._state.encoding)  # type: ignore[arg-type]
+        return response
 
 
 def _tensor(request: pb.TrainRequest | pb.EvaluateRequest | pb.PredictRequest, name: str) -> np.ndarray:

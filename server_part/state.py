@@ -11,12 +11,14 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from server_part.middle_trainer import NOT_STANDARD, MiddleTrainer, PendingStep
 from server_part.trainer import ServerTrainer
+from splitlearning import encodings
 from splitlearning.contract import PROTOCOL_VERSION, Agreement, CutMode, Spec
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SessionNotFound, TooLarge
 
@@ -34,6 +36,8 @@ class StepResult:
 class _Session:
     id: str
     next_step: int = 0
+    encoding: int = encodings.RAW
+    next_micro_batch: int = 0  # of the step in progress, when the client pipelines micro-batches
     last: StepResult | None = field(default=None, repr=False)
     in_flight: int | None = None  # U-shape: the step whose forward ran and whose backward is awaited
 
@@ -51,10 +55,16 @@ class TrainingState:
     """Serialises requests onto one `ServerTrainer` and enforces the session's step order."""
 
     def __init__(
-        self, trainer: ServerTrainer | MiddleTrainer, max_batch_size: int, session_id: str | None = None
+        self,
+        trainer: ServerTrainer | MiddleTrainer,
+        max_batch_size: int,
+        session_id: str | None = None,
+        wire_encodings: Sequence[str | int] = ("raw",),
     ) -> None:
         self.trainer = trainer
         self.max_batch_size = max_batch_size
+        # The wire encodings a client may choose; raw is always among them.
+        self.wire_encodings = (encodings.RAW, *encodings.parse_list(wire_encodings))
         self._session = _Session(session_id or uuid.uuid4().hex, next_step=trainer.iterations)
         self._lock = threading.Lock()
         self.compute_seconds = 0.0  # running total of time inside trainer.train (read by the telemetry)
@@ -71,6 +81,11 @@ class TrainingState:
     def mode(self) -> CutMode:
         return CutMode.USHAPE if isinstance(self.trainer, MiddleTrainer) else CutMode.STANDARD
 
+    @property
+    def encoding(self) -> int:
+        """The wire encoding the last handshake chose for the IV and its gradient."""
+        return self._session.encoding
+
     def handshake(
         self,
         protocol_version: int,
@@ -79,6 +94,7 @@ class TrainingState:
         session_id: str,
         max_batch_size: int,
         mode: CutMode = CutMode.STANDARD,
+        preferred_encodings: Sequence[int] = (),
     ) -> Agreement:
         expected = self.trainer.contract
         if protocol_version != PROTOCOL_VERSION:
@@ -101,6 +117,9 @@ class TrainingState:
                 f"batch size {max_batch_size} is over this server's limit of {self.max_batch_size} samples"
             )
         self._check_session(session_id)
+        # The U-shape's exchanges stay raw: narrowing applies to the standard cut's IV and gradient.
+        allowed = self.wire_encodings if self.mode is CutMode.STANDARD else (encodings.RAW,)
+        self._session.encoding = encodings.negotiate(preferred_encodings, allowed)
         return Agreement(
             session_id=self._session.id,
             next_step=self._session.next_step,
@@ -108,6 +127,7 @@ class TrainingState:
             max_batch_size=self.max_batch_size,
             metric_names=self.trainer.metric_names,
             mode=self.mode,
+            encoding=self._session.encoding,
         )
 
     def train(self, session_id: str, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> StepResult:
@@ -117,6 +137,11 @@ class TrainingState:
             if session.last is not None and step == session.last.step:
                 log.info("step %d sent again; answering from the first reply, no second update", step)
                 return session.last
+            if session.next_micro_batch:
+                self._discard_micro()
+                raise PreconditionFailed(
+                    f"step {step} came whole while micro-batches of step {session.next_step} were due"
+                )
             if step != session.next_step:
                 raise PreconditionFailed(
                     f"step {step} is out of order: the server expects step {session.next_step}"
@@ -180,6 +205,53 @@ class TrainingState:
                 self._session.in_flight = None
                 log.warning("step %d abandoned between its forward and its backward; no update applied", half.step)
 
+    def train_micro(
+        self,
+        session_id: str,
+        step: int,
+        micro_batch: int,
+        micro_batches: int,
+        step_samples: int,
+        iv: np.ndarray,
+        labels: np.ndarray,
+        reset: bool,
+    ) -> StepResult:
+        """One micro-batch of a pipelined step; the last of them applies the step's one update.
+
+        Micro-batches must come in order; anything else is refused and drops the step's partial gradients.
+        A pipelined step is not answered again from a stored reply: its replies were several.
+        """
+        self._check_session(session_id)
+        with self._lock:
+            session = self._session
+            expected = (session.next_step, session.next_micro_batch)
+            if (step, micro_batch) != expected:
+                self._discard_micro()
+                raise PreconditionFailed(
+                    f"micro-batch {micro_batch} of step {step} is out of order: the server expects micro-batch "
+                    f"{expected[1]} of step {expected[0]}"
+                )
+            if not 0 < micro_batch + 1 <= micro_batches:
+                raise InvalidRequest(f"micro_batch {micro_batch} does not lie in [0, {micro_batches})")
+            self._check_batch(iv, labels)
+            trainer = self.trainer
+            if not isinstance(trainer, ServerTrainer):
+                raise PreconditionFailed(NOT_STANDARD)
+            batch = len(iv)
+            if not 0 < batch <= step_samples <= self.max_batch_size:
+                raise InvalidRequest(
+                    f"step_samples {step_samples} must lie in [{batch}, {self.max_batch_size}] "
+                    f"for a micro-batch of {batch}"
+                )
+            last = micro_batch + 1 == micro_batches
+            started = time.perf_counter()
+            grad, metrics = trainer.train_micro(iv, labels, batch / step_samples, last, reset and micro_batch == 0)
+            self.compute_seconds += time.perf_counter() - started
+            session.last = None
+            session.next_micro_batch = 0 if last else micro_batch + 1
+            session.next_step = step + 1 if last else step
+            return StepResult(step, grad, metrics)
+
     def evaluate(self, session_id: str, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
         self._check_session(session_id)
         self._check_batch(iv, labels)
@@ -197,6 +269,12 @@ class TrainingState:
     def _check_session(self, session_id: str) -> None:
         if session_id and session_id != self._session.id:
             raise SessionNotFound(f"unknown session {session_id!r}: this server holds session {self._session.id!r}")
+
+    def _discard_micro(self) -> None:
+        """Drop the partial gradients of a pipelined step that will not be finished."""
+        if self._session.next_micro_batch and isinstance(self.trainer, ServerTrainer):
+            self.trainer.discard_micro()
+        self._session.next_micro_batch = 0
 
     def _middle(self) -> MiddleTrainer:
         if not isinstance(self.trainer, MiddleTrainer):

@@ -58,6 +58,17 @@ class ServerTrainer:
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)
             self._train_fn = tf.function(self._train_step, input_signature=[iv_sig, label_sig])
+            # Micro-batch pipelining: gradients of a step's micro-batches add up here until the last one.
+            self._accumulators = [
+                tf.Variable(tf.zeros_like(w), trainable=False) for w in self.model.trainable_variables
+            ]
+            micro_sig = [iv_sig, label_sig, tf.TensorSpec([], tf.float32)]
+            self._micro_fns = {
+                apply: tf.function(
+                    lambda iv, y, share, apply=apply: self._micro_step(iv, y, share, apply), input_signature=micro_sig
+                )
+                for apply in (False, True)
+            }
             self._test_fn = tf.function(self._test_step, input_signature=[iv_sig, label_sig])
             self._predict_fn = tf.function(self._predict_step, input_signature=[iv_sig])
             self.metric_names = self._build_metrics()
@@ -80,6 +91,24 @@ class ServerTrainer:
         with tf.device(self.device):
             grad, values = self._train_fn(iv, labels)
         return grad.numpy(), [float(v) for v in values]
+
+    def train_micro(
+        self, iv: np.ndarray, labels: np.ndarray, share: float, last: bool, reset_metrics: bool
+    ) -> tuple[np.ndarray, list[float]]:
+        """One micro-batch of a step: its gradients, weighted by `share` (its samples / the step's), are added
+        to the step's; the `last` one applies them in one update. Returns dLoss/dIV (of the whole step's loss)
+        and the running metrics. For losses that average over the batch the update equals `train` on the
+        whole batch."""
+        if reset_metrics:
+            self.model.reset_metrics()
+        with tf.device(self.device):
+            grad, values = self._micro_fns[last](iv, labels, np.float32(share))
+        return grad.numpy(), [float(v) for v in values]
+
+    def discard_micro(self) -> None:
+        """Forget the gradients accumulated for an unfinished step."""
+        for accumulator in self._accumulators:
+            accumulator.assign(tf.zeros_like(accumulator))
 
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset_metrics: bool) -> list[float]:
         """Accumulate loss and metrics on one batch with no update; return the running values."""
@@ -105,6 +134,26 @@ class ServerTrainer:
         model._loss_tracker.update_state(loss, sample_weight=tf.shape(iv)[0])
         *grads, iv_grad = tape.gradient(loss, [*weights, iv])
         self.optimizer.apply(grads, weights)
+        return iv_grad, self._results(model.compute_metrics(iv, labels, y_pred))
+
+    def _micro_step(
+        self, iv: tf.Tensor, labels: tf.Tensor, share: tf.Tensor, apply: bool
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        model = self.model
+        weights = model.trainable_variables
+        with tf.GradientTape() as tape:
+            tape.watch(iv)
+            y_pred = model(iv, training=True)
+            loss = model.compute_loss(x=iv, y=labels, y_pred=y_pred, training=True)
+            scaled = loss * share
+        model._loss_tracker.update_state(loss, sample_weight=tf.shape(iv)[0])
+        *grads, iv_grad = tape.gradient(scaled, [*weights, iv])
+        for accumulator, grad in zip(self._accumulators, grads, strict=True):
+            accumulator.assign_add(grad)
+        if apply:
+            self.optimizer.apply([a.read_value() for a in self._accumulators], weights)
+            for accumulator in self._accumulators:
+                accumulator.assign(tf.zeros_like(accumulator))
         return iv_grad, self._results(model.compute_metrics(iv, labels, y_pred))
 
     def _test_step(self, iv: tf.Tensor, labels: tf.Tensor) -> list[tf.Tensor]:

@@ -1,7 +1,10 @@
 """Tensors on the wire: `dtype` + `shape` + raw little-endian bytes, never pickle.
 
-`to_proto` / `from_proto` are the only place ndarrays meet `splitlearning.v1.Tensor`. Decoding does not copy
-the payload for the raw encoding: the ndarray is a read-only view of the message's bytes.
+`to_proto` / `write` / `from_proto` are the only place ndarrays meet `splitlearning.v1.Tensor`. Decoding does
+not copy the payload for the raw encoding: the ndarray is a read-only view of the message's bytes.
+
+On the hot path, `write` fills a request's own `Tensor` field in place: building `TrainRequest(iv=tensor)`
+from a finished message costs a copy of the payload and, with upb, about ten times as long as the copy.
 """
 
 from __future__ import annotations
@@ -61,22 +64,39 @@ def dtype_name(code: int) -> str:
 
 def to_proto(array: np.ndarray, encoding: EncodingCode = pb.ENCODING_RAW) -> pb.Tensor:
     """Encode an ndarray; `encoding` may narrow floating tensors (float16, bfloat16, int8 + scale)."""
+    return write(array, pb.Tensor(), encoding)
+
+
+def write(array: np.ndarray, message: pb.Tensor, encoding: EncodingCode = pb.ENCODING_RAW) -> pb.Tensor:
+    """Encode an ndarray into `message` (an empty `Tensor`, e.g. `request.iv`) in place; return it."""
     array = np.asarray(array)
     code = dtype_to_proto(array.dtype)
-    message = pb.Tensor(dtype=code, shape=array.shape, encoding=encoding)
+    message.dtype = code
+    message.shape.extend(array.shape)
     if encoding in (pb.ENCODING_RAW, pb.ENCODING_UNSPECIFIED) or code not in _FLOAT_CODES:
         message.encoding = pb.ENCODING_RAW
         message.content = np.ascontiguousarray(array, dtype=_DTYPES[code]).tobytes()
     elif encoding in _NARROW_FLOATS:
+        message.encoding = encoding
         message.content = np.ascontiguousarray(array, dtype=_NARROW_FLOATS[encoding]).tobytes()
     elif encoding == pb.ENCODING_INT8:
-        peak = float(np.max(np.abs(array))) if array.size else 0.0
-        scale = peak / 127.0 if peak > 0 and math.isfinite(peak) else 1.0
-        message.scale = scale
-        message.content = np.clip(np.rint(array / scale), -127, 127).astype("i1").tobytes()
+        message.encoding = encoding
+        message.scale, message.content = _int8(array)
     else:
         raise InvalidRequest(f"unknown encoding {encoding}")
     return message
+
+
+def _int8(array: np.ndarray) -> tuple[float, bytes]:
+    """Symmetric per-tensor quantisation: (scale, int8 bytes) with value ~= int8 * scale."""
+    peak = max(float(array.max()), -float(array.min())) if array.size else 0.0
+    if not (peak > 0 and math.isfinite(peak)):
+        return 1.0, np.clip(np.nan_to_num(np.rint(array)), -127, 127).astype("i1").tobytes()
+    scale = np.float32(peak / 127.0)
+    # One scaled float32 copy, rounded in place; |value| <= peak makes every entry lie in [-127, 127].
+    scaled = np.multiply(array, np.float32(127.0 / peak), dtype=np.float32)
+    np.rint(scaled, out=scaled)
+    return float(scale), scaled.astype("i1").tobytes()
 
 
 def from_proto(message: pb.Tensor, field: str = "tensor") -> np.ndarray:
@@ -86,6 +106,7 @@ def from_proto(message: pb.Tensor, field: str = "tensor") -> np.ndarray:
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"{field}: negative dimension in shape {list(shape)}")
     count = math.prod(shape)
+    content = message.content  # each read of a bytes field copies it out of the message: read it once
     encoding = message.encoding or pb.ENCODING_RAW
     if encoding == pb.ENCODING_RAW:
         wire = dtype
@@ -98,12 +119,12 @@ def from_proto(message: pb.Tensor, field: str = "tensor") -> np.ndarray:
             f"{field}: encoding {_encoding_name(encoding)} does not apply to dtype {dtype_name(message.dtype)}"
         )
     expected = count * wire.itemsize
-    if len(message.content) != expected:
+    if len(content) != expected:
         raise InvalidRequest(
             f"{field}: shape {list(shape)} of {dtype_name(message.dtype)} encoded as {_encoding_name(encoding)} "
-            f"needs {expected} bytes, got {len(message.content)}"
+            f"needs {expected} bytes, got {len(content)}"
         )
-    values = np.frombuffer(message.content, dtype=wire, count=count).reshape(shape)
+    values = np.frombuffer(content, dtype=wire, count=count).reshape(shape)
     if encoding == pb.ENCODING_INT8:
         return (values.astype(dtype) * dtype.type(message.scale)).astype(dtype, copy=False)
     return values if wire == dtype else values.astype(dtype)

@@ -78,6 +78,8 @@ class Agreement:
     max_batch_size: int
     metric_names: list[str]
     mode: CutMode = CutMode.STANDARD
+    # Wire encoding of the IV and its gradient (an `Encoding` value); raw unless both sides opted in.
+    encoding: int = pb.ENCODING_RAW
 
 
 def spec_to_proto(spec: Spec) -> pb.TensorSpec:

@@ -94,6 +94,51 @@ def _digits_head(seed: int) -> Any:
     return keras.Sequential([keras.Input((64,), name="cut2"), keras.layers.Dense(10)], name="digits_head")
 
 
+def _mnist_cnn_client(seed: int) -> Any:
+    """28x28x1 -> two convolutions with pooling -> an IV of 5*5*64 = 1,600 floats (6.4 KB) per sample."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1), name="image"),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+        ],
+        name="mnist_cnn_client",
+    )
+
+
+def _mnist_cnn_server(seed: int) -> Any:
+    keras.utils.set_random_seed(seed + 1)
+    return keras.Sequential(
+        [keras.Input((1600,), name="cut"), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)],
+        name="mnist_cnn_server",
+    )
+
+
+def _mnist_wide_client(seed: int) -> Any:
+    """28x28x1 -> one convolution, no pooling -> an IV of 28*28*16 = 12,544 floats (49 KB) per sample."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1), name="image"),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.Flatten(),
+        ],
+        name="mnist_wide_client",
+    )
+
+
+def _mnist_wide_server(seed: int) -> Any:
+    keras.utils.set_random_seed(seed + 1)
+    return keras.Sequential(
+        [keras.Input((12544,), name="cut"), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)],
+        name="mnist_wide_server",
+    )
+
+
 _LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 BUILTIN: dict[str, ModelPair] = {
@@ -101,6 +146,9 @@ BUILTIN: dict[str, ModelPair] = {
     "digits-cnn": ModelPair(
         _digits_cnn_client, _digits_cnn_server, _LOGITS, middle=_digits_cnn_middle, head=_digits_head
     ),
+    # 28x28x1 inputs (the layout of mnist.npz): the benchmark's workloads.
+    "mnist-cnn": ModelPair(_mnist_cnn_client, _mnist_cnn_server, _LOGITS),
+    "mnist-wide": ModelPair(_mnist_wide_client, _mnist_wide_server, _LOGITS),
 }
 
 

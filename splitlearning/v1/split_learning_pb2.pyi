@@ -332,6 +332,9 @@ class TrainRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     RESET_METRICS_FIELD_NUMBER: _builtins.int
     OUTPUT_GRADIENT_FIELD_NUMBER: _builtins.int
+    MICRO_BATCHES_FIELD_NUMBER: _builtins.int
+    MICRO_BATCH_FIELD_NUMBER: _builtins.int
+    STEP_SAMPLES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session from the handshake."""
     step: _builtins.int
@@ -340,6 +343,15 @@ class TrainRequest(_message.Message):
     """
     reset_metrics: _builtins.bool
     """Start a new accumulation of the running metrics (the first step of an epoch)."""
+    micro_batches: _builtins.int
+    """Micro-batch pipelining (standard cut): the number of micro-batches that make up this step; 0 or 1 means
+    the request carries the whole batch. The server accumulates their gradients and applies one update after
+    the last.
+    """
+    micro_batch: _builtins.int
+    """Index of the micro-batch this request carries, from 0, in order; used when micro_batches > 1."""
+    step_samples: _builtins.int
+    """Samples in the whole step (all its micro-batches), so each micro-batch's loss is weighted by its share."""
     @_builtins.property
     def iv(self) -> Global___Tensor:
         """Cut-layer activations, shape [batch, *contract.iv.shape]; unset in the U-shape's second request."""
@@ -361,10 +373,13 @@ class TrainRequest(_message.Message):
         labels: Global___Tensor | None = ...,
         reset_metrics: _builtins.bool = ...,
         output_gradient: Global___Tensor | None = ...,
+        micro_batches: _builtins.int = ...,
+        micro_batch: _builtins.int = ...,
+        step_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels", "output_gradient", b"output_gradient"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels", "output_gradient", b"output_gradient", "reset_metrics", b"reset_metrics", "session_id", b"session_id", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels", "micro_batch", b"micro_batch", "micro_batches", b"micro_batches", "output_gradient", b"output_gradient", "reset_metrics", b"reset_metrics", "session_id", b"session_id", "step", b"step", "step_samples", b"step_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

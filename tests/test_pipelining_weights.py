@@ -1,0 +1,70 @@
+"""Micro-batch pipelining: one update per batch on both sides, equal to the unpipelined run."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from client_part import SplitClient
+from client_part.transport import RemoteError, Transport
+from splitlearning.contract import Spec
+from tests.conftest import StartServer, assert_same_snapshot, make_data, server_snapshot
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def fit(split_pair: StartServer, kind: str, micro_batches: int) -> tuple[list[np.ndarray], dict[str, list[float]], int]:
+    split = split_pair(kind, 11, optimizer=keras.optimizers.Adam(0.01))
+    x, y = make_data(n=50)  # batches of 16, 16, 16 and 2: the last is smaller than some micro-batch counts
+    client = SplitClient(
+        split.bottom,
+        keras.optimizers.Adam(0.01),
+        target=split.target,
+        connect_timeout=10,
+        micro_batches=micro_batches,
+    )
+    with client:
+        history = client.fit(x, y, batch_size=16, epochs=2, shuffle=True, seed=3, verbose=0)
+        steps = client.step
+    assert split.server.trainer.iterations == steps
+    return [*split.bottom.get_weights(), *split.top.get_weights()], history.history, steps
+
+
+@pytest.mark.parametrize("kind", ["plain", "regularized"])
+@pytest.mark.parametrize("micro_batches", [3, 4])
+def test_pipelined_weights_equal_unpipelined(split_pair: StartServer, kind: str, micro_batches: int) -> None:
+    expected, expected_history, expected_steps = fit(split_pair, kind, 1)
+    weights, history, steps = fit(split_pair, kind, micro_batches)
+    assert steps == expected_steps == 8  # one update per batch, not per micro-batch
+    for i, (a, e) in enumerate(zip(weights, expected, strict=True)):
+        np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL, err_msg=f"weights[{i}]")
+    assert sorted(history) == sorted(expected_history)
+    for key, values in expected_history.items():
+        np.testing.assert_allclose(history[key], values, rtol=RTOL, err_msg=key)
+    # And training did move the weights, so equality means something.
+    initial = [*split_pair("plain", 11).bottom.get_weights()]
+    assert not np.allclose(weights[0], initial[0])
+
+
+def test_out_of_order_micro_batch_is_refused_and_changes_nothing(split_pair: StartServer) -> None:
+    split = split_pair("plain", 2)
+    x, y = make_data(n=8)
+    iv = np.asarray(split.bottom(x), dtype="float32")
+    transport = Transport(split.target, 1 << 20, rpc_timeout=10)
+    try:
+        transport.wait_ready(10)
+        transport.handshake(Spec((iv.shape[1],), np.dtype("float32")), None, 8)
+        before = server_snapshot(split.server)
+        transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
+        transport.receive(0)
+        transport.send(0, iv[4:], y[4:], False, micro_batch=0, micro_batches=2, step_samples=8)  # 1 was due
+        with pytest.raises(RemoteError, match="micro-batch 0 of step 0 is out of order") as refused:
+            transport.receive(0)
+        assert refused.value.code.name == "FAILED_PRECONDITION"
+        after = server_snapshot(split.server)
+        # The first micro-batch moved the running metrics but no weight, slot or step.
+        before["metrics"] = after["metrics"]
+        assert_same_snapshot(before, after)
+    finally:
+        transport.close()
