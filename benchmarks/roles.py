@@ -1,0 +1,281 @@
+"""The benchmark's worker processes, each pinned to its cores: `python -m benchmarks.roles ROLE JSON`.
+
+Roles: `uncut` (Keras `fit` on the whole model), `server` and `client` (the split run, timed per phase),
+`echo-server` and `echo-client` (a bare gRPC stream echoing the same payload), `accuracy` (the digits model
+per wire encoding). Each writes its figures as JSON to `out`; timers wrap functions from outside, so the
+code under test is the project's own, unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from splitlearning import cli
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+class Timers:
+    """Per-call durations and start/end times of wrapped functions."""
+
+    def __init__(self) -> None:
+        self.durations: dict[str, list[float]] = defaultdict(list)
+        self.spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+
+    def wrap(
+        self, owner: Any, attribute: str, key: str, sizes: Callable[[Any, tuple[Any, ...]], int] | None = None
+    ) -> None:
+        original = getattr(owner, attribute)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                end = time.perf_counter()
+                self.durations[key].append(end - start)
+                self.spans[key].append((start, end))
+            if sizes is not None:
+                self.durations[key + "_bytes"].append(sizes(result, args))
+            return result
+
+        setattr(owner, attribute, timed)
+
+    def reset(self) -> None:
+        self.durations.clear()
+        self.spans.clear()
+
+
+def _data(spec: dict[str, Any]) -> tuple[Any, Any]:
+    from benchmarks.workloads import synthetic_mnist
+
+    return synthetic_mnist(spec["samples"], spec["seed"])
+
+
+def _optimizer(spec: dict[str, Any]) -> Any:
+    return cli.make_optimizer("adam", spec.get("learning_rate", 1e-3))
+
+
+def uncut(spec: dict[str, Any]) -> dict[str, Any]:
+    import keras
+
+    from splitlearning.models import BUILTIN
+
+    pair = BUILTIN[spec["model"]]
+    x, y = _data(spec)
+    model = keras.Sequential([pair.client(spec["seed"]), pair.server(spec["seed"])])
+    model.compile(optimizer=_optimizer(spec), loss=pair.loss, metrics=["accuracy"], jit_compile=False)
+    batch, warm = spec["batch_size"], spec["warmup_steps"] * spec["batch_size"]
+    model.fit(x[:warm], y[:warm], batch_size=batch, epochs=1, verbose=0)
+    ends: list[float] = []
+    stamp = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: ends.append(time.perf_counter()))
+    started = time.perf_counter()
+    model.fit(x, y, batch_size=batch, epochs=1, shuffle=True, verbose=0, callbacks=[stamp])
+    elapsed = time.perf_counter() - started
+    return {"samples_per_s": steady_rate(ends, batch), "fit_samples_per_s": len(x) / elapsed, "seconds": elapsed}
+
+
+def steady_rate(ends: list[float], batch: int) -> float:
+    """Samples/s from the end of the first timed step to the end of the last: no per-`fit` set-up in it."""
+    return (len(ends) - 1) * batch / (ends[-1] - ends[0])
+
+
+def server(spec: dict[str, Any]) -> dict[str, Any]:
+    import server_part.servicer as servicer
+    from server_part import SplitServer
+    from splitlearning import codec
+    from splitlearning.models import BUILTIN
+
+    timers = Timers()
+    timers.wrap(codec, "write", "encode")
+    timers.wrap(codec, "from_proto", "decode")
+    timers.wrap(servicer.SplitLearningServicer, "_train", "servicer")
+    pair = BUILTIN[spec["model"]]
+    split = SplitServer(
+        pair.server(spec["seed"]),
+        pair.loss,
+        _optimizer(spec),
+        ["accuracy"],
+        max_batch_size=spec["batch_size"],
+        wire_encodings=["raw", "float16", "bfloat16", "int8"],
+    )
+    timers.wrap(split.trainer, "train", "step")
+    timers.wrap(split.state, "train", "state")
+    timers.wrap(split.trainer, "train_micro", "step")
+    timers.wrap(split.state, "train_micro", "state")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    port = split.start(spec["address"])
+    Path(spec["port_file"]).write_text(f"{port}\n")
+    stop.wait()
+    split.stop(grace=1.0)
+    return {"durations": timers.durations}
+
+
+def client(spec: dict[str, Any]) -> dict[str, Any]:
+    from client_part import SplitClient
+    from splitlearning import codec
+    from splitlearning.models import BUILTIN
+
+    pair = BUILTIN[spec["model"]]
+    x, y = _data(spec)
+    batch, warm = spec["batch_size"], spec["warmup_steps"] * spec["batch_size"]
+    split = SplitClient(
+        pair.client(spec["seed"]),
+        _optimizer(spec),
+        target=spec["target"],
+        max_batch_size=batch,
+        connect_timeout=120,
+        rpc_timeout=600,
+        wire_encoding=spec["encoding"],
+        micro_batches=spec.get("micro_batches", 1),
+    )
+    timers = Timers()
+    timers.wrap(codec, "write", "encode", lambda message, _: len(message.content))
+    timers.wrap(codec, "from_proto", "decode", lambda _, args: len(args[0].content))
+    timers.wrap(split.trainer, "train", "step")
+    timers.wrap(split._transport, "train", "exchange")
+    timers.wrap(split._transport, "send", "send")
+    timers.wrap(split._transport, "receive", "receive")
+    with split:
+        split.fit(x[:warm], y[:warm], batch_size=batch, epochs=1, verbose=0)
+        timers.reset()
+        started = time.perf_counter()
+        split.fit(x, y, batch_size=batch, epochs=1, shuffle=True, verbose=0)
+        elapsed = time.perf_counter() - started
+    steps, exchanges = timers.spans["step"], timers.spans["exchange"]
+    if not exchanges:  # pipelined: the phases overlap, so only their sums per step are reported
+        exchanges = [(s[0], s[0]) for s in steps]
+    forward = [e[0] - s[0] for s, e in zip(steps, exchanges, strict=True)]
+    backward = [s[1] - e[1] for s, e in zip(steps, exchanges, strict=True)]
+    return {
+        "samples_per_s": steady_rate([end for _, end in steps], batch),
+        "fit_samples_per_s": len(x) / elapsed,
+        "seconds": elapsed,
+        "steps": len(steps),
+        "durations": {**timers.durations, "forward": forward, "backward": backward},
+    }
+
+
+def echo_server(spec: dict[str, Any]) -> dict[str, Any]:
+    from concurrent import futures
+
+    import grpc
+
+    reply = bytes(spec["reply_bytes"])
+    limit = max(spec["request_bytes"], spec["reply_bytes"]) + 64 * 1024
+
+    def echo(requests: Any, context: Any) -> Any:
+        for _ in requests:
+            yield reply
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.stream_stream_rpc_method_handler(echo)})
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(spec["address"])
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    Path(spec["port_file"]).write_text(f"{port}\n")
+    stop.wait()
+    server.stop(grace=0.5)
+    return {}
+
+
+def echo_client(spec: dict[str, Any]) -> dict[str, Any]:
+    """Round trips of a request-sized payload and a reply-sized answer on one stream, fed like the transport."""
+    import queue
+
+    import grpc
+
+    limit = max(spec["request_bytes"], spec["reply_bytes"]) + 64 * 1024
+    channel = grpc.insecure_channel(
+        spec["target"], options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    )
+    grpc.channel_ready_future(channel).result(timeout=120)
+    call = channel.stream_stream(ECHO_METHOD)
+    requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def feed() -> Any:
+        while (item := requests.get()) is not None:
+            yield item
+
+    responses = call(iter(feed()))
+    payload = bytes(spec["request_bytes"])
+    times = []
+    for index in range(spec["rounds"] + 10):
+        started = time.perf_counter()
+        requests.put(payload)
+        next(responses)
+        if index >= 10:
+            times.append(time.perf_counter() - started)
+    requests.put(None)
+    channel.close()
+    times.sort()
+    return {"median_s": times[len(times) // 2], "mean_s": sum(times) / len(times)}
+
+
+def accuracy(spec: dict[str, Any]) -> dict[str, Any]:
+    """Digits (the real 8x8 images) with the digits-cnn pair, trained over loopback per wire encoding."""
+    import tensorflow as tf
+
+    from client_part import SplitClient
+    from server_part import SplitServer
+    from splitlearning import codec, data
+    from splitlearning.models import BUILTIN
+
+    tf.get_logger().setLevel("ERROR")  # each encoding's fresh client traces its own functions: expected here
+    digits = data.digits(seed=0)
+    pair = BUILTIN["digits-cnn"]
+    results = {}
+    timers = Timers()  # server and client share this process: it counts the IV, labels and gradient
+    timers.wrap(codec, "write", "encode", lambda message, _: len(message.content))
+    for name in spec["encodings"]:
+        timers.reset()
+        server_part = SplitServer(pair.server(0), pair.loss, _optimizer(spec), ["accuracy"], wire_encodings=[name])
+        port = server_part.start("127.0.0.1:0")
+        try:
+            with SplitClient(pair.client(0), _optimizer(spec), f"127.0.0.1:{port}", wire_encoding=name) as split:
+                split.fit(digits.x_train, digits.y_train, batch_size=64, epochs=spec["epochs"], verbose=0)
+                steps, sent = split.step, sum(timers.durations["encode_bytes"])
+                test = split.evaluate(digits.x_test, digits.y_test, batch_size=128)
+        finally:
+            server_part.stop(grace=1.0)
+        results[name] = {"accuracy": test["accuracy"], "loss": test["loss"], "bytes_per_step": sent / max(steps, 1)}
+    return results
+
+
+ROLES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "uncut": uncut,
+    "server": server,
+    "client": client,
+    "echo-server": echo_server,
+    "echo-client": echo_client,
+    "accuracy": accuracy,
+}
+
+
+def main(argv: list[str]) -> int:
+    role, spec = argv[0], json.loads(argv[1])
+    cli.setup_process(spec.get("cpus"), spec.get("threads"))
+    result = ROLES[role](spec)
+    Path(spec["out"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
