@@ -7,8 +7,10 @@
 Prints, per workload, samples/s of each run (steady state: from the end of the first timed step to the end of
 the last, for both, so neither pays `fit`'s set-up) and their ratio R (split / uncut, same run, same data, same
 seeded model), payload bytes on the wire per step, a bare gRPC echo of that payload, and where a split
-step's time goes. Each process is pinned: the split client and server to one core each, the uncut baseline
-to the same two cores (the figures say which). `slow-link` needs root; without it the script says so.
+step's time goes. By default every process gets the same (first two) cores with one TensorFlow thread per
+core: the split's client and server take turns, so each may use all of them, as the uncut process does;
+--client-cpus / --server-cpus / --uncut-cpus change that (the figures say which). `slow-link` needs root;
+without it the script says so.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import netns  # noqa: E402
 from benchmarks.workloads import WORKLOADS, Workload  # noqa: E402
+from splitlearning.devices import parse_cpus  # noqa: E402
 
 ENCODINGS = ("raw", "float16", "bfloat16", "int8")
 _START_TIMEOUT = 180.0
@@ -43,9 +46,18 @@ class Cores:
     uncut: str
     uncut_threads: int
 
+    @property
+    def client_threads(self) -> int:
+        return len(parse_cpus(self.client))
+
+    @property
+    def server_threads(self) -> int:
+        return len(parse_cpus(self.server))
+
     def __str__(self) -> str:
         return (
-            f"split: client on core {self.client}, server on core {self.server} (1 TF thread each); "
+            f"split: client on cores {self.client} ({self.client_threads} TF threads), server on cores "
+            f"{self.server} ({self.server_threads} TF threads); "
             f"uncut: cores {self.uncut} ({self.uncut_threads} TF threads)"
         )
 
@@ -98,10 +110,11 @@ def split_run(
 ) -> dict[str, Any]:
     encoding, micro_batches = case
     host = link.server_ip if link else "127.0.0.1"
-    server_spec = {**base, "cpus": cores.server, "threads": 1, "address": f"{host}:0"}
+    server_spec = {**base, "cpus": cores.server, "threads": cores.server_threads, "address": f"{host}:0"}
     server, server_spec, port = runner.start("server", server_spec, link.server_ns if link else None)
     try:
-        client_spec = {**base, "cpus": cores.client, "threads": 1, "target": f"{host}:{port}", "encoding": encoding}
+        client_spec = {**base, "cpus": cores.client, "threads": cores.client_threads, "target": f"{host}:{port}"}
+        client_spec["encoding"] = encoding
         client_spec["micro_batches"] = micro_batches
         result = runner.run("client", client_spec, link.client_ns if link else None)
     finally:
@@ -265,13 +278,15 @@ def accuracy(runner: Runner, args: argparse.Namespace) -> None:
 
 
 def pick_cores(args: argparse.Namespace) -> Cores:
-    available = sorted(os.sched_getaffinity(0))
-    first, second = available[0], available[1] if len(available) > 1 else available[0]
+    """By default every run gets the same cores: the split's two processes take turns (the client waits for
+    the server's answer), so each may use all of them, as the uncut process does."""
+    everything = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:2])
+    uncut = args.uncut_cpus or everything
     return Cores(
-        client=args.client_cpus or str(first),
-        server=args.server_cpus or str(second),
-        uncut=args.uncut_cpus or ",".join(sorted({str(first), str(second)})),
-        uncut_threads=len({first, second}),
+        client=args.client_cpus or uncut,
+        server=args.server_cpus or uncut,
+        uncut=uncut,
+        uncut_threads=len(parse_cpus(uncut)),
     )
 
 
@@ -287,8 +302,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rate", default="100mbit", help="slow-link rate, as tc tbf takes it")
     parser.add_argument("--echo-rounds", type=int, default=50, help="round trips of the bare gRPC echo")
-    parser.add_argument("--client-cpus", default=None, help="core of the split client (default: the first)")
-    parser.add_argument("--server-cpus", default=None, help="core of the split server (default: the second)")
+    parser.add_argument(
+        "--client-cpus",
+        default=None,
+        help="cores of the split client, e.g. 0 or 0-1 (default: the first); one TF thread per core",
+    )
+    parser.add_argument(
+        "--server-cpus", default=None, help="cores of the split server (default: the second); one TF thread per core"
+    )
     parser.add_argument("--uncut-cpus", default=None, help="cores of the uncut run (default: both of them)")
     parser.add_argument("--accuracy-epochs", type=int, default=5, help="epochs of the digits accuracy check")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the wire encodings' accuracy check")
