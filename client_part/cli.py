@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from splitlearning import cli, security
@@ -51,6 +53,12 @@ class ClientConfig:
     metrics: str | None = None
     clip_norm: float | None = None
     noise_multiplier: float = 0.0
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 100
+    checkpoint_keep: int = 5
+    rpc_timeout: float = 60.0
+    retry_timeout: float = 120.0
+    save_weights: Path | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
@@ -101,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
         help="add Gaussian noise of stddev MULTIPLIER * --clip-norm to every IV sent (needs --clip-norm)",
     )
     security.add_client_flags(parser)
+    cli.add(parser, "--checkpoint-dir", type=Path, default=None, help="save and resume from checkpoints here")
+    cli.add(parser, "--checkpoint-every", type=int, default=100, help="save a checkpoint every this many steps")
+    cli.add(parser, "--checkpoint-keep", type=int, default=5, help="checkpoints to keep (at least 2)")
+    cli.add(parser, "--rpc-timeout", type=float, default=60.0, help="deadline of every call (each step) in seconds")
+    cli.add(parser, "--retry-timeout", type=float, default=120.0, help="seconds to keep retrying a failed call")
+    cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz)")
     return ClientConfig(**vars(parser.parse_args(argv)))
 
 
@@ -110,6 +124,7 @@ def run(config: ClientConfig) -> dict[str, float]:
     from client_part import summary
     from client_part.client import SplitClient
     from client_part.privacy import GaussianNoise
+    from client_part.retry import RetryPolicy
     from client_part.tensorboard_log import TensorBoardLogger
     from splitlearning import data
     from splitlearning.models import BUILTIN, load_part
@@ -144,7 +159,19 @@ def run(config: ClientConfig) -> dict[str, float]:
         **head,
         wire_encoding=config.wire_encoding,
         micro_batches=config.micro_batches,
+        rpc_timeout=config.rpc_timeout,
+        checkpoint_dir=config.checkpoint_dir,
+        checkpoint_every=config.checkpoint_every,
+        checkpoint_keep=config.checkpoint_keep,
+        retry=RetryPolicy(timeout=config.retry_timeout),
     )
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping after the step in flight", signal.Signals(signum).name)
+        client.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:
         started = time.perf_counter()
@@ -178,6 +205,10 @@ def run(config: ClientConfig) -> dict[str, float]:
             "summary": result,
         }
         config.history_json.write_text(json.dumps(payload, indent=2))
+    if config.save_weights:
+        from splitlearning.checkpoint import save_weights
+
+        save_weights(config.save_weights, client.model, client.trainer.optimizer)
     if config.plot:
         from client_part.plot import write_plot
 
@@ -187,11 +218,15 @@ def run(config: ClientConfig) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Train, evaluate on the test split, print the result; exit 0, 1 if training failed, 2 on bad set-up."""
+    from client_part.client import Stopped
     from client_part.transport import RemoteError
 
     config = parse_args(argv)
     try:
         run(config)
+    except Stopped as stopped:
+        log.warning("%s; a checkpoint is saved: run again with the same flags to resume", stopped)
+        return 130
     except (ValueError, TypeError, FileNotFoundError) as error:
         log.error("%s", error)
         return 2

@@ -3,30 +3,49 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from client_part import batches
+from client_part import batches, retry
 from client_part.callbacks import Callbacks
+from client_part.checkpoints import ClientCheckpoints
 from client_part.link import Link
 from client_part.privacy import GaussianNoise, NoisyLink
+from client_part.retry import RetryPolicy
 from client_part.telemetry import ClientMeter, EpochLog
 from client_part.trainer import ClientTrainer, Pipeline
-from client_part.transport import Transport
+from client_part.transport import RemoteError, Transport
 from client_part.ushape import UShapeLink, build_head
-from splitlearning import encodings
+from splitlearning import encodings, keepalive
 from splitlearning.contract import Agreement, CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
 from splitlearning.security import Secret, TlsConfig
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Rollback(RuntimeError):
+    """The server resumed at an earlier step than this client's (it restarted from an older checkpoint)."""
+
+    def __init__(self, step: int, current: int) -> None:
+        self.step = step
+        super().__init__(f"the server resumed at step {step}, behind this client's step {current}")
+
+
+class Stopped(KeyboardInterrupt):
+    """Training stopped on request (SIGTERM/SIGINT) after a completed step, with a checkpoint saved."""
 
 
 class SplitClient:
@@ -49,6 +68,12 @@ class SplitClient:
     parts, so forward passes, transfers and the server's work overlap; both sides still apply one update per
     batch, equal to the unpipelined one for losses that average over the batch (not with layers that depend
     on the batch's statistics, such as BatchNormalization, whose statistics are then per micro-batch).
+
+    Faults: a step that fails with UNAVAILABLE or DEADLINE_EXCEEDED (or on a cut stream) is resent, after a
+    new handshake, with exponential backoff and jitter bounded by `retry` (the server answers a resend without
+    a second update; not for pipelined micro-batches). With `checkpoint_dir`, the client restores its latest
+    checkpoint at start, saves every `checkpoint_every` steps and on `request_stop()`, and resumes where both
+    sides agree after either process restarts; `fit` then carries on from the saved data position.
     """
 
     def __init__(
@@ -71,6 +96,12 @@ class SplitClient:
         noise: GaussianNoise | None = None,
         wire_encoding: str = "raw",
         micro_batches: int = 1,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 100,
+        checkpoint_keep: int = 5,
+        retry: RetryPolicy | None = None,
+        client_id: str = "",
+        keepalive_ms: int = keepalive.CLIENT_PING_MS,
     ) -> None:
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
@@ -83,7 +114,9 @@ class SplitClient:
         self.max_batch_size = max_batch_size
         self.label_spec = label_spec
         self.connect_timeout = connect_timeout
+        self.retry = retry or RetryPolicy()
         self._session_id = session_id
+        self._client_id = client_id or uuid.uuid4().hex
         self.wire_encoding = encodings.parse(wire_encoding)
         self.head = None
         if head is not None:
@@ -93,7 +126,7 @@ class SplitClient:
         self.mode = CutMode.USHAPE if self.head is not None else CutMode.STANDARD
         token = Secret(auth_token) if isinstance(auth_token, str) else auth_token
         sample_bytes = max(self.trainer.iv_spec.sample_bytes, self.head.contract.iv.sample_bytes if self.head else 0)
-        self._transport = Transport(target, max_batch_size * sample_bytes * 4, rpc_timeout, tls, token)
+        self._transport = Transport(target, max_batch_size * sample_bytes * 4, rpc_timeout, tls, token, keepalive_ms)
         self._link: Link = UShapeLink(self._transport, self.head) if self.head is not None else self._transport
         if noise is not None:  # outermost: every IV is clipped and noised before it leaves this process
             self._link = NoisyLink(self._link, noise)
@@ -105,6 +138,13 @@ class SplitClient:
         self._sent: list[bool] = []  # per micro-batch of the step in flight: was it sent (not empty)?
         self._step_started: tuple[int, int, float] = (0, 0, 0.0)  # bytes sent, received, time at its first send
         self.meter = ClientMeter()  # per-step time and bytes, for logs, TensorBoard and the summary
+        self._stale = False  # a call failed: rejoin (handshake again) before the next attempt
+        self._stop = threading.Event()
+        self._epoch0_step = 0  # the step at which epoch 0 of the running fit began (the data position)
+        self._resume = False  # restored from a checkpoint: the next fit carries on from its data position
+        self.checkpoints: ClientCheckpoints | None = None
+        if checkpoint_dir is not None:
+            self._open_checkpoints(Path(checkpoint_dir), checkpoint_every, checkpoint_keep)
 
     @property
     def model(self) -> keras.Model:
@@ -127,12 +167,7 @@ class SplitClient:
         """Wait for the server (bounded by `connect_timeout`) and agree on the cut; idempotent."""
         if self._agreement is None:
             self._transport.wait_ready(self.connect_timeout)
-            label = self.label_spec if self.head is None else None  # the U-shape's server sees no label
-            wanted = () if self.wire_encoding == encodings.RAW else (self.wire_encoding,)
-            agreement = self._transport.handshake(
-                self.trainer.iv_spec, label, self.max_batch_size, self._session_id, self.mode, wanted
-            )
-            self._agreement = agreement if self.head is None else self._with_head(agreement)
+            self._agreement = retry.call(self.retry, "handshake", lambda _: self._handshake())
             if self._agreement.encoding != self.wire_encoding:
                 log.warning(
                     "asked for wire encoding %s, the server chose %s (start it with --wire-encodings %s to allow it)",
@@ -147,7 +182,13 @@ class SplitClient:
                 self._agreement.contract,
                 encodings.name(self._agreement.encoding),
             )
+            if self._agreement.next_step != self._step and self._can_restore(self._agreement.next_step):
+                self._restore(self._agreement.next_step)
         return self._agreement
+
+    def request_stop(self) -> None:
+        """Ask `fit` to stop after the step in flight, save a checkpoint and raise `Stopped` (signal-safe)."""
+        self._stop.set()
 
     def _with_head(self, agreement: Agreement) -> Agreement:
         """The U-shape's agreement as this client uses it: the head's label contract and metric names."""
@@ -198,28 +239,50 @@ class SplitClient:
                 "restore the client from the matching checkpoint, or start a fresh server"
             )
         self._in_step = True
+        steps_per_epoch = batches.num_batches(x, batch_size)
+        if not self._resume:
+            self._epoch0_step = self._step - initial_epoch * (steps_per_epoch or 0)
+        self._resume = False
         history = keras.callbacks.History()
         history.set_model(self.model)
         history.on_train_begin()
-        history.set_params({"epochs": epochs, "steps": batches.num_batches(x, batch_size), "verbose": verbose})
-        names = agreement.metric_names
+        history.set_params({"epochs": epochs, "steps": steps_per_epoch, "verbose": verbose})
         hooks = Callbacks([EpochLog(self), *(callbacks or [])], self.model, history.params)
         hooks.on_train_begin()
-        for epoch in range(initial_epoch, epochs):
+        run = _FitRun(x, y, batch_size, epochs, shuffle, validation_data, verbose, seed, steps_per_epoch)
+        while True:
+            try:
+                self._fit_epochs(run, max(initial_epoch, 0), history, hooks)
+                break
+            except Rollback as rollback:
+                log.warning("%s: restoring this client's checkpoint of step %d", rollback, rollback.step)
+                self._restore(rollback.step)
+        hooks.on_train_end({})
+        return history
+
+    def _fit_epochs(self, run: _FitRun, initial_epoch: int, history: Any, hooks: Callbacks) -> None:
+        """Train from the current step (which gives the epoch and the batch) to the end of the last epoch."""
+        position = self._step - self._epoch0_step
+        spe = run.steps_per_epoch
+        if position and not spe:
+            raise ValueError("resuming mid-fit needs a dataset of known length (its cardinality)")
+        first_epoch, start = (position // spe, position % spe) if spe else (initial_epoch, 0)
+        names = self.agreement.metric_names
+        for epoch in range(max(first_epoch, initial_epoch), run.epochs):
             hooks.on_epoch_begin(epoch)
-            order = None if _is_dataset(x) else batches.epoch_order(len(x), seed, epoch, shuffle)
-            progress = keras.utils.Progbar(
-                batches.num_batches(x, batch_size), verbose=verbose, stateful_metrics=[*names, "samples/s"]
-            )
-            if verbose:
-                print(f"Epoch {epoch + 1}/{epochs}")
+            x, y = run.x, run.y
+            order = None if _is_dataset(x) else batches.epoch_order(len(x), run.seed, epoch, run.shuffle)
+            progress = keras.utils.Progbar(spe, verbose=run.verbose, stateful_metrics=[*names, "samples/s"])
+            if run.verbose:
+                print(f"Epoch {epoch + 1}/{run.epochs}")
             self._reset_metrics = True
             self.trainer.regularization.reset_state()
-            started, samples, logs, index = time.perf_counter(), 0, {}, -1
-            for index, (xb, yb) in enumerate(batches.iterate(x, y, batch_size, order)):
+            started, samples, logs, index = time.perf_counter(), 0, {}, start - 1
+            for index, (xb, yb) in enumerate(batches.iterate(x, y, run.batch_size, order, start), start):
                 step_started = time.perf_counter()
                 penalty = self.trainer.train(xb, self._labels(yb))
                 self.meter.step(len(xb), time.perf_counter() - step_started)
+                self._after_step()
                 samples += len(xb)
                 logs = self._logs(self._last_metrics, penalty)
                 hooks.on_train_batch_end(index, logs)
@@ -227,27 +290,37 @@ class SplitClient:
                 progress.update(index + 1, list(logs.items()), finalize=False)
             if index < 0:
                 raise ValueError("fit got no data: the training set is empty")
-            logs.pop("samples/s")
-            if validation_data is not None:
-                val = self.evaluate(*_unpack(validation_data), batch_size=batch_size, verbose=0)
+            start = 0
+            logs.pop("samples/s", None)
+            if run.validation_data is not None:
+                val = self.evaluate(*_unpack(run.validation_data), batch_size=run.batch_size, verbose=0)
                 logs.update({f"val_{k}": v for k, v in val.items()})
             progress.update(index + 1, list(logs.items()), finalize=True)
             history.on_epoch_end(epoch, logs)
             hooks.on_epoch_end(epoch, logs)
-        hooks.on_train_end({})
-        return history
+
+    def _after_step(self) -> None:
+        if self.checkpoints is not None and (self.checkpoints.due(self._step) or self._stop.is_set()):
+            self.checkpoints.save(self._step, self._epoch0_step)
+        if self._stop.is_set():
+            raise Stopped(f"stopped on request after step {self._step}")
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 32, verbose: int = 0) -> dict[str, float]:
         """Loss and metrics over all of (x, y), accumulated exactly as `keras.Model.evaluate` does."""
         agreement = self.agreement
         self._check_batch_size(batch_size)
-        values: list[float] = []
-        reset = True
         progress = keras.utils.Progbar(batches.num_batches(x, batch_size), verbose=verbose)
-        for index, (xb, yb) in enumerate(batches.iterate(x, y, batch_size)):
-            values = self._link.evaluate(self.trainer.forward(xb), self._labels(yb), reset)
-            reset = False
-            progress.update(index + 1)
+
+        def attempt(retrying: bool) -> list[float]:  # a retry starts over from the first batch (reset)
+            self._rejoin_if_stale(self._step)
+            values: list[float] = []
+            for index, (xb, yb) in enumerate(batches.iterate(x, y, batch_size)):
+                iv, labels = self.trainer.forward(xb), self._labels(yb)
+                values = self._guarded(self._link.evaluate, iv, labels, not values)
+                progress.update(index + 1)
+            return values
+
+        values = retry.call(self.retry, "evaluate", attempt)
         if not values:
             raise ValueError("evaluate got no data")
         penalty = self.trainer.penalty()
@@ -257,7 +330,7 @@ class SplitClient:
         """Outputs of the whole (uncut) model for `x`."""
         self.agreement  # noqa: B018 (connect first)
         self._check_batch_size(batch_size)
-        outputs = [self._link.predict(self.trainer.forward(xb)) for xb in batches.iterate_inputs(x, batch_size)]
+        outputs = [self._predict_batch(self.trainer.forward(xb)) for xb in batches.iterate_inputs(x, batch_size)]
         if not outputs:
             raise ValueError("predict got no data")
         return np.concatenate(outputs)
@@ -267,7 +340,13 @@ class SplitClient:
     def _exchange(self, iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
         transport = self._transport
         sent, received, started = transport.bytes_sent, transport.bytes_received, time.perf_counter()
-        grad, self._last_metrics = self._link.train(self._step, iv, labels, self._reset_metrics)
+        step = self._step
+
+        def attempt(retrying: bool) -> tuple[np.ndarray, list[float]]:
+            self._rejoin_if_stale(step)
+            return self._guarded(self._link.train, step, iv, labels, self._reset_metrics)
+
+        grad, self._last_metrics = retry.call(self.retry, f"step {step}", attempt)
         seconds = time.perf_counter() - started
         self.meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
         self._reset_metrics = False
@@ -301,6 +380,80 @@ class SplitClient:
             self._step += 1
         return grad
 
+    def _predict_batch(self, iv: np.ndarray) -> np.ndarray:
+        def attempt(retrying: bool) -> np.ndarray:
+            self._rejoin_if_stale(self._step)
+            return self._guarded(self._link.predict, iv)
+
+        return retry.call(self.retry, "predict", attempt)
+
+    # -- faults: rejoin, restore ---------------------------------------------------------------------------
+
+    def _guarded(self, call: Callable[..., T], *args: Any) -> T:
+        """Run one RPC; after a retryable failure the next attempt rejoins the session first."""
+        try:
+            return call(*args)
+        except (RemoteError, ConnectionError) as error:
+            if retry.is_retryable(error):
+                self._stale = True
+            raise
+
+    def _rejoin_if_stale(self, step: int) -> None:
+        """After a failure the server may have restarted: handshake again and agree on the step."""
+        if not self._stale:
+            return
+        agreement = self._guarded(self._handshake)
+        self._stale = False
+        self._agreement = agreement
+        if agreement.next_step < step and self._can_restore(agreement.next_step):
+            raise Rollback(agreement.next_step, step)
+        if agreement.next_step != step:
+            raise RuntimeError(
+                f"after reconnecting, the server's session is at step {agreement.next_step} but this client is at "
+                f"step {step}, and neither side holds a checkpoint of the other's step"
+            )
+
+    def _handshake(self) -> Agreement:
+        label = self.label_spec if self.head is None else None  # the U-shape's server sees no label
+        wanted = () if self.wire_encoding == encodings.RAW else (self.wire_encoding,)
+        agreement = self._transport.handshake(
+            self.trainer.iv_spec,
+            label,
+            self.max_batch_size,
+            self._session_id,
+            self.mode,
+            wanted,
+            restorable_steps=[self._step, *(self.checkpoints.steps() if self.checkpoints else [])],
+            client_id=self._client_id,
+        )
+        if agreement.session_id != self._session_id:
+            self._session_id = agreement.session_id
+            if self.checkpoints is not None:
+                self.checkpoints.record(self._session_id, self._client_id)
+        return agreement if self.head is None else self._with_head(agreement)
+
+    def _open_checkpoints(self, directory: Path, every: int, keep: int) -> None:
+        self.checkpoints = ClientCheckpoints(directory, self.trainer, every, keep, self.head)
+        session_id, client_id = self.checkpoints.identity()
+        self._session_id = self._session_id or session_id
+        self._client_id = client_id
+        latest = self.checkpoints.latest()
+        if latest is None:
+            self.checkpoints.save(self._step, self._epoch0_step)
+        else:
+            self._restore(latest)
+            self._resume = True
+
+    def _can_restore(self, step: int) -> bool:
+        return self.checkpoints is not None and step in self.checkpoints.steps()
+
+    def _restore(self, step: int) -> None:
+        assert self.checkpoints is not None
+        self._epoch0_step = self.checkpoints.restore(step)
+        self._step = step
+        self._reset_metrics = True
+        log.info("restored this client's checkpoint of step %d", step)
+
     # -- helpers -------------------------------------------------------------------------------------------
 
     def _logs(self, values: list[float], penalty: float, names: list[str] | None = None) -> dict[str, float]:
@@ -330,6 +483,26 @@ class SplitClient:
                 f"batch_size must lie in [1, {min(self.max_batch_size, self.agreement.max_batch_size)}], "
                 f"got {batch_size}"
             )
+
+
+class _FitRun:
+    """The arguments of one `fit` call."""
+
+    def __init__(
+        self,
+        x: Any,
+        y: Any,
+        batch_size: int,
+        epochs: int,
+        shuffle: bool,
+        validation_data: Any,
+        verbose: int,
+        seed: int,
+        steps_per_epoch: int | None,
+    ) -> None:
+        self.x, self.y, self.batch_size, self.epochs, self.shuffle = x, y, batch_size, epochs, shuffle
+        self.validation_data, self.verbose, self.seed = validation_data, verbose, seed
+        self.steps_per_epoch = steps_per_epoch
 
 
 def _is_dataset(x: Any) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from collections.abc import Iterator, Sequence
 
 import grpc
 import numpy as np
 
-from splitlearning import codec, encodings
+from splitlearning import codec, encodings, keepalive
 from splitlearning.contract import (
     PROTOCOL_VERSION,
     Agreement,
@@ -28,19 +29,28 @@ log = logging.getLogger(__name__)
 
 _MESSAGE_OVERHEAD = 64 * 1024
 _END = None
+# Reconnect quickly once a restarted server is back (gRPC's default backoff grows to two minutes).
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class RemoteError(RuntimeError):
     """The server refused a request (or could not be reached): `code` is the gRPC status."""
 
-    def __init__(self, what: str, error: grpc.RpcError) -> None:
-        self.code: grpc.StatusCode = error.code()
-        self.details: str = error.details() or ""
+    def __init__(
+        self, what: str, error: grpc.RpcError | None = None, code: grpc.StatusCode | None = None, details: str = ""
+    ) -> None:
+        self.code: grpc.StatusCode = error.code() if error is not None else code or grpc.StatusCode.UNKNOWN
+        self.details: str = (error.details() or "") if error is not None else details
         super().__init__(f"{what}: {self.code.name}: {self.details}")
 
 
 class Transport:
-    """One channel to the server; `train` reuses one bidirectional stream for every step."""
+    """One channel to the server; `train` reuses one bidirectional stream for every step.
+
+    Every call has a deadline of `rpc_timeout` seconds; on the stream, each reply does (a reader thread hands
+    replies over, so a step that gets no answer in time fails with DEADLINE_EXCEEDED and the stream is
+    reopened for the next attempt).
+    """
 
     def __init__(
         self,
@@ -49,6 +59,7 @@ class Transport:
         rpc_timeout: float,
         tls: TlsConfig | None = None,
         auth_token: Secret | None = None,
+        keepalive_ms: int = keepalive.CLIENT_PING_MS,
     ) -> None:
         self.target = target
         self.rpc_timeout = rpc_timeout
@@ -57,6 +68,8 @@ class Transport:
         options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
+            *keepalive.client_options(keepalive_ms),
+            *_RECONNECT_OPTIONS,
         ]
         if tls is None:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -69,7 +82,9 @@ class Transport:
         self._metadata = auth_metadata(auth_token)
         self._stub = pb_grpc.SplitLearningServiceStub(self._channel)
         self._requests: queue.SimpleQueue[pb.TrainRequest | None] | None = None
-        self._responses: Iterator[pb.TrainResponse] | None = None
+        self._responses: queue.SimpleQueue[pb.TrainResponse | BaseException] | None = None
+        self._call: grpc.Call | None = None
+        self._reader: threading.Thread | None = None
         self.session_id = ""
         self.bytes_sent = 0  # serialized TrainRequest bytes so far
         self.bytes_received = 0  # serialized TrainResponse bytes so far
@@ -90,6 +105,8 @@ class Transport:
         session_id: str = "",
         mode: CutMode = CutMode.STANDARD,
         preferred_encodings: Sequence[codec.EncodingCode] = (),
+        restorable_steps: Sequence[int] = (),
+        client_id: str = "",
     ) -> Agreement:
         """Agree on the cut and the session; `preferred_encodings` (most preferred first) may narrow the wire."""
         request = pb.HandshakeRequest(
@@ -99,6 +116,8 @@ class Transport:
             max_batch_size=max_batch_size,
             encodings=[*preferred_encodings, pb.ENCODING_RAW],
             mode=mode_to_proto(mode),
+            restorable_steps=sorted(set(restorable_steps)),
+            client_id=client_id,
         )
         try:
             reply = self._stub.Handshake(request, timeout=self.rpc_timeout, metadata=self._metadata)
@@ -177,11 +196,16 @@ class Transport:
     def _receive(self, what: str) -> pb.TrainResponse:
         assert self._responses is not None, "receive before send"
         try:
-            reply = next(self._responses)
-        except grpc.RpcError as error:
+            reply = self._responses.get(timeout=self.rpc_timeout)
+        except queue.Empty:
             self._close_stream()
-            raise RemoteError(f"{what} refused", error) from None
-        except StopIteration:
+            raise RemoteError(
+                what, code=grpc.StatusCode.DEADLINE_EXCEEDED, details=f"no reply in {self.rpc_timeout:g} s"
+            ) from None
+        if isinstance(reply, grpc.RpcError):
+            self._close_stream()
+            raise RemoteError(f"{what} refused", reply) from None
+        if isinstance(reply, BaseException):
             self._close_stream()
             raise ConnectionError(f"the server closed the training stream at {what}") from None
         self.bytes_received += reply.ByteSize()
@@ -218,12 +242,27 @@ class Transport:
             while (request := requests.get()) is not _END:
                 yield request
 
-        self._requests = requests
-        self._responses = self._stub.Train(feed(), metadata=self._metadata)
+        responses: queue.SimpleQueue[pb.TrainResponse | BaseException] = queue.SimpleQueue()
+        call = self._stub.Train(feed(), metadata=self._metadata)
+
+        def read() -> None:
+            try:
+                for reply in call:
+                    responses.put(reply)
+                responses.put(EOFError("the server closed the training stream"))
+            except grpc.RpcError as error:
+                responses.put(error)
+
+        self._requests, self._responses, self._call = requests, responses, call
+        self._reader = threading.Thread(target=read, name="split-train-reader", daemon=True)
+        self._reader.start()
 
     def _close_stream(self) -> None:
         if self._requests is not None:
             self._requests.put(_END)
-        if self._responses is not None:
-            self._responses.cancel()  # type: ignore[attr-defined]
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            self._reader.join(timeout=5.0)
         self._requests = self._responses = None
+        self._call = self._reader = None

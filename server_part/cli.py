@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from splitlearning import cli, security
+
+if TYPE_CHECKING:
+    from server_part.server import SplitServer
 
 log = logging.getLogger("split-server")
 
@@ -41,6 +46,12 @@ class ServerConfig:
     tls_ca: Path | None = None
     auth_token_file: Path | None = None
     cut: str = "standard"
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 100
+    checkpoint_keep: int = 5
+    grace: float = 5.0
+    max_workers: int = 8
+    save_weights: Path | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -69,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="standard: this part holds the loss and gets labels; ushape: it holds only the middle (no labels)",
     )
     security.add_server_flags(parser)
+    cli.add(parser, "--checkpoint-dir", type=Path, default=None, help="save and resume from checkpoints here")
+    cli.add(parser, "--checkpoint-every", type=int, default=100, help="save a checkpoint every this many steps")
+    cli.add(parser, "--checkpoint-keep", type=int, default=5, help="checkpoints to keep (at least 2)")
+    cli.add(parser, "--grace", type=float, default=5.0, help="seconds RPCs get to finish on SIGTERM (< compose's 10)")
+    cli.add(parser, "--max-workers", type=int, default=8, help="RPC worker threads and concurrent RPCs")
+    cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz) on exit")
     return ServerConfig(**vars(parser.parse_args(argv)))
 
 
@@ -83,6 +100,31 @@ def add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
 def run(config: ServerConfig) -> None:
     cli.setup_logging(config.log_level, config.log_format)
     cli.setup_process(config.cpus, config.threads)
+    server = build(config)
+    port = server.start(config.address)
+    if config.metrics_port_file and server.metrics_port is not None:  # before --port-file, which says "ready"
+        config.metrics_port_file.write_text(f"{server.metrics_port}\n")
+    if config.port_file:
+        config.port_file.write_text(f"{port}\n")
+    stopping = threading.Event()
+
+    def shut_down(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping (grace %g s)", signal.Signals(signum).name, config.grace)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    while not stopping.wait(0.5):  # wakes for the signal handler
+        pass
+    server.stop(grace=config.grace)
+    if config.save_weights:
+        from splitlearning.checkpoint import save_weights
+
+        save_weights(config.save_weights, server.model, server.trainer.optimizer)
+
+
+def build(config: ServerConfig) -> SplitServer:
+    """The `SplitServer` these flags describe (not started)."""
     from server_part.server import SplitServer
     from splitlearning.models import BUILTIN, load_part
 
@@ -91,7 +133,7 @@ def run(config: ServerConfig) -> None:
     metrics = config.metrics.split(",") if config.metrics else list(pair.metrics) if pair else None
     if ushape and (config.loss or config.metrics):
         raise ValueError("--cut ushape: the loss and metrics live on the client (split-client --loss/--metrics)")
-    server = SplitServer(
+    return SplitServer(
         model=load_part(config.model, "middle" if ushape else "server", config.seed),
         loss=None if ushape else config.loss or (pair.loss if pair else None),
         optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),
@@ -106,20 +148,11 @@ def run(config: ServerConfig) -> None:
         tls=security.server_tls(config.tls_cert, config.tls_key, config.tls_ca),
         auth_token=security.read_token(config.auth_token_file) if config.auth_token_file else None,
         wire_encodings=config.wire_encodings.split(","),
+        max_workers=config.max_workers,
+        checkpoint_dir=config.checkpoint_dir,
+        checkpoint_every=config.checkpoint_every,
+        checkpoint_keep=config.checkpoint_keep,
     )
-    port = server.start(config.address)
-    if config.metrics_port_file and server.metrics_port is not None:  # before --port-file, which says "ready"
-        config.metrics_port_file.write_text(f"{server.metrics_port}\n")
-    if config.port_file:
-        config.port_file.write_text(f"{port}\n")
-
-    def shut_down(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping", signal.Signals(signum).name)
-        server.stop(grace=5.0)
-
-    signal.signal(signal.SIGTERM, shut_down)
-    signal.signal(signal.SIGINT, shut_down)
-    server.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

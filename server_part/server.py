@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server_part.auth import TokenAuthInterceptor
+from server_part.checkpoints import ServerCheckpoints
 from server_part.interceptor import TelemetryInterceptor
 from server_part.middle_trainer import MiddleTrainer
 from server_part.prometheus import MetricsEndpoint, host_of
@@ -19,6 +20,7 @@ from server_part.servicer import SplitLearningServicer
 from server_part.state import TrainingState
 from server_part.telemetry import ServerTelemetry
 from server_part.trainer import ServerTrainer
+from splitlearning import keepalive
 from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
@@ -73,6 +75,10 @@ class SplitServer:
         auth_token: Secret | str | None = None,
         cut: CutMode | str = CutMode.STANDARD,
         wire_encodings: Sequence[str | int] = ("raw",),
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 100,
+        checkpoint_keep: int = 5,
+        min_ping_interval_ms: int = keepalive.SERVER_MIN_PING_MS,
     ) -> None:
         self.device = resolve_device(device)
         self.cut = CutMode(cut)
@@ -83,7 +89,20 @@ class SplitServer:
             self.trainer = MiddleTrainer(model, optimizer, self.device)
         else:
             self.trainer = ServerTrainer(model, loss, optimizer, metrics, self.device, label_spec)
-        self.state = TrainingState(self.trainer, max_batch_size, wire_encodings=wire_encodings)
+        checkpoints, session_id = None, None
+        if checkpoint_dir is not None:
+            checkpoints = ServerCheckpoints(Path(checkpoint_dir), self.trainer, checkpoint_every, checkpoint_keep)
+            session_id = checkpoints.session_id()
+            latest = checkpoints.latest()
+            if latest is None:
+                checkpoints.save(self.trainer.iterations)  # the starting point is a step to resume from too
+            else:
+                checkpoints.restore(latest)
+                log.info("resumed session %s at step %d from %s", session_id, latest, checkpoint_dir)
+        self.state = TrainingState(
+            self.trainer, max_batch_size, session_id, wire_encodings=wire_encodings, checkpoints=checkpoints
+        )
+        self._min_ping_interval_ms = min_ping_interval_ms
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
@@ -127,6 +146,7 @@ class SplitServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", self.max_reply_bytes),
+                *keepalive.server_options(self._min_ping_interval_ms),
             ],
             maximum_concurrent_rpcs=self._max_workers,
             # The token check first: an unauthenticated call reaches nothing else.
@@ -144,6 +164,7 @@ class SplitServer:
             port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"could not bind {address}")
+        self.state.reopen()
         server.start()
         self._server = server
         metrics_host, metrics_port = self._metrics_request
@@ -180,11 +201,15 @@ class SplitServer:
         return bool(self._server.wait_for_termination(timeout))
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Stop serving: health turns NOT_SERVING, RPCs in flight get `grace` seconds to finish."""
+        """Stop serving: health turns NOT_SERVING, the step in flight finishes, later steps are refused
+        (UNAVAILABLE: the client retries), a checkpoint is saved, then RPCs get `grace` seconds to finish."""
         if self._server is None:
             return
         self._health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
+        self.state.close()
+        # Bounded: RPCs still open after `grace` are cancelled, and the process must not hang on a stuck one.
+        if not self._server.stop(grace).wait(None if grace is None else grace + 2.0):
+            log.warning("RPCs did not finish within %g s of the grace period; stopping anyway", grace)
         self._server = None
         if self._metrics is not None:
             self._metrics.stop()

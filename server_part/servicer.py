@@ -31,11 +31,12 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
     def Train(
         self, request_iterator: Iterator[pb.TrainRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.TrainResponse]:
-        if self._state.mode is CutMode.USHAPE:
-            yield from self._train_ushape(request_iterator, context)
-            return
-        for request in request_iterator:
-            yield _guard(context, lambda: self._train(request))  # noqa: B023 (called at once)
+        with self._state.stream():
+            if self._state.mode is CutMode.USHAPE:
+                yield from self._train_ushape(request_iterator, context)
+                return
+            for request in request_iterator:
+                yield _guard(context, lambda: self._train(request))  # noqa: B023 (called at once)
 
     def _train_ushape(
         self, request_iterator: Iterator[pb.TrainRequest], context: grpc.ServicerContext
@@ -97,6 +98,8 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
             request.max_batch_size,
             mode_from_proto(request.mode),
             request.encodings,
+            restorable_steps=list(request.restorable_steps),
+            client_id=request.client_id,
         )
         return pb.HandshakeResponse(
             protocol_version=request.protocol_version,

@@ -3,6 +3,10 @@
 Every check runs before the trainer is touched, so a refused request changes no weight, no optimizer slot
 and no metric. Steps are numbered inside the session from 0: the next step is applied once; the step just
 applied, sent again (its reply was lost), gets the same reply without a second update.
+
+With checkpoints, a handshake that lists the steps the client can resume from moves the server to the latest
+step both sides hold (restoring an older checkpoint of its own if need be). One client trains in a session at
+a time: another client's handshake is refused while the holder has a training stream open.
 """
 
 from __future__ import annotations
@@ -11,16 +15,25 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from server_part.checkpoints import ServerCheckpoints
 from server_part.middle_trainer import NOT_STANDARD, MiddleTrainer, PendingStep
 from server_part.trainer import ServerTrainer
 from splitlearning import encodings
 from splitlearning.contract import PROTOCOL_VERSION, Agreement, CutMode, Spec
-from splitlearning.errors import InvalidRequest, PreconditionFailed, SessionNotFound, TooLarge
+from splitlearning.errors import (
+    InvalidRequest,
+    PreconditionFailed,
+    SessionBusy,
+    SessionNotFound,
+    ShuttingDown,
+    TooLarge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +73,15 @@ class TrainingState:
         max_batch_size: int,
         session_id: str | None = None,
         wire_encodings: Sequence[str | int] = ("raw",),
+        checkpoints: ServerCheckpoints | None = None,
     ) -> None:
         self.trainer = trainer
         self.max_batch_size = max_batch_size
+        self.checkpoints = checkpoints
+        self._holder: str | None = None  # client id of the client training in the session
+        self._streams = 0  # training streams open now
+        self._closed = False
+        self.resent = 0  # steps answered again from the first reply (their reply was lost)
         # The wire encodings a client may choose; raw is always among them.
         self.wire_encodings = (encodings.RAW, *encodings.parse_list(wire_encodings))
         self._session = _Session(session_id or uuid.uuid4().hex, next_step=trainer.iterations)
@@ -95,6 +114,8 @@ class TrainingState:
         max_batch_size: int,
         mode: CutMode = CutMode.STANDARD,
         preferred_encodings: Sequence[int] = (),
+        restorable_steps: Sequence[int] = (),
+        client_id: str = "",
     ) -> Agreement:
         expected = self.trainer.contract
         if protocol_version != PROTOCOL_VERSION:
@@ -120,9 +141,18 @@ class TrainingState:
         # The U-shape's exchanges stay raw: narrowing applies to the standard cut's IV and gradient.
         allowed = self.wire_encodings if self.mode is CutMode.STANDARD else (encodings.RAW,)
         self._session.encoding = encodings.negotiate(preferred_encodings, allowed)
+        with self._lock:
+            self._check_open()
+            if self._holder is not None and client_id != self._holder and self._streams > 0:
+                raise SessionBusy(
+                    f"session {self._session.id} is in use by another client (one client per session): "
+                    "wait until it disconnects, or start another server"
+                )
+            self._holder = client_id
+            next_step = self._agree(restorable_steps) if restorable_steps else self._session.next_step
         return Agreement(
             session_id=self._session.id,
-            next_step=self._session.next_step,
+            next_step=next_step,
             contract=expected,
             max_batch_size=self.max_batch_size,
             metric_names=self.trainer.metric_names,
@@ -133,9 +163,11 @@ class TrainingState:
     def train(self, session_id: str, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> StepResult:
         self._check_session(session_id)
         with self._lock:
+            self._check_open()
             session = self._session
             if session.last is not None and step == session.last.step:
                 log.info("step %d sent again; answering from the first reply, no second update", step)
+                self.resent += 1
                 return session.last
             if session.next_micro_batch:
                 self._discard_micro()
@@ -153,7 +185,59 @@ class TrainingState:
             self.compute_seconds += time.perf_counter() - started
             session.last = StepResult(step, grad, metrics)
             session.next_step = step + 1
+            self._after_step()
             return session.last
+
+    @contextmanager
+    def stream(self) -> Iterator[None]:
+        """Count a training stream as open while the block runs (the session is in use meanwhile)."""
+        with self._lock:
+            self._streams += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._streams -= 1
+
+    def close(self) -> None:
+        """Refuse further steps (UNAVAILABLE), after the step in flight; save a checkpoint if configured."""
+        with self._lock:
+            self._closed = True
+            if self.checkpoints is not None and not self._session.next_micro_batch and self._session.in_flight is None:
+                self.checkpoints.save(self._session.next_step)
+
+    def reopen(self) -> None:
+        """Accept steps again (a stopped server started anew)."""
+        with self._lock:
+            self._closed = False
+
+    def _after_step(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.after_step(self._session.next_step)
+
+    def _agree(self, offered: Sequence[int]) -> int:
+        """The latest step that the client offers and this server holds: in memory, as the step its retry cache
+        answers (the client lost that reply), or as a checkpoint (restored here). The step to send next."""
+        session = self._session
+        held = set(self.checkpoints.steps()) if self.checkpoints is not None else set()
+        held.add(session.next_step)
+        if session.last is not None:
+            held.add(session.last.step)
+        common = set(offered) & held
+        if not common:
+            # No common step: answer where the server stands; the client decides (and says) what that means.
+            log.warning("client offers steps %s, server holds %s", sorted(offered), sorted(held))
+            return session.next_step
+        step = max(common)
+        if session.last is not None and step == session.last.step:
+            return step  # its resend is answered from the first reply
+        if step != session.next_step:
+            assert self.checkpoints is not None
+            log.info("resuming at step %d (was at step %d): restoring its checkpoint", step, session.next_step)
+            self._discard_micro()
+            self.checkpoints.restore(step)
+            session.next_step, session.last, session.in_flight = step, None, None
+        return step
 
     # -- the U-shape's step: a forward and a backward, two exchanges on one training stream ----------------
 
@@ -196,6 +280,7 @@ class TrainingState:
             self.compute_seconds += time.perf_counter() - started
             self._session.in_flight = None
             self._session.next_step = step + 1
+            self._after_step()
             return iv_gradient
 
     def abandon(self, half: HalfStep) -> None:
@@ -250,6 +335,8 @@ class TrainingState:
             session.last = None
             session.next_micro_batch = 0 if last else micro_batch + 1
             session.next_step = step + 1 if last else step
+            if last:
+                self._after_step()
             return StepResult(step, grad, metrics)
 
     def evaluate(self, session_id: str, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
@@ -265,6 +352,10 @@ class TrainingState:
             return self.trainer.predict(iv)
 
     # -- checks ------------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShuttingDown("the server is shutting down; retry when it is back")
 
     def _check_session(self, session_id: str) -> None:
         if session_id and session_id != self._session.id:

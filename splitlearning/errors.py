@@ -31,3 +31,15 @@ class TooLarge(SplitError):
     """The request is bigger than the limits agreed in the handshake."""
 
     status = "RESOURCE_EXHAUSTED"
+
+
+class SessionBusy(SplitError):
+    """Another client is training in the session (one client per session until multi-client training exists)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class ShuttingDown(SplitError):
+    """The server is stopping (SIGTERM): retry once it is back."""
+
+    status = "UNAVAILABLE"

@@ -232,6 +232,8 @@ class HandshakeRequest(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     ENCODINGS_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    RESTORABLE_STEPS_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Version of this protocol the client speaks; see `splitlearning.contract.PROTOCOL_VERSION`."""
     session_id: _builtins.str
@@ -240,6 +242,10 @@ class HandshakeRequest(_message.Message):
     """Largest number of samples the client will put in one request."""
     mode: Global___CutMode.ValueType
     """The cut the client is built for; must equal the server's, or the handshake is refused."""
+    client_id: _builtins.str
+    """Identifies the client process across reconnects and restarts; another client's handshake is refused
+    while this one has a training stream open. Empty is a client id like any other.
+    """
     @_builtins.property
     def contract(self) -> Global___CutContract:
         """The cut as the client's first part produces it."""
@@ -247,6 +253,12 @@ class HandshakeRequest(_message.Message):
     @_builtins.property
     def encodings(self) -> _containers.RepeatedScalarFieldContainer[Global___Encoding.ValueType]:
         """Wire encodings the client can read and write, most preferred first; empty means raw only."""
+
+    @_builtins.property
+    def restorable_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Steps (counts of applied steps) the client can resume from: its current step and its checkpoints. The
+        server moves to the latest of them it also holds and answers it in `next_step`; empty: no resume.
+        """
 
     def __init__(
         self,
@@ -257,10 +269,12 @@ class HandshakeRequest(_message.Message):
         max_batch_size: _builtins.int = ...,
         encodings: _abc.Iterable[Global___Encoding.ValueType] | None = ...,
         mode: Global___CutMode.ValueType = ...,
+        restorable_steps: _abc.Iterable[_builtins.int] | None = ...,
+        client_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "encodings", b"encodings", "max_batch_size", b"max_batch_size", "mode", b"mode", "protocol_version", b"protocol_version", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "contract", b"contract", "encodings", b"encodings", "max_batch_size", b"max_batch_size", "mode", b"mode", "protocol_version", b"protocol_version", "restorable_steps", b"restorable_steps", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -283,7 +297,9 @@ class HandshakeResponse(_message.Message):
     session_id: _builtins.str
     """The session to name in every later request."""
     next_step: _builtins.int
-    """Number of training steps the server has applied in this session; the next step to send."""
+    """Number of training steps the server has applied in this session; the next step to send. When the
+    request listed `restorable_steps`, the latest of them the server also holds (restored if need be).
+    """
     max_batch_size: _builtins.int
     """Largest number of samples the server accepts in one request."""
     encoding: Global___Encoding.ValueType

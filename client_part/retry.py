@@ -1,0 +1,86 @@
+"""Retrying what is safe to retry: exponential backoff with jitter, bounded in time, reported when it gives up.
+
+Safe to retry: a step (the server answers a resend of its last step from its first reply, with no second
+update), a handshake, an evaluation restarted from its first batch, a prediction. Retried on: UNAVAILABLE
+(server down or restarting, connection cut), DEADLINE_EXCEEDED (no answer in time), CANCELLED (the stream
+was cut under us) and a training stream the server closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from client_part.transport import RemoteError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+
+
+class RetriesExhausted(ConnectionError):
+    """Retrying did not succeed within the policy's bound; the message says how many tries and how long."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff `initial`, `initial * multiplier`, ... capped at `maximum`, each times a random factor in
+    [1 - jitter, 1]; give up once `timeout` seconds have passed since the first failure."""
+
+    timeout: float = 120.0
+    initial: float = 0.1
+    maximum: float = 2.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    def delays(self, rng: random.Random) -> Iterator[float]:
+        delay = self.initial
+        while True:
+            yield delay * (1.0 - self.jitter * rng.random())
+            delay = min(delay * self.multiplier, self.maximum)
+
+
+def is_retryable(error: BaseException) -> bool:
+    if isinstance(error, RemoteError):
+        return error.code in RETRYABLE
+    return isinstance(error, ConnectionError) and not isinstance(error, RetriesExhausted)
+
+
+def call(
+    policy: RetryPolicy,
+    what: str,
+    attempt: Callable[[bool], T],
+    rng: random.Random | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run `attempt(retrying)` until it succeeds or fails with an error that is not retryable, or the bound
+    is reached (RetriesExhausted). `retrying` is False on the first attempt, True after a failure."""
+    rng = rng or random.Random()
+    delays = policy.delays(rng)
+    started: float | None = None
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return attempt(attempts > 1)
+        except (RemoteError, ConnectionError) as error:
+            if not is_retryable(error):
+                raise
+            now = time.monotonic()
+            started = now if started is None else started
+            delay = next(delays)
+            if now + delay - started > policy.timeout:
+                raise RetriesExhausted(
+                    f"{what}: gave up after {attempts} attempts in {now - started:.1f} s "
+                    f"(retry timeout {policy.timeout:g} s): {error}"
+                ) from error
+            log.warning("%s failed (%s); retry %d in %.2f s", what, error, attempts, delay)
+            sleep(delay)

@@ -1,0 +1,125 @@
+"""Step-indexed checkpoints for either part: `tf.train.CheckpointManager` files named `ckpt-<step>`.
+
+A checkpoint holds the state *after* `step` training steps. Saving is atomic where it matters: the manager
+writes the data and index files first and only then rewrites the `checkpoint` list (an atomic rename), and
+only checkpoints on that list are ever read, so a half-written one is never restored. A listed checkpoint is
+never overwritten: saving a step that is already listed is a no-op (the state is the same), and restoring an
+older step first unlists, then deletes, the later ones (a branch of history that is being redone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+_NAME = "ckpt"
+_STEP = re.compile(rf"{_NAME}-(\d+)$")
+
+
+class StepCheckpoints:
+    """The last `max_to_keep` checkpoints of `variables` in `directory`, indexed by step.
+
+    `variables` maps a name to a list of Keras or TensorFlow variables (for example the model's and the
+    optimizer's); `extra` names int64 scalars saved with them (the data position, for instance).
+    """
+
+    def __init__(
+        self, directory: Path, variables: Mapping[str, Sequence[Any]], max_to_keep: int = 5, extra: Sequence[str] = ()
+    ) -> None:
+        if max_to_keep < 2:
+            raise ValueError("keep at least 2 checkpoints: resuming may need the one before the latest")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.extra = {name: tf.Variable(0, dtype=tf.int64, trainable=False, name=name) for name in extra}
+        tracked = {name: [getattr(v, "value", v) for v in vs] for name, vs in variables.items()}
+        self._checkpoint = tf.train.Checkpoint(step=self.step, **tracked, **self.extra)
+        self._max_to_keep = max_to_keep
+        self._manager = self._new_manager()
+
+    def _new_manager(self) -> tf.train.CheckpointManager:
+        return tf.train.CheckpointManager(
+            self._checkpoint, str(self.directory), max_to_keep=self._max_to_keep, checkpoint_name=_NAME
+        )
+
+    def steps(self) -> list[int]:
+        """Steps this directory can restore, oldest first."""
+        found = (_STEP.search(path) for path in self._manager.checkpoints)
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def latest(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, **extra: int) -> None:
+        """Save the current state as the state after `step` steps (no-op when that step is already saved)."""
+        if step in self.steps():
+            return
+        self.step.assign(step)
+        for name, value in extra.items():
+            self.extra[name].assign(value)
+        path = self._manager.save(checkpoint_number=step)
+        log.info("saved checkpoint %s", path)
+
+    def restore(self, step: int) -> dict[str, int]:
+        """Restore the state after `step` steps; forget later checkpoints; return the saved extras."""
+        path = str(self.directory / f"{_NAME}-{step}")
+        if step not in self.steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} (have {self.steps()})")
+        self._checkpoint.restore(path).assert_existing_objects_matched().expect_partial()
+        if int(self.step.numpy()) != step:
+            raise ValueError(f"{path} holds step {int(self.step.numpy())}, not {step}")
+        self._forget_after(step)
+        log.info("restored checkpoint %s", path)
+        return {name: int(v.numpy()) for name, v in self.extra.items()}
+
+    def _forget_after(self, step: int) -> None:
+        keep = [p for p in self._manager.checkpoints if (m := _STEP.search(p)) and int(m.group(1)) <= step]
+        stale = [p for p in self._manager.checkpoints if p not in keep]
+        if not stale:
+            return
+        # Unlist first (an atomic rewrite of the `checkpoint` file), then delete: a crash in between leaves
+        # only unlisted files, which are never read and are overwritten by a later save of the same step.
+        tf.compat.v1.train.update_checkpoint_state(str(self.directory), keep[-1], all_model_checkpoint_paths=keep)
+        self._manager = self._new_manager()
+        for prefix in stale:
+            for file in tf.io.gfile.glob(prefix + ".*"):
+                tf.io.gfile.remove(file)
+        log.info("forgot checkpoints after step %d: %s", step, [Path(p).name for p in stale])
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON so a reader sees the old file or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as file:
+        json.dump(dict(payload), file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    loaded = json.loads(path.read_text())
+    return loaded if isinstance(loaded, dict) else None
+
+
+def save_weights(path: Path, model: Any, optimizer: Any) -> None:
+    """The model's weights (w0, w1, ... as `get_weights()` orders them) and the optimizer's step count, as .npz."""
+    import numpy as np
+
+    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    arrays["iterations"] = np.asarray(int(optimizer.iterations.numpy()))
+    temporary = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(temporary, **arrays)
+    os.replace(temporary, path)

@@ -1,0 +1,126 @@
+"""Exactly-once steps on a real server: resends answered from the first reply, past steps and gaps refused,
+a second client refused while the first trains, and a client behind a proxy that drops replies."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from client_part import SplitClient
+from client_part.retry import RetryPolicy
+from server_part import SplitServer
+from splitlearning import codec
+from splitlearning.v1 import split_learning_pb2 as pb
+from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
+from tests.conftest import CUT_DIM, build_pair, make_data, make_loss
+from tests.faults_support import CuttingProxy, assert_weights_close
+
+FAST_RETRY = RetryPolicy(timeout=30.0, initial=0.01, maximum=0.2)
+
+
+@pytest.fixture
+def server() -> Iterator[SplitServer]:
+    _, top = build_pair("plain", 5)
+    server = SplitServer(top, make_loss(), "adam", ["accuracy"])
+    server.bound_port = server.start("127.0.0.1:0")  # type: ignore[attr-defined]
+    yield server
+    server.stop(grace=1.0)
+
+
+def stub_for(server: SplitServer) -> tuple[grpc.Channel, pb_grpc.SplitLearningServiceStub]:
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.bound_port}")  # type: ignore[attr-defined]
+    return channel, pb_grpc.SplitLearningServiceStub(channel)
+
+
+def join(stub: pb_grpc.SplitLearningServiceStub, client_id: str = "a") -> pb.HandshakeResponse:
+    contract = pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=pb.DTYPE_FLOAT32))
+    request = pb.HandshakeRequest(protocol_version=1, contract=contract, max_batch_size=8, client_id=client_id)
+    return stub.Handshake(request, timeout=10)
+
+
+def step_request(session: str, step: int, seed: int) -> pb.TrainRequest:
+    rng = np.random.default_rng(seed)
+    iv = rng.normal(size=(4, CUT_DIM)).astype("float32")
+    labels = rng.integers(0, 3, 4).astype("int64")
+    return pb.TrainRequest(session_id=session, step=step, iv=codec.to_proto(iv), labels=codec.to_proto(labels))
+
+
+def send_once(stub: pb_grpc.SplitLearningServiceStub, request: pb.TrainRequest) -> pb.TrainResponse:
+    """One request on a fresh stream (as a client does after losing a reply)."""
+    return next(iter(stub.Train(iter([request]), timeout=10)))
+
+
+def test_resent_step_is_answered_without_a_second_update(server: SplitServer) -> None:
+    channel, stub = stub_for(server)
+    with channel:
+        session = join(stub).session_id
+        for step in range(3):
+            first = send_once(stub, step_request(session, step, step))
+            weights = server.model.get_weights()
+            for _ in range(2):  # the reply was lost twice: the same request comes again
+                again = send_once(stub, step_request(session, step, step))
+                assert again == first
+            for before, after in zip(weights, server.model.get_weights(), strict=True):
+                np.testing.assert_array_equal(before, after)
+        # 9 requests, 3 distinct steps: the optimizer counts steps, not requests.
+        assert server.trainer.iterations == 3 == server.state.next_step
+        assert server.state.resent == 6
+        for step, detail in ((1, "already applied"), (5, "gap")):
+            with pytest.raises(grpc.RpcError) as refused:
+                send_once(stub, step_request(session, step, 0))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert detail in (refused.value.details() or "")
+        with pytest.raises(grpc.RpcError) as unknown:
+            send_once(stub, step_request("not-a-session", 3, 0))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert server.trainer.iterations == 3
+
+
+def test_second_client_is_refused_while_the_first_trains(server: SplitServer) -> None:
+    channel, stub = stub_for(server)
+    with channel:
+        session = join(stub, "first").session_id
+        requests: queue.SimpleQueue[pb.TrainRequest | None] = queue.SimpleQueue()
+        requests.put(step_request(session, 0, 0))
+        stream = stub.Train(iter(requests.get, None), timeout=30)
+        next(stream)  # the first client's stream is open until it sends None (ends its requests)
+        with pytest.raises(grpc.RpcError) as refused:
+            join(stub, "second")
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "in use by another client" in (refused.value.details() or "")
+        assert join(stub, "first").session_id == session  # the holder itself may rejoin
+        requests.put(None)
+        list(stream)  # the stream ends
+        assert join(stub, "second").session_id == session  # once it is closed, another client may join
+
+
+def train(target: str, bottom: object, x: np.ndarray, y: np.ndarray) -> SplitClient:
+    with SplitClient(bottom, "adam", target=target, connect_timeout=10, retry=FAST_RETRY, rpc_timeout=10) as client:
+        client.fit(x, y, batch_size=4, epochs=3, shuffle=True, seed=1, verbose=0)
+    return client
+
+
+def test_dropped_replies_are_retried_once_each() -> None:
+    x, y = make_data(n=40)
+    results = []
+    for cut_every in (None, 1500):
+        bottom, top = build_pair("plain", 9)
+        server = SplitServer(top, make_loss(), "adam", ["accuracy"])
+        port = server.start("127.0.0.1:0")
+        proxy = CuttingProxy(port, cut_every)
+        try:
+            client = train(f"127.0.0.1:{proxy.port}", bottom, x, y)
+        finally:
+            proxy.close()
+            server.stop(grace=1.0)
+        results.append((client, server, proxy))
+    (plain, plain_server, _), (cut, cut_server, proxy) = results
+    assert proxy.cuts >= 3, "the proxy never cut: this test proved nothing"
+    assert cut_server.state.resent >= 1, "no reply was lost after its step was applied"
+    assert cut.step == cut_server.trainer.iterations == plain_server.trainer.iterations == 30
+    assert_weights_close(cut.model.get_weights(), plain.model.get_weights(), "client part")
+    assert_weights_close(cut_server.model.get_weights(), plain_server.model.get_weights(), "server part")
