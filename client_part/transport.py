@@ -14,6 +14,7 @@ from splitlearning import codec, encodings, keepalive
 from splitlearning.contract import (
     PROTOCOL_VERSION,
     Agreement,
+    CutContract,
     CutMode,
     Spec,
     contract_from_proto,
@@ -63,23 +64,13 @@ class Transport:
     ) -> None:
         self.target = target
         self.rpc_timeout = rpc_timeout
-        self._tls = tls is not None
-        limit = max_message_bytes + _MESSAGE_OVERHEAD
-        options: list[tuple[str, int | str]] = [
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
-            *keepalive.client_options(keepalive_ms),
-            *_RECONNECT_OPTIONS,
-        ]
-        if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            if tls.server_name:
-                options.append(("grpc.ssl_target_name_override", tls.server_name))
-            self._channel = grpc.secure_channel(target, tls.channel_credentials(), options=options)
+        self._tls = tls
+        self._keepalive_ms = keepalive_ms
         # Built once: the bearer token (if any) rides on every call as plain per-call metadata, which works
         # with and without TLS and costs nothing per training step (one stream carries all steps).
         self._metadata = auth_metadata(auth_token)
+        self._limit = max_message_bytes + _MESSAGE_OVERHEAD
+        self._channel = self._open_channel()
         self._stub = pb_grpc.SplitLearningServiceStub(self._channel)
         self._requests: queue.SimpleQueue[pb.TrainRequest | None] | None = None
         self._responses: queue.SimpleQueue[pb.TrainResponse | BaseException] | None = None
@@ -89,6 +80,35 @@ class Transport:
         self.bytes_sent = 0  # serialized TrainRequest bytes so far
         self.bytes_received = 0  # serialized TrainResponse bytes so far
         self.encoding: codec.EncodingCode = encodings.RAW  # of the IV it sends; set by the handshake
+
+    def _open_channel(self) -> grpc.Channel:
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_send_message_length", self._limit),
+            ("grpc.max_receive_message_length", self._limit),
+            *keepalive.client_options(self._keepalive_ms),
+            *_RECONNECT_OPTIONS,
+        ]
+        if self._tls is None:
+            return grpc.insecure_channel(self.target, options=options)
+        if self._tls.server_name:
+            options.append(("grpc.ssl_target_name_override", self._tls.server_name))
+        return grpc.secure_channel(self.target, self._tls.channel_credentials(), options=options)
+
+    def _fit_limit(self, contract: CutContract, max_batch_size: int) -> None:
+        """Size the message limits from the agreed contract: a full batch of the widest tensors that cross.
+
+        Only known after the handshake (labels and outputs are the server's to state), so the channel is
+        reopened, once, when the contract needs more than the limit it was opened with.
+        """
+        per_sample = sum(spec.sample_bytes for spec in (contract.iv, contract.label, contract.output) if spec)
+        needed = max_batch_size * per_sample + _MESSAGE_OVERHEAD
+        if needed <= self._limit:
+            return
+        self._close_stream()
+        self._channel.close()
+        self._limit = needed
+        self._channel = self._open_channel()
+        self._stub = pb_grpc.SplitLearningServiceStub(self._channel)
 
     def wait_ready(self, timeout: float) -> None:
         try:
@@ -131,10 +151,12 @@ class Transport:
                 f"cut mode mismatch: the server holds {server_mode.describe()}, this client is built for "
                 f"{mode.describe()}; start both parts with the same --cut"
             )
+        contract = contract_from_proto(reply.contract, mode)
+        self._fit_limit(contract, min(max_batch_size, reply.max_batch_size))
         return Agreement(
             session_id=reply.session_id,
             next_step=reply.next_step,
-            contract=contract_from_proto(reply.contract, mode),
+            contract=contract,
             max_batch_size=reply.max_batch_size,
             metric_names=list(reply.metric_names),
             mode=mode,

@@ -122,7 +122,8 @@ class SplitServer:
     def max_message_bytes(self) -> int:
         """Largest message the contract allows: a full batch of IVs and labels (or middle outputs), plus framing."""
         contract = self.trainer.contract
-        sample = contract.iv.sample_bytes + max(_bytes(contract.label), _bytes(contract.output))
+        # Requests carry IV + labels (standard cut) or IV / dLoss/d(middle outputs) (U-shape): never both.
+        sample = contract.iv.sample_bytes + (_bytes(contract.label) if contract.label else _bytes(contract.output))
         return self.state.max_batch_size * sample + _MESSAGE_OVERHEAD
 
     @property

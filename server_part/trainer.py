@@ -52,8 +52,8 @@ class ServerTrainer:
             self.optimizer: keras.optimizers.Optimizer = self.model.optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.label_spec: Spec = label_spec or self._label_spec(loss)
-            self.contract = CutContract(self._iv_spec(), self.label_spec)
             self.output_spec = _spec(self.model.outputs[0], "output")
+            self.contract = CutContract(self._iv_spec(), self.label_spec, self.output_spec)
             self._num_classes = self._sparse_classes(loss)
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)

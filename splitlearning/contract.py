@@ -65,7 +65,7 @@ class CutContract:
     def __str__(self) -> str:
         text = f"iv {self.iv}"
         text += f", label {self.label}" if self.label is not None else ""
-        return text + (f", middle output {self.output}" if self.output is not None else "")
+        return text + (f", output {self.output}" if self.output is not None else "")
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,10 @@ def contract_from_proto(message: pb.CutContract, mode: CutMode = CutMode.STANDAR
         )
     if not message.HasField("iv") or not message.HasField("label"):
         raise InvalidRequest("contract: both the iv and the label spec are required")
-    return CutContract(spec_from_proto(message.iv, "contract.iv"), spec_from_proto(message.label, "contract.label"))
+    output = spec_from_proto(message.output, "contract.output") if message.HasField("output") else None
+    return CutContract(
+        spec_from_proto(message.iv, "contract.iv"), spec_from_proto(message.label, "contract.label"), output
+    )
 
 
 _MODES: dict[CutMode, pb.CutMode.ValueType] = {

@@ -144,7 +144,9 @@ def test_good_handshake_reports_the_session(served: Served) -> None:
     assert reply.max_batch_size == MAX_BATCH
     assert reply.metric_names[0] == "loss"
     assert "accuracy" in reply.metric_names
-    assert reply.contract == iv_contract()
+    expected = iv_contract()  # what the client states, plus the output the server states for Predict
+    expected.output.CopyFrom(pb.TensorSpec(shape=[*served.server.model.outputs[0].shape[1:]], dtype=pb.DTYPE_FLOAT32))
+    assert reply.contract == expected
     assert_same_snapshot(before, server_snapshot(served.server))
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import pytest
 
-from client_part import RemoteError, SplitClient
+from client_part import SplitClient
 from server_part import SplitServer
 from tests.conftest import INPUT_DIM, StartServer, build_bottom, make_data
 
@@ -29,13 +28,6 @@ def test_full_batch_round_trips(split_pair: StartServer) -> None:
         assert set(client.evaluate(x, y, batch_size=MAX_BATCH)) == {"loss", "accuracy"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RemoteError,
-    reason="package bug: SplitServer.start caps grpc.max_send_message_length at max_batch_size * (iv + label) bytes "
-    "+ 64 KiB, and the client's Transport caps receives at max_batch_size * iv * 4 + 64 KiB; neither counts the "
-    "Predict outputs, so a full batch of wide outputs is refused with RESOURCE_EXHAUSTED",
-)
 def test_predict_full_batch_of_wide_outputs() -> None:
     server = SplitServer(
         wide_top(), keras.losses.SparseCategoricalCrossentropy(from_logits=True), max_batch_size=MAX_BATCH
@@ -49,12 +41,6 @@ def test_predict_full_batch_of_wide_outputs() -> None:
         server.stop(grace=1.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RemoteError,
-    reason="package bug: the client's Transport caps sends at max_batch_size * iv * 4 + 64 KiB and ignores the "
-    "label size, so one-hot labels wider than ~3 IVs make a full training batch fail on the client side",
-)
 def test_fit_full_batch_of_wide_labels() -> None:
     server = SplitServer(wide_top(), keras.losses.CategoricalCrossentropy(from_logits=True), max_batch_size=MAX_BATCH)
     port = server.start("127.0.0.1:0")

@@ -205,7 +205,9 @@ class CutContract(_message.Message):
 
     @_builtins.property
     def output(self) -> Global___TensorSpec:
-        """U-shape only: one sample of the middle part's output (the second cut, IV2), which the client's head takes."""
+        """One sample of the server part's output: the model's outputs (standard cut; what Predict returns), or the
+        middle's output (U-shape: the second cut, IV2, which the client's head takes). Stated by the server.
+        """
 
     def __init__(
         self,
