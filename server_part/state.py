@@ -137,7 +137,7 @@ class TrainingState:
             raise PreconditionFailed(
                 f"batch size {max_batch_size} is over this server's limit of {self.max_batch_size} samples"
             )
-        self._check_session(session_id)
+        self._check_session(session_id, joining=True)
         # The U-shape's exchanges stay raw: narrowing applies to the standard cut's IV and gradient.
         allowed = self.wire_encodings if self.mode is CutMode.STANDARD else (encodings.RAW,)
         self._session.encoding = encodings.negotiate(preferred_encodings, allowed)
@@ -357,7 +357,10 @@ class TrainingState:
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry when it is back")
 
-    def _check_session(self, session_id: str) -> None:
+    def _check_session(self, session_id: str, joining: bool = False) -> None:
+        """Every request names the session from the handshake; only a handshake may leave it empty (to join)."""
+        if not session_id and not joining:
+            raise InvalidRequest("session_id is required: send the one the handshake returned")
         if session_id and session_id != self._session.id:
             raise SessionNotFound(f"unknown session {session_id!r}: this server holds session {self._session.id!r}")
 

@@ -90,8 +90,10 @@ def write(array: np.ndarray, message: pb.Tensor, encoding: EncodingCode = pb.ENC
 def _int8(array: np.ndarray) -> tuple[float, bytes]:
     """Symmetric per-tensor quantisation: (scale, int8 bytes) with value ~= int8 * scale."""
     peak = max(float(array.max()), -float(array.min())) if array.size else 0.0
-    if not (peak > 0 and math.isfinite(peak)):
-        return 1.0, np.clip(np.nan_to_num(np.rint(array)), -127, 127).astype("i1").tobytes()
+    if not math.isfinite(peak):  # quantising would turn NaN into 0 and hide the divergence from the receiver
+        raise InvalidRequest("cannot encode NaN or Inf as int8: the values have diverged")
+    if peak == 0:
+        return 1.0, bytes(array.size)
     scale = np.float32(peak / 127.0)
     # One scaled float32 copy, rounded in place; |value| <= peak makes every entry lie in [-127, 127].
     scaled = np.multiply(array, np.float32(127.0 / peak), dtype=np.float32)

@@ -324,6 +324,10 @@ def test_train_unknown_session(served: Served) -> None:
     refused_train(served, served.train_request(session_id="stale"), Code.NOT_FOUND, "'stale'", served.session)
 
 
+def test_train_without_session(served: Served) -> None:
+    refused_train(served, served.train_request(session_id=""), Code.INVALID_ARGUMENT, "session_id is required")
+
+
 @pytest.mark.parametrize("step", [3, 7, 2**40])
 def test_train_step_gap(served: Served, step: int) -> None:
     refused_train(

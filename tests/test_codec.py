@@ -213,6 +213,14 @@ def test_int8_encoding(dtype: str) -> None:
     assert quantised.min() >= -127 and quantised.max() <= 127
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_int8_encoding_refuses_non_finite_values(bad: float) -> None:
+    # Quantising would send NaN as 0 (and Inf as the peak), hiding a divergence from the receiver's checks.
+    array = np.array([bad, 0.5, -1.0], "float32")
+    with pytest.raises(InvalidRequest, match="NaN or Inf"):
+        codec.to_proto(array, pb.ENCODING_INT8)
+
+
 def test_int8_encoding_of_zeros() -> None:
     array = np.zeros((3, 4), "float32")
     message, decoded = round_trip(array, pb.ENCODING_INT8)
