@@ -144,7 +144,28 @@ def entry_point(command: list[str]) -> list[str]:
     return [sys.executable, "-c", code, *command[1:]]
 
 
-def process_environment(service: Service) -> dict[str, str]:
+def volume_targets(service: Service) -> list[str]:
+    """Where the service's named volumes are mounted in its container."""
+    targets = []
+    for volume in service.raw.get("volumes") or []:
+        if isinstance(volume, dict):
+            targets.append(str(volume["target"]))
+        else:  # the short form, source:target[:mode]
+            targets.append(str(volume).split(":")[1])
+    return targets
+
+
+def process_environment(service: Service, volumes: Path | None = None) -> dict[str, str]:
     """What the service's process sees: the image's ENV, then the service's `environment`, over this process's
-    own environment (for PYTHONPATH and the like) cleared of SPLIT_* variables."""
-    return {**clean_environ(), **image_environment(), **service.environment}
+    own environment (for PYTHONPATH and the like) cleared of SPLIT_* variables.
+
+    With `volumes`, paths under the service's volume mounts move under `volumes / service name`: each service
+    gets a state directory of its own, as its named volume gives it in a container.
+    """
+    environment = {**clean_environ(), **image_environment(), **service.environment}
+    if volumes is not None:
+        for target in volume_targets(service):
+            for key, value in environment.items():
+                if value == target or value.startswith(target.rstrip("/") + "/"):
+                    environment[key] = str(volumes / service.name) + value[len(target.rstrip("/")) :]
+    return environment

@@ -148,7 +148,7 @@ def test_compose_services_train_across_two_hosts(hosts: Hosts, tmp_path: Path) -
     with log.open("wb") as sink:
         process = subprocess.Popen(
             in_namespace(hosts.server, server.command),
-            env=process_environment(server),
+            env=process_environment(server, tmp_path),
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
@@ -156,7 +156,7 @@ def test_compose_services_train_across_two_hosts(hosts: Hosts, tmp_path: Path) -
             wait_healthy(hosts, server, process, log)
             result = subprocess.run(
                 in_namespace(hosts.client, client.command),
-                env=process_environment(client),
+                env=process_environment(client, tmp_path),
                 capture_output=True,
                 text=True,
                 timeout=CLIENT_TIMEOUT,
