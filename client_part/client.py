@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -485,24 +485,19 @@ class SplitClient:
             )
 
 
+@dataclass(frozen=True)
 class _FitRun:
     """The arguments of one `fit` call."""
 
-    def __init__(
-        self,
-        x: Any,
-        y: Any,
-        batch_size: int,
-        epochs: int,
-        shuffle: bool,
-        validation_data: Any,
-        verbose: int,
-        seed: int,
-        steps_per_epoch: int | None,
-    ) -> None:
-        self.x, self.y, self.batch_size, self.epochs, self.shuffle = x, y, batch_size, epochs, shuffle
-        self.validation_data, self.verbose, self.seed = validation_data, verbose, seed
-        self.steps_per_epoch = steps_per_epoch
+    x: Any
+    y: Any
+    batch_size: int
+    epochs: int
+    shuffle: bool
+    validation_data: Any
+    verbose: int
+    seed: int
+    steps_per_epoch: int | None
 
 
 def _is_dataset(x: Any) -> bool:
