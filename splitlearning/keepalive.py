@@ -29,7 +29,7 @@ def server_options(min_ping_ms: int = SERVER_MIN_PING_MS) -> list[tuple[str, int
         ("grpc.keepalive_time_ms", SERVER_PING_MS),
         ("grpc.keepalive_timeout_ms", PING_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.http2.max_pings_without_data", 0),
     ]
