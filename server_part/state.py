@@ -140,16 +140,18 @@ class TrainingState:
         self._check_session(session_id, joining=True)
         # The U-shape's exchanges stay raw: narrowing applies to the standard cut's IV and gradient.
         allowed = self.wire_encodings if self.mode is CutMode.STANDARD else (encodings.RAW,)
-        self._session.encoding = encodings.negotiate(preferred_encodings, allowed)
+        encoding = encodings.negotiate(preferred_encodings, allowed)
         with self._lock:
             self._check_open()
             if self._holder is not None and client_id != self._holder and self._streams > 0:
                 raise SessionBusy(
-                    f"session {self._session.id} is in use by another client (one client per session): "
+                    "the session is in use by another client (one client per session): "
                     "wait until it disconnects, or start another server"
                 )
-            self._holder = client_id
             next_step = self._agree(restorable_steps) if restorable_steps else self._session.next_step
+            # Only an accepted handshake changes the session: a refused one must not re-encode the holder's steps.
+            self._holder = client_id
+            self._session.encoding = encoding
         return Agreement(
             session_id=self._session.id,
             next_step=next_step,
@@ -157,7 +159,7 @@ class TrainingState:
             max_batch_size=self.max_batch_size,
             metric_names=self.trainer.metric_names,
             mode=self.mode,
-            encoding=self._session.encoding,
+            encoding=encoding,
         )
 
     def train(self, session_id: str, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> StepResult:
@@ -246,6 +248,7 @@ class TrainingState:
         middle = self._middle()
         self._check_session(session_id)
         with self._lock:
+            self._check_open()
             session = self._session
             if step != session.next_step:
                 raise PreconditionFailed(
@@ -275,6 +278,12 @@ class TrainingState:
         if output_gradient.dtype.kind == "f" and not np.isfinite(output_gradient).all():
             raise InvalidRequest("output_gradient: contains NaN or Inf; the client's head has diverged")
         with self._lock:
+            session = self._session
+            if session.in_flight != step or session.next_step != step:  # a resume moved the session meanwhile
+                raise PreconditionFailed(
+                    f"step {step} is no longer in flight: the session was moved to step {session.next_step} "
+                    "(resumed from a checkpoint); send that step's forward again"
+                )
             started = time.perf_counter()
             iv_gradient = middle.backward(half.pending, output_gradient)
             self.compute_seconds += time.perf_counter() - started
@@ -288,7 +297,11 @@ class TrainingState:
         with self._lock:
             if self._session.in_flight == half.step:
                 self._session.in_flight = None
-                log.warning("step %d abandoned between its forward and its backward; no update applied", half.step)
+                log.warning(
+                    "step %d abandoned between its forward and its backward: no weight update applied (statistics "
+                    "that the forward itself updates, such as BatchNormalization's moving averages, keep it)",
+                    half.step,
+                )
 
     def train_micro(
         self,
@@ -362,7 +375,8 @@ class TrainingState:
         if not session_id and not joining:
             raise InvalidRequest("session_id is required: send the one the handshake returned")
         if session_id and session_id != self._session.id:
-            raise SessionNotFound(f"unknown session {session_id!r}: this server holds session {self._session.id!r}")
+            # The held session's id is not named: it is what lets a client into the session.
+            raise SessionNotFound(f"unknown session {session_id!r}: handshake again to get this server's session")
 
     def _discard_micro(self) -> None:
         """Drop the partial gradients of a pipelined step that will not be finished."""

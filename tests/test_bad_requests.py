@@ -230,7 +230,8 @@ def test_handshake_batch_over_max(served: Served) -> None:
 
 
 def test_handshake_unknown_session(served: Served) -> None:
-    served.refused(handshake(served, session_id="nope"), Code.NOT_FOUND, "'nope'", served.session)
+    details = served.refused(handshake(served, session_id="nope"), Code.NOT_FOUND, "'nope'", "handshake again")
+    assert served.session not in details, "the refusal names the held session: that id lets a client in"
 
 
 # -- Train -------------------------------------------------------------------------------------------------
@@ -321,7 +322,8 @@ def test_train_missing_field(served: Served, field: Any) -> None:
 
 
 def test_train_unknown_session(served: Served) -> None:
-    refused_train(served, served.train_request(session_id="stale"), Code.NOT_FOUND, "'stale'", served.session)
+    details = refused_train(served, served.train_request(session_id="stale"), Code.NOT_FOUND, "'stale'")
+    assert served.session not in details, "the refusal names the held session: that id lets a client in"
 
 
 def test_train_without_session(served: Served) -> None:

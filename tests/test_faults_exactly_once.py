@@ -124,3 +124,31 @@ def test_dropped_replies_are_retried_once_each() -> None:
     assert cut.step == cut_server.trainer.iterations == plain_server.trainer.iterations == 30
     assert_weights_close(cut.model.get_weights(), plain.model.get_weights(), "client part")
     assert_weights_close(cut_server.model.get_weights(), plain_server.model.get_weights(), "server part")
+
+
+def test_a_refused_handshake_leaves_the_holders_wire_encoding_alone() -> None:
+    _, top = build_pair("plain", 5)
+    server = SplitServer(top, make_loss(), "adam", wire_encodings=["int8"])
+    port = server.start("127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.SplitLearningServiceStub(channel)
+    try:
+        session = join(stub, "holder").session_id  # asks for nothing narrower: raw
+        requests: queue.SimpleQueue[pb.TrainRequest | None] = queue.SimpleQueue()
+        requests.put(step_request(session, 0, 0))
+        stream = stub.Train(iter(requests.get, None), timeout=30)
+        assert next(stream).iv_gradient.encoding == pb.ENCODING_RAW
+        contract = pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=pb.DTYPE_FLOAT32))
+        intruder = pb.HandshakeRequest(
+            protocol_version=1, contract=contract, max_batch_size=8, client_id="other", encodings=[pb.ENCODING_INT8]
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Handshake(intruder, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        requests.put(step_request(session, 1, 1))
+        assert next(stream).iv_gradient.encoding == pb.ENCODING_RAW, "the refused client re-encoded the session"
+        requests.put(None)
+        list(stream)
+    finally:
+        channel.close()
+        server.stop(grace=1.0)
