@@ -206,7 +206,11 @@ class SplitClient:
         self._transport.close()
 
     def __enter__(self) -> SplitClient:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            self.close()  # __exit__ does not run when __enter__ fails
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

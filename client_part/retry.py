@@ -63,8 +63,7 @@ def call(
 ) -> T:
     """Run `attempt(retrying)` until it succeeds or fails with an error that is not retryable, or the bound
     is reached (RetriesExhausted). `retrying` is False on the first attempt, True after a failure."""
-    rng = rng or random.Random()
-    delays = policy.delays(rng)
+    delays: Iterator[float] | None = None  # made on the first failure: the common path allocates nothing
     started: float | None = None
     attempts = 0
     while True:
@@ -76,6 +75,7 @@ def call(
                 raise
             now = time.monotonic()
             started = now if started is None else started
+            delays = delays or policy.delays(rng or random.Random())
             delay = next(delays)
             if now + delay - started > policy.timeout:
                 raise RetriesExhausted(

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -29,6 +30,7 @@ from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _MESSAGE_OVERHEAD = 64 * 1024
+_TRAIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['SplitLearningService'].full_name}/Train"
 _END = None
 # Reconnect quickly once a restarted server is back (gRPC's default backoff grows to two minutes).
 _RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
@@ -71,14 +73,14 @@ class Transport:
         self._metadata = auth_metadata(auth_token)
         self._limit = max_message_bytes + _MESSAGE_OVERHEAD
         self._channel = self._open_channel()
-        self._stub = pb_grpc.SplitLearningServiceStub(self._channel)
+        self._stub, self._train_call = self._stubs()
         self._requests: queue.SimpleQueue[pb.TrainRequest | None] | None = None
         self._responses: queue.SimpleQueue[pb.TrainResponse | BaseException] | None = None
         self._call: grpc.Call | None = None
         self._reader: threading.Thread | None = None
         self.session_id = ""
-        self.bytes_sent = 0  # serialized TrainRequest bytes so far
-        self.bytes_received = 0  # serialized TrainResponse bytes so far
+        self.bytes_sent = 0  # serialized TrainRequest bytes so far (counted by the Train call's serializer)
+        self.bytes_received = 0  # serialized TrainResponse bytes so far (counted by its deserializer)
         self.encoding: codec.EncodingCode = encodings.RAW  # of the IV it sends; set by the handshake
 
     def _open_channel(self) -> grpc.Channel:
@@ -94,6 +96,24 @@ class Transport:
             options.append(("grpc.ssl_target_name_override", self._tls.server_name))
         return grpc.secure_channel(self.target, self._tls.channel_credentials(), options=options)
 
+    def _stubs(self) -> tuple[pb_grpc.SplitLearningServiceStub, Any]:
+        """The generated stub, and the Train call with counting (de)serializers: the serialized sizes are
+        known there for free, where `ByteSize()` would serialize each message a second time."""
+
+        def serialize(request: pb.TrainRequest) -> bytes:
+            data = request.SerializeToString()
+            self.bytes_sent += len(data)
+            return data
+
+        def deserialize(data: bytes) -> pb.TrainResponse:
+            self.bytes_received += len(data)
+            return pb.TrainResponse.FromString(data)
+
+        train = self._channel.stream_stream(
+            _TRAIN_METHOD, request_serializer=serialize, response_deserializer=deserialize
+        )
+        return pb_grpc.SplitLearningServiceStub(self._channel), train
+
     def _fit_limit(self, contract: CutContract, max_batch_size: int) -> None:
         """Size the message limits from the agreed contract: a full batch of the widest tensors that cross.
 
@@ -108,12 +128,14 @@ class Transport:
         self._channel.close()
         self._limit = needed
         self._channel = self._open_channel()
-        self._stub = pb_grpc.SplitLearningServiceStub(self._channel)
+        self._stub, self._train_call = self._stubs()
 
     def wait_ready(self, timeout: float) -> None:
+        ready = grpc.channel_ready_future(self._channel)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            ready.result(timeout=timeout)
         except grpc.FutureTimeoutError:
+            ready.cancel()  # else it keeps watching the channel (and a thread) alive
             hint = " (or the TLS handshake failed: check --tls-ca, --tls-cert, --tls-key)" if self._tls else ""
             raise ConnectionError(f"no server answered at {self.target} within {timeout:g} s{hint}") from None
 
@@ -147,7 +169,7 @@ class Transport:
         self.encoding = encodings.parse(reply.encoding)
         server_mode = mode_from_proto(reply.mode)
         if server_mode is not mode:  # a server that predates the field answers UNSPECIFIED: the standard cut
-            raise ConnectionError(
+            raise ValueError(  # a set-up error: retrying cannot help
                 f"cut mode mismatch: the server holds {server_mode.describe()}, this client is built for "
                 f"{mode.describe()}; start both parts with the same --cut"
             )
@@ -193,14 +215,14 @@ class Transport:
 
     def train_forward(self, step: int, iv: np.ndarray) -> np.ndarray:
         """U-shape, first exchange of a step (no labels): the IV out, the middle's outputs back."""
-        request = pb.TrainRequest(session_id=self.session_id, step=step, iv=codec.to_proto(iv))
+        request = pb.TrainRequest(session_id=self.session_id, step=step)
+        codec.write(iv, request.iv)  # in place: TrainRequest(iv=...) would copy the payload
         return codec.from_proto(self._exchange(request, f"step {step} (forward)").outputs, "outputs")
 
     def train_backward(self, step: int, output_gradient: np.ndarray) -> np.ndarray:
         """U-shape, second exchange of a step: dLoss/d(middle outputs) out, dLoss/dIV back."""
-        request = pb.TrainRequest(
-            session_id=self.session_id, step=step, output_gradient=codec.to_proto(output_gradient)
-        )
+        request = pb.TrainRequest(session_id=self.session_id, step=step)
+        codec.write(output_gradient, request.output_gradient)
         return codec.from_proto(self._exchange(request, f"step {step} (backward)").iv_gradient, "iv_gradient")
 
     def _exchange(self, request: pb.TrainRequest, what: str) -> pb.TrainResponse:
@@ -212,7 +234,6 @@ class Transport:
         if self._responses is None:
             self._open_stream()
         assert self._requests is not None
-        self.bytes_sent += request.ByteSize()
         self._requests.put(request)
 
     def _receive(self, what: str) -> pb.TrainResponse:
@@ -230,7 +251,6 @@ class Transport:
         if isinstance(reply, BaseException):
             self._close_stream()
             raise ConnectionError(f"the server closed the training stream at {what}") from None
-        self.bytes_received += reply.ByteSize()
         return reply
 
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
@@ -265,7 +285,7 @@ class Transport:
                 yield request
 
         responses: queue.SimpleQueue[pb.TrainResponse | BaseException] = queue.SimpleQueue()
-        call = self._stub.Train(feed(), metadata=self._metadata)
+        call = self._train_call(feed(), metadata=self._metadata)
 
         def read() -> None:
             try:

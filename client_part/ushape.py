@@ -26,10 +26,15 @@ class UShapeLink:
     def __init__(self, transport: Transport, head: ServerTrainer) -> None:
         self._transport = transport
         self.head = head
+        # The head's update of the step in flight: a retried step (its backward exchange failed) runs the
+        # middle's forward again but must not update the head, or count its batch in the metrics, twice.
+        self._head_step: tuple[int, np.ndarray, list[float]] | None = None
 
     def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:
-        outputs = self._transport.train_forward(step, iv)
-        output_gradient, metrics = self.head.train(self._checked(outputs), labels, reset)
+        outputs = self._checked(self._transport.train_forward(step, iv))
+        if self._head_step is None or self._head_step[0] != step:
+            self._head_step = (step, *self.head.train(outputs, labels, reset))
+        _, output_gradient, metrics = self._head_step
         return self._transport.train_backward(step, output_gradient), metrics
 
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:

@@ -12,7 +12,7 @@ import numpy as np
 from server_part.state import HalfStep, TrainingState
 from splitlearning import codec
 from splitlearning.contract import CutMode, contract_to_proto, mode_from_proto, mode_to_proto, spec_from_proto
-from splitlearning.errors import InvalidRequest, SplitError
+from splitlearning.errors import InvalidRequest, PreconditionFailed, SplitError
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 
@@ -56,7 +56,9 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
                     yield reply
                 else:
                     half = _guard(context, lambda: self._begin_step(request))  # noqa: B023
-                    yield pb.TrainResponse(step=half.step, outputs=codec.to_proto(half.outputs))
+                    reply = pb.TrainResponse(step=half.step)
+                    codec.write(half.outputs, reply.outputs)  # in place: no second copy of the payload
+                    yield reply
         finally:
             if half is not None:
                 self._state.abandon(half)
@@ -67,7 +69,9 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
     def _finish_step(self, half: HalfStep | None, request: pb.TrainRequest) -> pb.TrainResponse:
         gradient = codec.from_proto(request.output_gradient, "output_gradient")
         iv_gradient = self._state.finish_step(half, request.session_id, request.step, gradient)
-        return pb.TrainResponse(step=request.step, iv_gradient=codec.to_proto(iv_gradient))
+        response = pb.TrainResponse(step=request.step)
+        codec.write(iv_gradient, response.iv_gradient)
+        return response
 
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         def run() -> pb.EvaluateResponse:
@@ -80,7 +84,9 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         def run() -> pb.PredictResponse:
             outputs = self._state.predict(request.session_id, _tensor(request, "iv"))
-            return pb.PredictResponse(outputs=codec.to_proto(outputs))
+            response = pb.PredictResponse()
+            codec.write(outputs, response.outputs)
+            return response
 
         return _guard(context, run)
 
@@ -129,7 +135,13 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
             result = self._state.train(request.session_id, request.step, iv, labels, request.reset_metrics)
         response = pb.TrainResponse(step=result.step, metrics=result.metrics)
         # In place: TrainResponse(iv_gradient=...) would copy the payload once more.
-        codec.write(result.iv_gradient, response.iv_gradient, self._state.encoding)  # type: ignore[arg-type]
+        try:
+            codec.write(result.iv_gradient, response.iv_gradient, self._state.encoding)  # type: ignore[arg-type]
+        except InvalidRequest as error:  # not the request's fault: the step was applied, its gradient diverged
+            raise PreconditionFailed(
+                f"step {result.step} was applied but its gradient cannot be sent ({error}): training has "
+                "diverged; lower the learning rate, or use the raw wire encoding to see the values"
+            ) from None
         return response
 
 

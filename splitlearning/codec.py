@@ -40,6 +40,8 @@ _NARROW_FLOATS: dict[EncodingCode, np.dtype] = {
     pb.ENCODING_FLOAT16: np.dtype("<f2"),
     pb.ENCODING_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
 }
+# numpy's own limit is 64; no model's cut has more than a handful.
+MAX_DIMENSIONS = 32
 _FLOAT_CODES = {pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16}
 
 
@@ -105,6 +107,8 @@ def from_proto(message: pb.Tensor, field: str = "tensor") -> np.ndarray:
     """Decode a `Tensor`; a malformed one raises `InvalidRequest` naming `field`, expected vs. got."""
     dtype = _checked_dtype(message.dtype, field)
     shape = tuple(message.shape)
+    if len(shape) > MAX_DIMENSIONS:
+        raise InvalidRequest(f"{field}: {len(shape)} dimensions, at most {MAX_DIMENSIONS} are supported")
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"{field}: negative dimension in shape {list(shape)}")
     count = math.prod(shape)
@@ -126,7 +130,10 @@ def from_proto(message: pb.Tensor, field: str = "tensor") -> np.ndarray:
             f"{field}: shape {list(shape)} of {dtype_name(message.dtype)} encoded as {_encoding_name(encoding)} "
             f"needs {expected} bytes, got {len(content)}"
         )
-    values = np.frombuffer(content, dtype=wire, count=count).reshape(shape)
+    try:
+        values = np.frombuffer(content, dtype=wire, count=count).reshape(shape)
+    except ValueError as error:  # e.g. an empty tensor whose other dimensions overflow numpy's index range
+        raise InvalidRequest(f"{field}: shape {list(shape)} cannot be represented: {error}") from None
     if encoding == pb.ENCODING_INT8:
         return (values.astype(dtype) * dtype.type(message.scale)).astype(dtype, copy=False)
     return values if wire == dtype else values.astype(dtype)

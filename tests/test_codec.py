@@ -345,3 +345,12 @@ def test_dtype_helpers() -> None:
         codec.dtype_from_proto(pb.DTYPE_UNSPECIFIED)
     with pytest.raises(InvalidRequest):
         codec.dtype_to_proto("string")
+
+
+@pytest.mark.parametrize(
+    ("shape", "fragment"), [((1,) * 33, "33 dimensions, at most 32"), ((0, 2**62), "cannot be represented")]
+)
+def test_shapes_numpy_cannot_hold_are_refused(shape: tuple[int, ...], fragment: str) -> None:
+    message = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=shape, content=b"" if 0 in shape else bytes(4))
+    with pytest.raises(InvalidRequest, match=fragment):
+        codec.from_proto(message, "iv")
