@@ -51,6 +51,8 @@ class _Session:
     next_step: int = 0
     encoding: int = encodings.RAW
     next_micro_batch: int = 0  # of the step in progress, when the client pipelines micro-batches
+    micro_plan: tuple[int, int] = (0, 0)  # that step's (micro-batches, samples), fixed by its first micro-batch
+    micro_seen: int = 0  # samples of that step received so far
     last: StepResult | None = field(default=None, repr=False)
     in_flight: int | None = None  # U-shape: the step whose forward ran and whose backward is awaited
 
@@ -320,6 +322,19 @@ class TrainingState:
         A pipelined step is not answered again from a stored reply: its replies were several.
         """
         self._check_session(session_id)
+        trainer = self.trainer
+        if not isinstance(trainer, ServerTrainer):
+            raise PreconditionFailed(NOT_STANDARD)
+        # The request's own consistency first: a malformed micro-batch changes nothing, not even the step's
+        # partial gradients.
+        if not 0 <= micro_batch < micro_batches:
+            raise InvalidRequest(f"micro_batch {micro_batch} does not lie in [0, {micro_batches})")
+        self._check_batch(iv, labels)
+        batch = len(iv)
+        if step_samples > self.max_batch_size:
+            raise TooLarge(f"step_samples {step_samples} is over this server's limit of {self.max_batch_size}")
+        if not 0 < batch <= step_samples:
+            raise InvalidRequest(f"step_samples {step_samples} must lie in [{batch}, {self.max_batch_size}]")
         with self._lock:
             session = self._session
             expected = (session.next_step, session.next_micro_batch)
@@ -329,19 +344,22 @@ class TrainingState:
                     f"micro-batch {micro_batch} of step {step} is out of order: the server expects micro-batch "
                     f"{expected[1]} of step {expected[0]}"
                 )
-            if not 0 < micro_batch + 1 <= micro_batches:
-                raise InvalidRequest(f"micro_batch {micro_batch} does not lie in [0, {micro_batches})")
-            self._check_batch(iv, labels)
-            trainer = self.trainer
-            if not isinstance(trainer, ServerTrainer):
-                raise PreconditionFailed(NOT_STANDARD)
-            batch = len(iv)
-            if not 0 < batch <= step_samples <= self.max_batch_size:
-                raise InvalidRequest(
-                    f"step_samples {step_samples} must lie in [{batch}, {self.max_batch_size}] "
-                    f"for a micro-batch of {batch}"
-                )
+            if micro_batch == 0:
+                session.micro_plan, session.micro_seen = (micro_batches, step_samples), 0
+            seen = session.micro_seen + batch
             last = micro_batch + 1 == micro_batches
+            if (
+                session.micro_plan != (micro_batches, step_samples)
+                or seen > step_samples
+                or (last and seen != step_samples)
+            ):
+                planned = session.micro_plan
+                self._discard_micro()
+                raise PreconditionFailed(
+                    f"micro-batch {micro_batch} of step {step} breaks the step's plan: {planned[0]} micro-batches "
+                    f"of {planned[1]} samples in all, {seen} with this one (the step's partial gradients are dropped)"
+                )
+            session.micro_seen = seen
             started = time.perf_counter()
             grad, metrics = trainer.train_micro(iv, labels, batch / step_samples, last, reset and micro_batch == 0)
             self.compute_seconds += time.perf_counter() - started

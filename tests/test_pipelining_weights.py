@@ -68,3 +68,56 @@ def test_out_of_order_micro_batch_is_refused_and_changes_nothing(split_pair: Sta
         assert_same_snapshot(before, after)
     finally:
         transport.close()
+
+
+@pytest.mark.parametrize(
+    ("second", "fragment"),
+    [
+        ({"micro_batches": 3, "step_samples": 8}, "breaks the step's plan"),  # the plan changed mid-step
+        ({"micro_batches": 2, "step_samples": 12}, "breaks the step's plan"),  # the shares would not add to 1
+    ],
+)
+def test_a_micro_batch_that_breaks_the_steps_plan_is_refused(
+    split_pair: StartServer, second: dict[str, int], fragment: str
+) -> None:
+    split = split_pair("plain", 2)
+    x, y = make_data(n=8)
+    iv = np.asarray(split.bottom(x), dtype="float32")
+    transport = Transport(split.target, 1 << 20, rpc_timeout=10)
+    try:
+        transport.wait_ready(10)
+        transport.handshake(Spec((iv.shape[1],), np.dtype("float32")), None, 8)
+        before = server_snapshot(split.server)
+        transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
+        transport.receive(0)
+        transport.send(0, iv[4:], y[4:], False, micro_batch=1, **second)
+        with pytest.raises(RemoteError, match=fragment) as refused:
+            transport.receive(0)
+        assert refused.value.code.name == "FAILED_PRECONDITION"
+        after = server_snapshot(split.server)
+        before["metrics"] = after["metrics"]
+        assert_same_snapshot(before, after)  # no update was applied with the wrong shares
+    finally:
+        transport.close()
+
+
+def test_a_malformed_micro_batch_keeps_the_steps_partial_gradients(split_pair: StartServer) -> None:
+    split = split_pair("plain", 2)
+    x, y = make_data(n=8)
+    iv = np.asarray(split.bottom(x), dtype="float32")
+    transport = Transport(split.target, 1 << 20, rpc_timeout=10)
+    try:
+        transport.wait_ready(10)
+        transport.handshake(Spec((iv.shape[1],), np.dtype("float32")), None, 8)
+        transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
+        transport.receive(0)
+        transport.send(0, iv[4:], y[4:], False, micro_batch=5, micro_batches=2, step_samples=8)
+        with pytest.raises(RemoteError, match=r"micro_batch 5 does not lie in \[0, 2\)") as refused:
+            transport.receive(0)
+        assert refused.value.code.name == "INVALID_ARGUMENT"
+        # The step goes on from where it was: micro-batch 1 is still the one due, and completes the step.
+        transport.send(0, iv[4:], y[4:], False, micro_batch=1, micro_batches=2, step_samples=8)
+        transport.receive(0)
+        assert split.server.state.next_step == 1 == split.server.trainer.iterations
+    finally:
+        transport.close()
