@@ -27,6 +27,7 @@ from server_part.trainer import ServerTrainer
 from splitlearning import encodings
 from splitlearning.contract import PROTOCOL_VERSION, Agreement, CutMode, Spec
 from splitlearning.errors import (
+    Conflict,
     InvalidRequest,
     PreconditionFailed,
     SessionBusy,
@@ -258,7 +259,8 @@ class TrainingState:
                     "not replay applied steps)"
                 )
             if session.in_flight is not None:
-                raise PreconditionFailed(f"step {step} is already in flight on another training stream")
+                # Usually the client's own previous stream, cut and not yet wound up here: retry shortly.
+                raise Conflict(f"step {step} is already in flight on another training stream; retry shortly")
             self._check_iv(iv)
             started = time.perf_counter()
             outputs, pending = middle.forward(iv)

@@ -43,3 +43,10 @@ class ShuttingDown(SplitError):
     """The server is stopping (SIGTERM): retry once it is back."""
 
     status = "UNAVAILABLE"
+
+
+class Conflict(SplitError):
+    """A request that collides with another one in flight (a U-shape step whose old stream is still being
+    wound up): safe to retry after a moment."""
+
+    status = "ABORTED"
