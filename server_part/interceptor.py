@@ -95,6 +95,7 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
                             wait,
                             request.ByteSize(),
                             response.ByteSize(),
+                            completes=request.micro_batches <= 1 or request.micro_batch + 1 == request.micro_batches,
                         )
                         if log.isEnabledFor(logging.DEBUG):
                             log.debug("step answered in %.2f ms (compute %.2f ms)", serve * 1e3, compute * 1e3)

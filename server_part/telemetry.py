@@ -129,15 +129,22 @@ class ServerTelemetry:
         wait: float | None,
         received: int,
         sent: int,
+        completes: bool = True,
     ) -> None:
-        """Training step `step` (from 0) was answered with the running `metrics`; seconds and bytes as measured."""
-        self.steps.inc()
+        """A training request of step `step` (from 0) was answered with the running `metrics`; seconds and
+        bytes as measured. Every request counts as one; only a reply that completes a step not counted yet
+        counts as a step (not a resend answered from the first reply, nor a micro-batch before the last)."""
         self._train_requests.inc()
         self._train_latency.observe(serve)
         self.recent.add(serve)
         self.compute.inc(compute)
         self._train_received.inc(received)
         self._train_sent.inc(sent)
+        with self._lock:
+            new = completes and step + 1 > self._last_done
+        if not new:
+            return
+        self.steps.inc()
         self.step_gauge.set(step + 1)
         for gauge, value in zip(self._metric_gauges, metrics, strict=False):
             gauge.set(value)

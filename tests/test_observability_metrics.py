@@ -8,6 +8,7 @@ import pytest
 from client_part import RemoteError, SplitClient
 from client_part.transport import Transport
 from server_part import SplitServer
+from splitlearning.contract import Spec
 from tests.conftest import StartServer, build_top, make_data, make_loss
 from tests.observability_support import scrape, value
 
@@ -104,3 +105,24 @@ def test_metrics_are_off_by_default_and_stop_with_the_server() -> None:
     assert server.metrics_port is None
     with pytest.raises(OSError):
         scrape(port)
+
+
+def test_a_resent_step_counts_as_a_request_not_as_a_step(split_pair: StartServer) -> None:
+    split = split_pair("plain", 3, metrics_port=0)
+    assert split.server.metrics_port is not None
+    x, y = make_data(n=BATCH)
+    iv = np.asarray(split.bottom(x), dtype="float32")
+    transport = Transport(split.target, 1 << 20, rpc_timeout=10)
+    try:
+        transport.wait_ready(10)
+        transport.handshake(Spec((iv.shape[1],), np.dtype("float32")), None, BATCH)
+        first, _ = transport.train(0, iv, y, True)
+        transport._close_stream()  # as after a lost reply: the client sends the step again on a new stream
+        again, _ = transport.train(0, iv, y, True)
+        np.testing.assert_array_equal(first, again)
+    finally:
+        transport.close()
+    after = scrape(split.server.metrics_port)
+    assert split.server.state.resent == 1
+    assert value(after, "split_server_requests_total", method="Train") == 2
+    assert value(after, "split_server_steps_total") == 1 == value(after, "split_server_step")
