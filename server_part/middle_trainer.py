@@ -33,6 +33,9 @@ class PendingStep:
     tape: tf.GradientTape
     iv: tf.Tensor
     outputs: tf.Tensor
+    # The non-trainable variables (BatchNormalization's moving statistics) as they were before the forward,
+    # so a step abandoned before its backward can be undone completely.
+    before: list[np.ndarray]
 
 
 class MiddleTrainer:
@@ -77,12 +80,19 @@ class MiddleTrainer:
 
     def forward(self, iv: np.ndarray) -> tuple[np.ndarray, PendingStep]:
         """The middle's training forward under a tape; the tape is kept for this step's `backward`."""
+        before = [v.numpy() for v in self.model.non_trainable_variables]
         with tf.device(self.device):
             iv_tensor = tf.convert_to_tensor(iv)
             with tf.GradientTape() as tape:
                 tape.watch(iv_tensor)
                 outputs = self._forward_fn(iv_tensor)
-        return outputs.numpy(), PendingStep(tape, iv_tensor, outputs)
+        return outputs.numpy(), PendingStep(tape, iv_tensor, outputs, before)
+
+    def undo_forward(self, pending: PendingStep) -> None:
+        """Put back what the forward of an abandoned step changed (no weight or optimizer slot: only the
+        statistics a training forward updates), so the step can run again as if it never had."""
+        for variable, value in zip(self.model.non_trainable_variables, pending.before, strict=True):
+            variable.assign(value)
 
     def backward(self, pending: PendingStep, output_gradient: np.ndarray) -> np.ndarray:
         """Apply the update for `pending` given dLoss/d(outputs); return dLoss/dIV."""

@@ -300,12 +300,9 @@ class TrainingState:
         """The stream ended between a forward and its backward: no update happened; the step may start again."""
         with self._lock:
             if self._session.in_flight == half.step:
+                self._middle().undo_forward(half.pending)
                 self._session.in_flight = None
-                log.warning(
-                    "step %d abandoned between its forward and its backward: no weight update applied (statistics "
-                    "that the forward itself updates, such as BatchNormalization's moving averages, keep it)",
-                    half.step,
-                )
+                log.warning("step %d abandoned between its forward and its backward: undone, no update", half.step)
 
     def train_micro(
         self,

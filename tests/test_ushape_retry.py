@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import numpy as np
 
 from client_part import RemoteError, SplitClient
 from client_part.retry import RetryPolicy
 from server_part import SplitServer
-from tests.conftest import build_bottom, make_data, make_loss
-from tests.ushape_support import build_head, build_middle
+from server_part.middle_trainer import MiddleTrainer
+from server_part.state import TrainingState
+from tests.conftest import CUT_DIM, build_bottom, make_data, make_loss
+from tests.ushape_support import MIDDLE_DIM, build_head, build_middle
 
 
 def test_a_retried_step_updates_the_head_once() -> None:
@@ -48,3 +51,22 @@ def test_a_retried_step_updates_the_head_once() -> None:
     finally:
         client.close()
         server.stop(grace=1.0)
+
+
+def test_an_abandoned_forward_is_undone() -> None:
+    # A stream cut between a step's forward and its backward: the step runs again later, so the first forward
+    # must leave nothing behind, not even BatchNormalization's moving statistics.
+    middle = MiddleTrainer(build_middle("batchnorm", 0), "sgd")
+    state = TrainingState(middle, 8)
+    before = [v.numpy().copy() for v in middle.model.variables]
+    iv = np.random.default_rng(0).normal(size=(4, CUT_DIM)).astype("float32")
+    half = state.begin_step(state.session_id, 0, iv)
+    assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, middle.model.variables, strict=True))
+    state.abandon(half)
+    for b, v in zip(before, middle.model.variables, strict=True):
+        np.testing.assert_array_equal(b, v.numpy())
+    assert middle.iterations == 0 and state.next_step == 0
+    state.finish_step(
+        state.begin_step(state.session_id, 0, iv), state.session_id, 0, np.ones((4, MIDDLE_DIM), "float32")
+    )
+    assert middle.iterations == 1 and state.next_step == 1
