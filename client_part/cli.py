@@ -18,18 +18,9 @@ from splitlearning import cli, security
 log = logging.getLogger("split-client")
 
 
-@dataclass(frozen=True)
-class ClientConfig:
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig(cli.ProcessConfig):
     target: str
-    model: str
-    device: str
-    cpus: str | None
-    threads: int | None
-    optimizer: str
-    learning_rate: float
-    seed: int
-    log_level: str
-    log_format: str
     dataset: str
     batch_size: int
     epochs: int
@@ -38,27 +29,16 @@ class ClientConfig:
     wire_encoding: str
     micro_batches: int
     history_json: Path | None
-    log_dir: Path | None
-    log_every: int
     plot: Path | None
     tls: bool = False
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
     tls_server_name: str | None = None
-    auth_token_file: Path | None = None
-    cut: str = "standard"
     head: str | None = None
     loss: str | None = None
     metrics: str | None = None
     clip_norm: float | None = None
     noise_multiplier: float = 0.0
-    checkpoint_dir: Path | None = None
-    checkpoint_every: int = 100
-    checkpoint_keep: int = 5
     rpc_timeout: float = 60.0
     retry_timeout: float = 120.0
-    save_weights: Path | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:

@@ -19,18 +19,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("split-server")
 
 
-@dataclass(frozen=True)
-class ServerConfig:
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig(cli.ProcessConfig):
     address: str
-    model: str
-    device: str
-    cpus: str | None
-    threads: int | None
-    optimizer: str
-    learning_rate: float
-    seed: int
-    log_level: str
-    log_format: str
     loss: str | None
     metrics: str | None
     max_batch_size: int
@@ -39,19 +30,8 @@ class ServerConfig:
     metrics_port: int | None
     metrics_host: str | None
     metrics_port_file: Path | None
-    log_dir: Path | None
-    log_every: int
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    auth_token_file: Path | None = None
-    cut: str = "standard"
-    checkpoint_dir: Path | None = None
-    checkpoint_every: int = 100
-    checkpoint_keep: int = 5
     grace: float = 5.0
     max_workers: int = 8
-    save_weights: Path | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:

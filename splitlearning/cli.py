@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SPLIT_"
@@ -46,6 +48,32 @@ def add_process_flags(parser: argparse.ArgumentParser, model_help: str) -> None:
     add(parser, "--seed", type=int, default=0, help="seed for weights and data order")
     add(parser, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     add(parser, "--log-format", default="text", choices=["text", "json"], help="log line format")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessConfig:
+    """What both programs' flags configure alike: the part, the process, security, checkpoints, telemetry."""
+
+    model: str
+    device: str
+    cpus: str | None
+    threads: int | None
+    optimizer: str
+    learning_rate: float
+    seed: int
+    log_level: str
+    log_format: str
+    log_dir: Path | None
+    log_every: int
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    auth_token_file: Path | None = None
+    cut: str = "standard"
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 100
+    checkpoint_keep: int = 5
+    save_weights: Path | None = None
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
