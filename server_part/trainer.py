@@ -125,36 +125,36 @@ class ServerTrainer:
     # -- compiled bodies -----------------------------------------------------------------------------------
 
     def _train_step(self, iv: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        model = self.model
-        weights = model.trainable_variables
-        with tf.GradientTape() as tape:
-            tape.watch(iv)
-            y_pred = model(iv, training=True)
-            loss = model.compute_loss(x=iv, y=labels, y_pred=y_pred, training=True)
-        model._loss_tracker.update_state(loss, sample_weight=tf.shape(iv)[0])
-        *grads, iv_grad = tape.gradient(loss, [*weights, iv])
-        self.optimizer.apply(grads, weights)
-        return iv_grad, self._results(model.compute_metrics(iv, labels, y_pred))
+        grads, iv_grad, y_pred = self._gradients(iv, labels)
+        self.optimizer.apply(grads, self.model.trainable_variables)
+        return iv_grad, self._results(self.model.compute_metrics(iv, labels, y_pred))
 
     def _micro_step(
         self, iv: tf.Tensor, labels: tf.Tensor, share: tf.Tensor, apply: bool
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        grads, iv_grad, y_pred = self._gradients(iv, labels, share)
+        for accumulator, grad in zip(self._accumulators, grads, strict=True):
+            accumulator.assign_add(grad)
+        if apply:
+            self.optimizer.apply([a.read_value() for a in self._accumulators], self.model.trainable_variables)
+            for accumulator in self._accumulators:
+                accumulator.assign(tf.zeros_like(accumulator))
+        return iv_grad, self._results(self.model.compute_metrics(iv, labels, y_pred))
+
+    def _gradients(
+        self, iv: tf.Tensor, labels: tf.Tensor, share: tf.Tensor | None = None
+    ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+        """One training forward with the IV watched: the weights' gradients and dLoss/dIV from one pass (of
+        the loss times `share`, a micro-batch's part of its batch), and the predictions for the metrics."""
         model = self.model
-        weights = model.trainable_variables
         with tf.GradientTape() as tape:
             tape.watch(iv)
             y_pred = model(iv, training=True)
             loss = model.compute_loss(x=iv, y=labels, y_pred=y_pred, training=True)
-            scaled = loss * share
+            scaled = loss if share is None else loss * share
         model._loss_tracker.update_state(loss, sample_weight=tf.shape(iv)[0])
-        *grads, iv_grad = tape.gradient(scaled, [*weights, iv])
-        for accumulator, grad in zip(self._accumulators, grads, strict=True):
-            accumulator.assign_add(grad)
-        if apply:
-            self.optimizer.apply([a.read_value() for a in self._accumulators], weights)
-            for accumulator in self._accumulators:
-                accumulator.assign(tf.zeros_like(accumulator))
-        return iv_grad, self._results(model.compute_metrics(iv, labels, y_pred))
+        *grads, iv_grad = tape.gradient(scaled, [*model.trainable_variables, iv])
+        return grads, iv_grad, y_pred
 
     def _test_step(self, iv: tf.Tensor, labels: tf.Tensor) -> list[tf.Tensor]:
         model = self.model
