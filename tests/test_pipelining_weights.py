@@ -9,9 +9,23 @@ import pytest
 from client_part import SplitClient
 from client_part.transport import RemoteError, Transport
 from splitlearning.contract import Spec
-from tests.conftest import StartServer, assert_same_snapshot, make_data, server_snapshot
+from tests.conftest import Split, StartServer, assert_same_snapshot, make_data, server_snapshot
 
 RTOL, ATOL = 1e-5, 1e-6
+
+
+def joined(split: Split) -> tuple[Transport, np.ndarray, np.ndarray]:
+    """A raw transport that has joined `split`'s session, with the IVs and labels of 8 samples."""
+    x, y = make_data(n=8)
+    iv = np.asarray(split.bottom(x), dtype="float32")
+    transport = Transport(split.target, 1 << 20, rpc_timeout=10)
+    try:
+        transport.wait_ready(10)
+        transport.handshake(Spec((iv.shape[1],), np.dtype("float32")), None, 8)
+    except BaseException:
+        transport.close()
+        raise
+    return transport, iv, y
 
 
 def fit(split_pair: StartServer, kind: str, micro_batches: int) -> tuple[list[np.ndarray], dict[str, list[float]], int]:
@@ -49,12 +63,8 @@ def test_pipelined_weights_equal_unpipelined(split_pair: StartServer, kind: str,
 
 def test_out_of_order_micro_batch_is_refused_and_changes_nothing(split_pair: StartServer) -> None:
     split = split_pair("plain", 2)
-    x, y = make_data(n=8)
-    iv = np.asarray(split.bottom(x), dtype="float32")
-    transport = Transport(split.target, 1 << 20, rpc_timeout=10)
+    transport, iv, y = joined(split)
     try:
-        transport.wait_ready(10)
-        transport.handshake(Spec((iv.shape[1],), np.dtype("float32")), None, 8)
         before = server_snapshot(split.server)
         transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
         transport.receive(0)
@@ -81,12 +91,8 @@ def test_a_micro_batch_that_breaks_the_steps_plan_is_refused(
     split_pair: StartServer, second: dict[str, int], fragment: str
 ) -> None:
     split = split_pair("plain", 2)
-    x, y = make_data(n=8)
-    iv = np.asarray(split.bottom(x), dtype="float32")
-    transport = Transport(split.target, 1 << 20, rpc_timeout=10)
+    transport, iv, y = joined(split)
     try:
-        transport.wait_ready(10)
-        transport.handshake(Spec((iv.shape[1],), np.dtype("float32")), None, 8)
         before = server_snapshot(split.server)
         transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
         transport.receive(0)
@@ -103,12 +109,8 @@ def test_a_micro_batch_that_breaks_the_steps_plan_is_refused(
 
 def test_a_malformed_micro_batch_keeps_the_steps_partial_gradients(split_pair: StartServer) -> None:
     split = split_pair("plain", 2)
-    x, y = make_data(n=8)
-    iv = np.asarray(split.bottom(x), dtype="float32")
-    transport = Transport(split.target, 1 << 20, rpc_timeout=10)
+    transport, iv, y = joined(split)
     try:
-        transport.wait_ready(10)
-        transport.handshake(Spec((iv.shape[1],), np.dtype("float32")), None, 8)
         transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
         transport.receive(0)
         transport.send(0, iv[4:], y[4:], False, micro_batch=5, micro_batches=2, step_samples=8)
