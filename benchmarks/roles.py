@@ -98,8 +98,8 @@ def server(spec: dict[str, Any]) -> dict[str, Any]:
     from splitlearning.models import BUILTIN
 
     timers = Timers()
-    timers.wrap(codec, "write", "encode")
-    timers.wrap(codec, "from_proto", "decode")
+    timers.wrap(codec, "encode", "encode")
+    timers.wrap(codec, "decode", "decode")
     timers.wrap(servicer.SplitLearningServicer, "_train", "servicer")
     pair = BUILTIN[spec["model"]]
     split = SplitServer(
@@ -142,8 +142,8 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
         micro_batches=spec.get("micro_batches", 1),
     )
     timers = Timers()
-    timers.wrap(codec, "write", "encode", lambda message, _: len(message.content))
-    timers.wrap(codec, "from_proto", "decode", lambda _, args: len(args[0].content))
+    timers.wrap(codec, "encode", "encode", lambda payload, _: payload.nbytes)
+    timers.wrap(codec, "decode", "decode", lambda _, args: len(args[1]))
     timers.wrap(split.trainer, "train", "step")
     timers.wrap(split._transport, "train", "exchange")
     timers.wrap(split._transport, "send", "send")
@@ -243,7 +243,7 @@ def accuracy(spec: dict[str, Any]) -> dict[str, Any]:
     pair = BUILTIN["digits-cnn"]
     results = {}
     timers = Timers()  # server and client share this process: it counts the IV, labels and gradient
-    timers.wrap(codec, "write", "encode", lambda message, _: len(message.content))
+    timers.wrap(codec, "encode", "encode", lambda payload, _: payload.nbytes)
     for name in spec["encodings"]:
         timers.reset()
         server_part = SplitServer(pair.server(0), pair.loss, _optimizer(spec), ["accuracy"], wire_encodings=[name])

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from splitlearning import codec, encodings, keepalive
+from splitlearning import codec, encodings, framing, keepalive
 from splitlearning.contract import (
     PROTOCOL_VERSION,
     Agreement,
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 _MESSAGE_OVERHEAD = 64 * 1024
 _TRAIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['SplitLearningService'].full_name}/Train"
 _END = None
+
+TrainRequest = framing.Outgoing[pb.TrainRequest]
+TrainReply = framing.Incoming[pb.TrainResponse]
 # Reconnect quickly once a restarted server is back (gRPC's default backoff grows to two minutes).
 _RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
@@ -74,8 +77,8 @@ class Transport:
         self._limit = max_message_bytes + _MESSAGE_OVERHEAD
         self._channel = self._open_channel()
         self._stub, self._train_call = self._stubs()
-        self._requests: queue.SimpleQueue[pb.TrainRequest | None] | None = None
-        self._responses: queue.SimpleQueue[pb.TrainResponse | BaseException] | None = None
+        self._requests: queue.SimpleQueue[TrainRequest | None] | None = None
+        self._responses: queue.SimpleQueue[TrainReply | BaseException] | None = None
         self._call: grpc.Call | None = None
         self._reader: threading.Thread | None = None
         self.session_id = ""
@@ -97,17 +100,17 @@ class Transport:
         return grpc.secure_channel(self.target, self._tls.channel_credentials(), options=options)
 
     def _stubs(self) -> tuple[pb_grpc.SplitLearningServiceStub, Any]:
-        """The generated stub, and the Train call with counting (de)serializers: the serialized sizes are
-        known there for free, where `ByteSize()` would serialize each message a second time."""
+        """The generated stub, and the Train call with `framing`'s (de)serializers (the tensors' bytes go into
+        the wire message once and come out of it as views), which count the bytes as they go."""
 
-        def serialize(request: pb.TrainRequest) -> bytes:
-            data = request.SerializeToString()
+        def serialize(request: TrainRequest) -> bytes:
+            data = request.serialize()
             self.bytes_sent += len(data)
             return data
 
-        def deserialize(data: bytes) -> pb.TrainResponse:
+        def deserialize(data: bytes) -> TrainReply:
             self.bytes_received += len(data)
-            return pb.TrainResponse.FromString(data)
+            return framing.parse(pb.TrainResponse, data)
 
         train = self._channel.stream_stream(
             _TRAIN_METHOD, request_serializer=serialize, response_deserializer=deserialize
@@ -204,39 +207,38 @@ class Transport:
         request = pb.TrainRequest(session_id=self.session_id, step=step, reset_metrics=reset)
         if micro_batches > 1:
             request.micro_batches, request.micro_batch, request.step_samples = micro_batches, micro_batch, step_samples
-        codec.write(iv, request.iv, self.encoding)  # in place: TrainRequest(iv=...) would copy the payload
-        codec.write(labels, request.labels)
-        self._send(request)
+        # The arrays' bytes are sent from where they are (views): nothing may change them before they are sent.
+        tensors = {"iv": codec.encode(iv, self.encoding), "labels": codec.encode(labels)}
+        self._send(framing.Outgoing(request, tensors))
 
     def receive(self, step: int) -> tuple[np.ndarray, list[float]]:
         """The answer to the oldest request sent and not yet received: dLoss/dIV and the running metrics."""
         reply = self._receive(f"step {step}")
-        return codec.from_proto(reply.iv_gradient, "iv_gradient"), list(reply.metrics)
+        return _tensor(reply, "iv_gradient"), list(reply.message.metrics)
 
     def train_forward(self, step: int, iv: np.ndarray) -> np.ndarray:
         """U-shape, first exchange of a step (no labels): the IV out, the middle's outputs back."""
-        request = pb.TrainRequest(session_id=self.session_id, step=step)
-        codec.write(iv, request.iv)  # in place: TrainRequest(iv=...) would copy the payload
-        return codec.from_proto(self._exchange(request, f"step {step} (forward)").outputs, "outputs")
+        request = framing.Outgoing(pb.TrainRequest(session_id=self.session_id, step=step), {"iv": codec.encode(iv)})
+        return _tensor(self._exchange(request, f"step {step} (forward)"), "outputs")
 
     def train_backward(self, step: int, output_gradient: np.ndarray) -> np.ndarray:
         """U-shape, second exchange of a step: dLoss/d(middle outputs) out, dLoss/dIV back."""
-        request = pb.TrainRequest(session_id=self.session_id, step=step)
-        codec.write(output_gradient, request.output_gradient)
-        return codec.from_proto(self._exchange(request, f"step {step} (backward)").iv_gradient, "iv_gradient")
+        tensors = {"output_gradient": codec.encode(output_gradient)}
+        request = framing.Outgoing(pb.TrainRequest(session_id=self.session_id, step=step), tensors)
+        return _tensor(self._exchange(request, f"step {step} (backward)"), "iv_gradient")
 
-    def _exchange(self, request: pb.TrainRequest, what: str) -> pb.TrainResponse:
+    def _exchange(self, request: TrainRequest, what: str) -> TrainReply:
         """One request and its response on the training stream (opened on first use)."""
         self._send(request)
         return self._receive(what)
 
-    def _send(self, request: pb.TrainRequest) -> None:
+    def _send(self, request: TrainRequest) -> None:
         if self._responses is None:
             self._open_stream()
         assert self._requests is not None
         self._requests.put(request)
 
-    def _receive(self, what: str) -> pb.TrainResponse:
+    def _receive(self, what: str) -> TrainReply:
         assert self._responses is not None, "receive before send"
         try:
             reply = self._responses.get(timeout=self.rpc_timeout)
@@ -278,13 +280,13 @@ class Transport:
         self._channel.close()
 
     def _open_stream(self) -> None:
-        requests: queue.SimpleQueue[pb.TrainRequest | None] = queue.SimpleQueue()
+        requests: queue.SimpleQueue[TrainRequest | None] = queue.SimpleQueue()
 
-        def feed() -> Iterator[pb.TrainRequest]:
+        def feed() -> Iterator[TrainRequest]:
             while (request := requests.get()) is not _END:
                 yield request
 
-        responses: queue.SimpleQueue[pb.TrainResponse | BaseException] = queue.SimpleQueue()
+        responses: queue.SimpleQueue[TrainReply | BaseException] = queue.SimpleQueue()
         call = self._train_call(feed(), metadata=self._metadata)
 
         def read() -> None:
@@ -308,3 +310,7 @@ class Transport:
             self._reader.join(timeout=5.0)
         self._requests = self._responses = None
         self._call = self._reader = None
+
+
+def _tensor(reply: TrainReply, name: str) -> np.ndarray:
+    return codec.decode(getattr(reply.message, name), reply.content(name), name)

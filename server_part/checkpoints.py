@@ -26,6 +26,7 @@ class ServerCheckpoints:
         if every < 0:
             raise ValueError(f"checkpoint interval must be >= 0 steps, got {every}")
         self.every = every
+        self._trainer = trainer
         self._store = StepCheckpoints(
             directory, {"model": trainer.model.variables, "optimizer": trainer.optimizer.variables}, max_to_keep
         )
@@ -47,12 +48,14 @@ class ServerCheckpoints:
         return self._store.latest()
 
     def restore(self, step: int) -> None:
+        self._trainer.settle()  # a pending update must not land on the restored weights afterwards
         self._store.restore(step)
 
     def save(self, step: int) -> None:
+        self._trainer.settle()  # the checkpoint of step N holds N's update
         self._store.save(step)
 
     def after_step(self, step: int) -> None:
         """Called with the number of steps applied so far; saves every `every` steps."""
         if self.every and step % self.every == 0:
-            self._store.save(step)
+            self.save(step)

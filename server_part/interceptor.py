@@ -2,7 +2,8 @@
 
 A server interceptor, so the servicer stays as it is: it wraps each handler of `SplitLearningService`
 (health checks pass untouched), binds the peer, session and step to the log lines emitted while a request
-is served, and hands plain numbers to `ServerTelemetry`. Sizes are `ByteSize()`, the serialized length.
+is served, and hands plain numbers to `ServerTelemetry`. Sizes are the serialized lengths (`ByteSize()`; on the
+Train stream, the length `framing` read or wrote).
 Per training step it measures serve time (request in -> response out), the trainer's compute time (from
 `compute_clock`, the state's running total) and the wait for the next request (the client's part of the
 step plus the network). A Train stream the client cancels on its way out is not counted as an error.
@@ -69,32 +70,33 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
             current: dict[str, Any] = {"in": 0.0, "out": None, "request": None}
 
             def requests() -> Iterator[Any]:
-                for request in request_iterator:
+                for frame in request_iterator:  # framing.Incoming: the message and its wire size
                     current["in"] = time.perf_counter()
-                    current["request"] = request
-                    logs.update(step=request.step, session=request.session_id)
-                    yield request
+                    current["request"] = frame
+                    logs.update(step=frame.message.step, session=frame.message.session_id)
+                    yield frame
 
             with logs.bind(fresh=True, peer=_peer(context), method=method):
                 try:
                     compute_before = compute_clock()
-                    for response in behavior(requests(), context):
-                        if response.HasField("outputs"):  # U-shape: a step's first half; counted at its second
+                    for response in behavior(requests(), context):  # framing.Outgoing
+                        if response.has("outputs"):  # U-shape: a step's first half; counted at its second
                             yield response
                             continue
-                        now, request = time.perf_counter(), current["request"]
+                        now, frame = time.perf_counter(), current["request"]
+                        request = frame.message
                         compute = compute_clock() - compute_before
                         wait = None if current["out"] is None else current["in"] - current["out"]
                         serve = now - current["in"]
                         telemetry.step(
                             request.step,
                             request.reset_metrics,
-                            response.metrics,
+                            response.message.metrics,
                             compute,
                             serve,
                             wait,
-                            request.ByteSize(),
-                            response.ByteSize(),
+                            frame.wire_size,
+                            response.wire_size,  # serialises it: the serializer then sends these bytes
                             completes=request.micro_batches <= 1 or request.micro_batch + 1 == request.micro_batches,
                         )
                         if log.isEnabledFor(logging.DEBUG):

@@ -78,6 +78,10 @@ class MiddleTrainer:
     def iterations(self) -> int:
         return int(self.optimizer.iterations.numpy())
 
+    def settle(self) -> bool:
+        """Nothing is ever pending here: `backward` applies its step's update before it returns."""
+        return False
+
     def forward(self, iv: np.ndarray) -> tuple[np.ndarray, PendingStep]:
         """The middle's training forward under a tape; the tape is kept for this step's `backward`."""
         before = [v.numpy() for v in self.model.non_trainable_variables]

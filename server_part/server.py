@@ -16,7 +16,7 @@ from server_part.checkpoints import ServerCheckpoints
 from server_part.interceptor import TelemetryInterceptor
 from server_part.middle_trainer import MiddleTrainer
 from server_part.prometheus import MetricsEndpoint, host_of
-from server_part.servicer import SplitLearningServicer
+from server_part.servicer import SplitLearningServicer, add_to_server
 from server_part.state import TrainingState
 from server_part.telemetry import ServerTelemetry
 from server_part.trainer import ServerTrainer
@@ -27,7 +27,6 @@ from splitlearning.models import ModelSource
 from splitlearning.security import Secret, TlsConfig, is_loopback
 from splitlearning.telemetry import learning_rate_of
 from splitlearning.v1 import split_learning_pb2 as pb
-from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +115,8 @@ class SplitServer:
 
     @property
     def model(self) -> Any:
+        """The second part, with every step answered so far applied (see `ServerTrainer.settle`)."""
+        self.trainer.settle()
         return self.trainer.model
 
     @property
@@ -156,7 +157,7 @@ class SplitServer:
                 TelemetryInterceptor(SERVICE_NAME, self.telemetry, lambda: self.state.compute_seconds),
             ],
         )
-        pb_grpc.add_SplitLearningServiceServicer_to_server(SplitLearningServicer(self.state), server)
+        add_to_server(SplitLearningServicer(self.state), server)
         self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.tls is not None:

@@ -10,37 +10,43 @@ import grpc
 import numpy as np
 
 from server_part.state import HalfStep, TrainingState
-from splitlearning import codec
+from splitlearning import codec, framing
 from splitlearning.contract import CutMode, contract_to_proto, mode_from_proto, mode_to_proto, spec_from_proto
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SplitError
 from splitlearning.v1 import split_learning_pb2 as pb
-from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+TrainFrame = framing.Incoming[pb.TrainRequest]
+TrainReply = framing.Outgoing[pb.TrainResponse]
 
-class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
+
+class SplitLearningServicer:
+    """The service's handlers; registered by `add_to_server` (Train's messages go through `framing`)."""
+
     def __init__(self, state: TrainingState) -> None:
         self._state = state
 
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
         return _guard(context, lambda: self._handshake(request))
 
-    def Train(
-        self, request_iterator: Iterator[pb.TrainRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.TrainResponse]:
+    def Train(self, request_iterator: Iterator[TrainFrame], context: grpc.ServicerContext) -> Iterator[TrainReply]:
+        """Requests arrive parsed by `framing.parse` and replies leave through `Outgoing.serialize` (see
+        `add_to_server`): the tensors' bytes are never copied into or out of protobuf messages."""
         with self._state.stream():
             if self._state.mode is CutMode.USHAPE:
                 yield from self._train_ushape(request_iterator, context)
                 return
             for request in request_iterator:
                 yield _guard(context, lambda: self._train(request))  # noqa: B023 (called at once)
+                # Resumed once the reply is on its way: the update runs while the client back-propagates.
+                self._state.settle()
 
     def _train_ushape(
-        self, request_iterator: Iterator[pb.TrainRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.TrainResponse]:
+        self, request_iterator: Iterator[TrainFrame], context: grpc.ServicerContext
+    ) -> Iterator[TrainReply]:
         """Two exchanges per step: (iv) -> (outputs), then (output_gradient) -> (iv_gradient).
 
         The half-done step (its tape) lives in this handler only, from the first exchange to the second.
@@ -48,30 +54,28 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
         half: HalfStep | None = None
         try:
             for request in request_iterator:
-                if request.HasField("labels"):
+                if request.has("labels"):
                     _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "labels must not be sent to a U-shaped middle")
-                if request.HasField("output_gradient"):
+                if request.has("output_gradient"):
                     reply = _guard(context, lambda: self._finish_step(half, request))  # noqa: B023
                     half = None  # finished: nothing to abandon
                     yield reply
                 else:
                     half = _guard(context, lambda: self._begin_step(request))  # noqa: B023
-                    reply = pb.TrainResponse(step=half.step)
-                    codec.write(half.outputs, reply.outputs)  # in place: no second copy of the payload
-                    yield reply
+                    yield framing.Outgoing(pb.TrainResponse(step=half.step), {"outputs": codec.encode(half.outputs)})
         finally:
             if half is not None:
                 self._state.abandon(half)
 
-    def _begin_step(self, request: pb.TrainRequest) -> HalfStep:
-        return self._state.begin_step(request.session_id, request.step, _tensor(request, "iv"))
+    def _begin_step(self, frame: TrainFrame) -> HalfStep:
+        request = frame.message
+        return self._state.begin_step(request.session_id, request.step, _frame_tensor(frame, "iv"))
 
-    def _finish_step(self, half: HalfStep | None, request: pb.TrainRequest) -> pb.TrainResponse:
-        gradient = codec.from_proto(request.output_gradient, "output_gradient")
+    def _finish_step(self, half: HalfStep | None, frame: TrainFrame) -> TrainReply:
+        request = frame.message
+        gradient = _frame_tensor(frame, "output_gradient")
         iv_gradient = self._state.finish_step(half, request.session_id, request.step, gradient)
-        response = pb.TrainResponse(step=request.step)
-        codec.write(iv_gradient, response.iv_gradient)
-        return response
+        return framing.Outgoing(pb.TrainResponse(step=request.step), {"iv_gradient": codec.encode(iv_gradient)})
 
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         def run() -> pb.EvaluateResponse:
@@ -118,8 +122,9 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
             mode=mode_to_proto(agreed.mode),
         )
 
-    def _train(self, request: pb.TrainRequest) -> pb.TrainResponse:
-        iv, labels = _tensor(request, "iv"), _tensor(request, "labels")
+    def _train(self, frame: TrainFrame) -> TrainReply:
+        request = frame.message
+        iv, labels = _frame_tensor(frame, "iv"), _frame_tensor(frame, "labels")
         if request.micro_batches > 1:
             result = self._state.train_micro(
                 request.session_id,
@@ -133,22 +138,56 @@ class SplitLearningServicer(pb_grpc.SplitLearningServiceServicer):
             )
         else:
             result = self._state.train(request.session_id, request.step, iv, labels, request.reset_metrics)
-        response = pb.TrainResponse(step=result.step, metrics=result.metrics)
-        # In place: TrainResponse(iv_gradient=...) would copy the payload once more.
         try:
-            codec.write(result.iv_gradient, response.iv_gradient, self._state.encoding)  # type: ignore[arg-type]
+            gradient = codec.encode(result.iv_gradient, self._state.encoding)  # type: ignore[arg-type]
         except InvalidRequest as error:  # not the request's fault: the step was applied, its gradient diverged
             raise PreconditionFailed(
                 f"step {result.step} was applied but its gradient cannot be sent ({error}): training has "
                 "diverged; lower the learning rate, or use the raw wire encoding to see the values"
             ) from None
-        return response
+        return framing.Outgoing(pb.TrainResponse(step=result.step, metrics=result.metrics), {"iv_gradient": gradient})
 
 
 def _tensor(request: pb.TrainRequest | pb.EvaluateRequest | pb.PredictRequest, name: str) -> np.ndarray:
     if not request.HasField(name):  # type: ignore[arg-type]
         raise InvalidRequest(f"{name} is required")
     return codec.from_proto(getattr(request, name), name)
+
+
+def _frame_tensor(frame: TrainFrame, name: str) -> np.ndarray:
+    if not frame.has(name):
+        raise InvalidRequest(f"{name} is required")
+    return codec.decode(getattr(frame.message, name), frame.content(name), name)
+
+
+def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
+    """Register the service as the generated `add_SplitLearningServiceServicer_to_server` does, but with Train's
+    messages read and written by `framing` (the same bytes on the wire)."""
+    handlers = {
+        "Handshake": grpc.unary_unary_rpc_method_handler(
+            servicer.Handshake,
+            request_deserializer=pb.HandshakeRequest.FromString,
+            response_serializer=pb.HandshakeResponse.SerializeToString,
+        ),
+        "Train": grpc.stream_stream_rpc_method_handler(
+            servicer.Train,
+            request_deserializer=lambda data: framing.parse(pb.TrainRequest, data),
+            response_serializer=framing.Outgoing.serialize,
+        ),
+        "Evaluate": grpc.unary_unary_rpc_method_handler(
+            servicer.Evaluate,
+            request_deserializer=pb.EvaluateRequest.FromString,
+            response_serializer=pb.EvaluateResponse.SerializeToString,
+        ),
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            servicer.Predict,
+            request_deserializer=pb.PredictRequest.FromString,
+            response_serializer=pb.PredictResponse.SerializeToString,
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["SplitLearningService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 def _guard(context: grpc.ServicerContext, run: Callable[[], T]) -> T:

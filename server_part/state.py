@@ -204,6 +204,12 @@ class TrainingState:
             with self._lock:
                 self._streams -= 1
 
+    def settle(self) -> None:
+        """Apply the update the last step left pending (the servicer calls this once its reply is sent). Not
+        counted in `compute_seconds`, the time spent answering steps: it overlaps the client's backward."""
+        with self._lock:
+            self.trainer.settle()
+
     def close(self) -> None:
         """Refuse further steps (UNAVAILABLE), after the step in flight; save a checkpoint if configured."""
         with self._lock:

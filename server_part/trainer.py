@@ -1,14 +1,20 @@
-"""The second part's training math: one compiled TensorFlow call per request, numpy in and out, no gRPC.
+"""The second part's training math: compiled TensorFlow calls, numpy in and out, no gRPC.
 
 The received IV is watched by the tape and `tape.gradient(loss, [*weights, iv])` yields the weight gradients
 and dLoss/dIV from one forward pass. Loss, regularisation and metrics are Keras's own (the model is compiled
 here), so they mean exactly what they mean in `keras.Model.fit`.
+
+Reply first, update after: `train` returns dLoss/dIV as soon as the gradients are known and leaves the
+optimizer's update pending; `settle` applies it (the servicer calls it once the reply is on its way, so the
+update runs while the client back-propagates). Every method that reads or writes the weights settles first,
+so nothing ever sees a step half applied; the update itself is the same one `fit` makes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -58,26 +64,36 @@ class ServerTrainer:
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)
             self._train_fn = tf.function(self._train_step, input_signature=[iv_sig, label_sig])
+            self._apply_fn = tf.function(self._apply_step)
             # Micro-batch pipelining: gradients of a step's micro-batches add up here until the last one.
             self._accumulators = [
                 tf.Variable(tf.zeros_like(w), trainable=False) for w in self.model.trainable_variables
             ]
             micro_sig = [iv_sig, label_sig, tf.TensorSpec([], tf.float32)]
-            self._micro_fns = {
-                apply: tf.function(
-                    lambda iv, y, share, apply=apply: self._micro_step(iv, y, share, apply), input_signature=micro_sig
-                )
-                for apply in (False, True)
-            }
+            self._micro_fn = tf.function(self._micro_step, input_signature=micro_sig)
+            self._apply_accumulated_fn = tf.function(self._apply_accumulated)
             self._test_fn = tf.function(self._test_step, input_signature=[iv_sig, label_sig])
             self._predict_fn = tf.function(self._predict_step, input_signature=[iv_sig])
             self.metric_names = self._build_metrics()
+        self._pending: Callable[[], object] | None = None  # the last step's update, not yet applied
+        self._pending_lock = threading.Lock()
         log.info("server part on %s: %s", device, describe_placement(_tf_variables(self.model, self.optimizer)))
 
     @property
     def iterations(self) -> int:
-        """Number of updates the optimizer has applied."""
+        """Number of updates the optimizer has applied (the pending one included)."""
+        self.settle()
         return int(self.optimizer.iterations.numpy())
+
+    def settle(self) -> bool:
+        """Apply the pending update, if any (safe from any thread; it runs once). True if one was applied."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return False
+            with tf.device(self.device):
+                pending()
+            return True
 
     @property
     def num_classes(self) -> int | None:
@@ -85,11 +101,14 @@ class ServerTrainer:
         return self._num_classes
 
     def train(self, iv: np.ndarray, labels: np.ndarray, reset_metrics: bool) -> tuple[np.ndarray, list[float]]:
-        """Apply one update; return dLoss/dIV and the running metrics (loss first)."""
+        """One step: return dLoss/dIV and the running metrics (loss first); its update is left pending until
+        `settle` (or the next call that needs the weights)."""
+        self.settle()
         if reset_metrics:
             self.model.reset_metrics()
         with tf.device(self.device):
-            grad, values = self._train_fn(iv, labels)
+            grad, grads, values = self._train_fn(iv, labels)
+        self._defer(lambda: self._apply_fn(grads))
         return grad.numpy(), [float(v) for v in values]
 
     def train_micro(
@@ -99,19 +118,28 @@ class ServerTrainer:
         to the step's; the `last` one applies them in one update. Returns dLoss/dIV (of the whole step's loss)
         and the running metrics. For losses that average over the batch the update equals `train` on the
         whole batch."""
+        self.settle()
         if reset_metrics:
             self.model.reset_metrics()
         with tf.device(self.device):
-            grad, values = self._micro_fns[last](iv, labels, np.float32(share))
+            grad, values = self._micro_fn(iv, labels, np.float32(share))
+        if last:
+            self._defer(self._apply_accumulated_fn)
         return grad.numpy(), [float(v) for v in values]
+
+    def _defer(self, update: Callable[[], object]) -> None:
+        with self._pending_lock:
+            self._pending = update
 
     def discard_micro(self) -> None:
         """Forget the gradients accumulated for an unfinished step."""
+        self.settle()
         for accumulator in self._accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
 
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset_metrics: bool) -> list[float]:
         """Accumulate loss and metrics on one batch with no update; return the running values."""
+        self.settle()
         if reset_metrics:
             self.model.reset_metrics()
         with tf.device(self.device):
@@ -119,27 +147,29 @@ class ServerTrainer:
         return [float(v) for v in values]
 
     def predict(self, iv: np.ndarray) -> np.ndarray:
+        self.settle()
         with tf.device(self.device):
             return self._predict_fn(iv).numpy()
 
     # -- compiled bodies -----------------------------------------------------------------------------------
 
-    def _train_step(self, iv: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    def _train_step(self, iv: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor], list[tf.Tensor]]:
         grads, iv_grad, y_pred = self._gradients(iv, labels)
-        self.optimizer.apply(grads, self.model.trainable_variables)
-        return iv_grad, self._results(self.model.compute_metrics(iv, labels, y_pred))
+        return iv_grad, grads, self._results(self.model.compute_metrics(iv, labels, y_pred))
 
-    def _micro_step(
-        self, iv: tf.Tensor, labels: tf.Tensor, share: tf.Tensor, apply: bool
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    def _apply_step(self, grads: list[tf.Tensor]) -> None:
+        self.optimizer.apply(grads, self.model.trainable_variables)
+
+    def _micro_step(self, iv: tf.Tensor, labels: tf.Tensor, share: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         grads, iv_grad, y_pred = self._gradients(iv, labels, share)
         for accumulator, grad in zip(self._accumulators, grads, strict=True):
             accumulator.assign_add(grad)
-        if apply:
-            self.optimizer.apply([a.read_value() for a in self._accumulators], self.model.trainable_variables)
-            for accumulator in self._accumulators:
-                accumulator.assign(tf.zeros_like(accumulator))
         return iv_grad, self._results(self.model.compute_metrics(iv, labels, y_pred))
+
+    def _apply_accumulated(self) -> None:
+        self.optimizer.apply([a.read_value() for a in self._accumulators], self.model.trainable_variables)
+        for accumulator in self._accumulators:
+            accumulator.assign(tf.zeros_like(accumulator))
 
     def _gradients(
         self, iv: tf.Tensor, labels: tf.Tensor, share: tf.Tensor | None = None

@@ -1,7 +1,8 @@
 """Tensors on the wire: `dtype` + `shape` + raw little-endian bytes, never pickle.
 
-`to_proto` / `write` / `from_proto` are the only place ndarrays meet `splitlearning.v1.Tensor`. Decoding does
-not copy the payload for the raw encoding: the ndarray is a read-only view of the message's bytes.
+`to_proto` / `write` / `from_proto` (and `encode` / `decode`, their halves for `framing`) are the only place
+ndarrays meet `splitlearning.v1.Tensor`. Decoding does not copy the payload for the raw encoding: the ndarray
+is a read-only view of the received bytes.
 
 On the hot path, `write` fills a request's own `Tensor` field in place: building `TrainRequest(iv=tensor)`
 from a finished message costs a copy of the payload and, with upb, about ten times as long as the copy.
@@ -16,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from splitlearning.errors import InvalidRequest
+from splitlearning.framing import Payload
 from splitlearning.v1 import split_learning_pb2 as pb
 
 DTypeCode: TypeAlias = pb.DType.ValueType
@@ -71,40 +73,54 @@ def to_proto(array: np.ndarray, encoding: EncodingCode = pb.ENCODING_RAW) -> pb.
 
 def write(array: np.ndarray, message: pb.Tensor, encoding: EncodingCode = pb.ENCODING_RAW) -> pb.Tensor:
     """Encode an ndarray into `message` (an empty `Tensor`, e.g. `request.iv`) in place; return it."""
-    array = np.asarray(array)
-    code = dtype_to_proto(array.dtype)
-    message.dtype = code
-    message.shape.extend(array.shape)
-    if encoding in (pb.ENCODING_RAW, pb.ENCODING_UNSPECIFIED) or code not in _FLOAT_CODES:
-        message.encoding = pb.ENCODING_RAW
-        message.content = np.ascontiguousarray(array, dtype=_DTYPES[code]).tobytes()
-    elif encoding in _NARROW_FLOATS:
-        message.encoding = encoding
-        message.content = np.ascontiguousarray(array, dtype=_NARROW_FLOATS[encoding]).tobytes()
-    elif encoding == pb.ENCODING_INT8:
-        message.encoding = encoding
-        message.scale, message.content = _int8(array)
-    else:
-        raise InvalidRequest(f"unknown encoding {encoding}")
+    payload = encode(array, encoding)
+    message.MergeFrom(payload.header)
+    message.content = payload.data.tobytes()
     return message
 
 
-def _int8(array: np.ndarray) -> tuple[float, bytes]:
-    """Symmetric per-tensor quantisation: (scale, int8 bytes) with value ~= int8 * scale."""
+def encode(array: np.ndarray, encoding: EncodingCode = pb.ENCODING_RAW) -> Payload:
+    """The header and the bytes of an ndarray's `Tensor`, for `framing.Outgoing`; raw bytes are a view of the
+    array (no copy): the array must not change until the message is sent."""
+    array = np.asarray(array)
+    code = dtype_to_proto(array.dtype)
+    header = pb.Tensor(dtype=code, shape=array.shape)
+    if encoding in (pb.ENCODING_RAW, pb.ENCODING_UNSPECIFIED) or code not in _FLOAT_CODES:
+        header.encoding = pb.ENCODING_RAW
+        values = np.ascontiguousarray(array, dtype=_DTYPES[code])
+    elif encoding in _NARROW_FLOATS:
+        header.encoding = encoding
+        values = np.ascontiguousarray(array, dtype=_NARROW_FLOATS[encoding])
+    elif encoding == pb.ENCODING_INT8:
+        header.encoding = encoding
+        header.scale, values = _int8(array)
+    else:
+        raise InvalidRequest(f"unknown encoding {encoding}")
+    return Payload(header, values.reshape(-1).view(np.uint8))
+
+
+def _int8(array: np.ndarray) -> tuple[float, np.ndarray]:
+    """Symmetric per-tensor quantisation: (scale, int8 values) with value ~= int8 * scale."""
     peak = max(float(array.max()), -float(array.min())) if array.size else 0.0
     if not math.isfinite(peak):  # quantising would turn NaN into 0 and hide the divergence from the receiver
         raise InvalidRequest("cannot encode NaN or Inf as int8: the values have diverged")
     if peak == 0:
-        return 1.0, bytes(array.size)
+        return 1.0, np.zeros(array.size, np.int8)
     scale = np.float32(peak / 127.0)
     # One scaled float32 copy, rounded in place; |value| <= peak makes every entry lie in [-127, 127].
     scaled = np.multiply(array, np.float32(127.0 / peak), dtype=np.float32)
     np.rint(scaled, out=scaled)
-    return float(scale), scaled.astype("i1").tobytes()
+    return float(scale), scaled.astype("i1")
 
 
 def from_proto(message: pb.Tensor, field: str = "tensor") -> np.ndarray:
     """Decode a `Tensor`; a malformed one raises `InvalidRequest` naming `field`, expected vs. got."""
+    return decode(message, message.content, field)  # each read of a bytes field copies it: read it once
+
+
+def decode(message: pb.Tensor, content: bytes | memoryview, field: str = "tensor") -> np.ndarray:
+    """Decode a `Tensor` whose values are `content` (its own, or a view `framing.parse` left in the received
+    buffer); for the raw encoding the ndarray is a read-only view of `content`."""
     dtype = _checked_dtype(message.dtype, field)
     shape = tuple(message.shape)
     if len(shape) > MAX_DIMENSIONS:
@@ -112,7 +128,6 @@ def from_proto(message: pb.Tensor, field: str = "tensor") -> np.ndarray:
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"{field}: negative dimension in shape {list(shape)}")
     count = math.prod(shape)
-    content = message.content  # each read of a bytes field copies it out of the message: read it once
     encoding = message.encoding or pb.ENCODING_RAW
     if encoding == pb.ENCODING_RAW:
         wire = dtype

@@ -110,7 +110,7 @@ def server_snapshot(server: SplitServer) -> dict[str, Any]:
     """Everything a refused request must leave alone: weights, optimizer slots, metrics, the step."""
     trainer = server.trainer
     return {
-        "weights": [np.array(w) for w in trainer.model.get_weights()],
+        "weights": [np.array(w) for w in server.model.get_weights()],  # settles the last step's update first
         "optimizer": [np.array(v.numpy()) for v in trainer.optimizer.variables],
         "iterations": trainer.iterations,
         "metrics": [np.array(v.numpy()) for v in trainer.model.metrics_variables],

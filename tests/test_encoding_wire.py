@@ -88,13 +88,13 @@ def test_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyPatch) 
 def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[tuple[int, int, int]]]]:
     """Every tensor decoded in this process (server and client alike): field -> (encoding, bytes, elements)."""
     record: dict[str, list[tuple[int, int, int]]] = {}
-    decode = codec.from_proto
+    decode = codec.decode
 
-    def recording(message: pb.Tensor, field: str = "tensor") -> np.ndarray:
-        record.setdefault(field, []).append((message.encoding, len(message.content), int(np.prod(message.shape))))
-        return decode(message, field)
+    def recording(message: pb.Tensor, content: bytes | memoryview, field: str = "tensor") -> np.ndarray:
+        record.setdefault(field, []).append((message.encoding, len(content), int(np.prod(message.shape))))
+        return decode(message, content, field)
 
-    monkeypatch.setattr(codec, "from_proto", recording)
+    monkeypatch.setattr(codec, "decode", recording)
     yield record
 
 

@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 import client_part.transport as transport_module
 from client_part import SplitClient
 from server_part import SplitServer
+from splitlearning.v1 import split_learning_pb2 as pb
 from tests.conftest import build_bottom, build_top, make_data, make_loss
 from tests.ushape_support import build_head, build_middle
 
@@ -30,9 +31,9 @@ class Recorder(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientIntercep
         return continuation(details, request)
 
     def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Iterator[Any]) -> Any:
-        def recorded() -> Iterator[Message]:
-            for request in requests:
-                self.sent.append(request)
+        def recorded() -> Iterator[Any]:
+            for request in requests:  # a framing.Outgoing: kept as the message its bytes on the wire are
+                self.sent.append(pb.TrainRequest.FromString(request.serialize()))
                 yield request
 
         return continuation(details, recorded())
