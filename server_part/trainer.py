@@ -77,6 +77,7 @@ class ServerTrainer:
             self.metric_names = self._build_metrics()
         self._pending: Callable[[], object] | None = None  # the last step's update, not yet applied
         self._pending_lock = threading.Lock()
+        self._failed: str | None = None  # why a pending update could not be applied
         log.info("server part on %s: %s", device, describe_placement(_tf_variables(self.model, self.optimizer)))
 
     @property
@@ -86,13 +87,26 @@ class ServerTrainer:
         return int(self.optimizer.iterations.numpy())
 
     def settle(self) -> bool:
-        """Apply the pending update, if any (safe from any thread; it runs once). True if one was applied."""
+        """Apply the pending update, if any (safe from any thread; it runs once). True if one was applied.
+
+        An update that fails leaves this trainer refusing every later call: the client already holds that
+        step's reply, so training on would silently diverge from `fit`; restart from a checkpoint instead.
+        """
         with self._pending_lock:
+            if self._failed is not None:
+                raise RuntimeError(self._failed)
             pending, self._pending = self._pending, None
             if pending is None:
                 return False
-            with tf.device(self.device):
-                pending()
+            try:
+                with tf.device(self.device):
+                    pending()
+            except Exception as error:
+                self._failed = (
+                    f"the optimizer update of an answered step failed ({type(error).__name__}: {error}); this "
+                    "server's weights no longer follow the client's steps: restart it from a checkpoint"
+                )
+                raise RuntimeError(self._failed) from error
             return True
 
     @property

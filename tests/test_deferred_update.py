@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from server_part import SplitServer
@@ -111,3 +112,19 @@ def test_the_reply_does_not_wait_for_the_update_and_the_next_step_does() -> None
     finally:
         release.set()
         server.stop(grace=1.0)
+
+
+def test_a_failed_update_refuses_everything_after_it() -> None:
+    trainer = _trainer()
+    x, y = _batch(2)
+    trainer.train(x, y, reset_metrics=True)
+
+    def broken(grads: list[tf.Tensor]) -> None:
+        raise tf.errors.ResourceExhaustedError(None, None, "out of memory")
+
+    trainer._apply_fn = broken
+    with pytest.raises(RuntimeError, match="restart it from a checkpoint"):
+        trainer.settle()
+    for call in (lambda: trainer.train(x, y, reset_metrics=False), lambda: trainer.predict(x), trainer.settle):
+        with pytest.raises(RuntimeError, match="update of an answered step failed"):
+            call()
