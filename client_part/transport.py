@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 _MESSAGE_OVERHEAD = 64 * 1024
 _TRAIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['SplitLearningService'].full_name}/Train"
 _END = None
-
-TrainRequest = framing.Outgoing[pb.TrainRequest]
-TrainReply = framing.Incoming[pb.TrainResponse]
 # Reconnect quickly once a restarted server is back (gRPC's default backoff grows to two minutes).
 _RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+
+# The training stream's messages, as `framing` writes and reads them.
+TrainRequest = framing.Outgoing[pb.TrainRequest]
+TrainReply = framing.Incoming[pb.TrainResponse]
 
 
 class RemoteError(RuntimeError):

@@ -162,32 +162,26 @@ def _frame_tensor(frame: TrainFrame, name: str) -> np.ndarray:
 
 def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
     """Register the service as the generated `add_SplitLearningServiceServicer_to_server` does, but with Train's
-    messages read and written by `framing` (the same bytes on the wire)."""
-    handlers = {
-        "Handshake": grpc.unary_unary_rpc_method_handler(
-            servicer.Handshake,
-            request_deserializer=pb.HandshakeRequest.FromString,
-            response_serializer=pb.HandshakeResponse.SerializeToString,
-        ),
-        "Train": grpc.stream_stream_rpc_method_handler(
-            servicer.Train,
-            request_deserializer=lambda data: framing.parse(pb.TrainRequest, data),
-            response_serializer=framing.Outgoing.serialize,
-        ),
-        "Evaluate": grpc.unary_unary_rpc_method_handler(
-            servicer.Evaluate,
-            request_deserializer=pb.EvaluateRequest.FromString,
-            response_serializer=pb.EvaluateResponse.SerializeToString,
-        ),
-        "Predict": grpc.unary_unary_rpc_method_handler(
-            servicer.Predict,
-            request_deserializer=pb.PredictRequest.FromString,
-            response_serializer=pb.PredictResponse.SerializeToString,
-        ),
-    }
-    service = pb.DESCRIPTOR.services_by_name["SplitLearningService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
+    messages read and written by `framing` (the same bytes on the wire); the unary methods use protobuf's own."""
+    service = pb.DESCRIPTOR.services_by_name["SplitLearningService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        behavior = getattr(servicer, method.name)
+        if method.client_streaming or method.server_streaming:
+            if method.name != "Train":
+                raise AssertionError(f"{method.name}: no framing for a streaming method but Train")
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behavior,
+                request_deserializer=lambda data: framing.parse(pb.TrainRequest, data),
+                response_serializer=framing.Outgoing.serialize,
+            )
+        else:
+            request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behavior, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _guard(context: grpc.ServicerContext, run: Callable[[], T]) -> T:

@@ -15,11 +15,13 @@ On the wire a `TrainRequest` or `TrainResponse` is ordinary protobuf: any client
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 from splitlearning.v1 import split_learning_pb2 as pb
@@ -44,7 +46,11 @@ class Payload:
 
 def tensor_fields(message_type: type[Message]) -> dict[str, int]:
     """The fields of `message_type` that hold a `Tensor`: name -> field number."""
-    descriptor = message_type.DESCRIPTOR
+    return _tensor_fields(message_type.DESCRIPTOR)
+
+
+@functools.cache
+def _tensor_fields(descriptor: Descriptor) -> dict[str, int]:
     return {
         f.name: f.number
         for f in descriptor.fields
