@@ -6,13 +6,17 @@ sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import tensorflow as tf
 
 Batch = tuple[Any, Any]
+T = TypeVar("T")
+U = TypeVar("U")
+_DONE = object()
 
 
 def epoch_order(size: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -59,3 +63,19 @@ def iterate_inputs(x: Any, batch_size: int) -> Iterator[Any]:
         return
     for begin in range(0, len(x), batch_size):
         yield x[begin : begin + batch_size]
+
+
+def prefetch(source: Iterator[T], prepare: Callable[[T], U]) -> Iterator[U]:
+    """`prepare(item)` for each item of `source`, in order, the next one made ready on a helper thread while
+    the caller works on the current one (as `tf.data`'s prefetch does for Keras `fit`). Errors from `source`
+    or `prepare` reach the caller at the item they belong to."""
+
+    def produce() -> U | object:
+        item = next(source, _DONE)
+        return item if item is _DONE else prepare(item)  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-prefetch") as pool:
+        future = pool.submit(produce)
+        while (ready := future.result()) is not _DONE:
+            future = pool.submit(produce)
+            yield ready  # type: ignore[misc]

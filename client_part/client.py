@@ -282,9 +282,11 @@ class SplitClient:
             self._reset_metrics = True
             self.trainer.regularization.reset_state()
             started, samples, logs, index = time.perf_counter(), 0, {}, start - 1
-            for index, (xb, yb) in enumerate(batches.iterate(x, y, run.batch_size, order, start), start):
+            # The next batch is gathered and made a tensor on the client's device while this step runs.
+            ready = batches.prefetch(batches.iterate(x, y, run.batch_size, order, start), self._as_tensors)
+            for index, (xb, yb) in enumerate(ready, start):
                 step_started = time.perf_counter()
-                penalty = self.trainer.train(xb, self._labels(yb))
+                penalty = self.trainer.train(xb, yb)
                 self.meter.step(len(xb), time.perf_counter() - step_started)
                 self._after_step()
                 samples += len(xb)
@@ -464,6 +466,11 @@ class SplitClient:
         logs = dict(zip(names or self.agreement.metric_names, values, strict=True))
         logs["loss"] += penalty
         return logs
+
+    def _as_tensors(self, batch: batches.Batch) -> tuple[tf.Tensor, tf.Tensor]:
+        xb, yb = batch
+        with tf.device(self.trainer.device):
+            return tf.convert_to_tensor(xb), tf.convert_to_tensor(self._labels(yb))
 
     def _labels(self, y: Any) -> np.ndarray:
         spec = self.agreement.contract.label
