@@ -4,8 +4,9 @@
 ndarrays meet `splitlearning.v1.Tensor`. Decoding does not copy the payload for the raw encoding: the ndarray
 is a read-only view of the received bytes.
 
-On the hot path, `write` fills a request's own `Tensor` field in place: building `TrainRequest(iv=tensor)`
-from a finished message costs a copy of the payload and, with upb, about ten times as long as the copy.
+The training stream sends `encode`'s payloads through `framing` (no copy into protobuf at all); elsewhere
+`write` fills a request's own `Tensor` field in place: building `TrainRequest(iv=tensor)` from a finished
+message costs a copy of the payload and, with upb, about ten times as long as the copy.
 """
 
 from __future__ import annotations
