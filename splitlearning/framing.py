@@ -6,7 +6,7 @@ On the wire a `TrainRequest` or `TrainResponse` is ordinary protobuf: any client
 - sending (`Outgoing.serialize`): protobuf serialises the small parts (the message without its tensors, each
   tensor's header: dtype, shape, encoding, scale); the tensor bytes are joined behind them once, framed by
   hand as the `content` field of their `Tensor`. Setting `content` on a message, then serialising it, copies
-  the payload twice more and costs upb about 50-100 µs per megabyte each;
+  the payload twice more, at tens of microseconds per megabyte each (figures in docs/performance.md);
 - receiving (`parse`): the received buffer is scanned field by field (a few varints); each tensor's content
   stays a view of that buffer and only the small parts go through protobuf. Anything this scanner does not
   expect (a tensor field twice, a content field twice, an unknown wire type) falls back to protobuf's own
@@ -73,6 +73,9 @@ class Outgoing(Generic[M]):
         """The protobuf encoding of the whole message; the tensor bytes are copied once, into it."""
         if self._wire is None:
             numbers = tensor_fields(type(self.message))
+            doubled = [name for name in self.tensors if self.message.HasField(name)]
+            if doubled:  # protobuf would merge the two: shapes appended, a wrong tensor
+                raise ValueError(f"{doubled} set on the message and given as tensors: give each tensor once")
             parts: list[bytes | np.ndarray] = [self.message.SerializeToString()]
             for name, payload in self.tensors.items():
                 head = payload.header.SerializeToString()

@@ -153,3 +153,9 @@ def test_responses_round_trip_with_metrics_and_outputs() -> None:
     assert frame.has("outputs") and frame.has("iv_gradient")
     got = codec.decode(frame.message.outputs, frame.content("outputs"), "outputs")
     np.testing.assert_array_equal(got, IV[:2])
+
+
+def test_a_tensor_given_twice_is_refused() -> None:
+    message = pb.TrainRequest(iv=codec.to_proto(IV))
+    with pytest.raises(ValueError, match="give each tensor once"):
+        framing.Outgoing(message, {"iv": codec.encode(IV)}).serialize()
