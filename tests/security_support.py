@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT = 60.0
+CLIENT_TIMEOUT = 120
 
 
 @dataclass(frozen=True)
@@ -181,3 +182,17 @@ def start_server(directory: Path, *args: str, name: str = "server") -> ServerPro
             raise RuntimeError(f"split-server did not start within {SERVER_START_TIMEOUT} s:\n{log.read_text()}")
         time.sleep(0.05)
     return ServerProcess(process, int(port_file.read_text()), log)
+
+
+def run_client(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m client_part --target TARGET --model digits-mlp --connect-timeout 30 ARGS`, to the end."""
+    command = [sys.executable, "-m", "client_part", "--target", target, "--model", "digits-mlp"]
+    return subprocess.run(
+        [*command, "--connect-timeout", "30", *args],
+        env=environment(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT,
+        check=False,
+    )

@@ -5,8 +5,6 @@ The certificates are made by the test itself (tests/security_support.py), never 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,12 +19,11 @@ from splitlearning import data
 from splitlearning.contract import Spec
 from splitlearning.models import load_part
 from splitlearning.security import TlsConfig
-from tests.security_support import ROOT, Pki, ServerProcess, environment, make_pki, start_server, write_token
+from tests.security_support import Pki, ServerProcess, make_pki, run_client, start_server, write_token
 
 TOKEN = "s3cr3t-T0KEN-for-tests-7f1d2a"
 WRONG_TOKEN = "wr0ng-T0KEN-offered-by-client-99"
 DIGITS_IV = Spec((64,), np.dtype("float32"))
-CLIENT_TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
@@ -180,19 +177,11 @@ def test_the_client_cli_trains_over_mtls_with_a_token(
     mtls_server: ServerProcess, pki: Pki, token_file: Path, tmp_path: Path
 ) -> None:
     history = tmp_path / "history.json"
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "client_part", "--target", mtls_server.target, "--model", "digits-mlp"),
-            *("--epochs", "1", "--batch-size", "128", "--log-level", "DEBUG", "--history-json", str(history)),
-            *("--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)),
-            *("--auth-token-file", str(token_file), "--connect-timeout", "30"),
-        ],
-        env=environment(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CLIENT_TIMEOUT,
-        check=False,
+    result = run_client(
+        mtls_server.target,
+        *("--epochs", "1", "--batch-size", "128", "--log-level", "DEBUG", "--history-json", str(history)),
+        *("--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)),
+        *("--auth-token-file", str(token_file)),
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

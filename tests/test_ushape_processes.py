@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.security_support import ROOT, ServerProcess, environment, start_server
-
-CLIENT_TIMEOUT = 120
+from tests.security_support import ServerProcess, run_client, start_server
 
 
 @pytest.fixture(scope="module")
@@ -20,29 +16,6 @@ def middle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     server = start_server(tmp_path_factory.mktemp("ushape"), "--cut", "ushape", "--model", "digits-mlp")
     yield server
     server.stop()
-
-
-def run_client(target: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "client_part",
-            "--target",
-            target,
-            "--model",
-            "digits-mlp",
-            "--connect-timeout",
-            "30",
-            *args,
-        ],
-        env=environment(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CLIENT_TIMEOUT,
-        check=False,
-    )
 
 
 def test_ushape_trains_across_two_processes(middle_server: ServerProcess, tmp_path: Path) -> None:
