@@ -37,19 +37,25 @@ class ModelPair:
     head: Callable[[int], Any] | None = None
 
 
+def _dense_top(cut: int, hidden: int, name: str, classes: int | None = 10) -> Callable[[int], Any]:
+    """The second part of a built-in pair: the cut -> Dense(hidden, relu) -> Dense(classes) logits; a U-shape's
+    middle stops after the hidden layer (`classes=None`)."""
+
+    def build(seed: int) -> Any:
+        keras.utils.set_random_seed(seed + 1)
+        layers = [keras.Input((cut,), name="cut"), keras.layers.Dense(hidden, activation="relu")]
+        if classes is not None:
+            layers.append(keras.layers.Dense(classes))
+        return keras.Sequential(layers, name=name)
+
+    return build
+
+
 def _digits_mlp_client(seed: int) -> Any:
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [keras.Input((8, 8, 1), name="image"), keras.layers.Flatten(), keras.layers.Dense(64, activation="relu")],
         name="digits_mlp_client",
-    )
-
-
-def _digits_mlp_server(seed: int) -> Any:
-    keras.utils.set_random_seed(seed + 1)
-    return keras.Sequential(
-        [keras.Input((64,), name="cut"), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)],
-        name="digits_mlp_server",
     )
 
 
@@ -64,28 +70,6 @@ def _digits_cnn_client(seed: int) -> Any:
             keras.layers.Flatten(),
         ],
         name="digits_cnn_client",
-    )
-
-
-def _digits_cnn_server(seed: int) -> Any:
-    keras.utils.set_random_seed(seed + 1)
-    return keras.Sequential(
-        [keras.Input((512,), name="cut"), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)],
-        name="digits_cnn_server",
-    )
-
-
-def _digits_middle(seed: int) -> Any:
-    keras.utils.set_random_seed(seed + 1)
-    return keras.Sequential(
-        [keras.Input((64,), name="cut"), keras.layers.Dense(64, activation="relu")], name="digits_middle"
-    )
-
-
-def _digits_cnn_middle(seed: int) -> Any:
-    keras.utils.set_random_seed(seed + 1)
-    return keras.Sequential(
-        [keras.Input((512,), name="cut"), keras.layers.Dense(64, activation="relu")], name="digits_cnn_middle"
     )
 
 
@@ -110,14 +94,6 @@ def _mnist_cnn_client(seed: int) -> Any:
     )
 
 
-def _mnist_cnn_server(seed: int) -> Any:
-    keras.utils.set_random_seed(seed + 1)
-    return keras.Sequential(
-        [keras.Input((1600,), name="cut"), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)],
-        name="mnist_cnn_server",
-    )
-
-
 def _mnist_wide_client(seed: int) -> Any:
     """28x28x1 -> one convolution, no pooling -> an IV of 28*28*16 = 12,544 floats (49 KB) per sample."""
     keras.utils.set_random_seed(seed)
@@ -131,13 +107,12 @@ def _mnist_wide_client(seed: int) -> Any:
     )
 
 
-def _mnist_wide_server(seed: int) -> Any:
-    keras.utils.set_random_seed(seed + 1)
-    return keras.Sequential(
-        [keras.Input((12544,), name="cut"), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)],
-        name="mnist_wide_server",
-    )
-
+_digits_mlp_server = _dense_top(64, 64, "digits_mlp_server")
+_digits_cnn_server = _dense_top(512, 64, "digits_cnn_server")
+_digits_middle = _dense_top(64, 64, "digits_middle", classes=None)
+_digits_cnn_middle = _dense_top(512, 64, "digits_cnn_middle", classes=None)
+_mnist_cnn_server = _dense_top(1600, 128, "mnist_cnn_server")
+_mnist_wide_server = _dense_top(12544, 64, "mnist_wide_server")
 
 _LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
