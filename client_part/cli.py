@@ -44,11 +44,7 @@ class ClientConfig(cli.ProcessConfig):
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
     parser = argparse.ArgumentParser(prog="split-client", description=__doc__)
     cli.add(parser, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
-    cli.add_process_flags(
-        parser,
-        "model pair (digits-mlp, digits-cnn; mnist-cnn, mnist-wide: 28x28 inputs) or package.module:function "
-        "returning the first part",
-    )
+    cli.add_process_flags(parser, part="first")
     cli.add(parser, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
     cli.add(parser, "--batch-size", type=int, default=64, help="samples per training step")
     cli.add(parser, "--epochs", type=int, default=10, help="passes over the training data")

@@ -37,11 +37,7 @@ class ServerConfig(cli.ProcessConfig):
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="split-server", description=__doc__)
     cli.add(parser, "--address", default="127.0.0.1:50051", help="host:port to listen on (0.0.0.0:PORT for all)")
-    cli.add_process_flags(
-        parser,
-        "model pair (digits-mlp, digits-cnn; mnist-cnn, mnist-wide: 28x28 inputs) or package.module:function "
-        "returning the second part",
-    )
+    cli.add_process_flags(parser, part="second")
     cli.add(parser, "--loss", default=None, help="Keras loss name (default: the model pair's, or a compiled part's)")
     cli.add(parser, "--metrics", default=None, help="comma-separated Keras metric names (default: accuracy)")
     cli.add(parser, "--max-batch-size", type=int, default=1024, help="largest batch a request may carry")

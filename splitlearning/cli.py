@@ -31,9 +31,16 @@ def add(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
     parser.add_argument(flag, **kwargs)
 
 
-def add_process_flags(parser: argparse.ArgumentParser, model_help: str) -> None:
-    """Flags both processes take: model, device, cores, threads, optimizer, seed, logging."""
-    add(parser, "--model", default="digits-mlp", help=model_help)
+def add_process_flags(parser: argparse.ArgumentParser, part: str) -> None:
+    """Flags both processes take: model, device, cores, threads, optimizer, seed, logging; `part` names the
+    part this process holds ('first', 'second')."""
+    add(
+        parser,
+        "--model",
+        default="digits-mlp",
+        help="model pair (digits-mlp, digits-cnn; mnist-cnn, mnist-wide: 28x28 inputs) or package.module:function "
+        f"returning the {part} part",
+    )
     add(parser, "--device", default="/CPU:0", help="device to pin this process to: /CPU:0, /GPU:0, /GPU:1, ...")
     add(parser, "--cpus", default=None, help="pin this process to these CPU cores, e.g. '0' or '0-3'")
     add(
