@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from splitlearning import subprocesses
+
 _SERVER_START_TIMEOUT = 120.0
 
 
@@ -62,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return client.returncode
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            subprocesses.stop(server, timeout=15)
 
 
 def _shared_flags(client_args: list[str]) -> list[str]:

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from splitlearning import subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT = 60.0
 CLIENT_TIMEOUT = 120
@@ -158,13 +160,7 @@ class ServerProcess:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        subprocesses.stop(self.process, timeout=20)
 
 
 def start_server(directory: Path, *args: str, name: str = "server") -> ServerProcess:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from splitlearning import subprocesses
 from tests.deploy_compose import Service, entry_point, process_environment, resolved, seconds, services
 
 SERVER_ADDRESS = "10.200.5.1"
@@ -129,16 +130,6 @@ def wait_healthy(hosts: Hosts, server: Service, process: subprocess.Popen[bytes]
         time.sleep(interval)
 
 
-def stop(process: subprocess.Popen[bytes]) -> int:
-    process.terminate()
-    try:
-        return process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=STOP_TIMEOUT)
-        raise
-
-
 def test_compose_services_train_across_two_hosts(hosts: Hosts, tmp_path: Path) -> None:
     found = services(resolved())
     server, client = found["server"], found["client"]
@@ -163,7 +154,7 @@ def test_compose_services_train_across_two_hosts(hosts: Hosts, tmp_path: Path) -
                 check=False,
             )
         finally:
-            server_status = stop(process)
+            server_status = subprocesses.stop(process, STOP_TIMEOUT)  # killed after it: negative, and fails below
     output = f"client stdout:\n{result.stdout}\nclient stderr:\n{result.stderr}\nserver:\n{log.read_text()}"
     assert result.returncode == 0, output
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from splitlearning import subprocesses
+
 START_TIMEOUT = 120.0
 
 
@@ -37,12 +39,7 @@ def server(tmp_path: Path) -> Iterator[int]:
             time.sleep(0.1)
         yield int(port_file.read_text())
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        subprocesses.stop(process, timeout=20)
     assert process.returncode == 0, f"split-server exited with {process.returncode} on SIGTERM"
 
 
