@@ -87,9 +87,7 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
         help="add Gaussian noise of stddev MULTIPLIER * --clip-norm to every IV sent (needs --clip-norm)",
     )
     security.add_client_flags(parser)
-    cli.add(parser, "--checkpoint-dir", type=Path, default=None, help="save and resume from checkpoints here")
-    cli.add(parser, "--checkpoint-every", type=int, default=100, help="save a checkpoint every this many steps")
-    cli.add(parser, "--checkpoint-keep", type=int, default=5, help="checkpoints to keep (at least 2)")
+    cli.add_checkpoint_flags(parser)
     cli.add(parser, "--rpc-timeout", type=float, default=60.0, help="deadline of every call (each step) in seconds")
     cli.add(parser, "--retry-timeout", type=float, default=120.0, help="seconds to keep retrying a failed call")
     cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz)")

@@ -58,9 +58,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="standard: this part holds the loss and gets labels; ushape: it holds only the middle (no labels)",
     )
     security.add_server_flags(parser)
-    cli.add(parser, "--checkpoint-dir", type=Path, default=None, help="save and resume from checkpoints here")
-    cli.add(parser, "--checkpoint-every", type=int, default=100, help="save a checkpoint every this many steps")
-    cli.add(parser, "--checkpoint-keep", type=int, default=5, help="checkpoints to keep (at least 2)")
+    cli.add_checkpoint_flags(parser)
     cli.add(parser, "--grace", type=float, default=5.0, help="seconds RPCs get to finish on SIGTERM (< compose's 10)")
     cli.add(parser, "--max-workers", type=int, default=8, help="RPC worker threads and concurrent RPCs")
     cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz) on exit")

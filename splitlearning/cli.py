@@ -57,6 +57,13 @@ def add_process_flags(parser: argparse.ArgumentParser, part: str) -> None:
     add(parser, "--log-format", default="text", choices=["text", "json"], help="log line format")
 
 
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    """Checkpoint flags, the same on both processes (each saves its own part)."""
+    add(parser, "--checkpoint-dir", type=Path, default=None, help="save and resume from checkpoints here")
+    add(parser, "--checkpoint-every", type=int, default=100, help="save a checkpoint every this many steps")
+    add(parser, "--checkpoint-keep", type=int, default=5, help="checkpoints to keep (at least 2)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProcessConfig:
     """What both programs' flags configure alike: the part, the process, security, checkpoints, telemetry."""
