@@ -61,33 +61,16 @@ def test_pipelined_weights_equal_unpipelined(split_pair: StartServer, kind: str,
     assert not np.allclose(weights[0], initial[0])
 
 
-def test_out_of_order_micro_batch_is_refused_and_changes_nothing(split_pair: StartServer) -> None:
-    split = split_pair("plain", 2)
-    transport, iv, y = joined(split)
-    try:
-        before = server_snapshot(split.server)
-        transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
-        transport.receive(0)
-        transport.send(0, iv[4:], y[4:], False, micro_batch=0, micro_batches=2, step_samples=8)  # 1 was due
-        with pytest.raises(RemoteError, match="micro-batch 0 of step 0 is out of order") as refused:
-            transport.receive(0)
-        assert refused.value.code.name == "FAILED_PRECONDITION"
-        after = server_snapshot(split.server)
-        # The first micro-batch moved the running metrics but no weight, slot or step.
-        before["metrics"] = after["metrics"]
-        assert_same_snapshot(before, after)
-    finally:
-        transport.close()
-
-
 @pytest.mark.parametrize(
     ("second", "fragment"),
     [
-        ({"micro_batches": 3, "step_samples": 8}, "breaks the step's plan"),  # the plan changed mid-step
-        ({"micro_batches": 2, "step_samples": 12}, "breaks the step's plan"),  # the shares would not add to 1
+        ({"micro_batch": 0, "micro_batches": 2, "step_samples": 8}, "micro-batch 0 of step 0 is out of order"),  # 1 due
+        ({"micro_batch": 1, "micro_batches": 3, "step_samples": 8}, "breaks the step's plan"),  # plan changed mid-step
+        ({"micro_batch": 1, "micro_batches": 2, "step_samples": 12}, "breaks the step's plan"),  # shares don't add to 1
     ],
+    ids=["out-of-order", "parts-changed", "samples-changed"],
 )
-def test_a_micro_batch_that_breaks_the_steps_plan_is_refused(
+def test_a_micro_batch_out_of_order_or_off_plan_is_refused_and_changes_nothing(
     split_pair: StartServer, second: dict[str, int], fragment: str
 ) -> None:
     split = split_pair("plain", 2)
@@ -96,13 +79,14 @@ def test_a_micro_batch_that_breaks_the_steps_plan_is_refused(
         before = server_snapshot(split.server)
         transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
         transport.receive(0)
-        transport.send(0, iv[4:], y[4:], False, micro_batch=1, **second)
+        transport.send(0, iv[4:], y[4:], False, **second)
         with pytest.raises(RemoteError, match=fragment) as refused:
             transport.receive(0)
         assert refused.value.code.name == "FAILED_PRECONDITION"
         after = server_snapshot(split.server)
+        # The first micro-batch moved the running metrics but no weight, slot or step: no update was applied.
         before["metrics"] = after["metrics"]
-        assert_same_snapshot(before, after)  # no update was applied with the wrong shares
+        assert_same_snapshot(before, after)
     finally:
         transport.close()
 
