@@ -106,7 +106,8 @@ def train(split_pair: StartServer, allowed: tuple[str, ...], wanted: str) -> tup
     )
     with client:
         client.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-    return client, [*split.bottom.get_weights(), *split.top.get_weights()]
+    # server.model settles the last step's update, which the server applies after its reply (top would race it)
+    return client, [*split.bottom.get_weights(), *split.server.model.get_weights()]
 
 
 def test_server_allows_only_raw_unless_it_opts_in(split_pair: StartServer, seen: dict[str, Any]) -> None:
