@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from splitlearning.compiled import Compiled
 from splitlearning.contract import Spec
 from splitlearning.devices import describe_placement
 from splitlearning.models import ModelSource, materialize
@@ -55,8 +56,8 @@ class ClientTrainer:
             self.optimizer.build(self.model.trainable_variables)
             self.regularization = keras.metrics.Mean(name="regularization")
         self.iv_spec = _spec(self.model.outputs[0])
-        self._train_fn = tf.function(self._train_step, reduce_retracing=True)
-        self._forward_fn = tf.function(self._forward, reduce_retracing=True)
+        self._train_fn = Compiled(self._train_step)
+        self._forward_fn = Compiled(self._forward)
         variables = [getattr(v, "value", v) for h in (self.model, self.optimizer) for v in h.variables]
         log.info("client part on %s: %s", device, describe_placement(variables))
 

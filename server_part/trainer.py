@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from splitlearning.compiled import Compiled
 from splitlearning.contract import CutContract, Spec
 from splitlearning.devices import describe_placement
 from splitlearning.models import ModelSource, materialize
@@ -63,17 +64,18 @@ class ServerTrainer:
             self._num_classes = self._sparse_classes(loss)
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)
-            self._train_fn = tf.function(self._train_step, input_signature=[iv_sig, label_sig])
-            self._apply_fn = tf.function(self._apply_step)
+            self._train_fn = Compiled(self._train_step, input_signature=[iv_sig, label_sig])
+            weight_sigs = [tf.TensorSpec(w.shape, w.dtype) for w in self.model.trainable_variables]
+            self._apply_fn: Callable[..., object] = Compiled(self._apply_step, input_signature=weight_sigs)
             # Micro-batch pipelining: gradients of a step's micro-batches add up here until the last one.
             self._accumulators = [
                 tf.Variable(tf.zeros_like(w), trainable=False) for w in self.model.trainable_variables
             ]
             micro_sig = [iv_sig, label_sig, tf.TensorSpec([], tf.float32)]
-            self._micro_fn = tf.function(self._micro_step, input_signature=micro_sig)
-            self._apply_accumulated_fn = tf.function(self._apply_accumulated)
-            self._test_fn = tf.function(self._test_step, input_signature=[iv_sig, label_sig])
-            self._predict_fn = tf.function(self._predict_step, input_signature=[iv_sig])
+            self._micro_fn = Compiled(self._micro_step, input_signature=micro_sig)
+            self._apply_accumulated_fn = Compiled(self._apply_accumulated, input_signature=[])
+            self._test_fn = Compiled(self._test_step, input_signature=[iv_sig, label_sig])
+            self._predict_fn = Compiled(self._predict_step, input_signature=[iv_sig])
             self.metric_names = self._build_metrics()
         self._pending: Callable[[], object] | None = None  # the last step's update, not yet applied
         self._pending_lock = threading.Lock()
@@ -122,7 +124,7 @@ class ServerTrainer:
             self.model.reset_metrics()
         with tf.device(self.device):
             grad, grads, values = self._train_fn(iv, labels)
-        self._defer(lambda: self._apply_fn(grads))
+        self._defer(lambda: self._apply_fn(*grads))
         return grad.numpy(), [float(v) for v in values]
 
     def train_micro(
@@ -171,8 +173,8 @@ class ServerTrainer:
         grads, iv_grad, y_pred = self._gradients(iv, labels)
         return iv_grad, grads, self._results(self.model.compute_metrics(iv, labels, y_pred))
 
-    def _apply_step(self, grads: list[tf.Tensor]) -> None:
-        self.optimizer.apply(grads, self.model.trainable_variables)
+    def _apply_step(self, *grads: tf.Tensor) -> None:
+        self.optimizer.apply(list(grads), self.model.trainable_variables)
 
     def _micro_step(self, iv: tf.Tensor, labels: tf.Tensor, share: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         grads, iv_grad, y_pred = self._gradients(iv, labels, share)

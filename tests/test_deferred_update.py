@@ -81,10 +81,10 @@ def test_the_reply_does_not_wait_for_the_update_and_the_next_step_does() -> None
     release, started = threading.Event(), threading.Event()
     apply = trainer._apply_fn
 
-    def held_apply(grads: list[tf.Tensor]) -> None:
+    def held_apply(*grads: tf.Tensor) -> None:
         started.set()
         assert release.wait(timeout=30), "the test never released the update"
-        apply(grads)
+        apply(*grads)
 
     trainer._apply_fn = held_apply
     try:
@@ -119,7 +119,7 @@ def test_a_failed_update_refuses_everything_after_it() -> None:
     x, y = _batch(2)
     trainer.train(x, y, reset_metrics=True)
 
-    def broken(grads: list[tf.Tensor]) -> None:
+    def broken(*grads: tf.Tensor) -> None:
         raise tf.errors.ResourceExhaustedError(None, None, "out of memory")
 
     trainer._apply_fn = broken

@@ -1,0 +1,86 @@
+"""Compiled steps: one trace per signature with the batch left open, and numpy handed over through DLPack."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from splitlearning.compiled import Compiled, aligned_empty, to_tensor
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((3, 5), "float32"), ((7,), "int64"), ((2, 3, 1), "float16"), ((1,), "uint8")]
+)
+def test_aligned_empty_starts_on_a_64_byte_boundary(shape: tuple[int, ...], dtype: str) -> None:
+    for _ in range(8):  # several allocations: the allocator's own offsets vary
+        array = aligned_empty(shape, dtype)
+        assert array.ctypes.data % 64 == 0
+        assert array.shape == shape and array.dtype == np.dtype(dtype) and array.flags.c_contiguous
+
+
+def test_the_tensor_holds_its_own_copy() -> None:
+    array = aligned_empty((4, 6), "float32")  # aligned and writable: the case that could have been shared
+    array[...] = np.arange(24, dtype="float32").reshape(4, 6)
+    tensor = to_tensor(array)
+    array[...] = -1.0  # what the caller does later does not reach the tensor
+    assert tensor.dtype == tf.float32 and tensor.shape == (4, 6)
+    np.testing.assert_array_equal(tensor.numpy(), np.arange(24, dtype="float32").reshape(4, 6))
+    doubled = Compiled(lambda x: tf.nn.relu(x * 2.0))(array)  # and no kernel writes into the caller's array
+    np.testing.assert_array_equal(doubled.numpy(), np.zeros((4, 6)))
+    np.testing.assert_array_equal(array, np.full((4, 6), -1.0))
+
+
+def test_a_view_of_received_bytes_is_copied_once_and_reads_the_same() -> None:
+    values = np.random.default_rng(0).standard_normal((5, 3)).astype("float32")
+    payload = b"x" + values.tobytes()  # one byte in: the tensor's data is unaligned, and bytes are read-only
+    view = np.frombuffer(memoryview(payload)[1:], "float32").reshape(5, 3)
+    assert not view.flags.writeable
+    tensor = to_tensor(view)
+    np.testing.assert_array_equal(tensor.numpy(), values)
+    assert tensor.numpy().ctypes.data != view.ctypes.data
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.array([True, False]),
+        np.zeros((0, 3), "float32"),
+        np.float32(2.5),
+        np.arange(6, dtype="float32").reshape(2, 3)[:, ::2],  # not contiguous
+        np.ones((2, 2), ml_dtypes.bfloat16),
+        [[1.0, 2.0]],
+    ],
+    ids=["bool", "empty", "scalar", "strided", "bfloat16", "list"],
+)
+def test_anything_else_converts_as_tensorflow_does(value: object) -> None:
+    tensor = to_tensor(value)
+    expected = tf.convert_to_tensor(np.ascontiguousarray(value) if isinstance(value, np.ndarray) else value)
+    assert tensor.dtype == expected.dtype
+    np.testing.assert_array_equal(tensor.numpy(), expected.numpy())
+
+
+def test_one_trace_serves_every_batch_size() -> None:
+    weight = tf.Variable([[1.0], [2.0], [3.0]])
+    step = Compiled(lambda x, y: tf.matmul(x, tf.cast(weight, x.dtype)) + tf.cast(y, x.dtype)[:, None])
+    for batch in (4, 3, 7, 4):
+        x = np.random.default_rng(batch).standard_normal((batch, 3)).astype("float32")
+        y = np.arange(batch, dtype="int64")
+        np.testing.assert_allclose(step(x, y).numpy(), x @ weight.numpy() + y[:, None], rtol=1e-6)
+    assert step.function.experimental_get_tracing_count() == 1
+    step(np.ones((2, 3), "float64"), np.ones(2, "int64"))  # another dtype: its own trace
+    assert step.function.experimental_get_tracing_count() == 2
+
+
+def test_a_fixed_signature_takes_another_dtype_as_tf_function_does() -> None:
+    signature = [tf.TensorSpec([None, 2], tf.float32)]
+    step = Compiled(lambda x: x * 2.0, input_signature=signature)
+    plain = tf.function(lambda x: x * 2.0, input_signature=signature)
+    for value in (np.ones((3, 2), "float32"), np.ones((1, 2), "int32"), [[1, 2]]):
+        result = step(value)
+        assert result.dtype == plain(value).dtype
+        np.testing.assert_array_equal(result.numpy(), plain(value).numpy())
+    assert step.function.experimental_get_tracing_count() == 1
+    with pytest.raises(TypeError, match="Can not cast"):
+        step(np.ones((3, 4), "float32"))  # a concrete function would not check the shape: tf.function does
