@@ -1,0 +1,100 @@
+"""The split's compute alone, in one process and with no gRPC: what R could be if the exchange cost nothing.
+
+Times, as medians in ms over `--rounds` calls after a warm-up, on the same seeded model pair:
+- the uncut model's compiled training step (`tf.function`: forward, loss, gradients, Adam);
+- the client's step, `ClientTrainer.train`, its exchange answering at once with a fixed dLoss/dIV;
+- the server's step, `ServerTrainer.train` (the reply's part), and `settle` (its update, after the reply).
+
+A split step that does no exchange still runs the client's step and the server's reply in turn, so
+uncut / (client + server reply) bounds R where the server's update runs beside the client's backward pass on
+its own device, and uncut / (client + server reply + update) where both parts share the same cores.
+
+    PYTHONPATH=. python benchmarks/compute_floor.py [--model mnist-cnn] [--batch 128] [--rounds 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from splitlearning import cli
+
+
+def median_ms(function: Callable[[], object], rounds: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mnist-cnn", help="a built-in pair with 28x28x1 inputs")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=120)
+    parser.add_argument("--cpus", default=None, help="cores to pin to (default: all); one TF thread per core")
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0)) if args.cpus is None else None
+    cli.setup_process(args.cpus, cores if cores is not None else len(args.cpus.split(",")))
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from benchmarks.workloads import synthetic_mnist
+    from client_part.trainer import ClientTrainer
+    from server_part.trainer import ServerTrainer
+    from splitlearning.models import BUILTIN
+
+    pair = BUILTIN[args.model]
+    x, y = synthetic_mnist(args.batch)
+    xt, yt = tf.constant(x), tf.constant(y)
+
+    uncut = keras.Sequential([pair.client(0), pair.server(0)])
+    loss = keras.losses.get(pair.loss)
+    optimizer = cli.make_optimizer("adam", 1e-3)
+    optimizer.build(uncut.trainable_variables)
+
+    @tf.function
+    def uncut_step(inputs: tf.Tensor, labels: tf.Tensor) -> None:
+        with tf.GradientTape() as tape:
+            value = loss(labels, uncut(inputs, training=True))
+        optimizer.apply(tape.gradient(value, uncut.trainable_variables), uncut.trainable_variables)
+
+    server = ServerTrainer(pair.server(0), pair.loss, cli.make_optimizer("adam", 1e-3), ["accuracy"])
+    iv_shape = (args.batch, *server.contract.iv.shape)
+    iv = np.random.default_rng(1).standard_normal(iv_shape).astype(np.float32)
+    gradient = (1e-4 * np.random.default_rng(2).standard_normal(iv_shape)).astype(np.float32)
+    client = ClientTrainer(pair.client(0), cli.make_optimizer("adam", 1e-3), "/CPU:0", lambda *_: gradient)
+
+    uncut_ms = median_ms(lambda: uncut_step(xt, yt), args.rounds)
+    client_ms = median_ms(lambda: client.train(xt, yt), args.rounds)
+    reply, update = [], []
+    for index in range(args.rounds + 10):
+        started = time.perf_counter()
+        server.train(iv, y, reset_metrics=False)  # the reply's part; the update is left pending
+        answered = time.perf_counter()
+        server.settle()
+        if index >= 10:
+            reply.append(answered - started)
+            update.append(time.perf_counter() - answered)
+    reply_ms, update_ms = (1e3 * float(np.median(t)) for t in (reply, update))
+    print(f"{args.model}, batch {args.batch}, {args.rounds} rounds, median ms per call:")
+    print(f"  uncut step {uncut_ms:.2f} | client step {client_ms:.2f} | server reply {reply_ms:.2f}", end="")
+    print(f" | server update {update_ms:.2f} (after the reply)")
+    hidden, shared = uncut_ms / (client_ms + reply_ms), uncut_ms / (client_ms + reply_ms + update_ms)
+    print(f"  with a free exchange, R <= {hidden:.2f} where the server's update hides behind the client's backward")
+    print(f"  (a device per process), R <= {shared:.2f} where it takes its own time (both parts on the same cores)")
+
+
+if __name__ == "__main__":
+    main()
