@@ -17,23 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from benchmarks.timing import median_seconds
 from splitlearning import cli
-
-
-def median_ms(function: Callable[[], object], rounds: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    times.sort()
-    return times[len(times) // 2] * 1e3
 
 
 def main() -> None:
@@ -76,8 +64,8 @@ def main() -> None:
     gradient = (1e-4 * np.random.default_rng(2).standard_normal(iv_shape)).astype(np.float32)
     client = ClientTrainer(pair.client(0), cli.make_optimizer("adam", 1e-3), "/CPU:0", lambda *_: gradient)
 
-    uncut_ms = median_ms(lambda: uncut_step(xt, yt), args.rounds)
-    client_ms = median_ms(lambda: client.train(xt, yt), args.rounds)
+    uncut_ms = 1e3 * median_seconds(lambda: uncut_step(xt, yt), args.rounds, warmup=10)
+    client_ms = 1e3 * median_seconds(lambda: client.train(xt, yt), args.rounds, warmup=10)
     reply, update = [], []
     for index in range(args.rounds + 10):
         started = time.perf_counter()

@@ -8,23 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from splitlearning import codec, framing
 from splitlearning.v1 import split_learning_pb2 as pb
-
-
-def median_us(function: Callable[[], object], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    times.sort()
-    return times[len(times) // 2] * 1e6
 
 
 def main() -> None:
@@ -66,7 +55,7 @@ def main() -> None:
         ("receive, protobuf objects", receive_protobuf),
         ("receive, framing", receive_framed),
     ]:
-        print(f"  {name:28s} {median_us(function, args.rounds):8.1f} µs")
+        print(f"  {name:28s} {1e6 * median_seconds(function, args.rounds):8.1f} µs")
 
 
 if __name__ == "__main__":
