@@ -160,9 +160,19 @@ def breakdown(result: dict[str, Any], micro_batches: int) -> dict[str, float]:
         "srv_total": per_step(server["servicer"], m),
     }
     phases["grpc"] = phases["exchange"] - phases["srv_total"]
+    # In transit: from gRPC taking a message's bytes on one side to the parser receiving them on the other.
+    calls = steps * m
+    phases["uplink"] = _median_gap(client["sent"][-calls:], server["parsed"][-calls:])
+    phases["downlink"] = _median_gap(server["sent"][-calls:], client["parsed"][-calls:])
     phases["loop"] = 1e3 * result["seconds"] / steps - per_step(client["step"])
     phases["total"] = 1e3 * result["seconds"] / steps
     return phases
+
+
+def _median_gap(sent: list[float], received: list[float]) -> float:
+    """Median ms from each message's send to its receipt (the i-th sent is the i-th received: one stream)."""
+    gaps = sorted(r - s for s, r in zip(sent, received, strict=True))
+    return 1e3 * gaps[len(gaps) // 2] if gaps else float("nan")
 
 
 def wire_bytes(result: dict[str, Any]) -> tuple[int, int]:
@@ -204,9 +214,8 @@ def bench_workload(runner: Runner, workload: Workload, args: argparse.Namespace,
                 print(
                     "      per step (ms, pipelined: phases overlap): encode {encode:.2f} | waiting for answers "
                     "{exchange:.2f} [server: decode {srv_decode:.2f}, checks {srv_checks:.2f}, step {srv_step:.2f}, "
-                    "encode {srv_encode:.2f}] | decode {decode:.2f} | fit loop {loop:.2f} | total {total:.2f}".format(
-                        **phases
-                    ),
+                    "encode {srv_encode:.2f}; in transit up {uplink:.2f}, down {downlink:.2f} each] | decode "
+                    "{decode:.2f} | fit loop {loop:.2f} | total {total:.2f}".format(**phases),
                     flush=True,
                 )
                 rows.append(_row(workload, label, uncut, best, ratio, up, down, echo, phases))
@@ -214,7 +223,8 @@ def bench_workload(runner: Runner, workload: Workload, args: argparse.Namespace,
             print(
                 "      per step (ms): client forward {forward:.2f} | encode {encode:.2f} | exchange {exchange:.2f} "
                 "[server: decode {srv_decode:.2f}, checks {srv_checks:.2f}, step {srv_step:.2f}, "
-                "encode {srv_encode:.2f}; gRPC+wire {grpc:.2f}] | decode {decode:.2f} | "
+                "encode {srv_encode:.2f}; gRPC+wire {grpc:.2f}, in transit up {uplink:.2f}, down {downlink:.2f}] | "
+                "decode {decode:.2f} | "
                 "client backward {backward:.2f} | fit loop {loop:.2f} | total {total:.2f}".format(**phases),
                 flush=True,
             )

@@ -32,6 +32,8 @@ class Timers:
     def __init__(self) -> None:
         self.durations: dict[str, list[float]] = defaultdict(list)
         self.spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self.sent: list[float] = []
+        self.parsed: list[float] = []
 
     def wrap(
         self, owner: Any, attribute: str, key: str, sizes: Callable[[Any, tuple[Any, ...]], int] | None = None
@@ -55,6 +57,38 @@ class Timers:
     def reset(self) -> None:
         self.durations.clear()
         self.spans.clear()
+        self.sent.clear()
+        self.parsed.clear()
+
+    def wire(self) -> None:
+        """Record when each Train message goes to gRPC (`sent`: the end of its last serialisation; the
+        server's telemetry serialises a reply once before gRPC asks, and the second call returns the same
+        bytes) and when each received one reaches the parser (`parsed`). Both processes read the same
+        monotonic clock, so one side's `sent` and the other's `parsed` give a message's time in transit.
+        Must run before the server registers its serializer."""
+        from splitlearning import framing
+
+        serialize, parse = framing.Outgoing.serialize, framing.parse
+        last: list[int] = [0]  # id of the message serialised last
+
+        def timed_serialize(message: Any) -> bytes:
+            data = serialize(message)
+            if self.sent and last[0] == id(message):
+                self.sent[-1] = time.perf_counter()
+            else:
+                self.sent.append(time.perf_counter())
+            last[0] = id(message)
+            return data
+
+        def timed_parse(message_type: Any, data: bytes) -> Any:
+            self.parsed.append(time.perf_counter())
+            return parse(message_type, data)
+
+        framing.Outgoing.serialize = timed_serialize  # type: ignore[method-assign,assignment]
+        framing.parse = timed_parse
+
+    def with_wire(self) -> dict[str, list[float]]:
+        return {**self.durations, "sent": list(self.sent), "parsed": list(self.parsed)}
 
 
 def _data(spec: dict[str, Any]) -> tuple[Any, Any]:
@@ -98,6 +132,7 @@ def server(spec: dict[str, Any]) -> dict[str, Any]:
     from splitlearning.models import BUILTIN
 
     timers = Timers()
+    timers.wire()
     timers.wrap(codec, "encode", "encode")
     timers.wrap(codec, "decode", "decode")
     timers.wrap(servicer.SplitLearningServicer, "_train", "servicer")
@@ -120,7 +155,7 @@ def server(spec: dict[str, Any]) -> dict[str, Any]:
     Path(spec["port_file"]).write_text(f"{port}\n")
     stop.wait()
     split.stop(grace=1.0)
-    return {"durations": timers.durations}
+    return {"durations": timers.with_wire()}
 
 
 def client(spec: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +177,7 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
         micro_batches=spec.get("micro_batches", 1),
     )
     timers = Timers()
+    timers.wire()
     timers.wrap(codec, "encode", "encode", lambda payload, _: payload.nbytes)
     timers.wrap(codec, "decode", "decode", lambda _, args: len(args[1]))
     timers.wrap(split.trainer, "train", "step")
@@ -164,7 +200,7 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
         "fit_samples_per_s": len(x) / elapsed,
         "seconds": elapsed,
         "steps": len(steps),
-        "durations": {**timers.durations, "forward": forward, "backward": backward},
+        "durations": {**timers.with_wire(), "forward": forward, "backward": backward},
     }
 
 
