@@ -65,8 +65,7 @@ class ServerTrainer:
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)
             self._train_fn = Compiled(self._train_step, input_signature=[iv_sig, label_sig])
-            weight_sigs = [tf.TensorSpec(w.shape, w.dtype) for w in self.model.trainable_variables]
-            self._apply_fn: Callable[..., object] = Compiled(self._apply_step, input_signature=weight_sigs)
+            self._apply_fn: Callable[..., object] = Compiled(self._apply_step, open_batch=False)
             # Micro-batch pipelining: gradients of a step's micro-batches add up here until the last one.
             self._accumulators = [
                 tf.Variable(tf.zeros_like(w), trainable=False) for w in self.model.trainable_variables

@@ -6,8 +6,8 @@ docs/performance.md). `Compiled` traces once per input signature and then calls 
 tensors; `to_tensor` copies a numpy array once into a 64-byte-aligned buffer and hands that to TensorFlow
 through DLPack, which takes it over instead of copying it again.
 
-The batch dimension is left open in every signature (as `reduce_retracing=True` would after the second
-shape), so the full batches and the smaller last one share one trace.
+The batch dimension is left open in the signatures it traces (as `reduce_retracing=True` would after the
+second shape), so the full batches and the smaller last one share one trace.
 """
 
 from __future__ import annotations
@@ -51,22 +51,33 @@ def to_tensor(value: Any) -> tf.Tensor:
     return tf.experimental.dlpack.from_dlpack(copy.__dlpack__())
 
 
-def _spec(tensor: tf.Tensor) -> tf.TensorSpec:
-    shape = tensor.shape
-    return tf.TensorSpec([None, *shape[1:]] if shape.rank else [], tensor.dtype)
-
-
 class Compiled:
     """`tf.function(fn)` called through its concrete functions: one per input signature (dtypes and shapes
-    after the batch dimension), traced on first use. Arguments are tensors or numpy arrays (see `to_tensor`);
-    with `input_signature` there is exactly one trace and arguments are converted to it."""
+    after the batch dimension, or whole shapes with `open_batch=False`), traced on first use. Arguments are
+    tensors or numpy arrays (see `to_tensor`); with `input_signature` there is exactly one trace and arguments
+    are converted to it. A `None` argument (a variable with no gradient, say) goes through `tf.function`,
+    which traces it as a constant."""
 
-    def __init__(self, fn: Callable[..., Any], input_signature: Sequence[tf.TensorSpec] | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        input_signature: Sequence[tf.TensorSpec] | None = None,
+        open_batch: bool = True,
+    ) -> None:
         self.function = tf.function(fn, input_signature=input_signature)
         self._signature = None if input_signature is None else list(input_signature)
+        self._open_batch = open_batch
         self._concrete: dict[tuple[Any, ...], Any] = {}
 
+    def _spec(self, tensor: tf.Tensor) -> tf.TensorSpec:
+        shape = tensor.shape
+        if not self._open_batch or not shape.rank:
+            return tf.TensorSpec(shape, tensor.dtype)
+        return tf.TensorSpec([None, *shape[1:]], tensor.dtype)
+
     def __call__(self, *args: Any) -> Any:
+        if any(a is None for a in args):
+            return self.function(*args)
         tensors = [to_tensor(a) for a in args]
         if self._signature is not None:
             # A concrete function checks no shapes: anything off the signature gets tf.function's own
@@ -78,9 +89,9 @@ class Compiled:
                 return self.function(*args)
             key: tuple[Any, ...] = ()
         else:
-            key = tuple((t.dtype, tuple(t.shape[1:]) if t.shape.rank else None) for t in tensors)
+            key = tuple((t.dtype, tuple(self._spec(t).shape)) for t in tensors)
         concrete = self._concrete.get(key)
         if concrete is None:
-            specs = () if self._signature is not None else tuple(_spec(t) for t in tensors)
+            specs = () if self._signature is not None else tuple(self._spec(t) for t in tensors)
             concrete = self._concrete[key] = self.function.get_concrete_function(*specs)
         return concrete(*tensors)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import keras
 import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from server_part.trainer import ServerTrainer
 from splitlearning.compiled import Compiled, aligned_empty, to_tensor
 
 
@@ -84,3 +86,42 @@ def test_a_fixed_signature_takes_another_dtype_as_tf_function_does() -> None:
     assert step.function.experimental_get_tracing_count() == 1
     with pytest.raises(TypeError, match="Can not cast"):
         step(np.ones((3, 4), "float32"))  # a concrete function would not check the shape: tf.function does
+
+
+def test_a_none_argument_goes_through_tf_function() -> None:
+    step = Compiled(lambda x, extra: x * 2.0 if extra is None else x + extra)
+    np.testing.assert_array_equal(step(np.ones((2, 2), "float32"), None).numpy(), np.full((2, 2), 2.0))
+    np.testing.assert_array_equal(step(np.ones((2, 2), "float32"), np.ones((2, 2), "float32")).numpy(), 2.0)
+
+
+def test_a_closed_batch_traces_whole_shapes() -> None:
+    step = Compiled(lambda x: tf.reduce_sum(x, axis=0), open_batch=False)
+    for rows in (3, 4, 3):
+        np.testing.assert_array_equal(step(np.ones((rows, 2), "float32")).numpy(), [rows, rows])
+    assert step.function.experimental_get_tracing_count() == 2
+
+
+class _WithSpareWeight(keras.layers.Layer):
+    """A layer with a weight its output never uses: that weight gets no gradient."""
+
+    def build(self, input_shape: tuple[int, ...]) -> None:
+        self.kernel = self.add_weight(shape=(input_shape[-1], 3), initializer="ones")
+        self.spare = self.add_weight(shape=(2,), initializer="zeros")
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        return inputs @ self.kernel
+
+
+@pytest.mark.filterwarnings("ignore:Gradients do not exist")
+def test_a_weight_without_gradient_is_left_alone_as_fit_leaves_it() -> None:
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, _WithSpareWeight()(inputs))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    trainer = ServerTrainer(model, loss, keras.optimizers.SGD(0.1), [])
+    iv = np.random.default_rng(0).random((4, 5)).astype("float32")
+    kernel = model.layers[1].kernel.numpy()
+    for _ in range(2):
+        trainer.train(iv, np.array([0, 1, 2, 1]), reset_metrics=False)
+    assert trainer.iterations == 2
+    assert not np.allclose(model.layers[1].kernel.numpy(), kernel)
+    np.testing.assert_array_equal(model.layers[1].spare.numpy(), np.zeros(2))
