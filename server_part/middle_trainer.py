@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from splitlearning.compiled import Compiled
 from splitlearning.contract import CutContract, Spec
 from splitlearning.devices import describe_placement
 from splitlearning.errors import PreconditionFailed
@@ -61,10 +62,10 @@ class MiddleTrainer:
                 _spec(self.model.inputs[0], "input"), None, _spec(self.model.outputs[0], "output")
             )
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
-            self._forward_fn = tf.function(lambda iv: self.model(iv, training=True), input_signature=[iv_sig])
-            self._predict_fn = tf.function(lambda iv: self.model(iv, training=False), input_signature=[iv_sig])
+            self._forward_fn = Compiled(lambda iv: self.model(iv, training=True), input_signature=[iv_sig])
+            self._predict_fn = Compiled(lambda iv: self.model(iv, training=False), input_signature=[iv_sig])
             # Compiled: an eager Adam update is several times slower than the whole rest of the step.
-            self._apply_fn = tf.function(self._apply, reduce_retracing=True)
+            self._apply_fn = Compiled(self._apply, open_batch=False)
         variables = [getattr(v, "value", v) for h in (self.model, self.optimizer) for v in h.variables]
         log.info("middle part on %s: %s", device, describe_placement(variables))
 
@@ -104,11 +105,11 @@ class MiddleTrainer:
         with tf.device(self.device):
             grad = tf.convert_to_tensor(output_gradient, dtype=pending.outputs.dtype)
             *grads, iv_grad = pending.tape.gradient(pending.outputs, [*weights, pending.iv], output_gradients=grad)
-            self._apply_fn(grads)
+            self._apply_fn(*grads)
         return iv_grad.numpy()
 
-    def _apply(self, grads: list[tf.Tensor]) -> None:
-        self.optimizer.apply(grads, self.model.trainable_variables)
+    def _apply(self, *grads: tf.Tensor) -> None:
+        self.optimizer.apply(list(grads), self.model.trainable_variables)
 
     def predict(self, iv: np.ndarray) -> np.ndarray:
         with tf.device(self.device):
