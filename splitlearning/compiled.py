@@ -51,12 +51,15 @@ def to_tensor(value: Any) -> tf.Tensor:
     return tf.experimental.dlpack.from_dlpack(copy.__dlpack__())
 
 
+_DIRECT = (tf.Tensor, np.ndarray, np.generic)  # what a concrete function is called with; the rest: tf.function
+
+
 class Compiled:
     """`tf.function(fn)` called through its concrete functions: one per input signature (dtypes and shapes
     after the batch dimension, or whole shapes with `open_batch=False`), traced on first use. Arguments are
-    tensors or numpy arrays (see `to_tensor`); with `input_signature` there is exactly one trace and arguments
-    are converted to it. A `None` argument (a variable with no gradient, say) goes through `tf.function`,
-    which traces it as a constant."""
+    tensors or numpy arrays and scalars (see `to_tensor`); with `input_signature` there is exactly one trace and
+    arguments are converted to it. Any other argument (`None` for a variable with no gradient, a dict or list
+    of a multi-input model's inputs) sends the call through `tf.function` itself, as before."""
 
     def __init__(
         self,
@@ -64,7 +67,7 @@ class Compiled:
         input_signature: Sequence[tf.TensorSpec] | None = None,
         open_batch: bool = True,
     ) -> None:
-        self.function = tf.function(fn, input_signature=input_signature)
+        self.function = tf.function(fn, input_signature=input_signature, reduce_retracing=input_signature is None)
         self._signature = None if input_signature is None else list(input_signature)
         self._open_batch = open_batch
         self._concrete: dict[tuple[Any, ...], Any] = {}
@@ -76,7 +79,7 @@ class Compiled:
         return tf.TensorSpec([None, *shape[1:]], tensor.dtype)
 
     def __call__(self, *args: Any) -> Any:
-        if any(a is None for a in args):
+        if not all(isinstance(a, _DIRECT) for a in args):
             return self.function(*args)
         tensors = [to_tensor(a) for a in args]
         if self._signature is not None:

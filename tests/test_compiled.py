@@ -94,6 +94,14 @@ def test_a_none_argument_goes_through_tf_function() -> None:
     np.testing.assert_array_equal(step(np.ones((2, 2), "float32"), np.ones((2, 2), "float32")).numpy(), 2.0)
 
 
+def test_nested_inputs_go_through_tf_function() -> None:
+    step = Compiled(lambda inputs: inputs["a"] + 2.0 * inputs["b"])
+    value = {"a": np.ones((3, 2), "float32"), "b": np.full((3, 2), 5.0, "float32")}
+    np.testing.assert_array_equal(step(value).numpy(), np.full((3, 2), 11.0))
+    pair = Compiled(lambda inputs: inputs[0] - inputs[1])
+    np.testing.assert_array_equal(pair([np.ones(2, "float32"), np.ones(2, "float32")]).numpy(), [0.0, 0.0])
+
+
 def test_a_closed_batch_traces_whole_shapes() -> None:
     step = Compiled(lambda x: tf.reduce_sum(x, axis=0), open_batch=False)
     for rows in (3, 4, 3):
