@@ -148,7 +148,7 @@ class SplitLearningServicer:
         return framing.Outgoing(pb.TrainResponse(step=result.step, metrics=result.metrics), {"iv_gradient": gradient})
 
 
-def _tensor(request: pb.TrainRequest | pb.EvaluateRequest | pb.PredictRequest, name: str) -> np.ndarray:
+def _tensor(request: pb.EvaluateRequest | pb.PredictRequest, name: str) -> np.ndarray:
     if not request.HasField(name):  # type: ignore[arg-type]
         raise InvalidRequest(f"{name} is required")
     return codec.from_proto(getattr(request, name), name)
