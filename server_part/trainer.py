@@ -76,6 +76,7 @@ class ServerTrainer:
             self._test_fn = Compiled(self._test_step, input_signature=[iv_sig, label_sig])
             self._predict_fn = Compiled(self._predict_step, input_signature=[iv_sig])
             self.metric_names = self._build_metrics()
+        self._no_gradient: set[int] = set()  # indices of weights the loss does not reach (set when tracing)
         self._pending: Callable[[], object] | None = None  # the last step's update, not yet applied
         self._pending_lock = threading.Lock()
         self._failed: str | None = None  # why a pending update could not be applied
@@ -177,12 +178,17 @@ class ServerTrainer:
 
     def _micro_step(self, iv: tf.Tensor, labels: tf.Tensor, share: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         grads, iv_grad, y_pred = self._gradients(iv, labels, share)
+        # A weight the loss does not reach gets no gradient (known when this is traced): its accumulator stays
+        # out of the update, so the optimizer skips that weight as `fit` does.
+        self._no_gradient = {index for index, grad in enumerate(grads) if grad is None}
         for accumulator, grad in zip(self._accumulators, grads, strict=True):
-            accumulator.assign_add(grad)
+            if grad is not None:
+                accumulator.assign_add(grad)
         return iv_grad, self._results(self.model.compute_metrics(iv, labels, y_pred))
 
     def _apply_accumulated(self) -> None:
-        self.optimizer.apply([a.read_value() for a in self._accumulators], self.model.trainable_variables)
+        grads = [None if i in self._no_gradient else a.read_value() for i, a in enumerate(self._accumulators)]
+        self.optimizer.apply(grads, self.model.trainable_variables)
         for accumulator in self._accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
 

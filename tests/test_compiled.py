@@ -133,3 +133,26 @@ def test_a_weight_without_gradient_is_left_alone_as_fit_leaves_it() -> None:
     assert trainer.iterations == 2
     assert not np.allclose(model.layers[1].kernel.numpy(), kernel)
     np.testing.assert_array_equal(model.layers[1].spare.numpy(), np.zeros(2))
+
+
+@pytest.mark.filterwarnings("ignore:Gradients do not exist")
+def test_a_weight_without_gradient_is_left_alone_by_pipelined_steps_too() -> None:
+    def trainer() -> tuple[ServerTrainer, keras.Model]:
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((5,))
+        model = keras.Model(inputs, _WithSpareWeight()(inputs))
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        return ServerTrainer(model, loss, keras.optimizers.Adam(0.1), []), model
+
+    iv = np.random.default_rng(0).random((4, 5)).astype("float32")
+    labels = np.array([0, 1, 2, 1])
+    whole, whole_model = trainer()
+    parts, parts_model = trainer()
+    for _ in range(2):
+        whole.train(iv, labels, reset_metrics=False)
+        parts.train_micro(iv[:2], labels[:2], 0.5, last=False, reset_metrics=False)
+        parts.train_micro(iv[2:], labels[2:], 0.5, last=True, reset_metrics=False)
+    assert parts.iterations == whole.iterations == 2
+    for got, want in zip(parts_model.get_weights(), whole_model.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(parts_model.layers[1].spare.numpy(), np.zeros(2))
