@@ -65,7 +65,7 @@ class MiddleTrainer:
             self._forward_fn = Compiled(lambda iv: self.model(iv, training=True), input_signature=[iv_sig])
             self._predict_fn = Compiled(lambda iv: self.model(iv, training=False), input_signature=[iv_sig])
             # Compiled: an eager Adam update is several times slower than the whole rest of the step.
-            self._apply_fn = Compiled(self._apply, open_batch=False)
+            self._apply_fn = Compiled(self._apply, open_batch=False, jit_compile=True)
         variables = [getattr(v, "value", v) for h in (self.model, self.optimizer) for v in h.variables]
         log.info("middle part on %s: %s", device, describe_placement(variables))
 

@@ -65,14 +65,14 @@ class ServerTrainer:
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)
             self._train_fn = Compiled(self._train_step, input_signature=[iv_sig, label_sig])
-            self._apply_fn: Callable[..., object] = Compiled(self._apply_step, open_batch=False)
+            self._apply_fn: Callable[..., object] = Compiled(self._apply_step, open_batch=False, jit_compile=True)
             # Micro-batch pipelining: gradients of a step's micro-batches add up here until the last one.
             self._accumulators = [
                 tf.Variable(tf.zeros_like(w), trainable=False) for w in self.model.trainable_variables
             ]
             micro_sig = [iv_sig, label_sig, tf.TensorSpec([], tf.float32)]
             self._micro_fn = Compiled(self._micro_step, input_signature=micro_sig)
-            self._apply_accumulated_fn = Compiled(self._apply_accumulated, input_signature=[])
+            self._apply_accumulated_fn = Compiled(self._apply_accumulated, input_signature=[], jit_compile=True)
             self._test_fn = Compiled(self._test_step, input_signature=[iv_sig, label_sig])
             self._predict_fn = Compiled(self._predict_step, input_signature=[iv_sig])
             self.metric_names = self._build_metrics()

@@ -12,11 +12,14 @@ second shape), so the full batches and the smaller last one share one trace.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
+log = logging.getLogger(__name__)
 
 # TensorFlow's CPU tensors must start on this boundary (Eigen's widest vectors); DLPack refuses less.
 _ALIGNMENT = 64
@@ -59,18 +62,47 @@ class Compiled:
     after the batch dimension, or whole shapes with `open_batch=False`), traced on first use. Arguments are
     tensors or numpy arrays and scalars (see `to_tensor`); with `input_signature` there is exactly one trace and
     arguments are converted to it. Any other argument (`None` for a variable with no gradient, a dict or list
-    of a multi-input model's inputs) sends the call through `tf.function` itself, as before."""
+    of a multi-input model's inputs) sends the call through `tf.function` itself, as before.
+
+    `jit_compile=True` compiles the function with XLA, which fuses elementwise work into few kernels (an
+    optimizer's update: one pass over each weight instead of one per operation). The function is first lowered
+    without running it; if XLA cannot compile one of its operations (a `tf.numpy_function`, an op with no XLA
+    kernel), it runs as a plain graph instead, with a log line saying so."""
 
     def __init__(
         self,
         fn: Callable[..., Any],
         input_signature: Sequence[tf.TensorSpec] | None = None,
         open_batch: bool = True,
+        jit_compile: bool = False,
     ) -> None:
-        self.function = tf.function(fn, input_signature=input_signature, reduce_retracing=input_signature is None)
+        self._fn = fn
+        self.jit_compile = jit_compile
+        self._unchecked = jit_compile  # XLA support is checked once, on the first call
+        self.function = self._function(input_signature)
         self._signature = None if input_signature is None else list(input_signature)
         self._open_batch = open_batch
         self._concrete: dict[tuple[Any, ...], Any] = {}
+
+    def _function(self, input_signature: Sequence[tf.TensorSpec] | None) -> Any:
+        return tf.function(
+            self._fn,
+            input_signature=input_signature,
+            reduce_retracing=input_signature is None,
+            jit_compile=self.jit_compile,
+        )
+
+    def _check_xla(self, *args: Any) -> None:
+        """Lower the function to XLA's HLO for these arguments, running nothing; where that fails, fall back to
+        a plain graph for every later call."""
+        self._unchecked = False
+        try:
+            self.function.experimental_get_compiler_ir(*args)(stage="hlo")
+        except Exception as error:  # an op without an XLA kernel surfaces as ValueError, InvalidArgument, ...
+            reason = str(error).strip().splitlines()[0][:300]
+            log.info("%s runs as a plain graph: XLA cannot compile it (%s)", _name(self._fn), reason)
+            self.jit_compile = False
+            self.function = self._function(self.function.input_signature)
 
     def _spec(self, tensor: tf.Tensor) -> tf.TensorSpec:
         shape = tensor.shape
@@ -80,6 +112,8 @@ class Compiled:
 
     def __call__(self, *args: Any) -> Any:
         if not all(isinstance(a, _DIRECT) for a in args):
+            if self._unchecked:
+                self._check_xla(*args)
             return self.function(*args)
         tensors = [to_tensor(a) for a in args]
         if self._signature is not None:
@@ -96,5 +130,11 @@ class Compiled:
         concrete = self._concrete.get(key)
         if concrete is None:
             specs = () if self._signature is not None else tuple(self._spec(t) for t in tensors)
+            if self._unchecked:
+                self._check_xla(*tensors)
             concrete = self._concrete[key] = self.function.get_concrete_function(*specs)
         return concrete(*tensors)
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import ml_dtypes
 import numpy as np
@@ -156,3 +158,27 @@ def test_a_weight_without_gradient_is_left_alone_by_pipelined_steps_too() -> Non
     for got, want in zip(parts_model.get_weights(), whole_model.get_weights(), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(parts_model.layers[1].spare.numpy(), np.zeros(2))
+
+
+def test_jit_compile_runs_the_update_once_through_xla() -> None:
+    weight = tf.Variable(tf.ones(3))
+    step = Compiled(lambda grad: weight.assign_sub(0.5 * grad), open_batch=False, jit_compile=True)
+    step(np.full(3, 2.0, "float32"))  # lowering it for the XLA check runs nothing: one update, not two
+    assert step.jit_compile
+    np.testing.assert_array_equal(weight.numpy(), [0.0, 0.0, 0.0])
+
+
+def test_jit_compile_falls_back_to_a_graph_where_xla_cannot_compile(caplog: pytest.LogCaptureFixture) -> None:
+    weight = tf.Variable(tf.ones(3))
+
+    def update(grad: tf.Tensor) -> None:
+        doubled = tf.numpy_function(lambda g: 2 * g, [grad], tf.float32)  # no XLA kernel
+        weight.assign_sub(tf.reshape(doubled, [3]))
+
+    step = Compiled(update, open_batch=False, jit_compile=True)
+    with caplog.at_level(logging.INFO, logger="splitlearning.compiled"):
+        step(np.ones(3, "float32"))
+        step(np.ones(3, "float32"))
+    assert not step.jit_compile
+    assert "XLA cannot compile it" in caplog.text
+    np.testing.assert_array_equal(weight.numpy(), [-3.0, -3.0, -3.0])
