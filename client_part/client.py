@@ -71,9 +71,11 @@ class SplitClient:
 
     Faults: a step that fails with UNAVAILABLE or DEADLINE_EXCEEDED (or on a cut stream) is resent, after a
     new handshake, with exponential backoff and jitter bounded by `retry` (the server answers a resend without
-    a second update; not for pipelined micro-batches). With `checkpoint_dir`, the client restores its latest
-    checkpoint at start, saves every `checkpoint_every` steps and on `request_stop()`, and resumes where both
-    sides agree after either process restarts; `fit` then carries on from the saved data position.
+    a second update). A pipelined step is sent again whole, from its first micro-batch: the server starts an
+    unfinished one over, or answers an applied one from its stored replies. With `checkpoint_dir`, the client
+    restores its latest checkpoint at start, saves every `checkpoint_every` steps and on `request_stop()`, and
+    resumes where both sides agree after either process restarts; `fit` then carries on from the saved data
+    position.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class SplitClient:
         self._in_step = False  # True once this connection has checked that both sides agree on the step
         self._last_metrics: list[float] = []
         self._sent: list[bool] = []  # per micro-batch of the step in flight: was it sent (not empty)?
+        self._parts: list[tuple[Any, ...]] = []  # the step in flight's sent micro-batches: `Transport.send`'s args
         self._step_started: tuple[int, int, float] = (0, 0, 0.0)  # bytes sent, received, time at its first send
         self.meter = ClientMeter()  # per-step time and bytes, for logs, TensorBoard and the summary
         self._stale = False  # a call failed: rejoin (handshake again) before the next attempt
@@ -362,14 +365,16 @@ class SplitClient:
     def _send_micro(self, index: np.ndarray, iv: np.ndarray, labels: np.ndarray, size: np.ndarray) -> np.ndarray:
         transport = self._transport
         if int(index) == 0:
-            self._sent = []
+            self._sent, self._parts = [], []
             self._step_started = (transport.bytes_sent, transport.bytes_received, time.perf_counter())
         batch = int(size)
         self._sent.append(len(iv) > 0)  # a batch smaller than micro_batches leaves some parts empty
         if len(iv):
             parts = min(self.micro_batches, batch)
             part = sum(self._sent) - 1
-            transport.send(self._step, iv, labels, self._reset_metrics and part == 0, part, parts, batch)
+            # The arrays are views of the step's tensors, alive until the step ends: kept to send again.
+            self._parts.append((iv, labels, self._reset_metrics and part == 0, part, parts, batch))
+            transport.send(self._step, *self._parts[-1])
         return np.zeros((), np.int64)
 
     def _receive_micro(self, index: np.ndarray) -> np.ndarray:
@@ -377,7 +382,18 @@ class SplitClient:
         if not self._sent[k]:
             return np.zeros((0, *self.trainer.iv_spec.shape), self.trainer.iv_spec.dtype)
         transport = self._transport
-        grad, self._last_metrics = transport.receive(self._step)
+        received = sum(self._sent[:k])  # micro-batches of this step answered so far
+
+        def attempt(retrying: bool) -> tuple[np.ndarray, list[float]]:
+            if retrying:  # a new stream: the whole step again, the answers already used are dropped
+                self._rejoin_if_stale(self._step)
+                for part in self._parts:
+                    transport.send(self._step, *part)
+                for _ in range(received):
+                    self._guarded(transport.receive, self._step)
+            return self._guarded(transport.receive, self._step)
+
+        grad, self._last_metrics = retry.call(self.retry, f"step {self._step}, micro-batch {received}", attempt)
         if k == max(i for i, sent in enumerate(self._sent) if sent):  # the step's last answer
             sent, received, started = self._step_started
             seconds = time.perf_counter() - started

@@ -54,7 +54,10 @@ class _Session:
     next_micro_batch: int = 0  # of the step in progress, when the client pipelines micro-batches
     micro_plan: tuple[int, int] = (0, 0)  # that step's (micro-batches, samples), fixed by its first micro-batch
     micro_seen: int = 0  # samples of that step received so far
+    micro_replies: list[StepResult] = field(default_factory=list, repr=False)  # that step's replies so far
     last: StepResult | None = field(default=None, repr=False)
+    # The replies of the last step when it was pipelined, one per micro-batch: its retry cache.
+    last_micro: list[StepResult] | None = field(default=None, repr=False)
     in_flight: int | None = None  # U-shape: the step whose forward ran and whose backward is awaited
 
 
@@ -85,6 +88,7 @@ class TrainingState:
         self._streams = 0  # training streams open now
         self._closed = False
         self.resent = 0  # steps answered again from the first reply (their reply was lost)
+        self.restarted = 0  # pipelined steps started over after the client rejoined mid-step
         # The wire encodings a client may choose; raw is always among them.
         self.wire_encodings = (encodings.RAW, *encodings.parse_list(wire_encodings))
         self._session = _Session(session_id or uuid.uuid4().hex, next_step=trainer.iterations)
@@ -154,6 +158,12 @@ class TrainingState:
             next_step = self._agree(restorable_steps) if restorable_steps else self._session.next_step
             # Only an accepted handshake changes the session: a refused one must not re-encode the holder's steps.
             self._holder = client_id
+            # A client rejoins after a failure: a pipelined step it left unfinished starts over from its first
+            # micro-batch, so what the unfinished one added (gradients, running metrics) is dropped.
+            if self._session.next_micro_batch:
+                log.info("step %d was left unfinished: it starts over", self._session.next_step)
+                self.restarted += 1
+                self._discard_micro()
             self._session.encoding = encoding
         return Agreement(
             session_id=self._session.id,
@@ -188,7 +198,7 @@ class TrainingState:
             started = time.perf_counter()
             grad, metrics = self.trainer.train(iv, labels, reset)
             self.compute_seconds += time.perf_counter() - started
-            session.last = StepResult(step, grad, metrics)
+            session.last, session.last_micro = StepResult(step, grad, metrics), None
             session.next_step = step + 1
             self._after_step()
             return session.last
@@ -232,22 +242,23 @@ class TrainingState:
         session = self._session
         held = set(self.checkpoints.steps()) if self.checkpoints is not None else set()
         held.add(session.next_step)
-        if session.last is not None:
-            held.add(session.last.step)
+        cached = self._cached_step()
+        if cached is not None:
+            held.add(cached)
         common = set(offered) & held
         if not common:
             # No common step: answer where the server stands; the client decides (and says) what that means.
             log.warning("client offers steps %s, server holds %s", sorted(offered), sorted(held))
             return session.next_step
         step = max(common)
-        if session.last is not None and step == session.last.step:
+        if step == cached:
             return step  # its resend is answered from the first reply
         if step != session.next_step:
             assert self.checkpoints is not None
             log.info("resuming at step %d (was at step %d): restoring its checkpoint", step, session.next_step)
             self._discard_micro()
             self.checkpoints.restore(step)
-            session.next_step, session.last, session.in_flight = step, None, None
+            session.next_step, session.last, session.last_micro, session.in_flight = step, None, None, None
         return step
 
     # -- the U-shape's step: a forward and a backward, two exchanges on one training stream ----------------
@@ -323,8 +334,10 @@ class TrainingState:
     ) -> StepResult:
         """One micro-batch of a pipelined step; the last of them applies the step's one update.
 
-        Micro-batches must come in order; anything else is refused and drops the step's partial gradients.
-        A pipelined step is not answered again from a stored reply: its replies were several.
+        Micro-batches must come in order; anything else is refused and drops the step's partial gradients and
+        what it added to the running metrics. A client that rejoins (handshakes again) after a failure starts an
+        unfinished step over from its first micro-batch. The last applied step, when it was pipelined, is
+        answered again from its stored replies, one per micro-batch, with no second update.
         """
         self._check_session(session_id)
         trainer = self.trainer
@@ -342,6 +355,8 @@ class TrainingState:
             raise InvalidRequest(f"step_samples {step_samples} must lie in [{batch}, {self.max_batch_size}]")
         with self._lock:
             session = self._session
+            if session.last_micro is not None and step == session.last_micro[0].step and not session.next_micro_batch:
+                return self._resent_micro(session.last_micro, step, micro_batch, micro_batches)
             expected = (session.next_step, session.next_micro_batch)
             if (step, micro_batch) != expected:
                 self._discard_micro()
@@ -350,7 +365,7 @@ class TrainingState:
                     f"{expected[1]} of step {expected[0]}"
                 )
             if micro_batch == 0:
-                session.micro_plan, session.micro_seen = (micro_batches, step_samples), 0
+                session.micro_plan, session.micro_seen, session.micro_replies = (micro_batches, step_samples), 0, []
             seen = session.micro_seen + batch
             last = micro_batch + 1 == micro_batches
             if (
@@ -366,14 +381,38 @@ class TrainingState:
                 )
             session.micro_seen = seen
             started = time.perf_counter()
-            grad, metrics = trainer.train_micro(iv, labels, batch / step_samples, last, reset and micro_batch == 0)
+            first = micro_batch == 0
+            grad, metrics = trainer.train_micro(iv, labels, batch / step_samples, last, reset and first, first=first)
             self.compute_seconds += time.perf_counter() - started
+            result = StepResult(step, grad, metrics)
+            session.micro_replies.append(result)
             session.last = None
             session.next_micro_batch = 0 if last else micro_batch + 1
             session.next_step = step + 1 if last else step
             if last:
+                session.last_micro, session.micro_replies = session.micro_replies, []
                 self._after_step()
-            return StepResult(step, grad, metrics)
+            return result
+
+    def _resent_micro(self, replies: list[StepResult], step: int, micro_batch: int, micro_batches: int) -> StepResult:
+        if micro_batches != len(replies):
+            raise PreconditionFailed(
+                f"step {step} was applied in {len(replies)} micro-batches and is resent in {micro_batches}: "
+                "resend it as it was first sent"
+            )
+        if micro_batch == 0:
+            log.info("step %d sent again; answering its %d micro-batches from the first replies", step, micro_batches)
+            self.resent += 1
+        return replies[micro_batch]
+
+    def _cached_step(self) -> int | None:
+        """The step the retry cache answers again (the last applied one), if any."""
+        session = self._session
+        if session.last is not None:
+            return session.last.step
+        if session.last_micro is not None:
+            return session.last_micro[0].step
+        return None
 
     def evaluate(self, session_id: str, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
         self._check_session(session_id)
@@ -406,6 +445,7 @@ class TrainingState:
         if self._session.next_micro_batch and isinstance(self.trainer, ServerTrainer):
             self.trainer.discard_micro()
         self._session.next_micro_batch = 0
+        self._session.micro_replies = []
 
     def _middle(self) -> MiddleTrainer:
         if not isinstance(self.trainer, MiddleTrainer):

@@ -76,6 +76,7 @@ class ServerTrainer:
             self._test_fn = Compiled(self._test_step, input_signature=[iv_sig, label_sig])
             self._predict_fn = Compiled(self._predict_step, input_signature=[iv_sig])
             self.metric_names = self._build_metrics()
+        self._metrics_before: list[np.ndarray] | None = None  # running metrics before an unfinished step
         self._no_gradient: set[int] = set()  # indices of weights the loss does not reach (set when tracing)
         self._pending: Callable[[], object] | None = None  # the last step's update, not yet applied
         self._pending_lock = threading.Lock()
@@ -128,19 +129,22 @@ class ServerTrainer:
         return grad.numpy(), [float(v) for v in values]
 
     def train_micro(
-        self, iv: np.ndarray, labels: np.ndarray, share: float, last: bool, reset_metrics: bool
+        self, iv: np.ndarray, labels: np.ndarray, share: float, last: bool, reset_metrics: bool, first: bool = False
     ) -> tuple[np.ndarray, list[float]]:
         """One micro-batch of a step: its gradients, weighted by `share` (its samples / the step's), are added
         to the step's; the `last` one applies them in one update. Returns dLoss/dIV (of the whole step's loss)
         and the running metrics. For losses that average over the batch the update equals `train` on the
-        whole batch."""
+        whole batch. The `first` one notes the running metrics, which `discard_micro` puts back."""
         self.settle()
+        if first:
+            self._metrics_before = [v.numpy() for v in self.model.metrics_variables]
         if reset_metrics:
             self.model.reset_metrics()
         with tf.device(self.device):
             grad, values = self._micro_fn(iv, labels, np.float32(share))
         if last:
             self._defer(self._apply_accumulated_fn)
+            self._metrics_before = None
         return grad.numpy(), [float(v) for v in values]
 
     def _defer(self, update: Callable[[], object]) -> None:
@@ -148,10 +152,15 @@ class ServerTrainer:
             self._pending = update
 
     def discard_micro(self) -> None:
-        """Forget the gradients accumulated for an unfinished step."""
+        """Forget an unfinished step: the gradients accumulated for it, and what its micro-batches added to the
+        running metrics (so a step started over counts its samples once)."""
         self.settle()
         for accumulator in self._accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
+        if self._metrics_before is not None:
+            for variable, value in zip(self.model.metrics_variables, self._metrics_before, strict=True):
+                variable.assign(value)
+            self._metrics_before = None
 
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset_metrics: bool) -> list[float]:
         """Accumulate loss and metrics on one batch with no update; return the running values."""

@@ -83,10 +83,9 @@ def test_a_micro_batch_out_of_order_or_off_plan_is_refused_and_changes_nothing(
         with pytest.raises(RemoteError, match=fragment) as refused:
             transport.receive(0)
         assert refused.value.code.name == "FAILED_PRECONDITION"
-        after = server_snapshot(split.server)
-        # The first micro-batch moved the running metrics but no weight, slot or step: no update was applied.
-        before["metrics"] = after["metrics"]
-        assert_same_snapshot(before, after)
+        # The dropped step leaves nothing behind: no weight, slot or step moved, and what its first micro-batch
+        # added to the running metrics is taken back.
+        assert_same_snapshot(before, server_snapshot(split.server))
     finally:
         transport.close()
 
@@ -105,5 +104,42 @@ def test_a_malformed_micro_batch_keeps_the_steps_partial_gradients(split_pair: S
         transport.send(0, iv[4:], y[4:], False, micro_batch=1, micro_batches=2, step_samples=8)
         transport.receive(0)
         assert split.server.state.next_step == 1 == split.server.trainer.iterations
+    finally:
+        transport.close()
+
+
+def test_a_rejoining_client_starts_an_unfinished_step_over_and_a_finished_one_is_answered_again(
+    split_pair: StartServer,
+) -> None:
+    split = split_pair("plain", 2)
+    transport, iv, y = joined(split)
+    try:
+        before = server_snapshot(split.server)
+        transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
+        transport.receive(0)
+        transport.close()  # the stream is cut after the first micro-batch
+        transport, _, _ = joined(split)  # the client rejoins: the unfinished step is dropped, as if never sent
+        assert split.server.state.restarted == 1
+        assert_same_snapshot(before, server_snapshot(split.server))
+        replies = []
+        for part in range(2):
+            transport.send(0, iv[4 * part : 4 * part + 4], y[4 * part : 4 * part + 4], part == 0, part, 2, 8)
+            replies.append(transport.receive(0))
+        applied = server_snapshot(split.server)
+        assert applied["next_step"] == 1 == applied["iterations"]
+        # Its replies were lost: the client rejoins and sends the applied step again, whole.
+        transport.close()
+        transport, _, _ = joined(split)
+        for part in range(2):
+            transport.send(0, iv[4 * part : 4 * part + 4], y[4 * part : 4 * part + 4], part == 0, part, 2, 8)
+            gradient, metrics = transport.receive(0)
+            np.testing.assert_array_equal(gradient, replies[part][0])
+            assert metrics == replies[part][1]
+        assert split.server.state.resent == 1
+        assert_same_snapshot(applied, server_snapshot(split.server))  # answered from the replies: no second update
+        transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=4, step_samples=8)
+        with pytest.raises(RemoteError, match="applied in 2 micro-batches and is resent in 4") as refused:
+            transport.receive(0)
+        assert refused.value.code.name == "FAILED_PRECONDITION"
     finally:
         transport.close()
