@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import netns  # noqa: E402
 from benchmarks.workloads import WORKLOADS, Workload  # noqa: E402
+from splitlearning import subprocesses  # noqa: E402
 from splitlearning.devices import parse_cpus  # noqa: E402
 
 ENCODINGS = ("raw", "float16", "bfloat16", "int8")
@@ -100,9 +100,12 @@ class Runner:
 
     @staticmethod
     def stop(process: subprocess.Popen[bytes], spec: dict[str, Any]) -> dict[str, Any]:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-        return json.loads(Path(spec["out"]).read_text())
+        """SIGTERM the process (SIGKILL after a minute) and read the figures it wrote on its way out."""
+        status = subprocesses.stop(process, timeout=60)
+        out = Path(spec["out"])
+        if not out.exists():
+            raise RuntimeError(f"the process ended (exit status {status}) without writing {out.name}")
+        return json.loads(out.read_text())
 
 
 def split_run(
