@@ -108,21 +108,27 @@ def train(
     return client, history
 
 
-def test_dropped_replies_are_retried_once_each() -> None:
+def train_through_proxy(
+    cut_every: int | None, micro_batches: int = 1
+) -> tuple[SplitClient, dict[str, list[float]], SplitServer, CuttingProxy]:
+    """Train a fresh seeded pair, the client reaching the server through a proxy that cuts every `cut_every`
+    bytes of answers (never with None)."""
     x, y = make_data(n=40)
-    results = []
-    for cut_every in (None, 1500):
-        bottom, top = build_pair("plain", 9)
-        server = SplitServer(top, make_loss(), "adam", ["accuracy"])
-        port = server.start("127.0.0.1:0")
-        proxy = CuttingProxy(port, cut_every)
-        try:
-            client, _ = train(f"127.0.0.1:{proxy.port}", bottom, x, y)
-        finally:
-            proxy.close()
-            server.stop(grace=1.0)
-        results.append((client, server, proxy))
-    (plain, plain_server, _), (cut, cut_server, proxy) = results
+    bottom, top = build_pair("plain", 9)
+    server = SplitServer(top, make_loss(), "adam", ["accuracy"])
+    port = server.start("127.0.0.1:0")
+    proxy = CuttingProxy(port, cut_every)
+    try:
+        client, history = train(f"127.0.0.1:{proxy.port}", bottom, x, y, micro_batches)
+    finally:
+        proxy.close()
+        server.stop(grace=1.0)
+    return client, history, server, proxy
+
+
+def test_dropped_replies_are_retried_once_each() -> None:
+    plain, _, plain_server, _ = train_through_proxy(None)
+    cut, _, cut_server, proxy = train_through_proxy(1500)
     assert proxy.cuts >= 3, "the proxy never cut: this test proved nothing"
     assert cut_server.state.resent >= 1, "no reply was lost after its step was applied"
     assert cut.step == cut_server.trainer.iterations == plain_server.trainer.iterations == 30
@@ -131,20 +137,8 @@ def test_dropped_replies_are_retried_once_each() -> None:
 
 
 def test_pipelined_steps_survive_cut_streams_with_the_weights_and_metrics_of_an_uncut_run() -> None:
-    x, y = make_data(n=40)
-    results = []
-    for cut_every in (None, 700):
-        bottom, top = build_pair("plain", 9)
-        server = SplitServer(top, make_loss(), "adam", ["accuracy"])
-        port = server.start("127.0.0.1:0")
-        proxy = CuttingProxy(port, cut_every)
-        try:
-            client, history = train(f"127.0.0.1:{proxy.port}", bottom, x, y, micro_batches=2)
-        finally:
-            proxy.close()
-            server.stop(grace=1.0)
-        results.append((client, history, server, proxy))
-    (plain, plain_history, plain_server, _), (cut, cut_history, cut_server, proxy) = results
+    plain, plain_history, plain_server, _ = train_through_proxy(None, micro_batches=2)
+    cut, cut_history, cut_server, proxy = train_through_proxy(700, micro_batches=2)
     assert proxy.cuts >= 3, "the proxy never cut: this test proved nothing"
     # Both ways a pipelined step is repaired happened: started over, and answered from the stored replies.
     assert cut_server.state.restarted >= 1, "no stream was cut between a step's micro-batches"

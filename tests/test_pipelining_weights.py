@@ -108,33 +108,41 @@ def test_a_malformed_micro_batch_keeps_the_steps_partial_gradients(split_pair: S
         transport.close()
 
 
+def send_step(transport: Transport, iv: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, list[float]]]:
+    """Step 0 in two micro-batches of 4 samples; their answers."""
+    answers = []
+    for part in range(2):
+        rows = slice(4 * part, 4 * part + 4)
+        transport.send(0, iv[rows], y[rows], part == 0, micro_batch=part, micro_batches=2, step_samples=8)
+        answers.append(transport.receive(0))
+    return answers
+
+
 def test_a_rejoining_client_starts_an_unfinished_step_over_and_a_finished_one_is_answered_again(
     split_pair: StartServer,
 ) -> None:
     split = split_pair("plain", 2)
     transport, iv, y = joined(split)
+    before = server_snapshot(split.server)
+    transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
+    transport.receive(0)
+    transport.close()  # the stream is cut after the first micro-batch
+    transport, _, _ = joined(split)  # the client rejoins: the unfinished step is dropped, as if never sent
     try:
-        before = server_snapshot(split.server)
-        transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
-        transport.receive(0)
-        transport.close()  # the stream is cut after the first micro-batch
-        transport, _, _ = joined(split)  # the client rejoins: the unfinished step is dropped, as if never sent
         assert split.server.state.restarted == 1
         assert_same_snapshot(before, server_snapshot(split.server))
-        replies = []
-        for part in range(2):
-            transport.send(0, iv[4 * part : 4 * part + 4], y[4 * part : 4 * part + 4], part == 0, part, 2, 8)
-            replies.append(transport.receive(0))
+        answers = send_step(transport, iv, y)
         applied = server_snapshot(split.server)
         assert applied["next_step"] == 1 == applied["iterations"]
-        # Its replies were lost: the client rejoins and sends the applied step again, whole.
-        transport.close()
-        transport, _, _ = joined(split)
-        for part in range(2):
-            transport.send(0, iv[4 * part : 4 * part + 4], y[4 * part : 4 * part + 4], part == 0, part, 2, 8)
-            gradient, metrics = transport.receive(0)
-            np.testing.assert_array_equal(gradient, replies[part][0])
-            assert metrics == replies[part][1]
+    finally:
+        transport.close()  # the answers were lost: the client rejoins and sends the applied step again, whole
+    transport, _, _ = joined(split)
+    try:
+        for (gradient, metrics), (first_gradient, first_metrics) in zip(
+            send_step(transport, iv, y), answers, strict=True
+        ):
+            np.testing.assert_array_equal(gradient, first_gradient)
+            assert metrics == first_metrics
         assert split.server.state.resent == 1
         assert_same_snapshot(applied, server_snapshot(split.server))  # answered from the replies: no second update
         transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=4, step_samples=8)
