@@ -13,6 +13,7 @@ import numpy as np
 
 from splitlearning import codec, encodings, framing, keepalive
 from splitlearning.contract import (
+    CLIENT_ID_METADATA_KEY,
     PROTOCOL_VERSION,
     Agreement,
     CutContract,
@@ -75,6 +76,7 @@ class Transport:
         # Built once: the bearer token (if any) rides on every call as plain per-call metadata, which works
         # with and without TLS and costs nothing per training step (one stream carries all steps).
         self._metadata = auth_metadata(auth_token)
+        self._stream_metadata = self._metadata  # the training stream's: also the client id, once it handshook
         self._limit = max_message_bytes + _MESSAGE_OVERHEAD
         self._channel = self._open_channel()
         self._stub, self._train_call = self._stubs()
@@ -171,6 +173,8 @@ class Transport:
             raise RemoteError("handshake refused", error) from None
         self.session_id = reply.session_id
         self.encoding = encodings.parse(reply.encoding)
+        identity = ((CLIENT_ID_METADATA_KEY, client_id.encode("utf-8")),) if client_id else ()
+        self._stream_metadata = (*self._metadata, *identity)
         server_mode = mode_from_proto(reply.mode)
         if server_mode is not mode:  # a server that predates the field answers UNSPECIFIED: the standard cut
             raise ValueError(  # a set-up error: retrying cannot help
@@ -288,7 +292,7 @@ class Transport:
                 yield request
 
         responses: queue.SimpleQueue[TrainReply | BaseException] = queue.SimpleQueue()
-        call = self._train_call(feed(), metadata=self._metadata)
+        call = self._train_call(feed(), metadata=self._stream_metadata)
 
         def read() -> None:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
@@ -11,7 +12,14 @@ import numpy as np
 
 from server_part.state import HalfStep, TrainingState
 from splitlearning import codec, framing
-from splitlearning.contract import CutMode, contract_to_proto, mode_from_proto, mode_to_proto, spec_from_proto
+from splitlearning.contract import (
+    CLIENT_ID_METADATA_KEY,
+    CutMode,
+    contract_to_proto,
+    mode_from_proto,
+    mode_to_proto,
+    spec_from_proto,
+)
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SplitError
 from splitlearning.v1 import split_learning_pb2 as pb
 
@@ -35,7 +43,9 @@ class SplitLearningServicer:
     def Train(self, request_iterator: Iterator[TrainFrame], context: grpc.ServicerContext) -> Iterator[TrainReply]:
         """Requests arrive parsed by `framing.parse` and replies leave through `Outgoing.serialize` (see
         `add_to_server`): the tensors' bytes are never copied into or out of protobuf messages."""
-        with self._state.stream():
+        client_id = _client_id(context)
+        with contextlib.ExitStack() as stack:
+            _guard(context, lambda: stack.enter_context(self._state.stream(client_id)))
             if self._state.mode is CutMode.USHAPE:
                 yield from self._train_ushape(request_iterator, context)
                 return
@@ -146,6 +156,15 @@ class SplitLearningServicer:
                 "diverged; lower the learning rate, or use the raw wire encoding to see the values"
             ) from None
         return framing.Outgoing(pb.TrainResponse(step=result.step, metrics=result.metrics), {"iv_gradient": gradient})
+
+
+def _client_id(context: grpc.ServicerContext) -> str | None:
+    """The client id a training stream names in its metadata (see CLIENT_ID_METADATA_KEY), or None."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_ID_METADATA_KEY:
+            raw = value if isinstance(value, bytes) else value.encode("utf-8")
+            return raw.decode("utf-8", errors="replace")
+    return None
 
 
 def _tensor(request: pb.EvaluateRequest | pb.PredictRequest, name: str) -> np.ndarray:

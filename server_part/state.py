@@ -204,9 +204,16 @@ class TrainingState:
             return session.last
 
     @contextmanager
-    def stream(self) -> Iterator[None]:
-        """Count a training stream as open while the block runs (the session is in use meanwhile)."""
+    def stream(self, client_id: str | None = None) -> Iterator[None]:
+        """Count a training stream as open while the block runs (the session is in use meanwhile). A stream
+        that names a client other than the one whose handshake holds the session is refused (SessionBusy);
+        one that names none (`None`) is taken as the holder's."""
         with self._lock:
+            if client_id is not None and self._holder is not None and client_id != self._holder:
+                raise SessionBusy(
+                    "the session is held by another client, which joined after this one (one client per "
+                    "session): handshake again to take it back once that client disconnects"
+                )
             self._streams += 1
         try:
             yield

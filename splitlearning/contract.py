@@ -13,6 +13,9 @@ from splitlearning.errors import InvalidRequest
 from splitlearning.v1 import split_learning_pb2 as pb
 
 PROTOCOL_VERSION = 1
+# Metadata of a training stream: the id of the client that opens it, as in its handshake (UTF-8 bytes). The
+# server refuses a stream whose id is not the session holder's; a stream without it is taken as the holder's.
+CLIENT_ID_METADATA_KEY = "split-client-id-bin"
 
 
 @dataclass(frozen=True)

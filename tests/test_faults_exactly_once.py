@@ -12,8 +12,10 @@ import pytest
 
 from client_part import SplitClient
 from client_part.retry import RetryPolicy
+from client_part.transport import RemoteError, Transport
 from server_part import SplitServer
 from splitlearning import codec
+from splitlearning.contract import CLIENT_ID_METADATA_KEY, Spec
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, build_pair, make_data, make_loss
@@ -96,6 +98,50 @@ def test_second_client_is_refused_while_the_first_trains(server: SplitServer) ->
         requests.put(None)
         list(stream)  # the stream ends
         assert join(stub, "second").session_id == session  # once it is closed, another client may join
+
+
+def test_a_stream_from_a_client_that_no_longer_holds_the_session_is_refused(server: SplitServer) -> None:
+    channel, stub = stub_for(server)
+
+    def stream_as(client_id: str | None, step: int) -> pb.TrainResponse:
+        metadata = [(CLIENT_ID_METADATA_KEY, client_id.encode())] if client_id is not None else []
+        # The whole stream, to its end: the server counts it as open until then.
+        (reply,) = stub.Train(iter([step_request(session, step, step)]), timeout=10, metadata=metadata)
+        return reply
+
+    with channel:
+        session = join(stub, "first").session_id
+        assert stream_as("first", 0).step == 0
+        assert join(stub, "second").session_id == session  # "first" had no stream open: "second" holds it now
+        weights = server.model.get_weights()
+        with pytest.raises(grpc.RpcError) as refused:
+            stream_as("first", 1)  # "first" did not handshake again: its steps must not mix with "second"'s
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "held by another client" in (refused.value.details() or "")
+        for before, after in zip(weights, server.model.get_weights(), strict=True):
+            np.testing.assert_array_equal(before, after)
+        assert server.state.next_step == 1
+        assert stream_as("second", 1).step == 1
+        assert stream_as(None, 2).step == 2  # a stream that names no client is the holder's, as before
+
+
+def test_a_client_whose_session_was_taken_between_its_handshake_and_its_first_step_is_refused(
+    server: SplitServer,
+) -> None:
+    transport = Transport(f"127.0.0.1:{server.bound_port}", 1 << 20, rpc_timeout=10)  # type: ignore[attr-defined]
+    channel, stub = stub_for(server)
+    try:
+        transport.handshake(Spec((CUT_DIM,), np.dtype("float32")), None, 8, client_id="first")
+        join(stub, "second")  # before "first" opened its training stream: "second" holds the session now
+        request = step_request(transport.session_id, 0, 0)
+        iv, labels = codec.from_proto(request.iv, "iv"), codec.from_proto(request.labels, "labels")
+        with pytest.raises(RemoteError, match="held by another client") as refused:
+            transport.train(0, iv, labels, True)  # its stream names "first" (the transport's own metadata)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert server.state.next_step == 0
+    finally:
+        channel.close()
+        transport.close()
 
 
 def train(

@@ -69,7 +69,9 @@ class SplitLearningServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Train(self, request_iterator, context):
-        """Training exchanges: one response per request, in order, over one long-lived stream.
+        """Training exchanges: one response per request, in order, over one long-lived stream. The stream's metadata
+        `split-client-id-bin` names the client (its handshake's client_id, UTF-8); a stream naming a client that
+        does not hold the session is refused with FAILED_PRECONDITION. A stream naming none is the holder's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

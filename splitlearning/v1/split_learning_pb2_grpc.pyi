@@ -41,7 +41,10 @@ class SplitLearningServiceStub:
     Handshake: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.HandshakeRequest, _split_learning_pb2.HandshakeResponse]
     """Agrees on the protocol, the cut and the session before anything else."""
     Train: _grpc.StreamStreamMultiCallable[_split_learning_pb2.TrainRequest, _split_learning_pb2.TrainResponse]
-    """Training exchanges: one response per request, in order, over one long-lived stream."""
+    """Training exchanges: one response per request, in order, over one long-lived stream. The stream's metadata
+    `split-client-id-bin` names the client (its handshake's client_id, UTF-8); a stream naming a client that
+    does not hold the session is refused with FAILED_PRECONDITION. A stream naming none is the holder's.
+    """
     Evaluate: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.EvaluateRequest, _split_learning_pb2.EvaluateResponse]
     """Loss and metrics on one batch, with no update (standard cut only: in the U-shape the client evaluates)."""
     Predict: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.PredictRequest, _split_learning_pb2.PredictResponse]
@@ -55,7 +58,10 @@ class SplitLearningServiceAsyncStub(SplitLearningServiceStub):
     Handshake: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.HandshakeRequest, _split_learning_pb2.HandshakeResponse]  # type: ignore[assignment]
     """Agrees on the protocol, the cut and the session before anything else."""
     Train: _aio.StreamStreamMultiCallable[_split_learning_pb2.TrainRequest, _split_learning_pb2.TrainResponse]  # type: ignore[assignment]
-    """Training exchanges: one response per request, in order, over one long-lived stream."""
+    """Training exchanges: one response per request, in order, over one long-lived stream. The stream's metadata
+    `split-client-id-bin` names the client (its handshake's client_id, UTF-8); a stream naming a client that
+    does not hold the session is refused with FAILED_PRECONDITION. A stream naming none is the holder's.
+    """
     Evaluate: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.EvaluateRequest, _split_learning_pb2.EvaluateResponse]  # type: ignore[assignment]
     """Loss and metrics on one batch, with no update (standard cut only: in the U-shape the client evaluates)."""
     Predict: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.PredictRequest, _split_learning_pb2.PredictResponse]  # type: ignore[assignment]
@@ -78,7 +84,10 @@ class SplitLearningServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_split_learning_pb2.TrainRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_split_learning_pb2.TrainResponse], _abc.AsyncIterator[_split_learning_pb2.TrainResponse]]:
-        """Training exchanges: one response per request, in order, over one long-lived stream."""
+        """Training exchanges: one response per request, in order, over one long-lived stream. The stream's metadata
+        `split-client-id-bin` names the client (its handshake's client_id, UTF-8); a stream naming a client that
+        does not hold the session is refused with FAILED_PRECONDITION. A stream naming none is the holder's.
+        """
 
     @_abc_1.abstractmethod
     def Evaluate(
