@@ -59,15 +59,20 @@ class _Session:
     # The replies of the last step when it was pipelined, one per micro-batch: its retry cache.
     last_micro: list[StepResult] | None = field(default=None, repr=False)
     in_flight: int | None = None  # U-shape: the step whose forward ran and whose backward is awaited
+    last_ushape: HalfStep | None = field(default=None, repr=False)  # U-shape: the last applied step, to replay
 
 
 @dataclass(frozen=True)
 class HalfStep:
-    """U-shape: a step between its forward and its backward; held by one training stream's handler only."""
+    """U-shape: a step between its forward and its backward; held by one training stream's handler only.
+
+    A replay of the last applied step (its answers were lost) has no pending forward: `replay` holds the
+    dLoss/dIV its backward answered, and `outputs` the forward's."""
 
     step: int
     outputs: np.ndarray
-    pending: PendingStep = field(repr=False)
+    pending: PendingStep | None = field(repr=False)
+    replay: np.ndarray | None = field(default=None, repr=False)
 
 
 class TrainingState:
@@ -265,7 +270,8 @@ class TrainingState:
             log.info("resuming at step %d (was at step %d): restoring its checkpoint", step, session.next_step)
             self._discard_micro()
             self.checkpoints.restore(step)
-            session.next_step, session.last, session.last_micro, session.in_flight = step, None, None, None
+            session.next_step, session.in_flight = step, None
+            session.last = session.last_micro = session.last_ushape = None
         return step
 
     # -- the U-shape's step: a forward and a backward, two exchanges on one training stream ----------------
@@ -277,10 +283,16 @@ class TrainingState:
         with self._lock:
             self._check_open()
             session = self._session
+            replay = session.last_ushape
+            if replay is not None and step == replay.step and step + 1 == session.next_step:
+                self._check_iv(iv)
+                log.info("step %d sent again; answering its forward and backward from the first replies", step)
+                self.resent += 1
+                return replay
             if step != session.next_step:
                 raise PreconditionFailed(
-                    f"step {step} is out of order: the server expects step {session.next_step} (the U-shape does "
-                    "not replay applied steps)"
+                    f"step {step} is out of order: the server expects step {session.next_step}"
+                    + (" (a gap: steps were skipped)" if step > session.next_step else " (already applied)")
                 )
             if session.in_flight is not None:
                 # Usually the client's own previous stream, cut and not yet wound up here: retry shortly.
@@ -307,6 +319,14 @@ class TrainingState:
             raise InvalidRequest("output_gradient: contains NaN or Inf; the client's head has diverged")
         with self._lock:
             session = self._session
+            if half.pending is None:  # a replay: answered again, no second update
+                if session.last_ushape is not half:
+                    raise PreconditionFailed(
+                        f"step {step} can no longer be answered again: the session was moved to step "
+                        f"{session.next_step} (resumed from a checkpoint); send that step's forward"
+                    )
+                assert half.replay is not None
+                return half.replay
             if session.in_flight != step or session.next_step != step:  # a resume moved the session meanwhile
                 raise PreconditionFailed(
                     f"step {step} is no longer in flight: the session was moved to step {session.next_step} "
@@ -315,6 +335,7 @@ class TrainingState:
             started = time.perf_counter()
             iv_gradient = middle.backward(half.pending, output_gradient)
             self.compute_seconds += time.perf_counter() - started
+            self._session.last_ushape = HalfStep(step, half.outputs, None, iv_gradient)
             self._session.in_flight = None
             self._session.next_step = step + 1
             self._after_step()
@@ -323,7 +344,7 @@ class TrainingState:
     def abandon(self, half: HalfStep) -> None:
         """The stream ended between a forward and its backward: no update happened; the step may start again."""
         with self._lock:
-            if self._session.in_flight == half.step:
+            if half.pending is not None and self._session.in_flight == half.step:
                 self._middle().undo_forward(half.pending)
                 self._session.in_flight = None
                 log.warning("step %d abandoned between its forward and its backward: undone, no update", half.step)
@@ -419,6 +440,8 @@ class TrainingState:
             return session.last.step
         if session.last_micro is not None:
             return session.last_micro[0].step
+        if session.last_ushape is not None:
+            return session.last_ushape.step
         return None
 
     def evaluate(self, session_id: str, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
