@@ -382,18 +382,18 @@ class SplitClient:
         if not self._sent[k]:
             return np.zeros((0, *self.trainer.iv_spec.shape), self.trainer.iv_spec.dtype)
         transport = self._transport
-        received = sum(self._sent[:k])  # micro-batches of this step answered so far
+        answered = sum(self._sent[:k])  # micro-batches of this step answered so far
 
         def attempt(retrying: bool) -> tuple[np.ndarray, list[float]]:
             if retrying:  # a new stream: the whole step again, the answers already used are dropped
                 self._rejoin_if_stale(self._step)
                 for part in self._parts:
                     transport.send(self._step, *part)
-                for _ in range(received):
+                for _ in range(answered):
                     self._guarded(transport.receive, self._step)
             return self._guarded(transport.receive, self._step)
 
-        grad, self._last_metrics = retry.call(self.retry, f"step {self._step}, micro-batch {received}", attempt)
+        grad, self._last_metrics = retry.call(self.retry, f"step {self._step}, micro-batch {answered}", attempt)
         if k == max(i for i, sent in enumerate(self._sent) if sent):  # the step's last answer
             sent, received, started = self._step_started
             seconds = time.perf_counter() - started
