@@ -76,7 +76,7 @@ class ServerTrainer:
             self._test_fn = Compiled(self._test_step, input_signature=[iv_sig, label_sig])
             self._predict_fn = Compiled(self._predict_step, input_signature=[iv_sig])
             self.metric_names = self._build_metrics()
-        self._metrics_before: list[np.ndarray] | None = None  # running metrics before an unfinished step
+        self._metrics_before: list[tf.Tensor] | None = None  # running metrics before an unfinished step
         self._no_gradient: set[int] = set()  # indices of weights the loss does not reach (set when tracing)
         self._pending: Callable[[], object] | None = None  # the last step's update, not yet applied
         self._pending_lock = threading.Lock()
@@ -136,11 +136,11 @@ class ServerTrainer:
         and the running metrics. For losses that average over the batch the update equals `train` on the
         whole batch. The `first` one notes the running metrics, which `discard_micro` puts back."""
         self.settle()
-        if first:
-            self._metrics_before = [v.numpy() for v in self.model.metrics_variables]
-        if reset_metrics:
-            self.model.reset_metrics()
         with tf.device(self.device):
+            if first:  # copies on the device: reading them to the host would wait for the device every step
+                self._metrics_before = [tf.identity(v.value) for v in self.model.metrics_variables]
+            if reset_metrics:
+                self.model.reset_metrics()
             grad, values = self._micro_fn(iv, labels, np.float32(share))
         if last:
             self._defer(self._apply_accumulated_fn)
@@ -158,8 +158,9 @@ class ServerTrainer:
         for accumulator in self._accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
         if self._metrics_before is not None:
-            for variable, value in zip(self.model.metrics_variables, self._metrics_before, strict=True):
-                variable.assign(value)
+            with tf.device(self.device):
+                for variable, value in zip(self.model.metrics_variables, self._metrics_before, strict=True):
+                    variable.assign(value)
             self._metrics_before = None
 
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset_metrics: bool) -> list[float]:
