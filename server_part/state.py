@@ -186,8 +186,7 @@ class TrainingState:
             self._check_open()
             session = self._session
             if session.last is not None and step == session.last.step:
-                log.info("step %d sent again; answering from the first reply, no second update", step)
-                self.resent += 1
+                self._count_resent(step, "its reply")
                 return session.last
             if session.next_micro_batch:
                 self._discard_micro()
@@ -286,8 +285,7 @@ class TrainingState:
             replay = session.last_ushape
             if replay is not None and step == replay.step and step + 1 == session.next_step:
                 self._check_iv(iv)
-                log.info("step %d sent again; answering its forward and backward from the first replies", step)
-                self.resent += 1
+                self._count_resent(step, "its forward and its backward")
                 return replay
             if step != session.next_step:
                 raise PreconditionFailed(
@@ -429,9 +427,12 @@ class TrainingState:
                 "resend it as it was first sent"
             )
         if micro_batch == 0:
-            log.info("step %d sent again; answering its %d micro-batches from the first replies", step, micro_batches)
-            self.resent += 1
+            self._count_resent(step, f"its {micro_batches} micro-batches")
         return replies[micro_batch]
+
+    def _count_resent(self, step: int, answers: str) -> None:
+        log.info("step %d sent again: %s answered from the first replies, no second update", step, answers)
+        self.resent += 1
 
     def _cached_step(self) -> int | None:
         """The step the retry cache answers again (the last applied one), if any."""
