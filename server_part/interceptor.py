@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from server_part.servicer import Undecodable
 from server_part.telemetry import ServerTelemetry
 from splitlearning import logs
 
@@ -59,7 +60,7 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
                     raise
                 finally:
                     sent = response.ByteSize() if response is not None else 0
-                    telemetry.rpc(method, code, time.perf_counter() - started, request.ByteSize(), sent)
+                    telemetry.rpc(method, code, time.perf_counter() - started, _size(request), sent)
 
         return unary
 
@@ -71,9 +72,10 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
 
             def requests() -> Iterator[Any]:
                 for frame in request_iterator:  # framing.Incoming: the message and its wire size
-                    current["in"] = time.perf_counter()
-                    current["request"] = frame
-                    logs.update(step=frame.message.step, session=frame.message.session_id)
+                    if not isinstance(frame, Undecodable):  # the servicer refuses that one
+                        current["in"] = time.perf_counter()
+                        current["request"] = frame
+                        logs.update(step=frame.message.step, session=frame.message.session_id)
                     yield frame
 
             with logs.bind(fresh=True, peer=_peer(context), method=method):
@@ -130,3 +132,7 @@ def _peer(context: grpc.ServicerContext) -> str:
 
 def _session(request: Any) -> str:
     return str(getattr(request, "session_id", ""))
+
+
+def _size(request: Any) -> int:
+    return request.size if isinstance(request, Undecodable) else int(request.ByteSize())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import NoReturn, TypeVar
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -31,6 +32,23 @@ TrainFrame = framing.Incoming[pb.TrainRequest]
 TrainReply = framing.Outgoing[pb.TrainResponse]
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are no message of its method's type, as the deserializer hands it over.
+
+    Deserializers never raise here: gRPC would answer a raising one with INTERNAL ("Exception deserializing
+    request!"), and on a streaming call (seen with grpcio 1.85) it often leaves the call's state behind, so the
+    states pile up and `stop` never sees its RPCs finish. The handler refuses it instead: INVALID_ARGUMENT.
+    """
+
+    type_name: str
+    size: int
+    error: str
+
+    def refusal(self) -> str:
+        return f"the request is not a valid {self.type_name} ({self.size} bytes): {self.error}"
+
+
 class SplitLearningServicer:
     """The service's handlers; registered by `add_to_server` (Train's messages go through `framing`)."""
 
@@ -40,16 +58,19 @@ class SplitLearningServicer:
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
         return _guard(context, lambda: self._handshake(request))
 
-    def Train(self, request_iterator: Iterator[TrainFrame], context: grpc.ServicerContext) -> Iterator[TrainReply]:
+    def Train(
+        self, request_iterator: Iterator[TrainFrame | Undecodable], context: grpc.ServicerContext
+    ) -> Iterator[TrainReply]:
         """Requests arrive parsed by `framing.parse` and replies leave through `Outgoing.serialize` (see
         `add_to_server`): the tensors' bytes are never copied into or out of protobuf messages."""
         client_id = _client_id(context)
+        frames = _decoded(request_iterator, context)
         with contextlib.ExitStack() as stack:
             _guard(context, lambda: stack.enter_context(self._state.stream(client_id)))
             if self._state.mode is CutMode.USHAPE:
-                yield from self._train_ushape(request_iterator, context)
+                yield from self._train_ushape(frames, context)
                 return
-            for request in request_iterator:
+            for request in frames:
                 yield _guard(context, lambda: self._train(request))  # noqa: B023 (called at once)
                 # Resumed once the reply is on its way: the update runs while the client back-propagates.
                 self._state.settle()
@@ -181,7 +202,8 @@ def _frame_tensor(frame: TrainFrame, name: str) -> np.ndarray:
 
 def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
     """Register the service as the generated `add_SplitLearningServiceServicer_to_server` does, but with Train's
-    messages read and written by `framing` (the same bytes on the wire); the unary methods use protobuf's own."""
+    messages read and written by `framing` (the same bytes on the wire); the unary methods use protobuf's own.
+    Bytes that do not decode reach the handlers as `Undecodable`, which they refuse with INVALID_ARGUMENT."""
     service = pb.DESCRIPTOR.services_by_name["SplitLearningService"]
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
@@ -190,17 +212,52 @@ def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
             if method.name != "Train":
                 raise AssertionError(f"{method.name}: no framing for a streaming method but Train")
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                behavior,
-                request_deserializer=lambda data: framing.parse(pb.TrainRequest, data),
+                behavior,  # refuses an Undecodable request itself: it reads the stream
+                request_deserializer=_lenient(lambda data: framing.parse(pb.TrainRequest, data), "TrainRequest"),
                 response_serializer=framing.Outgoing.serialize,
             )
         else:
             request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                behavior, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+                _refusing_undecodable(behavior),
+                request_deserializer=_lenient(request.FromString, method.input_type.name),
+                response_serializer=response.SerializeToString,
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _lenient(parse: Callable[[bytes], T], type_name: str) -> Callable[[bytes], T | Undecodable]:
+    """`parse`, returning an `Undecodable` where it would raise (see `Undecodable`)."""
+
+    def deserialize(data: bytes) -> T | Undecodable:
+        try:
+            return parse(data)
+        except Exception as error:  # protobuf's DecodeError, or framing's own checks
+            return Undecodable(type_name, len(data), str(error) or type(error).__name__)
+
+    return deserialize
+
+
+def _refusing_undecodable(behavior: Callable[[Any, grpc.ServicerContext], T]) -> Callable[..., T]:
+    def handle(request: Any, context: grpc.ServicerContext) -> T:
+        if isinstance(request, Undecodable):
+            _refuse_undecodable(context, request)
+        return behavior(request, context)
+
+    return handle
+
+
+def _decoded(requests: Iterator[TrainFrame | Undecodable], context: grpc.ServicerContext) -> Iterator[TrainFrame]:
+    for request in requests:
+        if isinstance(request, Undecodable):
+            _refuse_undecodable(context, request)
+        yield request
+
+
+def _refuse_undecodable(context: grpc.ServicerContext, request: Undecodable) -> NoReturn:
+    log.warning("refused %s: %s", _peer(context), request.refusal())
+    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.refusal())
 
 
 def _guard(context: grpc.ServicerContext, run: Callable[[], T]) -> T:

@@ -25,6 +25,7 @@ from tests.conftest import (
     make_loss,
     server_snapshot,
 )
+from tests.raw_support import UNDECODABLE, send_raw
 
 MAX_BATCH = 8
 TIMEOUT = 20.0
@@ -57,6 +58,7 @@ class Served:
     session: str
     replies: list[pb.TrainResponse]
     requests: list[pb.TrainRequest]
+    channel: grpc.Channel
 
     @property
     def next_step(self) -> int:
@@ -119,7 +121,7 @@ def served() -> Iterator[Served]:
     assert server.trainer.iterations == 2
     # Non-zero optimizer slots and metrics, so "unchanged" means something.
     assert any(np.any(v.numpy() != 0) for v in server.trainer.optimizer.variables[2:])
-    yield Served(server, stub, session, replies, requests)
+    yield Served(server, stub, session, replies, requests, channel)
     channel.close()
     server.stop(grace=1.0)
 
@@ -486,6 +488,28 @@ def test_good_evaluate_and_predict_change_no_weight(served: Served) -> None:
     after = server_snapshot(served.server)
     after["metrics"] = before["metrics"]  # evaluate accumulates metrics; nothing else may move
     assert_same_snapshot(before, after)
+
+
+# -- bytes that are no message ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "type_name"),
+    [
+        ("Handshake", "HandshakeRequest"),
+        ("Evaluate", "EvaluateRequest"),
+        ("Predict", "PredictRequest"),
+        ("Train", "TrainRequest"),
+    ],
+)
+def test_undecodable_request_is_invalid_argument(served: Served, method: str, type_name: str) -> None:
+    """Not gRPC's own INTERNAL ("Exception deserializing request!"): the request is at fault, not the server."""
+    served.refused(
+        lambda: send_raw(served.channel, method, UNDECODABLE, TIMEOUT),
+        Code.INVALID_ARGUMENT,
+        f"not a valid {type_name}",
+        f"({len(UNDECODABLE)} bytes)",
+    )
 
 
 # -- a fresh server: refusals do not break the session -----------------------------------------------------

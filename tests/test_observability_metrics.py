@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from server_part import SplitServer
 from splitlearning.contract import Spec
 from tests.conftest import StartServer, build_top, make_data, make_loss
 from tests.observability_support import scrape, value
+from tests.raw_support import UNDECODABLE, send_raw
 
 BATCH = 16
 
@@ -65,17 +67,32 @@ def test_errors_are_counted_by_status_code(split_pair: StartServer) -> None:
             transport.train(5, iv, labels, reset=True)  # the server expects step 0
         with pytest.raises(RemoteError) as bad_labels:
             transport.evaluate(iv, np.full(2, 7, "int64"), reset=True)  # 3 classes
+        undecodable = [_status(split.target, method, UNDECODABLE) for method in ("Train", "Handshake")]
     finally:
         transport.close()
     assert not_found.value.code.name == "NOT_FOUND"
     assert out_of_order.value.code.name == "FAILED_PRECONDITION"
     assert bad_labels.value.code.name == "INVALID_ARGUMENT"
+    assert undecodable == [grpc.StatusCode.INVALID_ARGUMENT] * 2
 
     samples = scrape(split.server.metrics_port)
     assert value(samples, "split_server_errors_total", method="Predict", code="NOT_FOUND") == 1
     assert value(samples, "split_server_errors_total", method="Train", code="FAILED_PRECONDITION") == 1
     assert value(samples, "split_server_errors_total", method="Evaluate", code="INVALID_ARGUMENT") == 1
+    # Bytes that are no message: refused by the servicer and counted like any refusal, with their size.
+    assert value(samples, "split_server_errors_total", method="Train", code="INVALID_ARGUMENT") == 1
+    assert value(samples, "split_server_errors_total", method="Handshake", code="INVALID_ARGUMENT") == 1
+    assert value(samples, "split_server_received_bytes_total", method="Handshake") == len(UNDECODABLE)
     assert value(samples, "split_server_steps_total") == 0
+
+
+def _status(target: str, method: str, payload: bytes) -> grpc.StatusCode:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            send_raw(channel, method, payload)
+        except grpc.RpcError as error:
+            return error.code()
+    return grpc.StatusCode.OK
 
 
 def test_servers_in_one_process_count_apart(split_pair: StartServer) -> None:
