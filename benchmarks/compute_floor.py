@@ -2,7 +2,7 @@
 
 Times, as medians in ms over `--rounds` calls after a warm-up, on the same seeded model pair:
 - the uncut model's step as Keras `fit` runs it (the reference R is measured against: `fit` with the
-  benchmark's metrics, its data pipeline and a callback that stamps each step's end);
+  benchmark's metrics and its data pipeline, a callback stamping each step's end);
 - the uncut model's bare compiled training step (`tf.function`: forward, loss, gradients, Adam);
 - the client's step, `ClientTrainer.train`, its exchange answering at once with a fixed dLoss/dIV;
 - the server's step, `ServerTrainer.train` (the reply's part), and `settle` (its update, after the reply).
@@ -92,7 +92,8 @@ def main() -> None:
 
 
 def _fit_step_ms(pair: Any, batch: int, rounds: int) -> float:
-    """The median step of Keras `fit` on the uncut model, timed as the benchmark's uncut run times it."""
+    """The median step of Keras `fit` on the uncut model, stamped at each step's end as the benchmark's uncut run
+    is (a median, like the other figures here; the benchmark's rate is a mean, a little slower)."""
     import keras
     import numpy as np
 
