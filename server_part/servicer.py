@@ -10,6 +10,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from server_part.state import HalfStep, TrainingState
 from splitlearning import codec, framing
@@ -36,9 +37,10 @@ TrainReply = framing.Outgoing[pb.TrainResponse]
 class Undecodable:
     """A request whose bytes are no message of its method's type, as the deserializer hands it over.
 
-    Deserializers never raise here: gRPC would answer a raising one with INTERNAL ("Exception deserializing
-    request!"), and on a streaming call (seen with grpcio 1.85) it often leaves the call's state behind, so the
-    states pile up and `stop` never sees its RPCs finish. The handler refuses it instead: INVALID_ARGUMENT.
+    Deserializers do not raise on such bytes: gRPC would answer a raising one with INTERNAL ("Exception
+    deserializing request!"), and on a streaming call (seen with grpcio 1.85) it often leaves the call's state
+    behind, so the states pile up and `stop` never sees its RPCs finish. The handler refuses it instead, with
+    INVALID_ARGUMENT.
     """
 
     type_name: str
@@ -233,8 +235,8 @@ def _lenient(parse: Callable[[bytes], T], type_name: str) -> Callable[[bytes], T
     def deserialize(data: bytes) -> T | Undecodable:
         try:
             return parse(data)
-        except Exception as error:  # protobuf's DecodeError, or framing's own checks
-            return Undecodable(type_name, len(data), str(error) or type(error).__name__)
+        except DecodeError as error:  # anything else is a bug, and gRPC's INTERNAL says so
+            return Undecodable(type_name, len(data), str(error) or "undecodable")
 
     return deserialize
 
