@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -69,7 +68,7 @@ def main() -> None:
     gradient = (1e-4 * np.random.default_rng(2).standard_normal(iv_shape)).astype(np.float32)
     client = ClientTrainer(pair.client(0), cli.make_optimizer("adam", 1e-3), "/CPU:0", lambda *_: gradient)
 
-    fit_ms = _fit_step_ms(pair, args.batch, args.rounds)
+    fit_ms = _fit_step_ms(args.model, args.batch, args.rounds)
     uncut_ms = 1e3 * median_seconds(lambda: uncut_step(xt, yt), args.rounds, warmup=10)
     client_ms = 1e3 * median_seconds(lambda: client.train(xt, yt), args.rounds, warmup=10)
     reply, update = [], []
@@ -91,22 +90,13 @@ def main() -> None:
     print(f"    {fit_ms / split_shared:.2f} ({uncut_ms / split_shared:.2f}) with both parts on the same cores")
 
 
-def _fit_step_ms(pair: Any, batch: int, rounds: int) -> float:
-    """The median step of Keras `fit` on the uncut model, stamped at each step's end as the benchmark's uncut run
-    is (a median, like the other figures here; the benchmark's rate is a mean, a little slower)."""
-    import keras
-    import numpy as np
+def _fit_step_ms(model: str, batch: int, rounds: int) -> float:
+    """The median step of Keras `fit` on the uncut model, from the benchmark's own uncut run (each step's end
+    stamped by a callback); a median, like the other figures here (the benchmark's rate is a mean)."""
+    from benchmarks import roles
 
-    from benchmarks.workloads import synthetic_mnist
-
-    x, y = synthetic_mnist(batch * (rounds + 1), seed=3)
-    model = keras.Sequential([pair.client(0), pair.server(0)])
-    model.compile(optimizer=cli.make_optimizer("adam", 1e-3), loss=pair.loss, metrics=["accuracy"], jit_compile=False)
-    model.fit(x[: 10 * batch], y[: 10 * batch], batch_size=batch, epochs=1, verbose=0)  # warm-up: traces
-    ends: list[float] = []
-    stamp = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: ends.append(time.perf_counter()))
-    model.fit(x, y, batch_size=batch, epochs=1, shuffle=True, verbose=0, callbacks=[stamp])
-    return 1e3 * float(np.median(np.diff(ends)))
+    spec = {"model": model, "seed": 0, "samples": batch * rounds, "batch_size": batch, "warmup_steps": 10}
+    return 1e3 * float(roles.uncut(spec)["median_step_s"])
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ code under test is the project's own, unchanged.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -117,7 +119,12 @@ def uncut(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     model.fit(x, y, batch_size=batch, epochs=1, shuffle=True, verbose=0, callbacks=[stamp])
     elapsed = time.perf_counter() - started
-    return {"samples_per_s": steady_rate(ends, batch), "fit_samples_per_s": len(x) / elapsed, "seconds": elapsed}
+    return {
+        "samples_per_s": steady_rate(ends, batch),
+        "fit_samples_per_s": len(x) / elapsed,
+        "seconds": elapsed,
+        "median_step_s": statistics.median(b - a for a, b in itertools.pairwise(ends)),
+    }
 
 
 def steady_rate(ends: list[float], batch: int) -> float:
