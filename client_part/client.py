@@ -142,6 +142,7 @@ class SplitClient:
         self._step_started: tuple[int, int, float] = (0, 0, 0.0)  # bytes sent, received, time at its first send
         self.meter = ClientMeter()  # per-step time and bytes, for logs, TensorBoard and the summary
         self._stale = False  # a call failed: rejoin (handshake again) before the next attempt
+        self._rolling_back = False  # a call that handles `Rollback` runs (fit's validation leaves it to fit)
         self._stop = threading.Event()
         self._epoch0_step = 0  # the step at which epoch 0 of the running fit began (the data position)
         self._resume = False  # restored from a checkpoint: the next fit carries on from its data position
@@ -257,13 +258,8 @@ class SplitClient:
         hooks = Callbacks([EpochLog(self), *(callbacks or [])], self.model, history.params)
         hooks.on_train_begin()
         run = _FitRun(x, y, batch_size, epochs, shuffle, validation_data, verbose, seed, steps_per_epoch)
-        while True:
-            try:
-                self._fit_epochs(run, max(initial_epoch, 0), history, hooks)
-                break
-            except Rollback as rollback:
-                log.warning("%s: restoring this client's checkpoint of step %d", rollback, rollback.step)
-                self._restore(rollback.step)
+        # After a rollback the epochs carry on from the restored step's data position.
+        self._after_rollbacks(lambda: self._fit_epochs(run, max(initial_epoch, 0), history, hooks))
         hooks.on_train_end({})
         return history
 
@@ -325,11 +321,11 @@ class SplitClient:
             values: list[float] = []
             for index, (xb, yb) in enumerate(batches.iterate(x, y, batch_size)):
                 iv, labels = self.trainer.forward(xb), self._labels(yb)
-                values = self._guarded(self._link.evaluate, iv, labels, not values)
+                values = self._guarded(self._link.evaluate, iv, labels, not values, self._partner_step())
                 progress.update(index + 1)
             return values
 
-        values = retry.call(self.retry, "evaluate", attempt)
+        values = self._after_rollbacks(lambda: retry.call(self.retry, "evaluate", attempt))
         if not values:
             raise ValueError("evaluate got no data")
         penalty = self.trainer.penalty()
@@ -339,7 +335,9 @@ class SplitClient:
         """Outputs of the whole (uncut) model for `x`."""
         self.agreement  # noqa: B018 (connect first)
         self._check_batch_size(batch_size)
-        outputs = [self._predict_batch(self.trainer.forward(xb)) for xb in batches.iterate_inputs(x, batch_size)]
+        outputs = self._after_rollbacks(
+            lambda: [self._predict_batch(self.trainer.forward(xb)) for xb in batches.iterate_inputs(x, batch_size)]
+        )
         if not outputs:
             raise ValueError("predict got no data")
         return np.concatenate(outputs)
@@ -405,7 +403,7 @@ class SplitClient:
     def _predict_batch(self, iv: np.ndarray) -> np.ndarray:
         def attempt(retrying: bool) -> np.ndarray:
             self._rejoin_if_stale(self._step)
-            return self._guarded(self._link.predict, iv)
+            return self._guarded(self._link.predict, iv, self._partner_step())
 
         return retry.call(self.retry, "predict", attempt)
 
@@ -419,6 +417,30 @@ class SplitClient:
             if retry.is_retryable(error):
                 self._stale = True
             raise
+
+    def _partner_step(self) -> int | None:
+        """This client's step, for the server to check that both parts are at it, once the two have trained
+        together or agreed on the step (a client that only brings weights for inference sends none)."""
+        agreed = self._agreement is not None and self._agreement.next_step == self._step
+        return self._step if self._in_step or agreed else None
+
+    def _after_rollbacks(self, run: Callable[[], T]) -> T:
+        """`run()`, again from the top each time the server turns out to have resumed at an earlier step than
+        this client's (`Rollback`: it restarted from an older checkpoint), after restoring this client's
+        checkpoint of that step, so both parts are one model again. Steps after it are lost on both sides;
+        `fit` trains them again. Nested calls (`fit`'s validation) leave it to the outermost."""
+        if self._rolling_back:
+            return run()
+        self._rolling_back = True
+        try:
+            while True:
+                try:
+                    return run()
+                except Rollback as rollback:
+                    log.warning("%s: restoring this client's checkpoint of step %d", rollback, rollback.step)
+                    self._restore(rollback.step)
+        finally:
+            self._rolling_back = False
 
     def _rejoin_if_stale(self, step: int) -> None:
         """After a failure the server may have restarted: handshake again and agree on the step."""

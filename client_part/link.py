@@ -16,10 +16,11 @@ class Link(Protocol):
         """One training step for `iv`: dLoss/dIV and the running metrics (loss first)."""
         ...
 
-    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
-        """Accumulate loss and metrics for one batch, no update; the running values."""
+    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool, step: int | None = None) -> list[float]:
+        """Accumulate loss and metrics for one batch, no update; the running values. `step` is the client's,
+        which the server checks against its own (None: not checked)."""
         ...
 
-    def predict(self, iv: np.ndarray) -> np.ndarray:
-        """The whole model's outputs for one batch of IVs."""
+    def predict(self, iv: np.ndarray, step: int | None = None) -> np.ndarray:
+        """The whole model's outputs for one batch of IVs (`step` as for `evaluate`)."""
         ...

@@ -65,8 +65,8 @@ class NoisyLink:
     def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:
         return self._link.train(step, self.privatize(iv), labels, reset)
 
-    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
-        return self._link.evaluate(self.privatize(iv), labels, reset)
+    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool, step: int | None = None) -> list[float]:
+        return self._link.evaluate(self.privatize(iv), labels, reset, step)
 
-    def predict(self, iv: np.ndarray) -> np.ndarray:
-        return self._link.predict(self.privatize(iv))
+    def predict(self, iv: np.ndarray, step: int | None = None) -> np.ndarray:
+        return self._link.predict(self.privatize(iv), step)

@@ -260,20 +260,22 @@ class Transport:
             raise ConnectionError(f"the server closed the training stream at {what}") from None
         return reply
 
-    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
+    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool, step: int | None = None) -> list[float]:
+        """`step`: this client's, for the server to check that both parts are at it (None: not checked)."""
         request = pb.EvaluateRequest(
             session_id=self.session_id,
             iv=codec.to_proto(iv, self.encoding),
             labels=codec.to_proto(labels),
             reset_metrics=reset,
+            step=step,
         )
         try:
             return list(self._stub.Evaluate(request, timeout=self.rpc_timeout, metadata=self._metadata).metrics)
         except grpc.RpcError as error:
             raise RemoteError("evaluate refused", error) from None
 
-    def predict(self, iv: np.ndarray) -> np.ndarray:
-        request = pb.PredictRequest(session_id=self.session_id, iv=codec.to_proto(iv, self.encoding))
+    def predict(self, iv: np.ndarray, step: int | None = None) -> np.ndarray:
+        request = pb.PredictRequest(session_id=self.session_id, iv=codec.to_proto(iv, self.encoding), step=step)
         try:
             reply = self._stub.Predict(request, timeout=self.rpc_timeout, metadata=self._metadata)
         except grpc.RpcError as error:

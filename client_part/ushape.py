@@ -37,11 +37,11 @@ class UShapeLink:
         _, output_gradient, metrics = self._head_step
         return self._transport.train_backward(step, output_gradient), metrics
 
-    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
-        return self.head.evaluate(self._checked(self._transport.predict(iv)), labels, reset)
+    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool, step: int | None = None) -> list[float]:
+        return self.head.evaluate(self._checked(self._transport.predict(iv, step)), labels, reset)
 
-    def predict(self, iv: np.ndarray) -> np.ndarray:
-        return self.head.predict(self._checked(self._transport.predict(iv)))
+    def predict(self, iv: np.ndarray, step: int | None = None) -> np.ndarray:
+        return self.head.predict(self._checked(self._transport.predict(iv, step)))
 
     def _checked(self, outputs: np.ndarray) -> np.ndarray:
         self.head.contract.iv.check_batch(outputs, "the middle's outputs")

@@ -113,14 +113,16 @@ class SplitLearningServicer:
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         def run() -> pb.EvaluateResponse:
             iv, labels = _tensor(request, "iv"), _tensor(request, "labels")
-            values = self._state.evaluate(request.session_id, iv, labels, request.reset_metrics)
+            step = request.step if request.HasField("step") else None
+            values = self._state.evaluate(request.session_id, iv, labels, request.reset_metrics, step)
             return pb.EvaluateResponse(metrics=values)
 
         return _guard(context, run)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         def run() -> pb.PredictResponse:
-            outputs = self._state.predict(request.session_id, _tensor(request, "iv"))
+            step = request.step if request.HasField("step") else None
+            outputs = self._state.predict(request.session_id, _tensor(request, "iv"), step)
             response = pb.PredictResponse()
             codec.write(outputs, response.outputs)
             return response

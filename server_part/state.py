@@ -33,6 +33,7 @@ from splitlearning.errors import (
     SessionBusy,
     SessionNotFound,
     ShuttingDown,
+    StepMismatch,
     TooLarge,
 )
 
@@ -445,19 +446,39 @@ class TrainingState:
             return session.last_ushape.step
         return None
 
-    def evaluate(self, session_id: str, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
+    def evaluate(
+        self, session_id: str, iv: np.ndarray, labels: np.ndarray, reset: bool, step: int | None = None
+    ) -> list[float]:
+        """Accumulate loss and metrics for one batch; `step`, if given, is the client's (see `_check_partner`)."""
         self._check_session(session_id)
         self._check_batch(iv, labels)
         with self._lock:
+            self._check_partner(step)
             return self.trainer.evaluate(iv, labels, reset)
 
-    def predict(self, session_id: str, iv: np.ndarray) -> np.ndarray:
+    def predict(self, session_id: str, iv: np.ndarray, step: int | None = None) -> np.ndarray:
         self._check_session(session_id)
         self._check_iv(iv)
         with self._lock:
+            self._check_partner(step)
             return self.trainer.predict(iv)
 
     # -- checks ------------------------------------------------------------------------------------------
+
+    def _check_partner(self, step: int | None) -> None:
+        """A client that trains in the session names its step: the parts must be at the same one to be one model."""
+        next_step = self._session.next_step
+        if step is None or step == next_step:
+            return
+        if step == self._cached_step():
+            raise PreconditionFailed(
+                f"the client is at step {step}, which this server applied but whose reply the client did not get: "
+                "finish the step (fit resends it) before evaluating or predicting"
+            )
+        raise StepMismatch(
+            f"the client is at step {step} but the server's part is at step {next_step}, so together they are no "
+            "trained model (a side restarted from an older checkpoint?): handshake again to agree on a step"
+        )
 
     def _check_open(self) -> None:
         if self._closed:

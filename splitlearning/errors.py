@@ -50,3 +50,10 @@ class Conflict(SplitError):
     wound up): safe to retry after a moment."""
 
     status = "ABORTED"
+
+
+class StepMismatch(SplitError):
+    """The client's part and the server's are at different steps, so together they are no model that was
+    trained (a side restarted from an older checkpoint): the client must handshake again to agree on a step."""
+
+    status = "ABORTED"

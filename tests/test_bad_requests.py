@@ -387,6 +387,8 @@ def predict(served: Served, iv: Any = None, **fields: Any) -> Callable[[], objec
     fields.setdefault("session_id", served.session)
     request = pb.PredictRequest(iv=iv if isinstance(iv, pb.Tensor) else codec.to_proto(ivs(4) if iv is None else iv))
     request.session_id = fields["session_id"]
+    if "step" in fields:
+        request.step = fields["step"]
     return lambda: served.stub.Predict(request, timeout=TIMEOUT)
 
 
@@ -394,6 +396,15 @@ def nan_iv() -> np.ndarray:
     iv = ivs(4)
     iv[0, 0] = np.nan
     return iv
+
+
+# The client's step, when it names one, must be the server's (2: `served` applied steps 0 and 1). Step 1 is the
+# one whose reply the retry cache holds: the client lost it, and must finish that step before anything else.
+STEP_CASES: list[tuple[str, dict[str, Any], grpc.StatusCode, tuple[str, ...]]] = [
+    ("step-behind", {"step": 0}, Code.ABORTED, ("client is at step 0", "at step 2", "handshake again")),
+    ("step-ahead", {"step": 5}, Code.ABORTED, ("client is at step 5", "at step 2", "handshake again")),
+    ("step-reply-lost", {"step": 1}, Code.FAILED_PRECONDITION, ("at step 1", "did not get", "finish the step")),
+]
 
 
 EVALUATE_CASES: list[tuple[str, dict[str, Any], grpc.StatusCode, tuple[str, ...]]] = [
@@ -421,6 +432,7 @@ EVALUATE_CASES: list[tuple[str, dict[str, Any], grpc.StatusCode, tuple[str, ...]
     ("label-count", {"y": labels(2)}, Code.INVALID_ARGUMENT, ("2 labels", "4 samples")),
     ("label-range", {"y": np.array([0, 1, 2, 9], "int64")}, Code.INVALID_ARGUMENT, ("[0, 3)", "max 9")),
     ("unknown-session", {"session_id": "gone"}, Code.NOT_FOUND, ("'gone'",)),
+    *STEP_CASES,
 ]
 
 
@@ -462,6 +474,7 @@ PREDICT_CASES: list[tuple[str, dict[str, Any], grpc.StatusCode, tuple[str, ...]]
         (f"{MAX_BATCH + 1} samples", f"{MAX_BATCH}"),
     ),
     ("unknown-session", {"session_id": "gone"}, Code.NOT_FOUND, ("'gone'",)),
+    *STEP_CASES,
 ]
 
 
@@ -479,11 +492,13 @@ def test_predict_missing_iv(served: Served) -> None:
     served.refused(lambda: served.stub.Predict(request, timeout=TIMEOUT), Code.INVALID_ARGUMENT, "iv is required")
 
 
-def test_good_evaluate_and_predict_change_no_weight(served: Served) -> None:
+@pytest.mark.parametrize("step", [None, 2], ids=["no-step", "the-servers-step"])
+def test_good_evaluate_and_predict_change_no_weight(served: Served, step: int | None) -> None:
+    fields = {} if step is None else {"step": step}
     before = server_snapshot(served.server)
-    reply: Any = evaluate(served)()
+    reply: Any = evaluate(served, **fields)()
     assert len(reply.metrics) == len(served.server.trainer.metric_names)
-    outputs: Any = predict(served)()
+    outputs: Any = predict(served, **fields)()
     assert list(outputs.outputs.shape) == [4, NUM_CLASSES]
     after = server_snapshot(served.server)
     after["metrics"] = before["metrics"]  # evaluate accumulates metrics; nothing else may move

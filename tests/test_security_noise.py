@@ -20,18 +20,21 @@ class Capture:
 
     def __init__(self, gradient: np.ndarray | None = None) -> None:
         self.ivs: list[np.ndarray] = []
+        self.steps: list[int | None] = []  # the client's step that evaluate and predict pass on
         self.gradient = gradient
 
     def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:
         self.ivs.append(np.array(iv))
         return (self.gradient if self.gradient is not None else np.zeros_like(iv)), [0.0]
 
-    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool) -> list[float]:
+    def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool, step: int | None = None) -> list[float]:
         self.ivs.append(np.array(iv))
+        self.steps.append(step)
         return [0.0]
 
-    def predict(self, iv: np.ndarray) -> np.ndarray:
+    def predict(self, iv: np.ndarray, step: int | None = None) -> np.ndarray:
         self.ivs.append(np.array(iv))
+        self.steps.append(step)
         return iv
 
 
@@ -65,9 +68,10 @@ def test_every_iv_that_leaves_is_privatized() -> None:
     link = NoisyLink(capture, GaussianNoise(clip_norm=0.5, noise_multiplier=0.0))
     iv = np.full((3, 4), 10.0, "float32")
     link.train(0, iv, np.zeros(3), True)
-    link.evaluate(iv, np.zeros(3), True)
-    link.predict(iv)
+    link.evaluate(iv, np.zeros(3), True, 7)
+    link.predict(iv, 7)
     assert len(capture.ivs) == 3
+    assert capture.steps == [7, 7]  # the step the server checks passes through unchanged
     for sent in capture.ivs:
         np.testing.assert_allclose(np.linalg.norm(sent, axis=1), 0.5, rtol=1e-6)
 

@@ -449,10 +449,18 @@ class EvaluateRequest(_message.Message):
     IV_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     RESET_METRICS_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session from the handshake."""
     reset_metrics: _builtins.bool
     """Start a new accumulation (the first batch of an evaluation)."""
+    step: _builtins.int
+    """The step this client's part is at (the count of steps it applied), sent by a client that trains in the
+    session. The server checks that its part is at the same step, so the two parts evaluated together are
+    one model: ABORTED when they are not (a side restarted from an older checkpoint: handshake again to
+    agree on a step), FAILED_PRECONDITION when the server applied this very step and the client never got its
+    reply (finish the step first). Unset: not checked (a client that did not train with this server).
+    """
     @_builtins.property
     def iv(self) -> Global___Tensor:
         """Cut-layer activations, shape [batch, *contract.iv.shape]."""
@@ -468,12 +476,15 @@ class EvaluateRequest(_message.Message):
         iv: Global___Tensor | None = ...,
         labels: Global___Tensor | None = ...,
         reset_metrics: _builtins.bool = ...,
+        step: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_step", b"_step", "iv", b"iv", "labels", b"labels", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels", "reset_metrics", b"reset_metrics", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_step", b"_step", "iv", b"iv", "labels", b"labels", "reset_metrics", b"reset_metrics", "session_id", b"session_id", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__step: _TypeAlias = _typing.Literal["step"]  # noqa: Y015
+    _WhichOneofArgType__step: _TypeAlias = _typing.Literal["_step", b"_step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step) -> _WhichOneofReturnType__step | None: ...
 
 Global___EvaluateRequest: _TypeAlias = EvaluateRequest  # noqa: Y015
 
@@ -505,8 +516,11 @@ class PredictRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     IV_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session from the handshake."""
+    step: _builtins.int
+    """As `EvaluateRequest.step`."""
     @_builtins.property
     def iv(self) -> Global___Tensor:
         """Cut-layer activations, shape [batch, *contract.iv.shape]."""
@@ -516,12 +530,15 @@ class PredictRequest(_message.Message):
         *,
         session_id: _builtins.str = ...,
         iv: Global___Tensor | None = ...,
+        step: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_step", b"_step", "iv", b"iv", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_step", b"_step", "iv", b"iv", "session_id", b"session_id", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__step: _TypeAlias = _typing.Literal["step"]  # noqa: Y015
+    _WhichOneofArgType__step: _TypeAlias = _typing.Literal["_step", b"_step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step) -> _WhichOneofReturnType__step | None: ...
 
 Global___PredictRequest: _TypeAlias = PredictRequest  # noqa: Y015
 
