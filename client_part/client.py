@@ -188,6 +188,7 @@ class SplitClient:
             )
             if self._agreement.next_step != self._step and self._can_restore(self._agreement.next_step):
                 self._restore(self._agreement.next_step)
+            self._in_step = self._agreement.next_step == self._step
         return self._agreement
 
     def request_stop(self) -> None:
@@ -419,10 +420,10 @@ class SplitClient:
             raise
 
     def _partner_step(self) -> int | None:
-        """This client's step, for the server to check that both parts are at it, once the two have trained
-        together or agreed on the step (a client that only brings weights for inference sends none)."""
-        agreed = self._agreement is not None and self._agreement.next_step == self._step
-        return self._step if self._in_step or agreed else None
+        """This client's step, for the server to check that both parts are at it, once the two have agreed on
+        a step on this connection (a client that only brings weights for inference sends none). It stays sent
+        after a failed rejoin, so the server keeps refusing a pair that is no longer one model."""
+        return self._step if self._in_step else None
 
     def _after_rollbacks(self, run: Callable[[], T]) -> T:
         """`run()`, again from the top each time the server turns out to have resumed at an earlier step than

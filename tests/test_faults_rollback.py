@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,33 +85,57 @@ def reference(data: Data) -> Iterator[Reference]:
         server.stop(grace=1.0)
 
 
-@pytest.mark.parametrize("call", ["evaluate", "predict"])
-def test_a_call_after_the_server_resumed_behind_restores_the_client(
-    tmp_path: Path, data: Data, reference: Reference, call: str
-) -> None:
+@contextmanager
+def resumed_behind(tmp_path: Path, data: Data, client_checkpoints: bool) -> Iterator[SplitClient]:
+    """A client that trained 6 steps against a server killed then and restarted at its checkpoint of step 4."""
     port = free_port()
     args = server_flags(port, tmp_path / "server-ckpt")
     server = spawn("server_part", args, tmp_path / "server.log")
     try:
-        with make_client(port, tmp_path / "client-ckpt") as client:
+        with make_client(port, tmp_path / "client-ckpt" if client_checkpoints else None) as client:
             train(client, data, TRAINED)  # the server saved step 4, not 5 or 6
             stop(server, signal.SIGKILL)
             server = spawn("server_part", args, tmp_path / "server.log")  # resumes at step 4
-            # The client's channel reconnects: the call reaches the restarted server without any failure, so
-            # only the step it names can tell the server that the client's part is ahead of its own.
+            # The client's channel reconnects: the next call reaches the restarted server without any failure,
+            # so only the step it names can tell the server that the client's part is ahead of its own.
             wait_for(lambda: _ready(client), START_TIMEOUT, "the restarted server")
-            if call == "evaluate":
-                metrics = client.evaluate(data.x_test, data.y_test, batch_size=BATCH)
-                assert metrics.keys() == reference.metrics.keys()
-                for name, value in reference.metrics.items():
-                    np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
-            else:
-                outputs = client.predict(data.x_test, batch_size=BATCH)
-                np.testing.assert_allclose(outputs, reference.outputs, rtol=1e-5, atol=1e-6)
-            assert client.step == RESUMED
-            assert_weights_close(client.model.get_weights(), reference.weights, "client part")
+            yield client
     finally:
         stop(server, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("call", ["evaluate", "predict"])
+def test_a_call_after_the_server_resumed_behind_restores_the_client(
+    tmp_path: Path, data: Data, reference: Reference, call: str
+) -> None:
+    with resumed_behind(tmp_path, data, client_checkpoints=True) as client:
+        if call == "evaluate":
+            metrics = client.evaluate(data.x_test, data.y_test, batch_size=BATCH)
+            assert metrics.keys() == reference.metrics.keys()
+            for name, value in reference.metrics.items():
+                np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
+        else:
+            outputs = client.predict(data.x_test, batch_size=BATCH)
+            np.testing.assert_allclose(outputs, reference.outputs, rtol=1e-5, atol=1e-6)
+        assert client.step == RESUMED
+        assert_weights_close(client.model.get_weights(), reference.weights, "client part")
+
+
+def test_a_client_that_cannot_roll_back_is_refused_every_time(tmp_path: Path, data: Data) -> None:
+    """Without a checkpoint of the server's step the client cannot rejoin: every later call says so, none
+    answers for the mismatched pair."""
+    with resumed_behind(tmp_path, data, client_checkpoints=False) as client:
+
+        def evaluate() -> object:
+            return client.evaluate(data.x_test, data.y_test, batch_size=BATCH)
+
+        def predict() -> object:
+            return client.predict(data.x_test, batch_size=BATCH)
+
+        for call in (evaluate, predict, evaluate):
+            with pytest.raises(RuntimeError, match="server's session is at step 4 but this client is at step 6"):
+                call()
+        assert client.step == TRAINED
 
 
 def _ready(client: SplitClient) -> bool:
@@ -119,3 +144,21 @@ def _ready(client: SplitClient) -> bool:
     except ConnectionError:
         return False
     return True
+
+
+def test_a_client_that_agreed_on_no_step_is_not_checked(data: Data) -> None:
+    """Inference with a first part that did not train with this server (its weights brought from elsewhere, its
+    step not the server's) names no step, so the server answers it."""
+    server = server_cli.build(server_cli.parse_args(server_flags(0)))
+    port = server.start("127.0.0.1:0")
+    try:
+        with make_client(port) as trainer:
+            train(trainer, data, 2)
+        with make_client(port) as client:
+            assert client.connect().next_step == 2 and client.step == 0
+            metrics = client.evaluate(data.x_test, data.y_test, batch_size=BATCH)
+            assert np.isfinite(metrics["loss"])
+            assert client.predict(data.x_test, batch_size=BATCH).shape == (len(data.x_test), 10)
+            assert client.step == 0
+    finally:
+        server.stop(grace=1.0)
