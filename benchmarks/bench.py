@@ -114,6 +114,7 @@ def split_run(
     encoding, micro_batches = case
     host = link.server_ip if link else "127.0.0.1"
     server_spec = {**base, "cpus": cores.server, "threads": cores.server_threads, "address": f"{host}:0"}
+    server_spec["device"] = base["server_device"]
     server, server_spec, port = runner.start("server", server_spec, link.server_ns if link else None)
     try:
         client_spec = {**base, "cpus": cores.client, "threads": cores.client_threads, "target": f"{host}:{port}"}
@@ -191,9 +192,12 @@ def bench_workload(runner: Runner, workload: Workload, args: argparse.Namespace,
         "samples": steps * workload.batch_size,
         "warmup_steps": 3,
         "seed": 0,
+        "device": args.device,  # the uncut run's and the split client's
+        "server_device": args.server_device or args.device,
     }
     print(f"\n== {workload.name}: {workload.what}; {steps} timed steps of {workload.batch_size}", flush=True)
     print(f"   IV {workload.iv_floats:,} float32 per sample; {cores}", flush=True)
+    print(f"   devices: uncut and split client {base['device']}, split server {base['server_device']}", flush=True)
     uncut = max(
         runner.run("uncut", {**base, "cpus": cores.uncut, "threads": cores.uncut_threads})["samples_per_s"]
         for _ in range(args.repeats)
@@ -318,12 +322,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--client-cpus",
         default=None,
-        help="cores of the split client, e.g. 0 or 0-1 (default: the first); one TF thread per core",
+        help="cores of the split client, e.g. 0 or 0-1 (default: the uncut run's); one TF thread per core",
     )
     parser.add_argument(
-        "--server-cpus", default=None, help="cores of the split server (default: the second); one TF thread per core"
+        "--server-cpus",
+        default=None,
+        help="cores of the split server, e.g. 1 (default: the uncut run's); one TF thread per core",
     )
     parser.add_argument("--uncut-cpus", default=None, help="cores of the uncut run (default: both of them)")
+    parser.add_argument(
+        "--device", default="/CPU:0", help="device of the uncut run and the split client, e.g. /GPU:0 (default: /CPU:0)"
+    )
+    parser.add_argument("--server-device", default=None, help="device of the split server (default: --device)")
     parser.add_argument("--accuracy-epochs", type=int, default=5, help="epochs of the digits accuracy check")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the wire encodings' accuracy check")
     parser.add_argument("--accuracy-only", action="store_true", help="run only the accuracy check")

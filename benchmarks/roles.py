@@ -105,20 +105,23 @@ def _optimizer(spec: dict[str, Any]) -> Any:
 
 def uncut(spec: dict[str, Any]) -> dict[str, Any]:
     import keras
+    import tensorflow as tf
 
+    from splitlearning.devices import resolve_device
     from splitlearning.models import BUILTIN
 
     pair = BUILTIN[spec["model"]]
     x, y = _data(spec)
-    model = keras.Sequential([pair.client(spec["seed"]), pair.server(spec["seed"])])
-    model.compile(optimizer=_optimizer(spec), loss=pair.loss, metrics=["accuracy"], jit_compile=False)
-    batch, warm = spec["batch_size"], spec["warmup_steps"] * spec["batch_size"]
-    model.fit(x[:warm], y[:warm], batch_size=batch, epochs=1, verbose=0)
     ends: list[float] = []
-    stamp = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: ends.append(time.perf_counter()))
-    started = time.perf_counter()
-    model.fit(x, y, batch_size=batch, epochs=1, shuffle=True, verbose=0, callbacks=[stamp])
-    elapsed = time.perf_counter() - started
+    with tf.device(resolve_device(spec.get("device", "/CPU:0"))):
+        model = keras.Sequential([pair.client(spec["seed"]), pair.server(spec["seed"])])
+        model.compile(optimizer=_optimizer(spec), loss=pair.loss, metrics=["accuracy"], jit_compile=False)
+        batch, warm = spec["batch_size"], spec["warmup_steps"] * spec["batch_size"]
+        model.fit(x[:warm], y[:warm], batch_size=batch, epochs=1, verbose=0)
+        stamp = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: ends.append(time.perf_counter()))
+        started = time.perf_counter()
+        model.fit(x, y, batch_size=batch, epochs=1, shuffle=True, verbose=0, callbacks=[stamp])
+        elapsed = time.perf_counter() - started
     return {
         "samples_per_s": steady_rate(ends, batch),
         "fit_samples_per_s": len(x) / elapsed,
@@ -151,6 +154,7 @@ def server(spec: dict[str, Any]) -> dict[str, Any]:
         ["accuracy"],
         max_batch_size=spec["batch_size"],
         wire_encodings=["raw", "float16", "bfloat16", "int8"],
+        device=spec.get("device", "/CPU:0"),
     )
     timers.wrap(split.trainer, "train", "step")
     timers.wrap(split.state, "train", "state")
@@ -182,6 +186,7 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
         rpc_timeout=600,
         wire_encoding=spec["encoding"],
         micro_batches=spec.get("micro_batches", 1),
+        device=spec.get("device", "/CPU:0"),
     )
     timers = Timers()
     timers.wire()
