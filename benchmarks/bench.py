@@ -149,12 +149,15 @@ def breakdown(result: dict[str, Any], micro_batches: int) -> dict[str, float]:
         tail = values[-steps * calls_per_step :]
         return 1e3 * sum(tail) / steps if tail else 0.0
 
-    if not client.get("exchange"):  # pipelined: sends and waits for answers interleave with the compute
+    pipelined = not client.get("exchange")
+    if pipelined:  # sends and waits for answers interleave with the compute: the wait is in `receive` alone
         client = {**client, "exchange": client["receive"], "forward": [], "backward": []}
+    # The exchange's own encoding and decoding are listed apart; a pipelined step encodes in `send`, outside it.
+    inside = per_step(client["decode"], m) + (0.0 if pipelined else per_step(client["encode"], 2 * m))
     phases = {
         "forward": per_step(client["forward"]),
         "encode": per_step(client["encode"], 2 * m),
-        "exchange": per_step(client["exchange"], m) - per_step(client["encode"], 2 * m) - per_step(client["decode"], m),
+        "exchange": per_step(client["exchange"], m) - inside,
         "decode": per_step(client["decode"], m),
         "backward": per_step(client["backward"]),
         "srv_decode": per_step(server["decode"], 2 * m),
