@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# ABORTED: a U-shape step collided with the client's own previous, not yet wound up, stream.
+# ABORTED: a U-shape step collided with the client's own previous, not yet wound up, stream, or an evaluate or
+# predict call named a step that the (restarted) server is not at: the rejoin that follows agrees on one.
 RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 )
