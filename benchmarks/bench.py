@@ -114,7 +114,7 @@ def split_run(
     encoding, micro_batches = case
     host = link.server_ip if link else "127.0.0.1"
     server_spec = {**base, "cpus": cores.server, "threads": cores.server_threads, "address": f"{host}:0"}
-    server_spec["device"] = base["server_device"]
+    server_spec["device"] = base["server_device"]  # `base`'s device is the uncut run's and the client's
     server, server_spec, port = runner.start("server", server_spec, link.server_ns if link else None)
     try:
         client_spec = {**base, "cpus": cores.client, "threads": cores.client_threads, "target": f"{host}:{port}"}

@@ -113,7 +113,7 @@ class SplitLearningServicer:
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         def run() -> pb.EvaluateResponse:
             iv, labels = _tensor(request, "iv"), _tensor(request, "labels")
-            step = request.step if request.HasField("step") else None
+            step = _client_step(request)
             values = self._state.evaluate(request.session_id, iv, labels, request.reset_metrics, step)
             return pb.EvaluateResponse(metrics=values)
 
@@ -121,8 +121,7 @@ class SplitLearningServicer:
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         def run() -> pb.PredictResponse:
-            step = request.step if request.HasField("step") else None
-            outputs = self._state.predict(request.session_id, _tensor(request, "iv"), step)
+            outputs = self._state.predict(request.session_id, _tensor(request, "iv"), _client_step(request))
             response = pb.PredictResponse()
             codec.write(outputs, response.outputs)
             return response
@@ -190,6 +189,11 @@ def _client_id(context: grpc.ServicerContext) -> str | None:
             raw = value if isinstance(value, bytes) else value.encode("utf-8")
             return raw.decode("utf-8", errors="replace")
     return None
+
+
+def _client_step(request: pb.EvaluateRequest | pb.PredictRequest) -> int | None:
+    """The step the client's part is at, when it names one (see `TrainingState._check_partner`)."""
+    return request.step if request.HasField("step") else None
 
 
 def _tensor(request: pb.EvaluateRequest | pb.PredictRequest, name: str) -> np.ndarray:
