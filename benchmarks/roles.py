@@ -138,6 +138,7 @@ def steady_rate(ends: list[float], batch: int) -> float:
 def server(spec: dict[str, Any]) -> dict[str, Any]:
     import server_part.servicer as servicer
     from server_part import SplitServer
+    from server_part.session import Session
     from splitlearning import codec
     from splitlearning.models import BUILTIN
 
@@ -157,9 +158,10 @@ def server(spec: dict[str, Any]) -> dict[str, Any]:
         device=spec.get("device", "/CPU:0"),
     )
     timers.wrap(split.trainer, "train", "step")
-    timers.wrap(split.state, "train", "state")
+    # Sessions are opened by the client's handshake: time every session's methods (the one this role serves).
+    timers.wrap(Session, "train", "state")
     timers.wrap(split.trainer, "train_micro", "step")
-    timers.wrap(split.state, "train_micro", "state")
+    timers.wrap(Session, "train_micro", "state")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     port = split.start(spec["address"])

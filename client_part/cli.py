@@ -39,6 +39,7 @@ class ClientConfig(cli.ProcessConfig):
     noise_multiplier: float = 0.0
     rpc_timeout: float = 60.0
     retry_timeout: float = 120.0
+    session: str = ""
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
@@ -91,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(parser, "--rpc-timeout", type=float, default=60.0, help="deadline of every call (each step) in seconds")
     cli.add(parser, "--retry-timeout", type=float, default=120.0, help="seconds to keep retrying a failed call")
     cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz)")
+    cli.add(
+        parser,
+        "--session",
+        default="",
+        help="train in this session (the id a run printed) to resume it; default: the one in --checkpoint-dir, "
+        "else a new session",
+    )
     return ClientConfig(**vars(parser.parse_args(argv)))
 
 
@@ -140,6 +148,7 @@ def run(config: ClientConfig) -> dict[str, float]:
         checkpoint_every=config.checkpoint_every,
         checkpoint_keep=config.checkpoint_keep,
         retry=RetryPolicy(timeout=config.retry_timeout),
+        session_id=config.session,
     )
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -164,12 +173,19 @@ def run(config: ClientConfig) -> dict[str, float]:
         )
         elapsed = time.perf_counter() - started
         test = client.evaluate(dataset.x_test, dataset.y_test, batch_size=config.batch_size)
+        if config.save_weights:
+            from splitlearning.checkpoint import save_weights
+
+            save_weights(config.save_weights, client.model, client.trainer.optimizer)
+        session = client.session_id
+        client.end_session()
     if tensorboard:
         tensorboard.close()
     result = summary.summarize(history.history, test, client.meter.totals, config.epochs, elapsed)
     samples = len(dataset.x_train) * config.epochs
     rate = samples / elapsed
     print(f"\ntrained {config.epochs} epochs, {client.step} steps, in {elapsed:.1f} s ({rate:,.0f} samples/s)")
+    print(f"session {session} (ended on the server)")
     print("test " + ", ".join(f"{name}: {value:.4f}" for name, value in test.items()))
     print(summary.table(result))
     if config.history_json:
@@ -177,14 +193,11 @@ def run(config: ClientConfig) -> dict[str, float]:
             "history": history.history,
             "test": test,
             "steps": client.step,
+            "session": session,
             "seconds": elapsed,
             "summary": result,
         }
         config.history_json.write_text(json.dumps(payload, indent=2))
-    if config.save_weights:
-        from splitlearning.checkpoint import save_weights
-
-        save_weights(config.save_weights, client.model, client.trainer.optimizer)
     if config.plot:
         from client_part.plot import write_plot
 

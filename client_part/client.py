@@ -191,6 +191,30 @@ class SplitClient:
             self._in_step = self._agreement.next_step == self._step
         return self._agreement
 
+    @property
+    def session_id(self) -> str:
+        """The session this client trains in: the one it was given or found in its checkpoints, else the one the
+        server opened for it at `connect` ("" before that)."""
+        return self._session_id
+
+    def end_session(self) -> None:
+        """Tell the server this run is over: it applies its last update, saves a checkpoint of the final step (if
+        it keeps checkpoints) and frees the session's memory. This client saves its own final checkpoint first.
+        Call it once training and evaluation are done (`split-client` does at the end of a run); a session that
+        is never ended stays on the server until it expires for idleness."""
+        if self._agreement is None:
+            return
+        if self.checkpoints is not None:
+            self.checkpoints.save(self._step, self._epoch0_step)
+        _, checkpointed = self._transport.close_session(self._client_id)
+        log.info(
+            "ended session %s at step %d%s",
+            self._session_id,
+            self._step,
+            " (the server kept a checkpoint of it)" if checkpointed else "",
+        )
+        self._agreement = None
+
     def request_stop(self) -> None:
         """Ask `fit` to stop after the step in flight, save a checkpoint and raise `Stopped` (signal-safe)."""
         self._stop.set()
@@ -245,7 +269,7 @@ class SplitClient:
         if not self._in_step and agreement.next_step != self._step:
             raise RuntimeError(
                 f"the server's session is at step {agreement.next_step} but this client is at step {self._step}: "
-                "restore the client from the matching checkpoint, or start a fresh server"
+                "restore the client from the matching checkpoint, or train in a new session (name none)"
             )
         self._in_step = True
         steps_per_epoch = batches.num_batches(x, batch_size)
@@ -261,6 +285,8 @@ class SplitClient:
         run = _FitRun(x, y, batch_size, epochs, shuffle, validation_data, verbose, seed, steps_per_epoch)
         # After a rollback the epochs carry on from the restored step's data position.
         self._after_rollbacks(lambda: self._fit_epochs(run, max(initial_epoch, 0), history, hooks))
+        if self.checkpoints is not None:  # the final step too, so a finished run resumes as finished
+            self.checkpoints.save(self._step, self._epoch0_step)
         hooks.on_train_end({})
         return history
 

@@ -282,6 +282,16 @@ class Transport:
             raise RemoteError("predict refused", error) from None
         return codec.from_proto(reply.outputs, "outputs")
 
+    def close_session(self, client_id: str) -> tuple[int, bool]:
+        """End the session on the server (after closing the training stream): (its steps, checkpointed)."""
+        self._close_stream()
+        request = pb.CloseSessionRequest(session_id=self.session_id, client_id=client_id)
+        try:
+            reply = self._stub.CloseSession(request, timeout=self.rpc_timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise RemoteError("closing the session refused", error) from None
+        return int(reply.steps), bool(reply.checkpointed)
+
     def close(self) -> None:
         self._close_stream()
         self._channel.close()

@@ -1,18 +1,17 @@
-"""The server's checkpoints: the second part's weights, its optimizer state and the session, every K steps.
+"""The server's checkpoints: one folder per session, each with its part's weights and optimizer state every K steps.
 
-The session id is kept beside the checkpoints (`session.json`), so a restarted server answers the session its
-client already holds.
+`--checkpoint-dir DIR` holds `DIR/<session id>/`, so a restarted server finds every session that has
+checkpoints again when a client names it.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from pathlib import Path
 
 from server_part.middle_trainer import MiddleTrainer
 from server_part.trainer import ServerTrainer
-from splitlearning.checkpoint import StepCheckpoints, read_json, write_json_atomic
+from splitlearning.checkpoint import StepCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +29,6 @@ class ServerCheckpoints:
         self._store = StepCheckpoints(
             directory, {"model": trainer.model.variables, "optimizer": trainer.optimizer.variables}, max_to_keep
         )
-        self._session_file = Path(directory) / "session.json"
-
-    def session_id(self) -> str:
-        """The session these checkpoints belong to (a new one is recorded on first use)."""
-        saved = read_json(self._session_file)
-        if saved and isinstance(saved.get("session_id"), str):
-            return str(saved["session_id"])
-        session_id = uuid.uuid4().hex
-        write_json_atomic(self._session_file, {"session_id": session_id})
-        return session_id
 
     def steps(self) -> list[int]:
         return self._store.steps()
@@ -59,3 +48,33 @@ class ServerCheckpoints:
         """Called with the number of steps applied so far; saves every `every` steps."""
         if self.every and step % self.every == 0:
             self.save(step)
+
+
+class SessionStore:
+    """The sessions' checkpoint folders under `root`, one per session, named by its id (ids are checked by the
+    registry before they reach a path)."""
+
+    def __init__(self, root: Path, every: int = 100, max_to_keep: int = 5) -> None:
+        if every < 0:
+            raise ValueError(f"checkpoint interval must be >= 0 steps, got {every}")
+        self.root = Path(root)
+        self.every = every
+        self.max_to_keep = max_to_keep
+        self.root.mkdir(parents=True, exist_ok=True)
+        if (self.root / "session.json").is_file():
+            log.warning(
+                "%s holds one session's checkpoints in the layout of earlier versions (no folder per session): "
+                "they are not read; move them into a folder named by the session id to resume that session",
+                self.root,
+            )
+
+    def holds(self, session_id: str) -> bool:
+        """Whether `session_id` has checkpoints here (a session to resume)."""
+        return (self.root / session_id / "checkpoint").is_file()
+
+    def open(self, session_id: str, trainer: ServerTrainer | MiddleTrainer) -> ServerCheckpoints:
+        return ServerCheckpoints(self.root / session_id, trainer, self.every, self.max_to_keep)
+
+    def sessions(self) -> list[str]:
+        """The ids of the sessions held here."""
+        return sorted(path.parent.name for path in self.root.glob("*/checkpoint"))

@@ -15,6 +15,7 @@ from splitlearning import cli, security
 
 if TYPE_CHECKING:
     from server_part.server import SplitServer
+    from server_part.session import Session
 
 log = logging.getLogger("split-server")
 
@@ -32,6 +33,8 @@ class ServerConfig(cli.ProcessConfig):
     metrics_port_file: Path | None
     grace: float = 5.0
     max_workers: int = 8
+    max_sessions: int = 16
+    session_idle_timeout: float = 3600.0
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -61,7 +64,29 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     cli.add_checkpoint_flags(parser)
     cli.add(parser, "--grace", type=float, default=5.0, help="seconds RPCs get to finish on SIGTERM (< compose's 10)")
     cli.add(parser, "--max-workers", type=int, default=8, help="RPC worker threads and concurrent RPCs")
-    cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz) on exit")
+    cli.add(
+        parser,
+        "--max-sessions",
+        type=int,
+        default=16,
+        help="sessions held in memory at once (one per training run); a new one beyond it is refused",
+    )
+    cli.add(
+        parser,
+        "--session-idle-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds without a request after which a session is checkpointed (with --checkpoint-dir) and "
+        "dropped from memory; 0: never",
+    )
+    cli.add(
+        parser,
+        "--save-weights",
+        type=Path,
+        default=None,
+        help="write the final weights here (.npz) whenever a session ends (closed by its client, idle, or "
+        "in memory when the server stops): the session that ended last",
+    )
     return ServerConfig(**vars(parser.parse_args(argv)))
 
 
@@ -77,6 +102,19 @@ def run(config: ServerConfig) -> None:
     cli.setup_logging(config.log_level, config.log_format)
     cli.setup_process(config.cpus, config.threads)
     server = build(config)
+    saved: list[str] = []
+    if config.save_weights:
+        from splitlearning.checkpoint import save_weights
+
+        writing = threading.Lock()  # sessions may end on several threads at once
+
+        def save_session(session: Session) -> None:
+            with writing:
+                save_weights(config.save_weights, session.trainer.model, session.trainer.optimizer)  # type: ignore[arg-type]
+                saved.append(session.id)
+            log.info("session %s: final weights written to %s", session.id, config.save_weights)
+
+        server.on_session_end = save_session
     port = server.start(config.address)
     if config.metrics_port_file and server.metrics_port is not None:  # before --port-file, which says "ready"
         config.metrics_port_file.write_text(f"{server.metrics_port}\n")
@@ -94,9 +132,11 @@ def run(config: ServerConfig) -> None:
         pass
     server.stop(grace=config.grace)
     if config.save_weights:
-        from splitlearning.checkpoint import save_weights
-
-        save_weights(config.save_weights, server.model, server.trainer.optimizer)
+        in_memory = sorted(server.sessions.sessions(), key=lambda session: session.last_used)
+        if in_memory:
+            save_session(in_memory[-1])
+        elif not saved:  # no session was opened: the part as it started
+            save_weights(config.save_weights, server.model, server.trainer.optimizer)
 
 
 def build(config: ServerConfig) -> SplitServer:
@@ -128,6 +168,8 @@ def build(config: ServerConfig) -> SplitServer:
         checkpoint_dir=config.checkpoint_dir,
         checkpoint_every=config.checkpoint_every,
         checkpoint_keep=config.checkpoint_keep,
+        max_sessions=config.max_sessions,
+        session_idle_timeout=config.session_idle_timeout,
     )
 
 

@@ -60,7 +60,8 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
                     raise
                 finally:
                     sent = response.ByteSize() if response is not None else 0
-                    telemetry.rpc(method, code, time.perf_counter() - started, _size(request), sent)
+                    seconds = time.perf_counter() - started
+                    telemetry.rpc(method, code, seconds, _size(request), sent, _session(request))
 
         return unary
 
@@ -91,6 +92,7 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
                         wait = None if current["out"] is None else current["in"] - current["out"]
                         serve = now - current["in"]
                         telemetry.step(
+                            request.session_id,
                             request.step,
                             request.reset_metrics,
                             response.message.metrics,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -12,15 +12,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server_part.auth import TokenAuthInterceptor
-from server_part.checkpoints import ServerCheckpoints
+from server_part.checkpoints import SessionStore
 from server_part.interceptor import TelemetryInterceptor
 from server_part.middle_trainer import MiddleTrainer
+from server_part.parts import PartFactory, Trainer
 from server_part.prometheus import MetricsEndpoint, host_of
 from server_part.servicer import SplitLearningServicer, add_to_server
-from server_part.state import TrainingState
+from server_part.session import Limits, Session
+from server_part.sessions import SessionRegistry
 from server_part.telemetry import ServerTelemetry
 from server_part.trainer import ServerTrainer
-from splitlearning import keepalive
+from splitlearning import encodings, keepalive
 from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
@@ -78,36 +80,36 @@ class SplitServer:
         checkpoint_every: int = 100,
         checkpoint_keep: int = 5,
         min_ping_interval_ms: int = keepalive.SERVER_MIN_PING_MS,
+        max_sessions: int = 16,
+        session_idle_timeout: float = 3600.0,
+        on_session_end: Callable[[Session], None] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.cut = CutMode(cut)
-        self.trainer: ServerTrainer | MiddleTrainer
+        self.trainer: Trainer
         if self.cut is CutMode.USHAPE:
             if loss is not None or metrics or label_spec is not None:
                 raise ValueError("a U-shaped middle takes no loss, metrics or label_spec: the client's head owns them")
             self.trainer = MiddleTrainer(model, optimizer, self.device)
         else:
             self.trainer = ServerTrainer(model, loss, optimizer, metrics, self.device, label_spec)
-        checkpoints, session_id = None, None
-        if checkpoint_dir is not None:
-            checkpoints = ServerCheckpoints(Path(checkpoint_dir), self.trainer, checkpoint_every, checkpoint_keep)
-            session_id = checkpoints.session_id()
-            latest = checkpoints.latest()
-            if latest is None:
-                checkpoints.save(self.trainer.iterations)  # the starting point is a step to resume from too
-            else:
-                checkpoints.restore(latest)
-                log.info("resumed session %s at step %d from %s", session_id, latest, checkpoint_dir)
-        self.state = TrainingState(
-            self.trainer, max_batch_size, session_id, wire_encodings=wire_encodings, checkpoints=checkpoints
+        store = SessionStore(Path(checkpoint_dir), checkpoint_every, checkpoint_keep) if checkpoint_dir else None
+        self.telemetry = ServerTelemetry(self.trainer.metric_names, log_dir, log_every, self._learning_rate)
+        self.sessions = SessionRegistry(
+            PartFactory(model, self.trainer, self.device),
+            self.trainer,
+            Limits(max_batch_size, (encodings.RAW, *encodings.parse_list(wire_encodings))),
+            store,
+            max_sessions=max_sessions,
+            idle_timeout=session_idle_timeout,
+            on_close=self._session_closed,
         )
+        self.on_session_end = on_session_end  # called with each session that leaves memory
+        self.telemetry.sessions.set_function(lambda: len(self.sessions.sessions()))
         self._min_ping_interval_ms = min_ping_interval_ms
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
-        self.telemetry = ServerTelemetry(
-            self.trainer.metric_names, log_dir, log_every, lambda: learning_rate_of(self.trainer.optimizer)
-        )
         self._metrics_request = (metrics_host, metrics_port)
         self._metrics: MetricsEndpoint | None = None
         self.tls = tls
@@ -115,9 +117,32 @@ class SplitServer:
 
     @property
     def model(self) -> Any:
-        """The second part, with every step answered so far applied (see `ServerTrainer.settle`)."""
+        """The model this server was given, with every step answered so far applied: the part of the first
+        session opened (later sessions train copies of it, see `session`)."""
         self.trainer.settle()
         return self.trainer.model
+
+    def session(self, session_id: str | None = None) -> Session:
+        """A session in memory: `session_id`'s, or by default the first one opened (which trains `model`)."""
+        if session_id is None:
+            if self.sessions.first is None:
+                raise LookupError("no session has been opened on this server yet")
+            return self.sessions.first
+        found = {session.id: session for session in self.sessions.sessions()}
+        if session_id not in found:
+            raise LookupError(f"no session {session_id} in memory (have {sorted(found)})")
+        return found[session_id]
+
+    def _learning_rate(self, session_id: str) -> float:
+        try:
+            return learning_rate_of(self.session(session_id).trainer.optimizer)
+        except LookupError:  # the session left memory meanwhile
+            return float("nan")
+
+    def _session_closed(self, session: Session) -> None:
+        self.telemetry.forget(session.id)
+        if self.on_session_end is not None:
+            self.on_session_end(session)
 
     @property
     def max_message_bytes(self) -> int:
@@ -125,13 +150,13 @@ class SplitServer:
         contract = self.trainer.contract
         # Requests carry IV + labels (standard cut) or IV / dLoss/d(middle outputs) (U-shape): never both.
         sample = contract.iv.sample_bytes + (_bytes(contract.label) if contract.label else _bytes(contract.output))
-        return self.state.max_batch_size * sample + _MESSAGE_OVERHEAD
+        return self.sessions.limits.max_batch_size * sample + _MESSAGE_OVERHEAD
 
     @property
     def max_reply_bytes(self) -> int:
         """Largest reply: a full batch of dLoss/dIV (Train) or of the model's outputs (Predict), plus framing."""
         per_sample = max(self.trainer.contract.iv.sample_bytes, self.trainer.output_spec.sample_bytes)
-        return self.state.max_batch_size * per_sample + _MESSAGE_OVERHEAD
+        return self.sessions.limits.max_batch_size * per_sample + _MESSAGE_OVERHEAD
 
     @property
     def metrics_port(self) -> int | None:
@@ -154,10 +179,10 @@ class SplitServer:
             # The token check first: an unauthenticated call reaches nothing else.
             interceptors=[
                 *([TokenAuthInterceptor(self._auth_token)] if self._auth_token is not None else []),
-                TelemetryInterceptor(SERVICE_NAME, self.telemetry, lambda: self.state.compute_seconds),
+                TelemetryInterceptor(SERVICE_NAME, self.telemetry, lambda: self.sessions.compute_seconds),
             ],
         )
-        add_to_server(SplitLearningServicer(self.state), server)
+        add_to_server(SplitLearningServicer(self.sessions), server)
         self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.tls is not None:
@@ -166,7 +191,7 @@ class SplitServer:
             port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"could not bind {address}")
-        self.state.reopen()
+        self.sessions.start()
         server.start()
         self._server = server
         metrics_host, metrics_port = self._metrics_request
@@ -179,13 +204,14 @@ class SplitServer:
         )
         auth = "bearer token" if self._auth_token is not None else "no authentication"
         log.info(
-            "serving %s on %s (port %d, %s, %s), session %s",
+            "serving %s on %s (port %d, %s, %s), up to %d sessions%s",
             SERVICE_NAME,
             address,
             port,
             security,
             auth,
-            self.state.session_id,
+            self.sessions.max_sessions,
+            f", checkpoints in {self.sessions.store.root}" if self.sessions.store is not None else "",
         )
         if self.tls is None and not is_loopback(address):
             log.warning(
@@ -208,7 +234,7 @@ class SplitServer:
         if self._server is None:
             return
         self._health.enter_graceful_shutdown()
-        self.state.close()
+        self.sessions.stop()
         # Bounded: RPCs still open after `grace` are cancelled, and the process must not hang on a stuck one.
         if not self._server.stop(grace).wait(None if grace is None else grace + 2.0):
             log.warning("RPCs did not finish within %g s of the grace period; stopping anyway", grace)

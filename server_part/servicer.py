@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,8 +13,10 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from server_part.state import HalfStep, TrainingState
-from splitlearning import codec, framing
+from server_part.session import HalfStep, Session
+from server_part.sessions import SessionRegistry
+from splitlearning import codec, encodings, framing
+from splitlearning.codec import EncodingCode
 from splitlearning.contract import (
     CLIENT_ID_METADATA_KEY,
     CutMode,
@@ -54,31 +57,46 @@ class Undecodable:
 class SplitLearningServicer:
     """The service's handlers; registered by `add_to_server` (Train's messages go through `framing`)."""
 
-    def __init__(self, state: TrainingState) -> None:
-        self._state = state
+    def __init__(self, sessions: SessionRegistry) -> None:
+        self._sessions = sessions
 
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
         return _guard(context, lambda: self._handshake(request))
+
+    def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
+        def run() -> pb.CloseSessionResponse:
+            session = self._sessions.close(request.session_id, request.client_id)
+            if session is None:  # not in memory, checkpoints kept: closed already
+                return pb.CloseSessionResponse(steps=0, checkpointed=True)
+            checkpointed = session.checkpoints is not None and session.next_step in session.checkpoints.steps()
+            return pb.CloseSessionResponse(steps=session.next_step, checkpointed=checkpointed)
+
+        return _guard(context, run)
 
     def Train(
         self, request_iterator: Iterator[TrainFrame | Undecodable], context: grpc.ServicerContext
     ) -> Iterator[TrainReply]:
         """Requests arrive parsed by `framing.parse` and replies leave through `Outgoing.serialize` (see
-        `add_to_server`): the tensors' bytes are never copied into or out of protobuf messages."""
-        client_id = _client_id(context)
+        `add_to_server`): the tensors' bytes are never copied into or out of protobuf messages. The stream
+        trains in the session its first request names; every later request must name the same one."""
         frames = _decoded(request_iterator, context)
+        first = next(frames, None)
+        if first is None:
+            return
+        session = _guard(context, lambda: self._sessions.get(first.message.session_id))
         with contextlib.ExitStack() as stack:
-            _guard(context, lambda: stack.enter_context(self._state.stream(client_id)))
-            if self._state.mode is CutMode.USHAPE:
-                yield from self._train_ushape(frames, context)
+            client = _guard(context, lambda: stack.enter_context(session.stream(_client_id(context))))
+            frames = _one_session(itertools.chain([first], frames), session.id, context)
+            if session.mode is CutMode.USHAPE:
+                yield from self._train_ushape(session, client, frames, context)
                 return
             for request in frames:
-                yield _guard(context, lambda: self._train(request))  # noqa: B023 (called at once)
+                yield _guard(context, lambda: self._train(session, client, request))  # noqa: B023 (called at once)
                 # Resumed once the reply is on its way: the update runs while the client back-propagates.
-                self._state.settle()
+                session.settle()
 
     def _train_ushape(
-        self, request_iterator: Iterator[TrainFrame], context: grpc.ServicerContext
+        self, session: Session, client: str, request_iterator: Iterator[TrainFrame], context: grpc.ServicerContext
     ) -> Iterator[TrainReply]:
         """Two exchanges per step: (iv) -> (outputs), then (output_gradient) -> (iv_gradient).
 
@@ -90,38 +108,39 @@ class SplitLearningServicer:
                 if request.has("labels"):
                     _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "labels must not be sent to a U-shaped middle")
                 if request.has("output_gradient"):
-                    reply = _guard(context, lambda: self._finish_step(half, request))  # noqa: B023
+                    reply = _guard(context, lambda: self._finish_step(session, client, half, request))  # noqa: B023
                     half = None  # finished: nothing to abandon
                     yield reply
                 else:
-                    half = _guard(context, lambda: self._begin_step(request))  # noqa: B023
+                    half = _guard(context, lambda: self._begin_step(session, client, request))  # noqa: B023
                     yield framing.Outgoing(pb.TrainResponse(step=half.step), {"outputs": codec.encode(half.outputs)})
         finally:
             if half is not None:
-                self._state.abandon(half)
+                session.abandon(half)
 
-    def _begin_step(self, frame: TrainFrame) -> HalfStep:
-        request = frame.message
-        return self._state.begin_step(request.session_id, request.step, _frame_tensor(frame, "iv"))
+    def _begin_step(self, session: Session, client: str, frame: TrainFrame) -> HalfStep:
+        iv = _frame_tensor(frame, "iv", session.encoding)
+        return session.begin_step(client, frame.message.step, iv)
 
-    def _finish_step(self, half: HalfStep | None, frame: TrainFrame) -> TrainReply:
-        request = frame.message
+    def _finish_step(self, session: Session, client: str, half: HalfStep | None, frame: TrainFrame) -> TrainReply:
+        step = frame.message.step
         gradient = _frame_tensor(frame, "output_gradient")
-        iv_gradient = self._state.finish_step(half, request.session_id, request.step, gradient)
-        return framing.Outgoing(pb.TrainResponse(step=request.step), {"iv_gradient": codec.encode(iv_gradient)})
+        iv_gradient = session.finish_step(client, half, step, gradient)
+        return framing.Outgoing(pb.TrainResponse(step=step), {"iv_gradient": codec.encode(iv_gradient)})
 
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         def run() -> pb.EvaluateResponse:
-            iv, labels = _tensor(request, "iv"), _tensor(request, "labels")
-            step = _client_step(request)
-            values = self._state.evaluate(request.session_id, iv, labels, request.reset_metrics, step)
+            session = self._sessions.get(request.session_id)
+            iv, labels = _tensor(request, "iv", session.encoding), _tensor(request, "labels")
+            values = session.evaluate(iv, labels, request.reset_metrics, _client_step(request))
             return pb.EvaluateResponse(metrics=values)
 
         return _guard(context, run)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         def run() -> pb.PredictResponse:
-            outputs = self._state.predict(request.session_id, _tensor(request, "iv"), _client_step(request))
+            session = self._sessions.get(request.session_id)
+            outputs = session.predict(_tensor(request, "iv", session.encoding), _client_step(request))
             response = pb.PredictResponse()
             codec.write(outputs, response.outputs)
             return response
@@ -134,34 +153,29 @@ class SplitLearningServicer:
         iv = spec_from_proto(request.contract.iv, "contract.iv")
         has_label = request.contract.HasField("label")
         label = spec_from_proto(request.contract.label, "contract.label") if has_label else None
-        agreed = self._state.handshake(
-            request.protocol_version,
-            iv,
-            label,
-            request.session_id,
-            request.max_batch_size,
-            mode_from_proto(request.mode),
-            request.encodings,
-            restorable_steps=list(request.restorable_steps),
-            client_id=request.client_id,
-        )
+        sessions = self._sessions
+        sessions.check_offer(request.protocol_version, iv, label, request.max_batch_size, mode_from_proto(request.mode))
+        encoding = sessions.negotiate(request.encodings)
+        session = sessions.open(request.session_id)
+        next_step = session.join(request.client_id, encoding, list(request.restorable_steps))
+        trainer = session.trainer
         return pb.HandshakeResponse(
             protocol_version=request.protocol_version,
-            contract=contract_to_proto(agreed.contract),
-            session_id=agreed.session_id,
-            next_step=agreed.next_step,
-            max_batch_size=agreed.max_batch_size,
-            encoding=agreed.encoding,  # type: ignore[arg-type]
-            metric_names=agreed.metric_names,
-            mode=mode_to_proto(agreed.mode),
+            contract=contract_to_proto(trainer.contract),
+            session_id=session.id,
+            next_step=next_step,
+            max_batch_size=sessions.limits.max_batch_size,
+            encoding=encoding,
+            metric_names=trainer.metric_names,
+            mode=mode_to_proto(session.mode),
         )
 
-    def _train(self, frame: TrainFrame) -> TrainReply:
+    def _train(self, session: Session, client: str, frame: TrainFrame) -> TrainReply:
         request = frame.message
-        iv, labels = _frame_tensor(frame, "iv"), _frame_tensor(frame, "labels")
+        iv, labels = _frame_tensor(frame, "iv", session.encoding), _frame_tensor(frame, "labels")
         if request.micro_batches > 1:
-            result = self._state.train_micro(
-                request.session_id,
+            result = session.train_micro(
+                client,
                 request.step,
                 request.micro_batch,
                 request.micro_batches,
@@ -171,9 +185,9 @@ class SplitLearningServicer:
                 request.reset_metrics,
             )
         else:
-            result = self._state.train(request.session_id, request.step, iv, labels, request.reset_metrics)
+            result = session.train(client, request.step, iv, labels, request.reset_metrics)
         try:
-            gradient = codec.encode(result.iv_gradient, self._state.encoding)  # type: ignore[arg-type]
+            gradient = codec.encode(result.iv_gradient, session.encoding)
         except InvalidRequest as error:  # not the request's fault: the step was applied, its gradient diverged
             raise PreconditionFailed(
                 f"step {result.step} was applied but its gradient cannot be sent ({error}): training has "
@@ -192,20 +206,48 @@ def _client_id(context: grpc.ServicerContext) -> str | None:
 
 
 def _client_step(request: pb.EvaluateRequest | pb.PredictRequest) -> int | None:
-    """The step the client's part is at, when it names one (see `TrainingState._check_partner`)."""
+    """The step the client's part is at, when it names one (see `Session._check_partner`)."""
     return request.step if request.HasField("step") else None
 
 
-def _tensor(request: pb.EvaluateRequest | pb.PredictRequest, name: str) -> np.ndarray:
+def _tensor(
+    request: pb.EvaluateRequest | pb.PredictRequest, name: str, encoding: EncodingCode = encodings.RAW
+) -> np.ndarray:
     if not request.HasField(name):  # type: ignore[arg-type]
         raise InvalidRequest(f"{name} is required")
-    return codec.from_proto(getattr(request, name), name)
+    message = getattr(request, name)
+    _check_encoding(message, name, encoding)
+    return codec.from_proto(message, name)
 
 
-def _frame_tensor(frame: TrainFrame, name: str) -> np.ndarray:
+def _frame_tensor(frame: TrainFrame, name: str, encoding: EncodingCode = encodings.RAW) -> np.ndarray:
     if not frame.has(name):
         raise InvalidRequest(f"{name} is required")
-    return codec.decode(getattr(frame.message, name), frame.content(name), name)
+    message = getattr(frame.message, name)
+    _check_encoding(message, name, encoding)
+    return codec.decode(message, frame.content(name), name)
+
+
+def _check_encoding(message: pb.Tensor, name: str, agreed: EncodingCode) -> None:
+    """A tensor must come in the encoding the session agreed on (labels and U-shape tensors: raw)."""
+    used = message.encoding or encodings.RAW
+    if used != agreed:
+        raise InvalidRequest(
+            f"{name}: sent in the {encodings.name(used)} wire encoding, but this session agreed on "
+            f"{encodings.name(agreed)} for it in its handshake"
+        )
+
+
+def _one_session(frames: Iterator[TrainFrame], session_id: str, context: grpc.ServicerContext) -> Iterator[TrainFrame]:
+    for frame in frames:
+        if frame.message.session_id != session_id:
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a training stream trains in one session: this one began in another session than this request "
+                "names; open a stream per session",
+            )
+        yield frame
 
 
 def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:

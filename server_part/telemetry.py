@@ -50,20 +50,57 @@ class _RecentQuantiles(Collector):
         yield family
 
 
+class _SessionSeries:
+    """One session's share of the telemetry: its labelled series, its TensorBoard run and its epochs."""
+
+    def __init__(self, telemetry: ServerTelemetry, session: str) -> None:
+        self.session = session
+        self.steps = telemetry.session_steps.labels(session)
+        self.step_gauge = telemetry.step_gauge.labels(session)
+        self.metric_gauges = [telemetry.metric_gauge.labels(session, name) for name in telemetry.metric_names]
+        self.tensorboard: StepLog | None = None
+        if telemetry.log_dir is not None:
+            rate = telemetry.learning_rate
+            self.tensorboard = StepLog(
+                telemetry.log_dir,
+                f"server/{session}",
+                telemetry.log_every,
+                (lambda: rate(session)) if rate is not None else None,
+            )
+        self.epoch = -1
+        self.last_done = 0
+        self.last_metrics: list[float] = []
+        self.epoch_open = False
+
+
 class ServerTelemetry:
-    """Counters, histograms and (with `log_dir`) TensorBoard scalars for one `SplitServer`."""
+    """Counters, histograms and (with `log_dir`) TensorBoard scalars for one `SplitServer`.
+
+    Totals (requests, bytes, latency, compute, steps) are server-wide; a session's own state (its step, its
+    running metrics, its steps) is labelled `session`, and its TensorBoard run is `log_dir/server/<session>`.
+    A session's labelled series are removed when it leaves memory (`forget`), so a long-lived server's
+    series stay bounded by its sessions in memory.
+    """
 
     def __init__(
         self,
         metric_names: Sequence[str],
         log_dir: str | Path | None = None,
         log_every: int = 1,
-        learning_rate: Callable[[], float] | None = None,
+        learning_rate: Callable[[str], float] | None = None,
     ) -> None:
+        if log_every < 1:
+            raise ValueError(f"--log-every must be at least 1, got {log_every}")
         self.registry = CollectorRegistry(auto_describe=True)
         self.metric_names = list(metric_names)
+        self.log_dir, self.log_every, self.learning_rate = log_dir, log_every, learning_rate
         r = self.registry
-        self.steps = Counter("split_server_steps", "Training steps answered (a retried step counts again)", registry=r)
+        self.steps = Counter(
+            "split_server_steps", "Training steps answered, all sessions (a retried step counts again)", registry=r
+        )
+        self.session_steps = Counter(
+            "split_server_session_steps", "Training steps applied, by session", ["session"], registry=r
+        )
         self.requests = Counter(
             "split_server_requests", "Requests handled, by RPC (each Train message counts)", ["method"], registry=r
         )
@@ -87,25 +124,26 @@ class ServerTelemetry:
         self.bytes_sent = Counter(
             "split_server_sent_bytes", "Serialized response bytes sent, by RPC", ["method"], registry=r
         )
-        self.step_gauge = Gauge("split_server_step", "Steps applied in the session (the next step to send)", registry=r)
-        self.metric_gauge = Gauge(
-            "split_server_train_metric", "Running training loss and metrics of the epoch", ["name"], registry=r
+        self.step_gauge = Gauge(
+            "split_server_step", "Steps applied in the session (the next step to send)", ["session"], registry=r
         )
+        self.metric_gauge = Gauge(
+            "split_server_train_metric",
+            "Running training loss and metrics of the session's epoch",
+            ["session", "name"],
+            registry=r,
+        )
+        self.sessions = Gauge("split_server_sessions", "Sessions in memory", registry=r)
         self.recent = _RecentQuantiles()
         r.register(self.recent)
         self._train_latency = self.latency.labels("Train")
         self._train_requests = self.requests.labels("Train")
         self._train_received = self.bytes_received.labels("Train")
         self._train_sent = self.bytes_sent.labels("Train")
-        self._metric_gauges = [self.metric_gauge.labels(name) for name in self.metric_names]
-        self._tensorboard = StepLog(log_dir, "server", log_every, learning_rate) if log_dir is not None else None
-        self._lock = threading.Lock()  # guards the epoch bookkeeping below
-        self._epoch = -1
-        self._last_done = 0
-        self._last_metrics: list[float] = []
-        self._epoch_open = False
+        self._lock = threading.Lock()  # guards the sessions' series and their epoch bookkeeping
+        self._series: dict[str, _SessionSeries] = {}
 
-    def rpc(self, method: str, code: str, seconds: float, received: int, sent: int) -> None:
+    def rpc(self, method: str, code: str, seconds: float, received: int, sent: int, session: str = "") -> None:
         """One unary RPC (or a Train stream's end, with `seconds` 0 and no bytes) finished with status `code`."""
         if method != "Train":
             self.requests.labels(method).inc()
@@ -117,10 +155,11 @@ class ServerTelemetry:
         if code != "OK":
             self.errors.labels(method, code).inc()
         if method == "Evaluate" and code == "OK":
-            self.close_epoch()  # validation follows the epoch's last step
+            self.close_epoch(session)  # validation follows the epoch's last step
 
     def step(
         self,
+        session: str,
         step: int,
         reset: bool,
         metrics: Sequence[float],
@@ -131,9 +170,10 @@ class ServerTelemetry:
         sent: int,
         completes: bool = True,
     ) -> None:
-        """A training request of step `step` (from 0) was answered with the running `metrics`; seconds and
-        bytes as measured. Every request counts as one; only a reply that completes a step not counted yet
-        counts as a step (not a resend answered from the first reply, nor a micro-batch before the last)."""
+        """A training request of step `step` (from 0) of `session` was answered with the running `metrics`;
+        seconds and bytes as measured. Every request counts as one; only a reply that completes a step not
+        counted yet counts as a step (not a resend answered from the first reply, nor a micro-batch before
+        the last)."""
         self._train_requests.inc()
         self._train_latency.observe(serve)
         self.recent.add(serve)
@@ -141,18 +181,22 @@ class ServerTelemetry:
         self._train_received.inc(received)
         self._train_sent.inc(sent)
         with self._lock:
-            new = completes and step + 1 > self._last_done
+            series = self._series.get(session)
+            if series is None:
+                series = self._series[session] = _SessionSeries(self, session)
+            new = completes and step + 1 > series.last_done
         if not new:
             return
         self.steps.inc()
-        self.step_gauge.set(step + 1)
-        for gauge, value in zip(self._metric_gauges, metrics, strict=False):
+        series.steps.inc()
+        series.step_gauge.set(step + 1)
+        for gauge, value in zip(series.metric_gauges, metrics, strict=False):
             gauge.set(value)
         if reset:
-            self._open_epoch(step)
+            self._open_epoch(series)
         with self._lock:
-            self._last_done, self._last_metrics, self._epoch_open = step + 1, list(metrics), True
-        if self._tensorboard is not None:
+            series.last_done, series.last_metrics, series.epoch_open = step + 1, list(metrics), True
+        if series.tensorboard is not None:
             timing = {
                 "time/step_ms": serve * 1e3,
                 "time/compute_ms": compute * 1e3,
@@ -161,26 +205,50 @@ class ServerTelemetry:
             }
             if wait is not None:
                 timing["time/wait_ms"] = wait * 1e3
-            self._tensorboard.step(step + 1, dict(zip(self.metric_names, metrics, strict=False)), timing)
+            series.tensorboard.step(step + 1, dict(zip(self.metric_names, metrics, strict=False)), timing)
 
-    def close_epoch(self) -> None:
-        """The epoch in progress has ended (validation began, a new epoch began, or the server stops)."""
+    def close_epoch(self, session: str) -> None:
+        """The session's epoch in progress has ended (validation began, a new epoch began, or it stops)."""
         with self._lock:
-            if not self._epoch_open:
+            series = self._series.get(session)
+            if series is None or not series.epoch_open:
                 return
-            self._epoch_open = False
-            done, metrics, epoch = self._last_done, self._last_metrics, self._epoch
+            series.epoch_open = False
+            done, metrics, epoch = series.last_done, series.last_metrics, series.epoch
         logs = dict(zip(self.metric_names, metrics, strict=False))
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in logs.items()), extra={"step": done})
-        if self._tensorboard is not None:
-            self._tensorboard.epoch(done, epoch, logs)
+        log.info(
+            "epoch %d: %s",
+            epoch + 1,
+            ", ".join(f"{k} {v:.4f}" for k, v in logs.items()),
+            extra={"step": done, "session": session},
+        )
+        if series.tensorboard is not None:
+            series.tensorboard.epoch(done, epoch, logs)
+
+    def forget(self, session: str) -> None:
+        """The session left memory: close its epoch and TensorBoard run, remove its labelled series."""
+        self.close_epoch(session)
+        with self._lock:
+            series = self._series.pop(session, None)
+        if series is None:
+            return
+        if series.tensorboard is not None:
+            series.tensorboard.close()
+        for family in (self.session_steps, self.step_gauge):
+            family.remove(session)
+        for name in self.metric_names:
+            self.metric_gauge.remove(session, name)
 
     def close(self) -> None:
-        self.close_epoch()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-
-    def _open_epoch(self, step: int) -> None:
-        self.close_epoch()
         with self._lock:
-            self._epoch += 1
+            sessions = list(self._series)
+        for session in sessions:
+            self.close_epoch(session)
+            series = self._series[session]
+            if series.tensorboard is not None:
+                series.tensorboard.close()
+
+    def _open_epoch(self, series: _SessionSeries) -> None:
+        self.close_epoch(series.session)
+        with self._lock:
+            series.epoch += 1

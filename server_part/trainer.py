@@ -56,6 +56,8 @@ class ServerTrainer:
                 loss, metrics = self.model.loss, metrics if metrics is not None else config.get("metrics")
                 optimizer = optimizer if optimizer is not None else self.model.optimizer
             self.model.compile(optimizer=optimizer or "sgd", loss=loss, metrics=list(metrics or []))
+            # As compiled, so another session's part can be made alike (server_part/parts.py).
+            self.loss, self.metric_settings = loss, list(metrics or [])
             self.optimizer: keras.optimizers.Optimizer = self.model.optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.label_spec: Spec = label_spec or self._label_spec(loss)

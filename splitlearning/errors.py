@@ -57,3 +57,16 @@ class StepMismatch(SplitError):
     trained (a side restarted from an older checkpoint): the client must handshake again to agree on a step."""
 
     status = "ABORTED"
+
+
+class TooManySessions(SplitError):
+    """The server holds as many sessions as it may (`--max-sessions`): a new one cannot be opened now."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class SessionUnloaded(SplitError):
+    """The session is not in memory (closed, idle too long, or the server restarted) but has checkpoints: a
+    handshake naming it resumes it."""
+
+    status = "ABORTED"

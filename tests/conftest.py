@@ -114,13 +114,15 @@ def server_snapshot(server: SplitServer) -> dict[str, Any]:
         "optimizer": [np.array(v.numpy()) for v in trainer.optimizer.variables],
         "iterations": trainer.iterations,
         "metrics": [np.array(v.numpy()) for v in trainer.model.metrics_variables],
-        "next_step": server.state.next_step,
+        "next_step": server.session().next_step if server.sessions.first is not None else None,
+        "sessions": sorted(session.id for session in server.sessions.sessions()),  # a refusal opens none
     }
 
 
 def assert_same_snapshot(before: dict[str, Any], after: dict[str, Any]) -> None:
     assert after["iterations"] == before["iterations"]
     assert after["next_step"] == before["next_step"]
+    assert after["sessions"] == before["sessions"]
     for key in ("weights", "optimizer", "metrics"):
         assert len(after[key]) == len(before[key]), key
         for a, b in zip(after[key], before[key], strict=True):

@@ -76,6 +76,12 @@ def latest_step(directory: Path) -> int:
     return steps[-1] if steps else -1
 
 
+def latest_session_step(root: Path) -> int:
+    """The latest step any session saved under a server's --checkpoint-dir (a folder per session)."""
+    folders = [path for path in root.iterdir() if path.is_dir()] if root.is_dir() else []
+    return max((latest_step(folder) for folder in folders), default=-1)
+
+
 def load_weights(path: Path) -> tuple[list[np.ndarray], int]:
     with np.load(path) as archive:
         count = sum(1 for name in archive.files if name.startswith("w"))

@@ -232,7 +232,7 @@ def test_handshake_batch_over_max(served: Served) -> None:
 
 
 def test_handshake_unknown_session(served: Served) -> None:
-    details = served.refused(handshake(served, session_id="nope"), Code.NOT_FOUND, "'nope'", "handshake again")
+    details = served.refused(handshake(served, session_id="nope"), Code.NOT_FOUND, "'nope'", "open a new session")
     assert served.session not in details, "the refusal names the held session: that id lets a client in"
 
 

@@ -38,9 +38,12 @@ def stub_for(server: SplitServer) -> tuple[grpc.Channel, pb_grpc.SplitLearningSe
     return channel, pb_grpc.SplitLearningServiceStub(channel)
 
 
-def join(stub: pb_grpc.SplitLearningServiceStub, client_id: str = "a") -> pb.HandshakeResponse:
+def join(stub: pb_grpc.SplitLearningServiceStub, client_id: str = "a", session: str = "") -> pb.HandshakeResponse:
+    """A handshake; naming no `session` opens a new one."""
     contract = pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=pb.DTYPE_FLOAT32))
-    request = pb.HandshakeRequest(protocol_version=1, contract=contract, max_batch_size=8, client_id=client_id)
+    request = pb.HandshakeRequest(
+        protocol_version=1, contract=contract, max_batch_size=8, client_id=client_id, session_id=session
+    )
     return stub.Handshake(request, timeout=10)
 
 
@@ -69,8 +72,8 @@ def test_resent_step_is_answered_without_a_second_update(server: SplitServer) ->
             for before, after in zip(weights, server.model.get_weights(), strict=True):
                 np.testing.assert_array_equal(before, after)
         # 9 requests, 3 distinct steps: the optimizer counts steps, not requests.
-        assert server.trainer.iterations == 3 == server.state.next_step
-        assert server.state.resent == 6
+        assert server.trainer.iterations == 3 == server.session().next_step
+        assert server.session().resent == 6
         for step, detail in ((1, "already applied"), (5, "gap")):
             with pytest.raises(grpc.RpcError) as refused:
                 send_once(stub, step_request(session, step, 0))
@@ -91,13 +94,14 @@ def test_second_client_is_refused_while_the_first_trains(server: SplitServer) ->
         stream = stub.Train(iter(requests.get, None), timeout=30)
         next(stream)  # the first client's stream is open until it sends None (ends its requests)
         with pytest.raises(grpc.RpcError) as refused:
-            join(stub, "second")
+            join(stub, "second", session)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "in use by another client" in (refused.value.details() or "")
-        assert join(stub, "first").session_id == session  # the holder itself may rejoin
+        assert join(stub, "first", session).session_id == session  # the holder itself may rejoin
+        assert join(stub, "second").session_id != session  # naming no session, it opens its own
         requests.put(None)
         list(stream)  # the stream ends
-        assert join(stub, "second").session_id == session  # once it is closed, another client may join
+        assert join(stub, "second", session).session_id == session  # once it is closed, another may join
 
 
 def test_a_stream_from_a_client_that_no_longer_holds_the_session_is_refused(server: SplitServer) -> None:
@@ -112,7 +116,7 @@ def test_a_stream_from_a_client_that_no_longer_holds_the_session_is_refused(serv
     with channel:
         session = join(stub, "first").session_id
         assert stream_as("first", 0).step == 0
-        assert join(stub, "second").session_id == session  # "first" had no stream open: "second" holds it now
+        assert join(stub, "second", session).session_id == session  # "first" had no stream open: "second" holds it
         weights = server.model.get_weights()
         with pytest.raises(grpc.RpcError) as refused:
             stream_as("first", 1)  # "first" did not handshake again: its steps must not mix with "second"'s
@@ -120,7 +124,7 @@ def test_a_stream_from_a_client_that_no_longer_holds_the_session_is_refused(serv
         assert "held by another client" in (refused.value.details() or "")
         for before, after in zip(weights, server.model.get_weights(), strict=True):
             np.testing.assert_array_equal(before, after)
-        assert server.state.next_step == 1
+        assert server.session().next_step == 1
         assert stream_as("second", 1).step == 1
         assert stream_as(None, 2).step == 2  # a stream that names no client is the holder's, as before
 
@@ -132,13 +136,13 @@ def test_a_client_whose_session_was_taken_between_its_handshake_and_its_first_st
     channel, stub = stub_for(server)
     try:
         transport.handshake(Spec((CUT_DIM,), np.dtype("float32")), None, 8, client_id="first")
-        join(stub, "second")  # before "first" opened its training stream: "second" holds the session now
+        join(stub, "second", transport.session_id)  # before "first" opened its stream: "second" holds it now
         request = step_request(transport.session_id, 0, 0)
         iv, labels = codec.from_proto(request.iv, "iv"), codec.from_proto(request.labels, "labels")
         with pytest.raises(RemoteError, match="held by another client") as refused:
             transport.train(0, iv, labels, True)  # its stream names "first" (the transport's own metadata)
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
-        assert server.state.next_step == 0
+        assert server.session().next_step == 0
     finally:
         channel.close()
         transport.close()
@@ -176,7 +180,7 @@ def test_dropped_replies_are_retried_once_each() -> None:
     plain, _, plain_server, _ = train_through_proxy(None)
     cut, _, cut_server, proxy = train_through_proxy(1500)
     assert proxy.cuts >= 3, "the proxy never cut: this test proved nothing"
-    assert cut_server.state.resent >= 1, "no reply was lost after its step was applied"
+    assert cut_server.session().resent >= 1, "no reply was lost after its step was applied"
     assert cut.step == cut_server.trainer.iterations == plain_server.trainer.iterations == 30
     assert_weights_close(cut.model.get_weights(), plain.model.get_weights(), "client part")
     assert_weights_close(cut_server.model.get_weights(), plain_server.model.get_weights(), "server part")
@@ -187,8 +191,8 @@ def test_pipelined_steps_survive_cut_streams_with_the_weights_and_metrics_of_an_
     cut, cut_history, cut_server, proxy = train_through_proxy(700, micro_batches=2)
     assert proxy.cuts >= 3, "the proxy never cut: this test proved nothing"
     # Both ways a pipelined step is repaired happened: started over, and answered from the stored replies.
-    assert cut_server.state.restarted >= 1, "no stream was cut between a step's micro-batches"
-    assert cut_server.state.resent >= 1, "no reply was lost after its step was applied"
+    assert cut_server.session().restarted >= 1, "no stream was cut between a step's micro-batches"
+    assert cut_server.session().resent >= 1, "no reply was lost after its step was applied"
     assert cut.step == cut_server.trainer.iterations == plain_server.trainer.iterations == 30
     assert_weights_close(cut.model.get_weights(), plain.model.get_weights(), "client part")
     assert_weights_close(cut_server.model.get_weights(), plain_server.model.get_weights(), "server part")
@@ -211,7 +215,12 @@ def test_a_refused_handshake_leaves_the_holders_wire_encoding_alone() -> None:
         assert next(stream).iv_gradient.encoding == pb.ENCODING_RAW
         contract = pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=pb.DTYPE_FLOAT32))
         intruder = pb.HandshakeRequest(
-            protocol_version=1, contract=contract, max_batch_size=8, client_id="other", encodings=[pb.ENCODING_INT8]
+            protocol_version=1,
+            contract=contract,
+            max_batch_size=8,
+            client_id="other",
+            encodings=[pb.ENCODING_INT8],
+            session_id=session,
         )
         with pytest.raises(grpc.RpcError) as refused:
             stub.Handshake(intruder, timeout=10)

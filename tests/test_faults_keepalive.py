@@ -29,8 +29,8 @@ def _train_across_a_pause(client_ping_ms: int, server_min_ping_ms: int) -> tuple
             stream = client._transport._call
             time.sleep(IDLE_SECONDS)
             client.fit(x, y, batch_size=16, epochs=2, initial_epoch=1, verbose=0)
-            assert client.step == 2 and server.state.next_step == 2
-            return client._transport._call is stream, server.state.resent
+            assert client.step == 2 and server.session().next_step == 2
+            return client._transport._call is stream, server.session().resent
     finally:
         server.stop(grace=1.0)
 

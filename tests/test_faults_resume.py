@@ -17,6 +17,7 @@ from server_part import cli as server_cli
 from tests.faults_support import (
     assert_weights_close,
     free_port,
+    latest_session_step,
     latest_step,
     load_weights,
     make_npz,
@@ -115,13 +116,14 @@ def run_interrupted(workdir: Path, dataset: Path, name: str, interruptions: list
         for victim, sig in interruptions:
             kill_at = rng.randrange(kill_at + 5, kill_at + 16)  # mid-epoch, before the last epoch ends
             watched = base / ("server-ckpt" if victim == "server" else "client-ckpt")
+            step_of = latest_session_step if victim == "server" else latest_step
             wait_for(
-                lambda w=watched, k=kill_at, c=client: latest_step(w) >= k or c.poll() is not None,  # type: ignore[misc]
+                lambda w=watched, k=kill_at, c=client, f=step_of: f(w) >= k or c.poll() is not None,  # type: ignore[misc]
                 RUN_TIMEOUT,
                 f"{victim} to reach step {kill_at}",
             )
             assert client.poll() is None, f"the client ended before the {victim} could be interrupted"
-            assert latest_step(watched) < TOTAL_STEPS, "interrupted too late to prove anything"
+            assert step_of(watched) < TOTAL_STEPS, "interrupted too late to prove anything"
             if victim == "server":
                 code = stop(server, sig, timeout=10.0)  # SIGTERM: within compose's 10 s
                 assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), (base / "server.log").read_text()

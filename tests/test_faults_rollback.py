@@ -33,7 +33,7 @@ def server_flags(port: int, checkpoints: Path | None = None) -> list[str]:
     return flags
 
 
-def make_client(port: int, checkpoints: Path | None = None) -> SplitClient:
+def make_client(port: int, checkpoints: Path | None = None, session: str = "") -> SplitClient:
     return SplitClient(
         load_part("digits-mlp", "client", 3),
         keras.optimizers.Adam(0.01),
@@ -42,6 +42,7 @@ def make_client(port: int, checkpoints: Path | None = None) -> SplitClient:
         connect_timeout=START_TIMEOUT,
         checkpoint_dir=checkpoints,
         checkpoint_every=1,
+        session_id=session,
     )
 
 
@@ -154,7 +155,7 @@ def test_a_client_that_agreed_on_no_step_is_not_checked(data: Data) -> None:
     try:
         with make_client(port) as trainer:
             train(trainer, data, 2)
-        with make_client(port) as client:
+        with make_client(port, session=trainer.session_id) as client:  # the trained session, another first part
             assert client.connect().next_step == 2 and client.step == 0
             metrics = client.evaluate(data.x_test, data.y_test, batch_size=BATCH)
             assert np.isfinite(metrics["loss"])

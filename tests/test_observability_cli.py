@@ -77,7 +77,8 @@ def test_two_processes_report_the_same_training(tmp_path: Path) -> None:
     assert value(samples, "split_server_sent_bytes_total", method="Train") == summary["bytes_received_per_step"] * STEPS
 
     # Both event files, lined up by step.
-    client_run, server_run = read_scalars(logs / "client"), read_scalars(logs / "server")
+    assert [run.name for run in (logs / "server").iterdir()] == [result["session"]]  # one run per session
+    client_run, server_run = read_scalars(logs / "client"), read_scalars(logs / "server" / result["session"])
     assert (
         [s for s, _ in client_run["step/loss"]] == [s for s, _ in server_run["step/loss"]] == list(range(1, STEPS + 1))
     )

@@ -43,7 +43,7 @@ def test_server_and_client_step_lines_name_step_session_and_peer(split_pair: Sta
         SplitClient(split.bottom, "sgd", target=split.target, connect_timeout=10) as client,
     ):
         client.fit(x, y, batch_size=16, epochs=2, verbose=0)
-    session = split.server.state.session_id
+    session = split.server.session().id
     answered = [r for r in server_lines.records if r.getMessage().startswith("step answered")]
     assert [r.step for r in answered] == [0, 1, 2, 3]  # type: ignore[attr-defined]
     assert {r.session for r in answered} == {session}  # type: ignore[attr-defined]

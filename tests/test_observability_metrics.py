@@ -30,12 +30,14 @@ def test_counters_move_with_training(split_pair: StartServer) -> None:
         history = client.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
         after = scrape(port)
         steps, totals = client.step, client.meter.totals
+        client.end_session()
+        closed = scrape(port)
 
     assert steps == 8
     assert value(after, "split_server_steps_total") == steps
     assert value(after, "split_server_requests_total", method="Train") == steps
     assert value(after, "split_server_requests_total", method="Handshake") == 1
-    assert value(after, "split_server_step") == steps
+    assert value(after, "split_server_step", session=client.session_id) == steps
     # Every byte the client counted leaving arrived, and the other way round.
     assert value(after, "split_server_received_bytes_total", method="Train") == totals.bytes_sent > steps * BATCH * 4
     assert value(after, "split_server_sent_bytes_total", method="Train") == totals.bytes_received > 0
@@ -47,8 +49,13 @@ def test_counters_move_with_training(split_pair: StartServer) -> None:
     p50 = value(after, "split_server_step_latency_recent_seconds", quantile="0.5")
     p99 = value(after, "split_server_step_latency_recent_seconds", quantile="0.99")
     assert 0 < p50 <= p99 <= latency_sum
-    np.testing.assert_allclose(value(after, "split_server_train_metric", name="loss"), history.history["loss"][-1])
+    final_loss = value(after, "split_server_train_metric", session=client.session_id, name="loss")
+    np.testing.assert_allclose(final_loss, history.history["loss"][-1])
     assert not [key for key in after if key[0] == "split_server_errors_total"]
+    # A session's own series leave with it; the server-wide totals stay.
+    assert value(after, "split_server_sessions") == 1 and value(closed, "split_server_sessions") == 0
+    assert not [key for key in closed if ("session", client.session_id) in key[1]]
+    assert value(closed, "split_server_steps_total") == steps
 
 
 def test_errors_are_counted_by_status_code(split_pair: StartServer) -> None:
@@ -59,14 +66,19 @@ def test_errors_are_counted_by_status_code(split_pair: StartServer) -> None:
     transport = Transport(split.target, 1 << 20, rpc_timeout=10)
     try:
         transport.wait_ready(10)
+        transport.handshake(Spec((5,), np.dtype("float32")), None, 8)
+        session = transport.session_id
         transport.session_id = "no-such-session"
         with pytest.raises(RemoteError) as not_found:
             transport.predict(iv)
-        transport.session_id = split.server.state.session_id
+        transport.session_id = session
         with pytest.raises(RemoteError) as out_of_order:
             transport.train(5, iv, labels, reset=True)  # the server expects step 0
         with pytest.raises(RemoteError) as bad_labels:
             transport.evaluate(iv, np.full(2, 7, "int64"), reset=True)  # 3 classes
+        handshake_bytes = value(
+            scrape(split.server.metrics_port), "split_server_received_bytes_total", method="Handshake"
+        )
         undecodable = [_status(split.target, method, UNDECODABLE) for method in ("Train", "Handshake")]
     finally:
         transport.close()
@@ -82,7 +94,8 @@ def test_errors_are_counted_by_status_code(split_pair: StartServer) -> None:
     # Bytes that are no message: refused by the servicer and counted like any refusal, with their size.
     assert value(samples, "split_server_errors_total", method="Train", code="INVALID_ARGUMENT") == 1
     assert value(samples, "split_server_errors_total", method="Handshake", code="INVALID_ARGUMENT") == 1
-    assert value(samples, "split_server_received_bytes_total", method="Handshake") == len(UNDECODABLE)
+    received = value(samples, "split_server_received_bytes_total", method="Handshake")
+    assert received == handshake_bytes + len(UNDECODABLE)
     assert value(samples, "split_server_steps_total") == 0
 
 
@@ -140,6 +153,7 @@ def test_a_resent_step_counts_as_a_request_not_as_a_step(split_pair: StartServer
     finally:
         transport.close()
     after = scrape(split.server.metrics_port)
-    assert split.server.state.resent == 1
+    assert split.server.session().resent == 1
     assert value(after, "split_server_requests_total", method="Train") == 2
-    assert value(after, "split_server_steps_total") == 1 == value(after, "split_server_step")
+    steps = value(after, "split_server_step", session=split.server.session().id)
+    assert value(after, "split_server_steps_total") == 1 == steps

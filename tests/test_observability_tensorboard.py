@@ -30,7 +30,9 @@ def train(split_pair: StartServer, log_dir: Path, log_every: int) -> tuple[dict,
         )  # fmt: skip
         logger.close()
     split.server.stop(grace=1)  # closes the server's event file
-    return read_scalars(log_dir / "client"), read_scalars(log_dir / "server"), client, history.history
+    # The server's run is the session's own.
+    server_run = log_dir / "server" / client.session_id
+    return read_scalars(log_dir / "client"), read_scalars(server_run), client, history.history
 
 
 def steps(series: list[tuple[int, float]]) -> list[int]:

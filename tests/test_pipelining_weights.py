@@ -14,14 +14,14 @@ from tests.conftest import Split, StartServer, assert_same_snapshot, make_data, 
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def joined(split: Split) -> tuple[Transport, np.ndarray, np.ndarray]:
-    """A raw transport that has joined `split`'s session, with the IVs and labels of 8 samples."""
+def joined(split: Split, session: str = "") -> tuple[Transport, np.ndarray, np.ndarray]:
+    """A raw transport that has joined `session` (naming none: a new one), with the IVs and labels of 8 samples."""
     x, y = make_data(n=8)
     iv = np.asarray(split.bottom(x), dtype="float32")
     transport = Transport(split.target, 1 << 20, rpc_timeout=10)
     try:
         transport.wait_ready(10)
-        transport.handshake(Spec((iv.shape[1],), np.dtype("float32")), None, 8)
+        transport.handshake(Spec((iv.shape[1],), np.dtype("float32")), None, 8, session_id=session)
     except BaseException:
         transport.close()
         raise
@@ -103,7 +103,7 @@ def test_a_malformed_micro_batch_keeps_the_steps_partial_gradients(split_pair: S
         # The step goes on from where it was: micro-batch 1 is still the one due, and completes the step.
         transport.send(0, iv[4:], y[4:], False, micro_batch=1, micro_batches=2, step_samples=8)
         transport.receive(0)
-        assert split.server.state.next_step == 1 == split.server.trainer.iterations
+        assert split.server.session().next_step == 1 == split.server.trainer.iterations
     finally:
         transport.close()
 
@@ -127,23 +127,24 @@ def test_a_rejoining_client_starts_an_unfinished_step_over_and_a_finished_one_is
     transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=2, step_samples=8)
     transport.receive(0)
     transport.close()  # the stream is cut after the first micro-batch
-    transport, _, _ = joined(split)  # the client rejoins: the unfinished step is dropped, as if never sent
+    session = transport.session_id
+    transport, _, _ = joined(split, session)  # the client rejoins: the unfinished step is dropped, as if never sent
     try:
-        assert split.server.state.restarted == 1
+        assert split.server.session().restarted == 1
         assert_same_snapshot(before, server_snapshot(split.server))
         answers = send_step(transport, iv, y)
         applied = server_snapshot(split.server)
         assert applied["next_step"] == 1 == applied["iterations"]
     finally:
         transport.close()  # the answers were lost: the client rejoins and sends the applied step again, whole
-    transport, _, _ = joined(split)
+    transport, _, _ = joined(split, session)
     try:
         for (gradient, metrics), (first_gradient, first_metrics) in zip(
             send_step(transport, iv, y), answers, strict=True
         ):
             np.testing.assert_array_equal(gradient, first_gradient)
             assert metrics == first_metrics
-        assert split.server.state.resent == 1
+        assert split.server.session().resent == 1
         assert_same_snapshot(applied, server_snapshot(split.server))  # answered from the replies: no second update
         transport.send(0, iv[:4], y[:4], True, micro_batch=0, micro_batches=4, step_samples=8)
         with pytest.raises(RemoteError, match="applied in 2 micro-batches and is resent in 4") as refused:

@@ -111,7 +111,7 @@ def test_the_server_counts_each_ushape_step_once(servers: Servers) -> None:
     with SplitClient(build_bottom(), "sgd", target=target, head=build_head(), loss=make_loss()) as client:
         client.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     assert server.telemetry.registry.get_sample_value("split_server_steps_total") == 4
-    assert server.state.compute_seconds > 0
+    assert server.session().compute_seconds > 0
 
 
 def test_a_standard_client_is_refused_by_a_ushape_server(servers: Servers) -> None:

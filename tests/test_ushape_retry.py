@@ -12,7 +12,7 @@ from client_part import RemoteError, SplitClient
 from client_part.retry import RetryPolicy
 from server_part import SplitServer
 from server_part.middle_trainer import MiddleTrainer
-from server_part.state import TrainingState
+from server_part.session import Limits, Session
 from tests.conftest import CUT_DIM, build_bottom, make_data, make_loss
 from tests.faults_support import CuttingProxy, assert_weights_close
 from tests.ushape_support import MIDDLE_DIM, build_head, build_middle
@@ -65,18 +65,16 @@ def test_an_abandoned_forward_is_undone() -> None:
     # A stream cut between a step's forward and its backward: the step runs again later, so the first forward
     # must leave nothing behind, not even BatchNormalization's moving statistics.
     middle = MiddleTrainer(build_middle("batchnorm", 0), "sgd")
-    state = TrainingState(middle, 8)
+    state = Session("s", middle, Limits(8))
     before = [v.numpy().copy() for v in middle.model.variables]
     iv = np.random.default_rng(0).normal(size=(4, CUT_DIM)).astype("float32")
-    half = state.begin_step(state.session_id, 0, iv)
+    half = state.begin_step("c", 0, iv)
     assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, middle.model.variables, strict=True))
     state.abandon(half)
     for b, v in zip(before, middle.model.variables, strict=True):
         np.testing.assert_array_equal(b, v.numpy())
     assert middle.iterations == 0 and state.next_step == 0
-    state.finish_step(
-        state.begin_step(state.session_id, 0, iv), state.session_id, 0, np.ones((4, MIDDLE_DIM), "float32")
-    )
+    state.finish_step("c", state.begin_step("c", 0, iv), 0, np.ones((4, MIDDLE_DIM), "float32"))
     assert middle.iterations == 1 and state.next_step == 1
 
 
@@ -100,7 +98,7 @@ def test_a_ushape_step_whose_answers_were_lost_after_its_update_is_answered_agai
     plain, plain_server, _ = train_ushape_through_proxy(None)
     cut, cut_server, proxy = train_ushape_through_proxy(900)
     assert proxy.cuts >= 3, "the proxy never cut: this test proved nothing"
-    assert cut_server.state.resent >= 1, "no answer was lost after its step was applied"
+    assert cut_server.session().resent >= 1, "no answer was lost after its step was applied"
     assert cut.step == cut_server.trainer.iterations == plain_server.trainer.iterations == 30
     assert cut.head is not None and plain.head is not None
     assert cut.head.iterations == plain.head.iterations == 30  # (reading it applies each head's last update)

@@ -239,7 +239,12 @@ class HandshakeRequest(_message.Message):
     protocol_version: _builtins.int
     """Version of this protocol the client speaks; see `splitlearning.contract.PROTOCOL_VERSION`."""
     session_id: _builtins.str
-    """Session to join (for example after a restart); empty asks the server to open a new one."""
+    """Session to join: one a handshake returned earlier (to rejoin after a failure, or to resume after either
+    process restarted; a session that is not in memory is loaded from the server's checkpoints). Empty opens a
+    new session, with a second part of its own at its initial weights and step 0. An unknown session is
+    NOT_FOUND; an id that is not 1 to 128 of [A-Za-z0-9_-] is INVALID_ARGUMENT; a new session beyond the
+    server's limit of sessions in memory is RESOURCE_EXHAUSTED.
+    """
     max_batch_size: _builtins.int
     """Largest number of samples the client will put in one request."""
     mode: Global___CutMode.ValueType
@@ -440,6 +445,58 @@ class TrainResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainResponse: _TypeAlias = TrainResponse  # noqa: Y015
+
+@_typing.final
+class CloseSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session to close."""
+    client_id: _builtins.str
+    """The client closing it: the one training in the session (its handshake's client_id), or any client while
+    no training stream is open in it.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseSessionRequest: _TypeAlias = CloseSessionRequest  # noqa: Y015
+
+@_typing.final
+class CloseSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    CHECKPOINTED_FIELD_NUMBER: _builtins.int
+    steps: _builtins.int
+    """The number of steps the session applied (its final step)."""
+    checkpointed: _builtins.bool
+    """True when the server keeps checkpoints and holds one of the final step: a handshake naming the session
+    resumes it there. False: the session's state is gone.
+    """
+    def __init__(
+        self,
+        *,
+        steps: _builtins.int = ...,
+        checkpointed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpointed", b"checkpointed", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
 
 @_typing.final
 class EvaluateRequest(_message.Message):

@@ -55,6 +55,11 @@ class SplitLearningServiceStub:
                 request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.PredictRequest.SerializeToString,
                 response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/splitlearning.v1.SplitLearningService/CloseSession',
+                request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SplitLearningServiceServicer:
@@ -91,6 +96,16 @@ class SplitLearningServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CloseSession(self, request, context):
+        """Ends a session the client is done with: the server applies its last update, saves a checkpoint of its final
+        step (when it keeps checkpoints) and frees its memory. Later requests naming it are NOT_FOUND, or ABORTED
+        when it has checkpoints (a handshake naming it resumes it). Closing a session that is not in memory but has
+        checkpoints succeeds (steps 0, checkpointed true). A server also unloads sessions that stay idle too long.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitLearningServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +128,11 @@ def add_SplitLearningServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.PredictRequest.FromString,
                     response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.PredictResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionRequest.FromString,
+                    response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +244,33 @@ class SplitLearningService:
             '/splitlearning.v1.SplitLearningService/Predict',
             splitlearning_dot_v1_dot_split__learning__pb2.PredictRequest.SerializeToString,
             splitlearning_dot_v1_dot_split__learning__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlearning.v1.SplitLearningService/CloseSession',
+            splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionRequest.SerializeToString,
+            splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,12 @@ class SplitLearningServiceStub:
     """Loss and metrics on one batch, with no update (standard cut only: in the U-shape the client evaluates)."""
     Predict: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.PredictRequest, _split_learning_pb2.PredictResponse]
     """Outputs of the server's part on one batch."""
+    CloseSession: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.CloseSessionRequest, _split_learning_pb2.CloseSessionResponse]
+    """Ends a session the client is done with: the server applies its last update, saves a checkpoint of its final
+    step (when it keeps checkpoints) and frees its memory. Later requests naming it are NOT_FOUND, or ABORTED
+    when it has checkpoints (a handshake naming it resumes it). Closing a session that is not in memory but has
+    checkpoints succeeds (steps 0, checkpointed true). A server also unloads sessions that stay idle too long.
+    """
 
 @_typing.type_check_only
 class SplitLearningServiceAsyncStub(SplitLearningServiceStub):
@@ -66,6 +72,12 @@ class SplitLearningServiceAsyncStub(SplitLearningServiceStub):
     """Loss and metrics on one batch, with no update (standard cut only: in the U-shape the client evaluates)."""
     Predict: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.PredictRequest, _split_learning_pb2.PredictResponse]  # type: ignore[assignment]
     """Outputs of the server's part on one batch."""
+    CloseSession: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.CloseSessionRequest, _split_learning_pb2.CloseSessionResponse]  # type: ignore[assignment]
+    """Ends a session the client is done with: the server applies its last update, saves a checkpoint of its final
+    step (when it keeps checkpoints) and frees its memory. Later requests naming it are NOT_FOUND, or ABORTED
+    when it has checkpoints (a handshake naming it resumes it). Closing a session that is not in memory but has
+    checkpoints succeeds (steps 0, checkpointed true). A server also unloads sessions that stay idle too long.
+    """
 
 class SplitLearningServiceServicer(metaclass=_abc_1.ABCMeta):
     """Trains, evaluates and runs the second part of a split model."""
@@ -104,5 +116,17 @@ class SplitLearningServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_split_learning_pb2.PredictResponse, _abc.Awaitable[_split_learning_pb2.PredictResponse]]:
         """Outputs of the server's part on one batch."""
+
+    @_abc_1.abstractmethod
+    def CloseSession(
+        self,
+        request: _split_learning_pb2.CloseSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_split_learning_pb2.CloseSessionResponse, _abc.Awaitable[_split_learning_pb2.CloseSessionResponse]]:
+        """Ends a session the client is done with: the server applies its last update, saves a checkpoint of its final
+        step (when it keeps checkpoints) and frees its memory. Later requests naming it are NOT_FOUND, or ABORTED
+        when it has checkpoints (a handshake naming it resumes it). Closing a session that is not in memory but has
+        checkpoints succeeds (steps 0, checkpointed true). A server also unloads sessions that stay idle too long.
+        """
 
 def add_SplitLearningServiceServicer_to_server(servicer: SplitLearningServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,97 @@
+"""A second part per session: the first session trains the model the server was given, each later one a copy.
+
+Every session starts from the same point as a fresh server would: the copy is built from the model source (the
+user's building function again, or `keras.models.clone_model` of a given model), then given the weights the
+first part had before any training, with an optimizer and metrics of its own made from the same configuration.
+No gRPC here.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, TypeAlias
+
+import keras
+import numpy as np
+
+from server_part.middle_trainer import MiddleTrainer
+from server_part.trainer import ServerTrainer
+from splitlearning.models import ModelSource
+
+Trainer: TypeAlias = ServerTrainer | MiddleTrainer
+
+# Building Keras models from several threads at once races on Keras's global name counters (and a user's
+# building function may seed the global RNG): one build at a time.
+_BUILD_LOCK = threading.Lock()
+
+
+def fresh(setting: Any) -> Any:
+    """A new object configured as `setting` (an optimizer, a metric, a loss), so two sessions share no state.
+    Names ("adam") and plain functions are returned as they are: each use makes its own object."""
+    if setting is None or isinstance(setting, str) or not hasattr(setting, "get_config"):
+        return setting
+    if isinstance(setting, keras.optimizers.Optimizer):
+        return keras.optimizers.deserialize(keras.optimizers.serialize(setting))
+    return type(setting).from_config(setting.get_config())
+
+
+class PartFactory:
+    """Makes the trainer of each new session from the server's model source.
+
+    `first` is the trainer built from the user's own model object: the first session to be opened takes it
+    (so that object holds that session's trained weights); every later session gets a copy with the initial
+    weights of `first`, recorded here before any training.
+    """
+
+    def __init__(self, source: ModelSource, first: Trainer, device: str) -> None:
+        self._source = source
+        self._first: Trainer | None = first
+        self._device = device
+        self._initial = [np.array(w) for w in first.model.get_weights()]
+        self._template = first.model
+        if isinstance(first, ServerTrainer):
+            self._settings: dict[str, Any] = {
+                "loss": first.loss,
+                "optimizer": first.optimizer,
+                "metrics": first.metric_settings,
+                "label_spec": first.label_spec,
+            }
+        else:
+            self._settings = {"optimizer": first.optimizer}
+        self._kind = type(first)
+        self._lock = threading.Lock()
+
+    def take(self) -> Trainer:
+        """The trainer for a session being opened: the user's model's the first time, a fresh copy after."""
+        with self._lock:
+            first, self._first = self._first, None
+        return first if first is not None else self._copy()
+
+    def _copy(self) -> Trainer:
+        settings = {key: fresh(value) for key, value in self._settings.items()}
+        if "metrics" in settings:
+            settings["metrics"] = [fresh(metric) for metric in settings["metrics"]]
+        with _BUILD_LOCK:
+            if self._kind is ServerTrainer:
+                return ServerTrainer(self._build, device=self._device, **settings)
+            return MiddleTrainer(self._build, device=self._device, **settings)
+
+    def _build(self) -> keras.Model:
+        """The model, as the source builds it, with the first part's initial weights (called on the device)."""
+        model = _rebuild(self._source, self._template)
+        model.set_weights(self._initial)
+        return model
+
+
+def _rebuild(source: ModelSource, template: keras.Model) -> keras.Model:
+    if not isinstance(source, keras.Model) and callable(source):
+        built = source()
+        if isinstance(built, keras.Model) and built is not template:
+            return built
+    try:
+        return keras.models.clone_model(template)
+    except Exception as error:  # a subclassed model without get_config, say
+        raise ValueError(
+            f"cannot make this server's part for another session ({type(error).__name__}: {error}): give the "
+            "server a function that builds the part, or a model that keras.models.clone_model can copy"
+        ) from error

@@ -1,0 +1,324 @@
+"""The registry of a server's sessions: opens, finds, unloads and closes them. No gRPC here.
+
+A handshake that names no session opens a new one, with a second part of its own (server_part/parts.py); one
+that names a session joins it, loading it from its checkpoints when it is not in memory (after a restart, an
+idle expiry or a close). Requests name their session and are routed to it; each session serialises its own
+requests, so sessions train at the same time. Limits: `max_sessions` in memory at once (a new one beyond it is
+RESOURCE_EXHAUSTED), and `idle_timeout` seconds without a request (and no training stream open), after which a
+session is checkpointed, when checkpoints are on, and dropped from memory.
+
+What each operation guarantees:
+- `open("")` MUST return a new session at step 0 whose part has the initial weights, or raise TooManySessions
+  without changing anything.
+- `open(id)` MUST return the session in memory, else the one its checkpoints hold (at its latest step), else
+  raise SessionNotFound; a malformed id MUST raise InvalidRequest before it reaches a path.
+- `get(id)` MUST return the session in memory; a session that is not in memory but has checkpoints MUST raise
+  SessionUnloaded (ABORTED: handshake again to resume it), any other SessionNotFound.
+- `close(id)` and idle expiry MUST settle the session's last update and save its step (with checkpoints)
+  before it leaves memory; requests still holding it get SessionUnloaded or SessionNotFound.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+
+from server_part.checkpoints import SessionStore
+from server_part.middle_trainer import MiddleTrainer
+from server_part.parts import PartFactory, Trainer
+from server_part.session import Limits, Session
+from splitlearning import encodings
+from splitlearning.contract import PROTOCOL_VERSION, CutMode, Spec
+from splitlearning.errors import (
+    InvalidRequest,
+    PreconditionFailed,
+    SessionNotFound,
+    SessionUnloaded,
+    ShuttingDown,
+    SplitError,
+    TooManySessions,
+)
+
+log = logging.getLogger(__name__)
+
+# Session ids name folders under --checkpoint-dir: nothing but these characters ever reaches a path.
+MAX_SESSION_ID_LENGTH = 128
+_SESSION_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SESSION_ID_LENGTH}}}")
+
+
+class SessionRegistry:
+    """The sessions of one server, by id."""
+
+    def __init__(
+        self,
+        parts: PartFactory,
+        template: Trainer,
+        limits: Limits,
+        store: SessionStore | None = None,
+        max_sessions: int = 16,
+        idle_timeout: float = 3600.0,
+        on_close: Callable[[Session], None] | None = None,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
+        if idle_timeout < 0:
+            raise ValueError(f"idle_timeout must be >= 0 seconds (0: never), got {idle_timeout:g}")
+        self._parts = parts
+        self.template = template  # the first part built: what every session's part looks like
+        self.limits = limits
+        self.store = store
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self._on_close = on_close
+        self._sessions: dict[str, Session] = {}
+        self._opening = 0  # sessions being built or loaded now, counted against the limit
+        self._lock = threading.Lock()  # guards the dict and the count, never held while a part is built
+        self._load_lock = threading.Lock()  # one load from checkpoints at a time (so one session, one copy)
+        self._stopping = False
+        self._compute_of_closed = 0.0
+        self._reaper: threading.Thread | None = None
+        self._reaper_stop = threading.Event()
+        self.first: Session | None = None  # the session that took the server's own model object
+
+    @property
+    def mode(self) -> CutMode:
+        return CutMode.USHAPE if isinstance(self.template, MiddleTrainer) else CutMode.STANDARD
+
+    @property
+    def compute_seconds(self) -> float:
+        """Time spent inside the trainers answering steps, all sessions together (read by the telemetry)."""
+        with self._lock:
+            live = list(self._sessions.values())
+            closed = self._compute_of_closed
+        return closed + sum(session.compute_seconds for session in live)
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    # -- the handshake ---------------------------------------------------------------------------------------
+
+    def check_offer(
+        self, protocol_version: int, iv: Spec, label: Spec | None, max_batch_size: int, mode: CutMode
+    ) -> None:
+        """Refuse a handshake whose client cannot train with this server's part (before any session is touched)."""
+        expected = self.template.contract
+        if protocol_version != PROTOCOL_VERSION:
+            raise PreconditionFailed(
+                f"protocol version {protocol_version} is not spoken here: expected {PROTOCOL_VERSION}"
+            )
+        if mode is not self.mode:
+            raise PreconditionFailed(
+                f"cut mode mismatch: this server holds {self.mode.describe()}, but the client is built for "
+                f"{mode.describe()}; start both parts with the same --cut"
+            )
+        if iv != expected.iv:
+            raise PreconditionFailed(f"cut mismatch: the server part expects iv {expected.iv}, the client sends {iv}")
+        if label is not None and label != expected.label:
+            raise PreconditionFailed(
+                f"label mismatch: the server part expects label {expected.label}, the client sends {label}"
+            )
+        if max_batch_size > self.limits.max_batch_size:
+            raise PreconditionFailed(
+                f"batch size {max_batch_size} is over this server's limit of {self.limits.max_batch_size} samples"
+            )
+
+    def negotiate(self, preferred: Sequence[int]) -> encodings.EncodingCode:
+        """The wire encoding of the IV and its gradient: the U-shape's exchanges stay raw."""
+        allowed = self.limits.wire_encodings if self.mode is CutMode.STANDARD else (encodings.RAW,)
+        return encodings.negotiate(preferred, allowed)
+
+    # -- finding and opening ---------------------------------------------------------------------------------
+
+    def open(self, session_id: str) -> Session:
+        """The session a handshake names: a new one for "", else that one (loaded from checkpoints if need be)."""
+        if not session_id:
+            return self._admit(uuid.uuid4().hex, load=False)
+        _check_id(session_id)
+        with self._lock:
+            self._check_running()
+            session = self._sessions.get(session_id)
+        if session is not None and not session.unloaded:
+            return session
+        if self.store is None or not self.store.holds(session_id):
+            raise SessionNotFound(_unknown(session_id, self.store is not None))
+        with self._load_lock:
+            with self._lock:  # loaded meanwhile by a handshake that got here first?
+                session = self._sessions.get(session_id)
+            if session is not None and not session.unloaded:
+                return session
+            return self._admit(session_id, load=True)
+
+    def get(self, session_id: str) -> Session:
+        """The session a request (other than a handshake) names."""
+        if not session_id:
+            raise InvalidRequest("session_id is required: send the one the handshake returned")
+        _check_id(session_id)
+        with self._lock:
+            self._check_running()
+            session = self._sessions.get(session_id)
+        if session is not None:
+            return session
+        if self.store is not None and self.store.holds(session_id):
+            raise SessionUnloaded(
+                f"session {session_id} is not loaded (it was closed, idle, or the server restarted): handshake "
+                "again naming it to resume it from its checkpoints"
+            )
+        raise SessionNotFound(_unknown(session_id, self.store is not None))
+
+    def _admit(self, session_id: str, load: bool) -> Session:
+        with self._lock:
+            self._check_running()
+            if len(self._sessions) + self._opening >= self.max_sessions:
+                raise TooManySessions(
+                    f"this server holds its limit of {self.max_sessions} sessions: close finished ones "
+                    "(split-client does at the end of a run) or wait until idle ones expire"
+                    + (f" ({self.idle_timeout:g} s without a request)" if self.idle_timeout else "")
+                )
+            self._opening += 1
+        try:
+            session = self._build(session_id, load)
+        finally:
+            with self._lock:
+                self._opening -= 1
+        with self._lock:
+            self._sessions[session_id] = session
+            if self.first is None and session.trainer is self.template:
+                self.first = session
+        log.info(
+            "%s session %s at step %d (%d in memory)",
+            "resumed" if load else "opened",
+            session_id,
+            session.next_step,
+            len(self._sessions),
+        )
+        return session
+
+    def _build(self, session_id: str, load: bool) -> Session:
+        trainer = self._parts.take()
+        checkpoints = self.store.open(session_id, trainer) if self.store is not None else None
+        if checkpoints is not None:
+            latest = checkpoints.latest()
+            if load and latest is not None:
+                checkpoints.restore(latest)
+            elif not load:
+                checkpoints.save(trainer.iterations)  # the starting point is a step to resume from too
+        return Session(session_id, trainer, self.limits, checkpoints)
+
+    # -- leaving memory --------------------------------------------------------------------------------------
+
+    def close(self, session_id: str, client_id: str) -> Session | None:
+        """The client is done: settle and save the session, then drop it from memory. None when it was not in
+        memory but has checkpoints (closed already: closing is idempotent)."""
+        try:
+            session = self.get(session_id)
+        except SessionUnloaded:
+            return None
+        if session.holder not in (None, client_id) and session.idle_seconds(time.monotonic()) is None:
+            raise PreconditionFailed(
+                "the session is in use by another client (its training stream is open): only the client "
+                "training in it may close it now"
+            )
+        self._drop(session, "closed by its client")
+        return session
+
+    def expire_idle(self, now: float | None = None) -> list[str]:
+        """Unload the sessions idle for longer than `idle_timeout` (never with 0); their ids."""
+        if not self.idle_timeout:
+            return []
+        now = time.monotonic() if now is None else now
+        expired = []
+        for session in self.sessions():
+            idle = session.idle_seconds(now)
+            if idle is not None and idle > self.idle_timeout:
+                self._drop(session, f"idle for {idle:.0f} s")
+                expired.append(session.id)
+        return expired
+
+    def _drop(self, session: Session, why: str) -> None:
+        kept = self.store is not None
+        reason: SplitError = (
+            SessionUnloaded(
+                f"session {session.id} was unloaded ({why}): handshake again naming it to resume it from its "
+                "checkpoints"
+            )
+            if kept
+            else SessionNotFound(
+                f"session {session.id} has ended ({why}) and this server keeps no checkpoints, so its state is "
+                "gone: open a new session (a handshake naming none)"
+            )
+        )
+        saved = session.unload(reason)
+        with self._lock:
+            if self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
+                self._compute_of_closed += session.compute_seconds
+        log.info(
+            "session %s %s at step %d%s; %d in memory",
+            session.id,
+            why,
+            session.next_step,
+            ", checkpointed" if saved else "",
+            len(self._sessions),
+        )
+        if self._on_close is not None:
+            self._on_close(session)
+
+    # -- the server's life -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Accept requests (again) and expire idle sessions in the background."""
+        with self._lock:
+            self._stopping = False
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.reload()
+        if self.idle_timeout and self._reaper is None:
+            self._reaper_stop.clear()
+            self._reaper = threading.Thread(target=self._reap, name="split-session-reaper", daemon=True)
+            self._reaper.start()
+
+    def stop(self) -> None:
+        """Refuse further requests (UNAVAILABLE: clients retry), after those in flight; save every session."""
+        self._reaper_stop.set()
+        if self._reaper is not None:
+            self._reaper.join()
+            self._reaper = None
+        with self._lock:
+            self._stopping = True
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.unload(ShuttingDown("the server is shutting down; retry when it is back"))
+
+    def _reap(self) -> None:
+        interval = min(1.0, max(0.05, self.idle_timeout / 4))
+        while not self._reaper_stop.wait(interval):
+            try:
+                self.expire_idle()
+            except Exception:  # a failed save must not end expiry for every other session
+                log.exception("expiring idle sessions failed")
+
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down; retry when it is back")
+
+
+def _check_id(session_id: str) -> None:
+    if not _SESSION_ID.fullmatch(session_id):
+        shown = session_id[:40] + (f"... ({len(session_id)} characters)" if len(session_id) > 40 else "")
+        raise InvalidRequest(
+            f"session_id: expected 1 to {MAX_SESSION_ID_LENGTH} letters, digits, '-' or '_' (the id a handshake "
+            f"returned), got {shown!r}"
+        )
+
+
+def _unknown(session_id: str, checkpoints: bool) -> str:
+    where = "in memory or in its checkpoints" if checkpoints else "(it keeps no checkpoints)"
+    return (
+        f"unknown session {session_id!r}: this server holds no such session {where}; it may have been closed, "
+        "expired, or lost in a restart: open a new session (a handshake naming none)"
+    )
