@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from splitlearning.security import AUTH_METADATA_KEY, AUTH_SCHEME, Secret
+from splitlearning.text import clip
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHand
     """A handler of the same streaming kind as `handler` that aborts with UNAUTHENTICATED."""
 
     def abort(_request: Any, context: grpc.ServicerContext) -> Any:
-        log.warning("refused %s: %s: %s", _peer(context), method, "missing or invalid bearer token")
+        log.warning("refused %s: %s: %s", clip(_peer(context)), clip(method), "missing or invalid bearer token")
         context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSAL)
 
     if handler.request_streaming and handler.response_streaming:

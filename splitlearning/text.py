@@ -7,6 +7,8 @@ forges a log line. `clip` keeps the start, says how much it cut, and escapes wha
 
 from __future__ import annotations
 
+# A whole message that may hold client-supplied text (an error's, a refusal's): room for a contract or two.
+MESSAGE_LIMIT = 1024
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -26,6 +28,11 @@ def clip(value: str, limit: int = 80) -> str:
         out.append(shown)
         used += len(shown)
     return "".join(out)
+
+
+def clip_message(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """A message of ours that may embed client text: unchanged when short and printable, else `clip`ped."""
+    return text if len(text) <= limit and text.isprintable() else clip(text, limit)
 
 
 def _escape(char: str) -> str:
