@@ -40,6 +40,11 @@ class Guarded:
     server: SplitServer
     port: int
     ca: Path | None
+    earlier_threads: set[int]  # pool threads of servers stopped before this one started (they linger, idle)
+
+    def threads(self) -> int:
+        """This server's threads for calls (its pool's)."""
+        return len(_rpc_threads() - self.earlier_threads)
 
     def channel(self) -> grpc.Channel:
         target = f"127.0.0.1:{self.port}"
@@ -57,14 +62,14 @@ def guarded(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Guarded]
         issued = authority.issue("server", server=True)
         tls, ca = TlsConfig.from_files(issued.cert, issued.key), authority.cert
     server = SplitServer(build_top("plain", 0), make_loss(), "sgd", ["accuracy"], auth_token=TOKEN, tls=tls)
+    earlier = _rpc_threads()
     port = server.start("127.0.0.1:0")
-    yield Guarded(server, port, ca)
+    yield Guarded(server, port, ca, earlier)
     server.stop(grace=0.5)
 
 
-def rpc_threads() -> int:
-    """The server's threads for calls (its pool's)."""
-    return sum(thread.name.startswith("split-rpc") for thread in threading.enumerate())
+def _rpc_threads() -> set[int]:
+    return {t.ident or 0 for t in threading.enumerate() if t.name.startswith("split-rpc")}
 
 
 def wait_refused(connections: list[HalfOpenConnection], at_least: int) -> None:
@@ -94,7 +99,7 @@ def test_half_open_unauthenticated_calls_are_refused_and_stop_nothing(guarded: G
         assert sum(c.refused for c in connections) == CALLS
         assert_served(guarded)
         assert_served(guarded)
-        assert rpc_threads() <= guarded.server.admission_threads
+        assert guarded.threads() <= guarded.server.admission_threads
 
 
 def test_half_open_health_checks_stop_nothing(guarded: Guarded) -> None:
@@ -102,4 +107,4 @@ def test_half_open_health_checks_stop_nothing(guarded: Guarded) -> None:
         wait_refused(connections, CALLS - guarded.server.admission_threads)
         assert_served(guarded)
         assert_served(guarded)
-        assert rpc_threads() <= guarded.server.admission_threads
+        assert guarded.threads() <= guarded.server.admission_threads
