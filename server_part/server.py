@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from server_part import admission
 from server_part.auth import TokenAuthInterceptor
 from server_part.checkpoints import ServerCheckpoints
+from server_part.health import add_health_to_server
 from server_part.interceptor import TelemetryInterceptor
 from server_part.middle_trainer import MiddleTrainer
 from server_part.prometheus import MetricsEndpoint, host_of
@@ -171,7 +172,7 @@ class SplitServer:
         )
         add_to_server(SplitLearningServicer(self.state), server)
         self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        add_health_to_server(self._health, server)  # bytes that are no message: INVALID_ARGUMENT
         if self.tls is not None:
             port = server.add_secure_port(address, self.tls.server_credentials())
         else:
