@@ -283,12 +283,21 @@ class SplitClient:
         hooks = Callbacks([EpochLog(self), *(callbacks or [])], self.model, history.params)
         hooks.on_train_begin()
         run = _FitRun(x, y, batch_size, epochs, shuffle, validation_data, verbose, seed, steps_per_epoch)
-        # After a rollback the epochs carry on from the restored step's data position.
-        self._after_rollbacks(lambda: self._fit_epochs(run, max(initial_epoch, 0), history, hooks))
+        try:
+            # After a rollback the epochs carry on from the restored step's data position.
+            self._after_rollbacks(lambda: self._fit_epochs(run, max(initial_epoch, 0), history, hooks))
+        finally:
+            self._settle()  # the user's own model objects hold every step applied, however fit ends
         if self.checkpoints is not None:  # the final step too, so a finished run resumes as finished
             self.checkpoints.save(self._step, self._epoch0_step)
         hooks.on_train_end({})
         return history
+
+    def _settle(self) -> None:
+        """Apply the U-shape head's deferred update (see `ServerTrainer.settle`): the head's last step is
+        otherwise applied only when something next reads it, and `head.get_weights()` after `fit` lagged."""
+        if self.head is not None:
+            self.head.settle()
 
     def _fit_epochs(self, run: _FitRun, initial_epoch: int, history: Any, hooks: Callbacks) -> None:
         """Train from the current step (which gives the epoch and the batch) to the end of the last epoch."""

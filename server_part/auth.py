@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from splitlearning.security import AUTH_METADATA_KEY, AUTH_SCHEME, Secret
+from splitlearning.text import clip
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,19 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
 
 def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as `handler` that aborts with UNAUTHENTICATED."""
+    """A handler with `handler`'s response kind that aborts with UNAUTHENTICATED without reading the request.
 
-    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
-        log.warning("refused %s: %s: %s", _peer(context), method, "missing or invalid bearer token")
+    It is request-streaming whatever the method's kind: gRPC calls such a handler before any request message
+    has arrived, so a peer that never finishes its request cannot hold the thread (see admission.py).
+    """
+
+    def abort(_requests: Any, context: grpc.ServicerContext) -> Any:
+        log.warning("refused %s: %s: %s", clip(_peer(context)), clip(method), "missing or invalid bearer token")
         context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSAL)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+        return grpc.stream_stream_rpc_method_handler(abort)
+    return grpc.stream_unary_rpc_method_handler(abort)
 
 
 def _peer(context: grpc.ServicerContext) -> str:

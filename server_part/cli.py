@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     security.add_server_flags(parser)
     cli.add_checkpoint_flags(parser)
     cli.add(parser, "--grace", type=float, default=5.0, help="seconds RPCs get to finish on SIGTERM (< compose's 10)")
-    cli.add(parser, "--max-workers", type=int, default=8, help="RPC worker threads and concurrent RPCs")
+    cli.add(parser, "--max-workers", type=int, default=8, help="concurrent calls of the service (threads)")
     cli.add(
         parser,
         "--max-sessions",

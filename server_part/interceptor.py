@@ -21,6 +21,7 @@ import grpc
 from server_part.servicer import Undecodable
 from server_part.telemetry import ServerTelemetry
 from splitlearning import logs
+from splitlearning.text import clip
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
                     if not isinstance(frame, Undecodable):  # the servicer refuses that one
                         current["in"] = time.perf_counter()
                         current["request"] = frame
-                        logs.update(step=frame.message.step, session=frame.message.session_id)
+                        logs.update(step=frame.message.step, session=clip(frame.message.session_id))
                     yield frame
 
             with logs.bind(fresh=True, peer=_peer(context), method=method):
@@ -133,7 +134,7 @@ def _peer(context: grpc.ServicerContext) -> str:
 
 
 def _session(request: Any) -> str:
-    return str(getattr(request, "session_id", ""))
+    return clip(str(getattr(request, "session_id", "")))
 
 
 def _size(request: Any) -> int:

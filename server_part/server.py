@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
+from server_part import admission
 from server_part.auth import TokenAuthInterceptor
 from server_part.checkpoints import SessionStore
+from server_part.health import add_health_to_server
 from server_part.interceptor import TelemetryInterceptor
 from server_part.middle_trainer import MiddleTrainer
 from server_part.parts import PartFactory, Trainer
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitLearningService"].full_name
 # Room for the protobuf framing around the tensors of one request.
 _MESSAGE_OVERHEAD = 64 * 1024
+MAX_STREAMS_PER_CONNECTION = 100
 
 
 class SplitServer:
@@ -159,6 +162,11 @@ class SplitServer:
         return self.sessions.limits.max_batch_size * per_sample + _MESSAGE_OVERHEAD
 
     @property
+    def admission_threads(self) -> int:
+        """The most threads the server's calls use: a slot each of every budget, and a few for refusals."""
+        return self._max_workers + admission.EXTRA_THREADS
+
+    @property
     def metrics_port(self) -> int | None:
         """The bound port of the Prometheus endpoint while serving, else None."""
         return self._metrics.port if self._metrics is not None else None
@@ -168,23 +176,28 @@ class SplitServer:
         if self._server is not None:
             raise RuntimeError("this server is already started")
         limit = self.max_message_bytes
+        # Admission, not gRPC's `maximum_concurrent_rpcs` (which counted calls still waiting for their request,
+        # the unauthenticated ones included): a budget per kind of call, a thread per slot (admission.py).
+        self.admission = admission.AdmissionInterceptor(self._max_workers)
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="split-rpc"),
+            futures.ThreadPoolExecutor(max_workers=self.admission_threads, thread_name_prefix="split-rpc"),
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", self.max_reply_bytes),
+                # Calls one connection may have open: a client needs a few; bounds what one connection holds.
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                 *keepalive.server_options(self._min_ping_interval_ms),
             ],
-            maximum_concurrent_rpcs=self._max_workers,
-            # The token check first: an unauthenticated call reaches nothing else.
+            # The token check first, from the metadata: an unauthenticated call reaches nothing else.
             interceptors=[
                 *([TokenAuthInterceptor(self._auth_token)] if self._auth_token is not None else []),
+                self.admission,
                 TelemetryInterceptor(SERVICE_NAME, self.telemetry, lambda: self.sessions.compute_seconds),
             ],
         )
         add_to_server(SplitLearningServicer(self.sessions), server)
         self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        add_health_to_server(self._health, server)  # bytes that are no message: INVALID_ARGUMENT
         if self.tls is not None:
             port = server.add_secure_port(address, self.tls.server_credentials())
         else:

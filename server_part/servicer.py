@@ -19,6 +19,7 @@ from splitlearning import codec, encodings, framing
 from splitlearning.codec import EncodingCode
 from splitlearning.contract import (
     CLIENT_ID_METADATA_KEY,
+    MAX_ID_LENGTH,
     CutMode,
     contract_to_proto,
     mode_from_proto,
@@ -26,6 +27,7 @@ from splitlearning.contract import (
     spec_from_proto,
 )
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SplitError
+from splitlearning.text import clip_message
 from splitlearning.v1 import split_learning_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,8 @@ class SplitLearningServicer:
         return _guard(context, run)
 
     def _handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
+        _check_id_length("session_id", request.session_id)
+        _check_id_length("client_id", request.client_id)
         if not request.HasField("contract") or not request.contract.HasField("iv"):
             raise InvalidRequest("contract.iv is required: state the shape and dtype of the IV your part sends")
         iv = spec_from_proto(request.contract.iv, "contract.iv")
@@ -201,8 +205,15 @@ def _client_id(context: grpc.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == CLIENT_ID_METADATA_KEY:
             raw = value if isinstance(value, bytes) else value.encode("utf-8")
-            return raw.decode("utf-8", errors="replace")
+            client_id = raw.decode("utf-8", errors="replace")
+            _check_id_length(f"metadata {CLIENT_ID_METADATA_KEY}", client_id)
+            return client_id
     return None
+
+
+def _check_id_length(field: str, value: str) -> None:
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidRequest(f"{field}: at most {MAX_ID_LENGTH} characters, got {len(value)}")
 
 
 def _client_step(request: pb.EvaluateRequest | pb.PredictRequest) -> int | None:
@@ -314,11 +325,12 @@ def _guard(context: grpc.ServicerContext, run: Callable[[], T]) -> T:
     try:
         return run()
     except SplitError as error:
-        log.warning("refused %s: %s", _peer(context), error)
-        _abort(context, getattr(grpc.StatusCode, error.status), str(error))
+        message = clip_message(str(error))  # it may hold a client's id: bounded in the log and the status
+        log.warning("refused %s: %s", _peer(context), message)
+        _abort(context, getattr(grpc.StatusCode, error.status), message)
     except Exception as error:  # a bug, not a bad request: say so, keep serving
         log.exception("internal error serving %s", _peer(context))
-        _abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+        _abort(context, grpc.StatusCode.INTERNAL, clip_message(f"internal error: {type(error).__name__}: {error}"))
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

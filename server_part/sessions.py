@@ -32,7 +32,7 @@ from server_part.middle_trainer import MiddleTrainer
 from server_part.parts import PartFactory, Trainer
 from server_part.session import Limits, Session
 from splitlearning import encodings
-from splitlearning.contract import PROTOCOL_VERSION, CutMode, Spec
+from splitlearning.contract import MAX_ID_LENGTH, PROTOCOL_VERSION, CutMode, Spec
 from splitlearning.errors import (
     InvalidRequest,
     PreconditionFailed,
@@ -42,12 +42,12 @@ from splitlearning.errors import (
     SplitError,
     TooManySessions,
 )
+from splitlearning.text import clip
 
 log = logging.getLogger(__name__)
 
 # Session ids name folders under --checkpoint-dir: nothing but these characters ever reaches a path.
-MAX_SESSION_ID_LENGTH = 128
-_SESSION_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SESSION_ID_LENGTH}}}")
+_SESSION_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}")
 
 
 class SessionRegistry:
@@ -309,10 +309,9 @@ class SessionRegistry:
 
 def _check_id(session_id: str) -> None:
     if not _SESSION_ID.fullmatch(session_id):
-        shown = session_id[:40] + (f"... ({len(session_id)} characters)" if len(session_id) > 40 else "")
         raise InvalidRequest(
-            f"session_id: expected 1 to {MAX_SESSION_ID_LENGTH} letters, digits, '-' or '_' (the id a handshake "
-            f"returned), got {shown!r}"
+            f"session_id: expected 1 to {MAX_ID_LENGTH} letters, digits, '-' or '_' (the id a handshake "
+            f"returned), got '{clip(session_id, 40)}'"
         )
 
 

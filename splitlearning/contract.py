@@ -16,6 +16,8 @@ PROTOCOL_VERSION = 1
 # Metadata of a training stream: the id of the client that opens it, as in its handshake (UTF-8 bytes). The
 # server refuses a stream whose id is not the session holder's; a stream without it is taken as the holder's.
 CLIENT_ID_METADATA_KEY = "split-client-id-bin"
+# The longest session id or client id a peer may send (characters): ids are uuid4 hex (32) on both sides.
+MAX_ID_LENGTH = 128
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from splitlearning.text import clip
+
 FIELDS = ("session", "step", "epoch", "peer", "method", "code")
 FORMATS = ("text", "json")
 
@@ -65,7 +67,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        fields = " ".join(f"{key}={getattr(record, key)}" for key in FIELDS if hasattr(record, key))
+        fields = " ".join(f"{key}={_field(getattr(record, key))}" for key in FIELDS if hasattr(record, key))
         return f"{line} {fields}" if fields else line
 
 
@@ -77,10 +79,15 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        entry.update({key: getattr(record, key) for key in FIELDS if hasattr(record, key)})
+        entry.update({key: _field(getattr(record, key)) for key in FIELDS if hasattr(record, key)})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def _field(value: Any) -> Any:
+    """A bound field as a line shows it: text (a session id, a peer: the client's choice) is clipped."""
+    return clip(value) if isinstance(value, str) else value
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:

@@ -155,3 +155,19 @@ def test_column_labels_are_accepted_like_keras(split_pair: StartServer) -> None:
     uncut = uncut_model("plain", 7, "sgd")
     expected = uncut.fit(x, y[:, None], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     np.testing.assert_allclose(history.history["loss"], expected.history["loss"], rtol=RTOL)
+
+
+def test_the_users_own_bottom_holds_its_trained_weights_when_fit_returns(split_pair: StartServer) -> None:
+    """The standard cut: `bottom` as the user passed it, read directly after `fit`, equals the uncut model's
+    (issue 16, item 6; the server's part is read through `SplitServer.model`, which settles its update)."""
+    seed = 11
+    x, y = make_data()
+    split = split_pair("plain", seed, optimizer=OPTIMIZERS["adam"]())
+    with SplitClient(split.bottom, OPTIMIZERS["adam"](), target=split.target, connect_timeout=10) as client:
+        client.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        bottom_weights = split.bottom.get_weights()
+
+    uncut = uncut_model("plain", seed, "adam")
+    uncut.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    assert_weights_equal(bottom_weights, uncut.layers[0].get_weights(), "the user's bottom")
+    assert_weights_equal(split.server.model.get_weights(), uncut.layers[1].get_weights(), "top")

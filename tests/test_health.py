@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import grpc
@@ -10,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server_part.server import SERVICE_NAME
 from tests.conftest import StartServer
+from tests.raw_support import UNDECODABLE
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -98,3 +100,28 @@ def test_restart_after_stop_serves_again(split_pair: StartServer) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         assert check(channel, "") == SERVING
         assert check(channel, SERVICE_NAME) == SERVING
+
+
+def test_bytes_that_are_no_message_are_invalid_argument_logged_once(
+    split_pair: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The health service is reachable without the token: random bytes get INVALID_ARGUMENT (not INTERNAL)
+    and at most one log line per peer per minute, never a traceback (issue 16, item 2)."""
+    split = split_pair()
+    caplog.set_level(logging.DEBUG)
+    with grpc.insecure_channel(split.target) as channel:
+        identity = lambda data: data  # noqa: E731 (bytes on the wire as they are)
+        for method in ["Check"] * 10 + ["Watch"] * 10:
+            call = (channel.unary_unary if method == "Check" else channel.unary_stream)(
+                f"/grpc.health.v1.Health/{method}", request_serializer=identity, response_deserializer=identity
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                reply = call(UNDECODABLE, timeout=TIMEOUT)
+                if method == "Watch":
+                    list(reply)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "not a valid HealthCheckRequest" in (info.value.details() or "")
+        assert check(channel, "") == SERVING
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    refused = [r for r in caplog.records if "HealthCheckRequest" in r.getMessage()]
+    assert len(refused) == 1, [r.getMessage() for r in refused]

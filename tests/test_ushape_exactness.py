@@ -144,3 +144,23 @@ def test_a_head_that_does_not_fit_the_middle_is_refused(servers: Servers) -> Non
 def test_a_ushape_middle_takes_no_loss() -> None:
     with pytest.raises(ValueError, match="no loss"):
         SplitServer(build_middle(), loss=make_loss(), cut="ushape")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_users_own_models_hold_their_trained_weights_when_fit_returns(servers: Servers, optimizer: str) -> None:
+    """`bottom` and `head` as the user passed them, read directly after `fit` (no validation, evaluate or predict
+    in between that would settle a deferred update) equal the uncut model's (issue 16, item 6)."""
+    seed = 11
+    x, y = make_data()
+    bottom, middle, head = build_triple("plain", seed)
+    _, target = servers(middle, optimizer=OPTIMIZERS[optimizer](), cut="ushape")
+    with SplitClient(bottom, OPTIMIZERS[optimizer](), target=target, head=head, loss=make_loss()) as client:
+        client.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        bottom_weights, head_weights = bottom.get_weights(), head.get_weights()
+
+    uncut = keras.Sequential(list(build_triple("plain", seed)))
+    uncut.compile(optimizer=OPTIMIZERS[optimizer](), loss=make_loss(), jit_compile=False)
+    uncut.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    uncut_bottom, _, uncut_head = uncut.layers
+    assert_weights_equal(bottom_weights, uncut_bottom.get_weights(), "the user's bottom")
+    assert_weights_equal(head_weights, uncut_head.get_weights(), "the user's head")
