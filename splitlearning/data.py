@@ -71,3 +71,21 @@ def from_npz(path: Path) -> Dataset:
         if np.issubdtype(y.dtype, np.integer):
             arrays[f"y_{split}"] = y.astype("int64", copy=False)
     return Dataset(**arrays)
+
+
+def hold_out(
+    x: np.ndarray, y: np.ndarray, fraction: float
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """(x, y) to train on and the last `fraction` of the samples to validate on (None for 0), as Keras's
+    `validation_split` does: the test split stays unseen until the final evaluation."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--validation-split must lie in [0, 1), got {fraction:g}")
+    split_at = int(len(x) * (1.0 - fraction))
+    if fraction == 0.0:
+        return x, y, None
+    if split_at == 0 or split_at == len(x):
+        raise ValueError(
+            f"--validation-split {fraction:g} of {len(x)} training samples leaves "
+            f"{split_at} to train on and {len(x) - split_at} to validate on; choose a fraction that leaves both"
+        )
+    return x[:split_at], y[:split_at], (x[split_at:], y[split_at:])
