@@ -48,18 +48,20 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(parser, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
     cli.add_process_flags(parser, part="first")
     cli.add(parser, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
-    cli.add(parser, "--batch-size", type=int, default=64, help="samples per training step")
-    cli.add(parser, "--epochs", type=int, default=10, help="passes over the training data")
+    cli.add(parser, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
+    cli.add(parser, "--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the training data")
     cli.add(
         parser,
         "--validation-split",
-        type=float,
+        type=cli.number(float, 0, 1, high_open=True),
         default=0.1,
         help="validate each epoch on this last fraction of the training data (0: no validation); "
         "the test split is only used for the final evaluation",
     )
     cli.add(parser, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
-    cli.add(parser, "--connect-timeout", type=float, default=60.0, help="seconds to wait for the server at start")
+    cli.add(
+        parser, "--connect-timeout", type=cli.positive, default=60.0, help="seconds to wait for the server at start"
+    )
     cli.add(
         parser,
         "--wire-encoding",
@@ -70,13 +72,15 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(
         parser,
         "--micro-batches",
-        type=int,
+        type=cli.POSITIVE_INT,
         default=1,
         help="pipeline each step in this many micro-batches (forward, transfer and server work overlap)",
     )
     cli.add(parser, "--history-json", type=Path, default=None, help="write the training history here as JSON")
     cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
-    cli.add(parser, "--log-every", type=int, default=1, help="write per-step TensorBoard scalars every N steps")
+    cli.add(
+        parser, "--log-every", type=cli.POSITIVE_INT, default=1, help="write per-step TensorBoard scalars every N steps"
+    )
     cli.add(parser, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
     cli.add(
         parser,
@@ -88,18 +92,24 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(parser, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
     cli.add(parser, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
     cli.add(parser, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
-    cli.add(parser, "--clip-norm", type=float, default=None, help="clip each sample's IV to this L2 norm when sent")
+    cli.add(
+        parser, "--clip-norm", type=cli.positive, default=None, help="clip each sample's IV to this L2 norm when sent"
+    )
     cli.add(
         parser,
         "--noise-multiplier",
-        type=float,
+        type=cli.NON_NEGATIVE,
         default=0.0,
         help="add Gaussian noise of stddev MULTIPLIER * --clip-norm to every IV sent (needs --clip-norm)",
     )
     security.add_client_flags(parser)
     cli.add_checkpoint_flags(parser)
-    cli.add(parser, "--rpc-timeout", type=float, default=60.0, help="deadline of every call (each step) in seconds")
-    cli.add(parser, "--retry-timeout", type=float, default=120.0, help="seconds to keep retrying a failed call")
+    cli.add(
+        parser, "--rpc-timeout", type=cli.positive, default=60.0, help="deadline of every call (each step) in seconds"
+    )
+    cli.add(
+        parser, "--retry-timeout", type=cli.NON_NEGATIVE, default=120.0, help="seconds to keep retrying a failed call"
+    )
     cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz)")
     return ClientConfig(**vars(parser.parse_args(argv)))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from splitlearning import cli, security
+from splitlearning import addresses, cli, security
 
 if TYPE_CHECKING:
     from server_part.server import SplitServer
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     cli.add_process_flags(parser, part="second")
     cli.add(parser, "--loss", default=None, help="Keras loss name (default: the model pair's, or a compiled part's)")
     cli.add(parser, "--metrics", default=None, help="comma-separated Keras metric names (default: accuracy)")
-    cli.add(parser, "--max-batch-size", type=int, default=1024, help="largest batch a request may carry")
+    cli.add(parser, "--max-batch-size", type=cli.POSITIVE_INT, default=1024, help="largest batch a request may carry")
     cli.add(
         parser,
         "--wire-encodings",
@@ -59,23 +59,34 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     security.add_server_flags(parser)
     cli.add_checkpoint_flags(parser)
-    cli.add(parser, "--grace", type=float, default=5.0, help="seconds RPCs get to finish on SIGTERM (< compose's 10)")
-    cli.add(parser, "--max-workers", type=int, default=8, help="RPC worker threads and concurrent RPCs")
+    cli.add(
+        parser,
+        "--grace",
+        type=cli.NON_NEGATIVE,
+        default=5.0,
+        help="seconds RPCs get to finish on SIGTERM (< compose's 10)",
+    )
+    cli.add(parser, "--max-workers", type=cli.POSITIVE_INT, default=8, help="RPC worker threads and concurrent RPCs")
     cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz) on exit")
     return ServerConfig(**vars(parser.parse_args(argv)))
 
 
 def add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
-    cli.add(parser, "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any)")
+    cli.add(
+        parser, "--metrics-port", type=cli.PORT, default=None, help="serve Prometheus metrics on this port (0: any)"
+    )
     cli.add(parser, "--metrics-host", default=None, help="host for --metrics-port (default: the host of --address)")
     cli.add(parser, "--metrics-port-file", type=Path, default=None, help="write the bound metrics port here")
     cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/server")
-    cli.add(parser, "--log-every", type=int, default=1, help="write per-step TensorBoard scalars every N steps")
+    cli.add(
+        parser, "--log-every", type=cli.POSITIVE_INT, default=1, help="write per-step TensorBoard scalars every N steps"
+    )
 
 
 def run(config: ServerConfig) -> None:
     cli.setup_logging(config.log_level, config.log_format)
     cli.setup_process(config.cpus, config.threads)
+    addresses.check_bindable(config.address)  # before the model is built: a mistake shows at once
     server = build(config)
     port = server.start(config.address)
     if config.metrics_port_file and server.metrics_port is not None:  # before --port-file, which says "ready"

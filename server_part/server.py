@@ -21,6 +21,7 @@ from server_part.state import TrainingState
 from server_part.telemetry import ServerTelemetry
 from server_part.trainer import ServerTrainer
 from splitlearning import keepalive
+from splitlearning.addresses import check_bindable
 from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
@@ -148,6 +149,7 @@ class SplitServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", self.max_reply_bytes),
+                ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share its clients
                 *keepalive.server_options(self._min_ping_interval_ms),
             ],
             maximum_concurrent_rpcs=self._max_workers,
@@ -160,10 +162,14 @@ class SplitServer:
         add_to_server(SplitLearningServicer(self.state), server)
         self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        if self.tls is not None:
-            port = server.add_secure_port(address, self.tls.server_credentials())
-        else:
-            port = server.add_insecure_port(address)
+        try:
+            if self.tls is not None:
+                port = server.add_secure_port(address, self.tls.server_credentials())
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # gRPC's "Failed to bind": say why where we can
+            port = 0
+            check_bindable(address)
         if port == 0:
             raise OSError(f"could not bind {address}")
         self.state.reopen()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def from_npz(path: Path) -> Dataset:
     """
     if not path.is_file():
         raise FileNotFoundError(f"--dataset: no such file {str(path)!r} (expected 'digits' or an .npz path)")
+    if not zipfile.is_zipfile(path):  # an .npz is a zip archive; numpy would guess at pickles instead
+        raise ValueError(
+            f"--dataset {path}: not an .npz archive; expected one made by numpy.savez with x_train, y_train, "
+            "x_test, y_test (such as the common mnist.npz), or 'digits'"
+        )
     with np.load(path, allow_pickle=False) as archive:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)
         if missing:
