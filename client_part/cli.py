@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from splitlearning import cli, security
+from splitlearning import cli, security, tensorflow_setup
 
 log = logging.getLogger("split-client")
 
@@ -240,9 +240,14 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     """Train, evaluate on the test split, print the result; exit 0, 1 if training failed, 2 on bad set-up."""
     config = parse_args(argv)
+    absent = tensorflow_setup.missing("split-client")
+    if absent:
+        print(absent, file=sys.stderr)
+        return 2
     interrupts = Interrupts()
     interrupts.install()
     try:
+        tensorflow_setup.load(verbose=config.log_level == "DEBUG")
         from client_part.transport import RemoteError
 
         run(config, interrupts)

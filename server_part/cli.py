@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from splitlearning import addresses, cli, security
+from splitlearning import addresses, cli, security, tensorflow_setup
 
 if TYPE_CHECKING:
     from server_part.server import SplitServer
@@ -145,8 +146,16 @@ def build(config: ServerConfig) -> SplitServer:
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; the exit status: 0, or 2 for a set-up error."""
     config = parse_args(argv)
+    absent = tensorflow_setup.missing("split-server")
+    if absent:
+        print(absent, file=sys.stderr)
+        return 2
     try:
+        tensorflow_setup.load(verbose=config.log_level == "DEBUG")
         run(config)
+    except KeyboardInterrupt:  # before the server's own handlers: nothing was served yet
+        log.warning("stopped on request while starting")
+        return 130
     except (ValueError, OSError, TypeError) as error:
         log.error("%s", error)
         return 2

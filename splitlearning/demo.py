@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from splitlearning import subprocesses
+from splitlearning import subprocesses, tensorflow_setup
 
 _SERVER_START_TIMEOUT = 120.0
 # The flags that describe the model pair: both processes must be given the same (a U-shaped client needs a
@@ -65,6 +65,10 @@ class _Forward:
 
 def main(argv: list[str] | None = None) -> int:
     shared, client_only = split_flags(list(sys.argv[1:] if argv is None else argv))
+    absent = tensorflow_setup.missing("split-demo")
+    if absent:
+        print(absent, file=sys.stderr)
+        return 2
     forward = _Forward()
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
