@@ -25,6 +25,7 @@ class ClientCheckpoints:
         if every < 0:
             raise ValueError(f"checkpoint interval must be >= 0 steps, got {every}")
         self.every = every
+        self.directory = Path(directory)
         variables = {"model": trainer.model.variables, "optimizer": trainer.optimizer.variables}
         if head is not None:  # the U-shape's head (its model and optimizer) lives on the client too
             variables.update(head_model=head.model.variables, head_optimizer=head.optimizer.variables)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from splitlearning import cli, security
+from splitlearning import cli, security, tensorflow_setup
 
 log = logging.getLogger("split-client")
 
@@ -40,6 +41,7 @@ class ClientConfig(cli.ProcessConfig):
     rpc_timeout: float = 60.0
     retry_timeout: float = 120.0
     session: str = ""
+    validation_split: float = 0.1
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
@@ -47,10 +49,20 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(parser, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
     cli.add_process_flags(parser, part="first")
     cli.add(parser, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
-    cli.add(parser, "--batch-size", type=int, default=64, help="samples per training step")
-    cli.add(parser, "--epochs", type=int, default=10, help="passes over the training data")
+    cli.add(parser, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
+    cli.add(parser, "--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the training data")
+    cli.add(
+        parser,
+        "--validation-split",
+        type=cli.number(float, 0, 1, high_open=True),
+        default=0.1,
+        help="validate each epoch on this last fraction of the training data (0: no validation); "
+        "the test split is only used for the final evaluation",
+    )
     cli.add(parser, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
-    cli.add(parser, "--connect-timeout", type=float, default=60.0, help="seconds to wait for the server at start")
+    cli.add(
+        parser, "--connect-timeout", type=cli.positive, default=60.0, help="seconds to wait for the server at start"
+    )
     cli.add(
         parser,
         "--wire-encoding",
@@ -61,13 +73,15 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(
         parser,
         "--micro-batches",
-        type=int,
+        type=cli.POSITIVE_INT,
         default=1,
         help="pipeline each step in this many micro-batches (forward, transfer and server work overlap)",
     )
     cli.add(parser, "--history-json", type=Path, default=None, help="write the training history here as JSON")
     cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
-    cli.add(parser, "--log-every", type=int, default=1, help="write per-step TensorBoard scalars every N steps")
+    cli.add(
+        parser, "--log-every", type=cli.POSITIVE_INT, default=1, help="write per-step TensorBoard scalars every N steps"
+    )
     cli.add(parser, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
     cli.add(
         parser,
@@ -79,18 +93,24 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     cli.add(parser, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
     cli.add(parser, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
     cli.add(parser, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
-    cli.add(parser, "--clip-norm", type=float, default=None, help="clip each sample's IV to this L2 norm when sent")
+    cli.add(
+        parser, "--clip-norm", type=cli.positive, default=None, help="clip each sample's IV to this L2 norm when sent"
+    )
     cli.add(
         parser,
         "--noise-multiplier",
-        type=float,
+        type=cli.NON_NEGATIVE,
         default=0.0,
         help="add Gaussian noise of stddev MULTIPLIER * --clip-norm to every IV sent (needs --clip-norm)",
     )
     security.add_client_flags(parser)
     cli.add_checkpoint_flags(parser)
-    cli.add(parser, "--rpc-timeout", type=float, default=60.0, help="deadline of every call (each step) in seconds")
-    cli.add(parser, "--retry-timeout", type=float, default=120.0, help="seconds to keep retrying a failed call")
+    cli.add(
+        parser, "--rpc-timeout", type=cli.positive, default=60.0, help="deadline of every call (each step) in seconds"
+    )
+    cli.add(
+        parser, "--retry-timeout", type=cli.NON_NEGATIVE, default=120.0, help="seconds to keep retrying a failed call"
+    )
     cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz)")
     cli.add(
         parser,
@@ -102,7 +122,35 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     return ClientConfig(**vars(parser.parse_args(argv)))
 
 
-def run(config: ClientConfig) -> dict[str, float]:
+class Interrupts:
+    """SIGINT and SIGTERM: the first asks the client to stop as soon as it can (before there is a client, it
+    stops at once); a second one exits at once. The exit status is 128 + the signal's number (130, 143)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.client: Any = None  # the SplitClient, once made
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            os.write(2, f"split-client: {name} again: exiting at once\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+        if self.client is None:
+            raise KeyboardInterrupt(f"stopped on request ({name}) while starting")
+        log.warning("%s: stopping as soon as possible (again to exit at once)", name)
+        self.client.request_stop()
+
+
+def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str, float]:
     cli.setup_logging(config.log_level, config.log_format)
     cli.setup_process(config.cpus, config.threads)
     from client_part import summary
@@ -114,7 +162,9 @@ def run(config: ClientConfig) -> dict[str, float]:
     from splitlearning.models import BUILTIN, load_part
 
     dataset = data.load(config.dataset, seed=config.seed)
-    log.info("data: %s", dataset)
+    x_train, y_train, validation = data.hold_out(dataset.x_train, dataset.y_train, config.validation_split)
+    held = f", {len(x_train)} to train on and {len(dataset.x_train) - len(x_train)} to validate" if validation else ""
+    log.info("data: %s%s", dataset, held)
     head: dict[str, Any] = {}
     if config.cut == "ushape":
         pair = BUILTIN.get(config.model)
@@ -150,23 +200,18 @@ def run(config: ClientConfig) -> dict[str, float]:
         retry=RetryPolicy(timeout=config.retry_timeout),
         session_id=config.session,
     )
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping after the step in flight", signal.Signals(signum).name)
-        client.request_stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    if interrupts is not None:
+        interrupts.client = client
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:
         started = time.perf_counter()
         history = client.fit(
-            dataset.x_train,
-            dataset.y_train,
+            x_train,
+            y_train,
             batch_size=config.batch_size,
             epochs=config.epochs,
             shuffle=not config.no_shuffle,
-            validation_data=(dataset.x_test, dataset.y_test),
+            validation_data=validation,
             seed=config.seed,
             verbose=1 if sys.stdout.isatty() else 2,
             callbacks=[tensorboard] if tensorboard else None,
@@ -182,7 +227,7 @@ def run(config: ClientConfig) -> dict[str, float]:
     if tensorboard:
         tensorboard.close()
     result = summary.summarize(history.history, test, client.meter.totals, config.epochs, elapsed)
-    samples = len(dataset.x_train) * config.epochs
+    samples = len(x_train) * config.epochs
     rate = samples / elapsed
     print(f"\ntrained {config.epochs} epochs, {client.step} steps, in {elapsed:.1f} s ({rate:,.0f} samples/s)")
     print(f"session {session} (ended on the server)")
@@ -207,15 +252,21 @@ def run(config: ClientConfig) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Train, evaluate on the test split, print the result; exit 0, 1 if training failed, 2 on bad set-up."""
-    from client_part.client import Stopped
-    from client_part.transport import RemoteError
-
     config = parse_args(argv)
+    absent = tensorflow_setup.missing("split-client")
+    if absent:
+        print(absent, file=sys.stderr)
+        return 2
+    interrupts = Interrupts()
+    interrupts.install()
     try:
-        run(config)
-    except Stopped as stopped:
-        log.warning("%s; a checkpoint is saved: run again with the same flags to resume", stopped)
-        return 130
+        tensorflow_setup.load(verbose=config.log_level == "DEBUG")
+        from client_part.transport import RemoteError
+
+        run(config, interrupts)
+    except KeyboardInterrupt as stopped:  # client_part.stopping.Stopped: the message says where and what is kept
+        log.warning("%s", stopped or "stopped on request while starting")
+        return interrupts.exit_code
     except (ValueError, TypeError, FileNotFoundError) as error:
         log.error("%s", error)
         return 2

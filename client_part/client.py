@@ -21,6 +21,7 @@ from client_part.checkpoints import ClientCheckpoints
 from client_part.link import Link
 from client_part.privacy import GaussianNoise, NoisyLink
 from client_part.retry import RetryPolicy
+from client_part.stopping import Stopped
 from client_part.telemetry import ClientMeter, EpochLog
 from client_part.trainer import ClientTrainer, Pipeline
 from client_part.transport import RemoteError, Transport
@@ -42,10 +43,6 @@ class Rollback(RuntimeError):
     def __init__(self, step: int, current: int) -> None:
         self.step = step
         super().__init__(f"the server resumed at step {step}, behind this client's step {current}")
-
-
-class Stopped(KeyboardInterrupt):
-    """Training stopped on request (SIGTERM/SIGINT) after a completed step, with a checkpoint saved."""
 
 
 class SplitClient:
@@ -170,8 +167,9 @@ class SplitClient:
     def connect(self) -> Agreement:
         """Wait for the server (bounded by `connect_timeout`) and agree on the cut; idempotent."""
         if self._agreement is None:
-            self._transport.wait_ready(self.connect_timeout)
-            self._agreement = retry.call(self.retry, "handshake", lambda _: self._handshake())
+            log.info("waiting up to %g s for the server at %s", self.connect_timeout, self.target)
+            self._transport.wait_ready(self.connect_timeout, self._stop.is_set)
+            self._agreement = retry.call(self.retry, "handshake", lambda _: self._handshake(), stop=self._stop.is_set)
             if self._agreement.encoding != self.wire_encoding:
                 log.warning(
                     "asked for wire encoding %s, the server chose %s (start it with --wire-encodings %s to allow it)",
@@ -216,8 +214,14 @@ class SplitClient:
         self._agreement = None
 
     def request_stop(self) -> None:
-        """Ask `fit` to stop after the step in flight, save a checkpoint and raise `Stopped` (signal-safe)."""
+        """Stop as soon as possible (signal-safe): `fit` after the step in flight (saving a checkpoint where it
+        keeps them), waits for the server and between retries at once, `evaluate` and `predict` after the batch
+        in flight. The interrupted call raises `Stopped`."""
         self._stop.set()
+
+    def _check_stop(self, what: str) -> None:
+        if self._stop.is_set():
+            raise Stopped(f"stopped on request while {what} (after training step {self._step})")
 
     def _with_head(self, agreement: Agreement) -> Agreement:
         """The U-shape's agreement as this client uses it: the head's label contract and metric names."""
@@ -344,7 +348,15 @@ class SplitClient:
         if self.checkpoints is not None and (self.checkpoints.due(self._step) or self._stop.is_set()):
             self.checkpoints.save(self._step, self._epoch0_step)
         if self._stop.is_set():
-            raise Stopped(f"stopped on request after step {self._step}")
+            if self.checkpoints is None:
+                raise Stopped(
+                    f"stopped on request after step {self._step}; no checkpoint was saved "
+                    "(start with --checkpoint-dir to be able to resume)"
+                )
+            raise Stopped(
+                f"stopped on request after step {self._step}; a checkpoint of it is saved in "
+                f"{self.checkpoints.directory}: run again with the same flags to resume"
+            )
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 32, verbose: int = 0) -> dict[str, float]:
         """Loss and metrics over all of (x, y), accumulated exactly as `keras.Model.evaluate` does."""
@@ -359,9 +371,10 @@ class SplitClient:
                 iv, labels = self.trainer.forward(xb), self._labels(yb)
                 values = self._guarded(self._link.evaluate, iv, labels, not values, self._partner_step())
                 progress.update(index + 1)
+                self._check_stop("evaluating")
             return values
 
-        values = self._after_rollbacks(lambda: retry.call(self.retry, "evaluate", attempt))
+        values = self._after_rollbacks(lambda: retry.call(self.retry, "evaluate", attempt, stop=self._stop.is_set))
         if not values:
             raise ValueError("evaluate got no data")
         penalty = self.trainer.penalty()
@@ -371,9 +384,7 @@ class SplitClient:
         """Outputs of the whole (uncut) model for `x`."""
         self.agreement  # noqa: B018 (connect first)
         self._check_batch_size(batch_size)
-        outputs = self._after_rollbacks(
-            lambda: [self._predict_batch(self.trainer.forward(xb)) for xb in batches.iterate_inputs(x, batch_size)]
-        )
+        outputs = self._after_rollbacks(lambda: [self._predict_one(xb) for xb in batches.iterate_inputs(x, batch_size)])
         if not outputs:
             raise ValueError("predict got no data")
         return np.concatenate(outputs)
@@ -389,7 +400,7 @@ class SplitClient:
             self._rejoin_if_stale(step)
             return self._guarded(self._link.train, step, iv, labels, self._reset_metrics)
 
-        grad, self._last_metrics = retry.call(self.retry, f"step {step}", attempt)
+        grad, self._last_metrics = retry.call(self.retry, f"step {step}", attempt, stop=self._stop.is_set)
         seconds = time.perf_counter() - started
         self.meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
         self._reset_metrics = False
@@ -427,7 +438,9 @@ class SplitClient:
                     self._guarded(transport.receive, self._step)
             return self._guarded(transport.receive, self._step)
 
-        grad, self._last_metrics = retry.call(self.retry, f"step {self._step}, micro-batch {answered}", attempt)
+        grad, self._last_metrics = retry.call(
+            self.retry, f"step {self._step}, micro-batch {answered}", attempt, stop=self._stop.is_set
+        )
         if k == max(i for i, sent in enumerate(self._sent) if sent):  # the step's last answer
             sent, received, started = self._step_started
             seconds = time.perf_counter() - started
@@ -436,12 +449,16 @@ class SplitClient:
             self._step += 1
         return grad
 
+    def _predict_one(self, xb: Any) -> np.ndarray:
+        self._check_stop("predicting")
+        return self._predict_batch(self.trainer.forward(xb))
+
     def _predict_batch(self, iv: np.ndarray) -> np.ndarray:
         def attempt(retrying: bool) -> np.ndarray:
             self._rejoin_if_stale(self._step)
             return self._guarded(self._link.predict, iv, self._partner_step())
 
-        return retry.call(self.retry, "predict", attempt)
+        return retry.call(self.retry, "predict", attempt, stop=self._stop.is_set)
 
     # -- faults: rejoin, restore ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import grpc
 
+from client_part import stopping
 from client_part.transport import RemoteError
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,12 @@ def call(
     what: str,
     attempt: Callable[[bool], T],
     rng: random.Random | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> T:
     """Run `attempt(retrying)` until it succeeds or fails with an error that is not retryable, or the bound
-    is reached (RetriesExhausted). `retrying` is False on the first attempt, True after a failure."""
+    is reached (RetriesExhausted). `retrying` is False on the first attempt, True after a failure. Once `stop()`
+    says so, no further attempt is made: the wait before it ends at once with `stopping.Stopped`."""
     delays: Iterator[float] | None = None  # made on the first failure: the common path allocates nothing
     started: float | None = None
     attempts = 0
@@ -86,5 +89,10 @@ def call(
                     f"{what}: gave up after {attempts} attempts in {now - started:.1f} s "
                     f"(retry timeout {policy.timeout:g} s): {error}"
                 ) from error
+            if stop():
+                raise stopping.Stopped(f"stopped on request while retrying {what}") from error
             log.warning("%s failed (%s); retry %d in %.2f s", what, error, attempts, delay)
-            sleep(delay)
+            if sleep is None:
+                stopping.sleep(delay, stop, f"retrying {what}")
+            else:
+                sleep(delay)

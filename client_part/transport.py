@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 
+from client_part import stopping
 from splitlearning import codec, encodings, framing, keepalive
 from splitlearning.contract import (
     CLIENT_ID_METADATA_KEY,
@@ -136,14 +138,25 @@ class Transport:
         self._channel = self._open_channel()
         self._stub, self._train_call = self._stubs()
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, stop: Callable[[], bool] = lambda: False) -> None:
+        """Wait up to `timeout` seconds for the channel to connect; `Stopped` as soon as `stop()` says so."""
         ready = grpc.channel_ready_future(self._channel)
+        deadline = time.monotonic() + timeout
         try:
-            ready.result(timeout=timeout)
+            while True:
+                if stop():
+                    raise stopping.Stopped(f"stopped on request while waiting for the server at {self.target}")
+                try:
+                    ready.result(timeout=max(0.0, min(stopping.POLL, deadline - time.monotonic())))
+                    return
+                except grpc.FutureTimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise
         except grpc.FutureTimeoutError:
-            ready.cancel()  # else it keeps watching the channel (and a thread) alive
             hint = " (or the TLS handshake failed: check --tls-ca, --tls-cert, --tls-key)" if self._tls else ""
             raise ConnectionError(f"no server answered at {self.target} within {timeout:g} s{hint}") from None
+        finally:
+            ready.cancel()  # else it keeps watching the channel (and a thread) alive
 
     def handshake(
         self,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from splitlearning import cli, security
+from splitlearning import addresses, cli, security, tensorflow_setup
 
 if TYPE_CHECKING:
     from server_part.server import SplitServer
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     cli.add_process_flags(parser, part="second")
     cli.add(parser, "--loss", default=None, help="Keras loss name (default: the model pair's, or a compiled part's)")
     cli.add(parser, "--metrics", default=None, help="comma-separated Keras metric names (default: accuracy)")
-    cli.add(parser, "--max-batch-size", type=int, default=1024, help="largest batch a request may carry")
+    cli.add(parser, "--max-batch-size", type=cli.POSITIVE_INT, default=1024, help="largest batch a request may carry")
     cli.add(
         parser,
         "--wire-encodings",
@@ -62,19 +63,25 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     security.add_server_flags(parser)
     cli.add_checkpoint_flags(parser)
-    cli.add(parser, "--grace", type=float, default=5.0, help="seconds RPCs get to finish on SIGTERM (< compose's 10)")
-    cli.add(parser, "--max-workers", type=int, default=8, help="concurrent calls of the service (threads)")
+    cli.add(
+        parser,
+        "--grace",
+        type=cli.NON_NEGATIVE,
+        default=5.0,
+        help="seconds RPCs get to finish on SIGTERM (< compose's 10)",
+    )
+    cli.add(parser, "--max-workers", type=cli.POSITIVE_INT, default=8, help="concurrent calls of the service (threads)")
     cli.add(
         parser,
         "--max-sessions",
-        type=int,
+        type=cli.POSITIVE_INT,
         default=16,
         help="sessions held in memory at once (one per training run); a new one beyond it is refused",
     )
     cli.add(
         parser,
         "--session-idle-timeout",
-        type=float,
+        type=cli.NON_NEGATIVE,
         default=3600.0,
         help="seconds without a request after which a session is checkpointed (with --checkpoint-dir) and "
         "dropped from memory; 0: never",
@@ -91,16 +98,21 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 
 def add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
-    cli.add(parser, "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any)")
+    cli.add(
+        parser, "--metrics-port", type=cli.PORT, default=None, help="serve Prometheus metrics on this port (0: any)"
+    )
     cli.add(parser, "--metrics-host", default=None, help="host for --metrics-port (default: the host of --address)")
     cli.add(parser, "--metrics-port-file", type=Path, default=None, help="write the bound metrics port here")
     cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/server")
-    cli.add(parser, "--log-every", type=int, default=1, help="write per-step TensorBoard scalars every N steps")
+    cli.add(
+        parser, "--log-every", type=cli.POSITIVE_INT, default=1, help="write per-step TensorBoard scalars every N steps"
+    )
 
 
 def run(config: ServerConfig) -> None:
     cli.setup_logging(config.log_level, config.log_format)
     cli.setup_process(config.cpus, config.threads)
+    addresses.check_bindable(config.address)  # before the model is built: a mistake shows at once
     server = build(config)
     saved: list[str] = []
     if config.save_weights:
@@ -176,8 +188,16 @@ def build(config: ServerConfig) -> SplitServer:
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; the exit status: 0, or 2 for a set-up error."""
     config = parse_args(argv)
+    absent = tensorflow_setup.missing("split-server")
+    if absent:
+        print(absent, file=sys.stderr)
+        return 2
     try:
+        tensorflow_setup.load(verbose=config.log_level == "DEBUG")
         run(config)
+    except KeyboardInterrupt:  # before the server's own handlers: nothing was served yet
+        log.warning("stopped on request while starting")
+        return 130
     except (ValueError, OSError, TypeError) as error:
         log.error("%s", error)
         return 2

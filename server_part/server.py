@@ -25,6 +25,7 @@ from server_part.sessions import SessionRegistry
 from server_part.telemetry import ServerTelemetry
 from server_part.trainer import ServerTrainer
 from splitlearning import encodings, keepalive
+from splitlearning.addresses import check_bindable
 from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
@@ -186,6 +187,7 @@ class SplitServer:
                 ("grpc.max_send_message_length", self.max_reply_bytes),
                 # Calls one connection may have open: a client needs a few; bounds what one connection holds.
                 ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+                ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share its clients
                 *keepalive.server_options(self._min_ping_interval_ms),
             ],
             # The token check first, from the metadata: an unauthenticated call reaches nothing else.
@@ -198,10 +200,14 @@ class SplitServer:
         add_to_server(SplitLearningServicer(self.sessions), server)
         self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
         add_health_to_server(self._health, server)  # bytes that are no message: INVALID_ARGUMENT
-        if self.tls is not None:
-            port = server.add_secure_port(address, self.tls.server_credentials())
-        else:
-            port = server.add_insecure_port(address)
+        try:
+            if self.tls is not None:
+                port = server.add_secure_port(address, self.tls.server_credentials())
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # gRPC's "Failed to bind": say why where we can
+            port = 0
+            check_bindable(address)
         if port == 0:
             raise OSError(f"could not bind {address}")
         self.sessions.start()

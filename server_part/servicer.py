@@ -81,13 +81,14 @@ class SplitLearningServicer:
         """Requests arrive parsed by `framing.parse` and replies leave through `Outgoing.serialize` (see
         `add_to_server`): the tensors' bytes are never copied into or out of protobuf messages. The stream
         trains in the session its first request names; every later request must name the same one."""
+        client_id = _guard(context, lambda: _client_id(context))
         frames = _decoded(request_iterator, context)
         first = next(frames, None)
         if first is None:
             return
         session = _guard(context, lambda: self._sessions.get(first.message.session_id))
         with contextlib.ExitStack() as stack:
-            client = _guard(context, lambda: stack.enter_context(session.stream(_client_id(context))))
+            client = _guard(context, lambda: stack.enter_context(session.stream(client_id)))
             frames = _one_session(itertools.chain([first], frames), session.id, context)
             if session.mode is CutMode.USHAPE:
                 yield from self._train_ushape(session, client, frames, context)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,42 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
+def number(kind: type, low: float, high: float | None = None, high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse `type`: `kind` (int or float) within [low, high] ([low, high) with `high_open`), refused
+    with the expected range and the value given."""
+    bound = "" if high is None else f" and {'<' if high_open else '<='} {high:g}"
+    expected = f"{'an integer' if kind is int else 'a number'} >= {low:g}{bound}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = number(int, 1)
+NON_NEGATIVE_INT = number(int, 0)
+NON_NEGATIVE = number(float, 0)
+PORT = number(int, 0, 65535)
+
+
+def positive(text: str) -> float:
+    """An argparse `type`: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def add(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
     """Add `flag` whose default comes from its environment variable (for compose files) when set."""
     variable = env_name(flag)
@@ -24,7 +61,10 @@ def add(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
         if kwargs.get("action") == "store_true":
             kwargs["default"] = raw.strip().lower() in ("1", "true", "yes", "on")
         else:
-            kwargs["default"] = kwargs.get("type", str)(raw)
+            try:
+                kwargs["default"] = kwargs.get("type", str)(raw)
+            except (argparse.ArgumentTypeError, ValueError) as error:
+                parser.error(f"{variable} (the default of {flag}): {error}")
     kwargs["help"] = f"{kwargs.get('help', '')} [env {variable}]".strip()
     if kwargs.get("default") is not None and kwargs.get("action") != "store_true":
         kwargs["help"] += " (default: %(default)s)"
@@ -46,13 +86,13 @@ def add_process_flags(parser: argparse.ArgumentParser, part: str) -> None:
     add(
         parser,
         "--threads",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="TensorFlow threads, intra-op and inter-op (default: one per core)",
     )
     add(parser, "--optimizer", default="adam", help="any Keras optimizer name: sgd, adam, rmsprop, ...")
-    add(parser, "--learning-rate", type=float, default=3e-3, help="the optimizer's learning rate")
-    add(parser, "--seed", type=int, default=0, help="seed for weights and data order")
+    add(parser, "--learning-rate", type=positive, default=3e-3, help="the optimizer's learning rate")
+    add(parser, "--seed", type=NON_NEGATIVE_INT, default=0, help="seed for weights and data order")
     add(parser, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     add(parser, "--log-format", default="text", choices=["text", "json"], help="log line format")
 
@@ -60,8 +100,10 @@ def add_process_flags(parser: argparse.ArgumentParser, part: str) -> None:
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     """Checkpoint flags, the same on both processes (each saves its own part)."""
     add(parser, "--checkpoint-dir", type=Path, default=None, help="save and resume from checkpoints here")
-    add(parser, "--checkpoint-every", type=int, default=100, help="save a checkpoint every this many steps")
-    add(parser, "--checkpoint-keep", type=int, default=5, help="checkpoints to keep (at least 2)")
+    add(
+        parser, "--checkpoint-every", type=NON_NEGATIVE_INT, default=100, help="save a checkpoint every this many steps"
+    )
+    add(parser, "--checkpoint-keep", type=number(int, 2), default=5, help="checkpoints to keep (at least 2)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def from_npz(path: Path) -> Dataset:
     """
     if not path.is_file():
         raise FileNotFoundError(f"--dataset: no such file {str(path)!r} (expected 'digits' or an .npz path)")
+    if not zipfile.is_zipfile(path):  # an .npz is a zip archive; numpy would guess at pickles instead
+        raise ValueError(
+            f"--dataset {path}: not an .npz archive; expected one made by numpy.savez with x_train, y_train, "
+            "x_test, y_test (such as the common mnist.npz), or 'digits'"
+        )
     with np.load(path, allow_pickle=False) as archive:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)
         if missing:
@@ -71,3 +77,21 @@ def from_npz(path: Path) -> Dataset:
         if np.issubdtype(y.dtype, np.integer):
             arrays[f"y_{split}"] = y.astype("int64", copy=False)
     return Dataset(**arrays)
+
+
+def hold_out(
+    x: np.ndarray, y: np.ndarray, fraction: float
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """(x, y) to train on and the last `fraction` of the samples to validate on (None for 0), as Keras's
+    `validation_split` does: the test split stays unseen until the final evaluation."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--validation-split must lie in [0, 1), got {fraction:g}")
+    split_at = int(len(x) * (1.0 - fraction))
+    if fraction == 0.0:
+        return x, y, None
+    if split_at == 0 or split_at == len(x):
+        raise ValueError(
+            f"--validation-split {fraction:g} of {len(x)} training samples leaves "
+            f"{split_at} to train on and {len(x) - split_at} to validate on; choose a fraction that leaves both"
+        )
+    return x[:split_at], y[:split_at], (x[split_at:], y[split_at:])

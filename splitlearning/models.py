@@ -7,6 +7,8 @@ A pair is two functions: `client(seed)` builds the first part (input -> cut), `s
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -131,7 +133,8 @@ def load_part(spec: str, side: str, seed: int) -> Callable[[], Any]:
     """A function building one part: a built-in pair's `side` ('client', 'server'; for the U-shape 'middle',
     'head'), or `module:function`.
 
-    A user's function is called with no arguments, or with `seed=` if it takes one.
+    A user's function is called with no arguments, or with `seed=` if it takes one. Its module is imported
+    from the current folder first, then from the installed packages, as `python -m` does.
     """
     if spec in BUILTIN:
         builtin = getattr(BUILTIN[spec], side)
@@ -141,10 +144,12 @@ def load_part(spec: str, side: str, seed: int) -> Callable[[], Any]:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"--model: expected one of {sorted(BUILTIN)} or 'package.module:function', got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"--model {spec!r}: {error}") from None
+        raise ValueError(f"--model {spec!r}: {error} (looked in {os.getcwd()} and the installed packages)") from None
     if not callable(function):
         raise ValueError(f"--model {spec!r} is not callable")
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import dockerfile
-import pytest
 import yaml
+
+from tests.system_support import unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -48,7 +49,7 @@ def docker_compose() -> str:
     """Debian's `docker-compose` (1.29): validates and resolves a compose file offline, without an engine."""
     found = shutil.which("docker-compose")
     if found is None:
-        pytest.fail("docker-compose is not installed: `apt-get install --no-install-recommends docker-compose`")
+        unavailable("docker-compose is not installed: `apt-get install --no-install-recommends docker-compose`")
     return found
 
 

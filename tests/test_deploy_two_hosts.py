@@ -23,6 +23,7 @@ import pytest
 
 from splitlearning import subprocesses
 from tests.deploy_compose import Service, entry_point, process_environment, resolved, seconds, services
+from tests.system_support import unavailable
 
 SERVER_ADDRESS = "10.200.5.1"
 CLIENT_ADDRESS = "10.200.5.2"
@@ -59,9 +60,9 @@ def hosts() -> Iterator[Hosts]:
     process's sockets) and /etc/netns/<name>.
     """
     if os.geteuid() != 0:
-        pytest.skip("creating network namespaces needs root (`ip netns add`); CI runs as root")
+        unavailable("creating network namespaces needs root (`ip netns add`); CI runs as root")
     if shutil.which("ip") is None:
-        pytest.fail("`ip` is missing: apt-get install iproute2")
+        unavailable("`ip` is missing: apt-get install iproute2")
     token = f"{os.getpid()}-{secrets.token_hex(3)}"
     names = Hosts(server=f"split5-server-{token}", client=f"split5-client-{token}")
     created: list[str] = []
@@ -70,7 +71,7 @@ def hosts() -> Iterator[Hosts]:
         for namespace in (names.server, names.client):
             result = ip("netns", "add", namespace)
             if result.returncode != 0 and "Operation not permitted" in result.stderr:
-                pytest.skip(f"cannot create network namespaces here: {result.stderr.strip()}")
+                unavailable(f"cannot create network namespaces here: {result.stderr.strip()}")
             assert result.returncode == 0, f"ip netns add {namespace}: {result.stderr.strip()}"
             created.append(namespace)
             ip_ok("-n", namespace, "link", "set", "lo", "up")

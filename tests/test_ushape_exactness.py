@@ -1,4 +1,8 @@
-"""U-shaped split training (bottom + head on the client, middle on the server) equals the uncut model's fit."""
+"""U-shaped split training (bottom + head on the client, middle on the server) equals the uncut model's fit.
+
+Bit for bit where the computation order is the same, within float32 round-off where it may not be:
+tests/exactness_support.py.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,20 @@ import pytest
 from client_part import RemoteError, SplitClient
 from server_part import SplitServer
 from tests.conftest import NUM_CLASSES, build_bottom, build_top, make_data, make_loss
+from tests.exactness_support import (
+    BATCH,
+    EPOCHS,
+    ONEDNN,
+    assert_close,
+    assert_logs_equal,
+    assert_weights_equal,
+    same_update_as_fit,
+)
 from tests.ushape_support import MIDDLE_DIM, build_head, build_middle
 
+__all__ = ["same_update_as_fit"]  # a fixture, used by name
+
 Servers = Callable[..., tuple[SplitServer, str]]
-RTOL, ATOL = 1e-5, 1e-6  # the basic cut's tolerance (tests/test_exactness.py)
-BATCH = 16  # 50 samples: three full batches and a partial one of 2
-EPOCHS = 2
 
 OPTIMIZERS: dict[str, Callable[[], keras.optimizers.Optimizer]] = {
     "sgd": lambda: keras.optimizers.SGD(learning_rate=0.1),
@@ -44,15 +56,18 @@ def servers() -> Iterator[Servers]:
         server.stop(grace=1.0)
 
 
-def assert_weights_equal(actual: list[np.ndarray], expected: list[np.ndarray], what: str) -> None:
-    assert len(actual) == len(expected), what
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL, err_msg=f"{what}[{i}]")
-
-
-# SGD and Adam; BatchNormalization (state updated by the forward) on both sides of the server's middle.
-@pytest.mark.parametrize(("kind", "optimizer"), [("plain", "sgd"), ("batchnorm", "adam")])
-def test_ushape_fit_equals_uncut_fit(servers: Servers, kind: str, optimizer: str) -> None:
+# SGD and Adam; BatchNormalization (state updated by the forward) on both sides of the server's middle. "fit":
+# the middle's update as a plain graph, as in `fit` (bit for bit without oneDNN); "compiled": as deployed.
+@pytest.mark.parametrize(
+    ("kind", "optimizer", "update"),
+    [("plain", "sgd", "fit"), ("batchnorm", "adam", "fit"), ("batchnorm", "adam", "compiled")],
+)
+def test_ushape_fit_equals_uncut_fit(
+    request: pytest.FixtureRequest, servers: Servers, kind: str, optimizer: str, update: str
+) -> None:
+    if update == "fit":
+        request.getfixturevalue("same_update_as_fit")
+    exact = update == "fit" and not ONEDNN
     seed = 7
     x, y = make_data()
     x_val, y_val = make_data(n=20, seed=5)
@@ -76,18 +91,14 @@ def test_ushape_fit_equals_uncut_fit(servers: Servers, kind: str, optimizer: str
     uncut_bottom, uncut_middle, uncut_head = uncut.layers
 
     assert server.trainer.iterations == EPOCHS * 4
-    assert_weights_equal(client.model.get_weights(), uncut_bottom.get_weights(), "bottom")
-    assert_weights_equal(server.model.get_weights(), uncut_middle.get_weights(), "middle")
+    assert_weights_equal(client.model.get_weights(), uncut_bottom.get_weights(), "bottom", exact)
+    assert_weights_equal(server.model.get_weights(), uncut_middle.get_weights(), "middle", exact)
     assert client.head is not None
-    assert_weights_equal(client.head.model.get_weights(), uncut_head.get_weights(), "head")
-    assert sorted(history.history) == sorted(expected.history)
-    for key, values in expected.history.items():
-        np.testing.assert_allclose(history.history[key], values, rtol=RTOL, err_msg=key)
+    assert_weights_equal(client.head.model.get_weights(), uncut_head.get_weights(), "head", exact)
+    assert_logs_equal(history.history, expected.history, exact, sum_of_means=False)
     expected_eval = uncut.evaluate(x_val, y_val, batch_size=BATCH, return_dict=True, verbose=0)
-    assert sorted(split_eval) == sorted(expected_eval)
-    for key, value in expected_eval.items():
-        np.testing.assert_allclose(split_eval[key], value, rtol=RTOL, err_msg=key)
-    np.testing.assert_allclose(split_pred, uncut.predict(x_val, batch_size=BATCH, verbose=0), rtol=RTOL, atol=ATOL)
+    assert_logs_equal(split_eval, expected_eval, exact, sum_of_means=False)
+    assert_close(split_pred, uncut.predict(x_val, batch_size=BATCH, verbose=0), "predictions", exact)
 
 
 def test_ushape_training_changes_all_three_parts(servers: Servers) -> None:

@@ -1,0 +1,105 @@
+"""Common mistakes end with one line naming the cause and the fix, before anything heavy starts."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client_part.cli import parse_args as client_args
+from server_part import SplitServer
+from server_part.cli import parse_args as server_args
+from splitlearning import addresses, data, models
+from tests.conftest import build_top, make_loss
+
+
+@pytest.fixture
+def listening() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield int(taken.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+        (["--epochs", "-1"], "argument --epochs: expected an integer >= 1, got -1"),
+        (["--epochs", "two"], "argument --epochs: expected an integer >= 1, got 'two'"),
+        (["--validation-split", "1"], "argument --validation-split: expected a number >= 0 and < 1, got 1"),
+        (["--connect-timeout", "0"], "argument --connect-timeout: expected a number > 0, got 0"),
+        (["--learning-rate", "-0.1"], "argument --learning-rate: expected a number > 0, got -0.1"),
+        (["--checkpoint-keep", "1"], "argument --checkpoint-keep: expected an integer >= 2, got 1"),
+    ],
+)
+def test_client_numbers_are_checked_when_parsed(
+    capsys: pytest.CaptureFixture[str], flags: list[str], expected: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        client_args(flags)
+    assert exited.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_server_numbers_and_environment_defaults_are_checked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit):
+        server_args(["--max-workers", "0"])
+    assert "argument --max-workers: expected an integer >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setenv("SPLIT_BATCH_SIZE", "0")
+    with pytest.raises(SystemExit):
+        client_args([])
+    assert "SPLIT_BATCH_SIZE (the default of --batch-size): expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_named(listening: int) -> None:
+    with pytest.raises(OSError, match=f"port {listening} is already in use .* choose another port"):
+        addresses.check_bindable(f"127.0.0.1:{listening}")
+
+
+def test_an_address_that_does_not_resolve_is_named() -> None:
+    with pytest.raises(OSError, match=r"the host 'no-such-host\.invalid' does not resolve"):
+        addresses.check_bindable("no-such-host.invalid:50051")
+
+
+def test_a_second_server_on_the_port_of_a_running_one_is_refused() -> None:
+    first = SplitServer(build_top(), make_loss(), "sgd")
+    second = SplitServer(build_top(), make_loss(), "sgd")
+    port = first.start("127.0.0.1:0")
+    try:
+        with pytest.raises(OSError, match="already in use"):
+            second.start(f"127.0.0.1:{port}")
+    finally:
+        first.stop(grace=0)
+
+
+def test_the_server_cli_reports_a_port_in_use_in_one_line(listening: int) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server_part", "--address", f"127.0.0.1:{listening}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"port {listening} is already in use" in result.stderr
+
+
+def test_a_dataset_that_is_not_an_npz_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "mnist.csv"
+    path.write_text("1,2,3\n")
+    with pytest.raises(ValueError, match=f"--dataset {path}: not an .npz archive"):
+        data.load(str(path))
+
+
+def test_a_model_module_in_the_current_folder_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_split_model_17.py").write_text("def build(seed=0):\n    return seed + 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert models.load_part("my_split_model_17:build", "client", 4)() == 5
