@@ -173,5 +173,7 @@ def test_the_users_own_models_hold_their_trained_weights_when_fit_returns(server
     uncut.compile(optimizer=OPTIMIZERS[optimizer](), loss=make_loss(), jit_compile=False)
     uncut.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     uncut_bottom, _, uncut_head = uncut.layers
-    assert_weights_equal(bottom_weights, uncut_bottom.get_weights(), "the user's bottom")
-    assert_weights_equal(head_weights, uncut_head.get_weights(), "the user's head")
+    # Within float32 round-off (the middle's update is XLA-compiled here, see tests/exactness_support.py): a
+    # head one step behind differs by a whole update, far beyond it.
+    assert_weights_equal(bottom_weights, uncut_bottom.get_weights(), "the user's bottom", exact=False)
+    assert_weights_equal(head_weights, uncut_head.get_weights(), "the user's head", exact=False)
