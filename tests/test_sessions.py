@@ -8,8 +8,9 @@ nothing may differ (concurrent sessions run their steps on other threads, which 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,7 +27,7 @@ BATCH = 10
 SERVER_SEED = 4
 
 
-def new_server(**kwargs: object) -> SplitServer:
+def new_server(**kwargs: Any) -> SplitServer:
     """A server of the seeded top: every session it opens starts from the same weights as a fresh server."""
     return SplitServer(build_top("plain", SERVER_SEED), make_loss(), "adam", ["accuracy"], max_batch_size=64, **kwargs)
 
@@ -39,7 +40,7 @@ def servers() -> Iterator[list[SplitServer]]:
         server.stop(grace=1.0)
 
 
-def serve(started: list[SplitServer], **kwargs: object) -> tuple[SplitServer, str]:
+def serve(started: list[SplitServer], **kwargs: Any) -> tuple[SplitServer, str]:
     server = new_server(**kwargs)
     started.append(server)
     return server, f"127.0.0.1:{server.start('127.0.0.1:0')}"
@@ -113,7 +114,7 @@ def stub_of(target: str) -> tuple[grpc.Channel, pb_grpc.SplitLearningServiceStub
     return channel, pb_grpc.SplitLearningServiceStub(channel)
 
 
-def handshake(stub: pb_grpc.SplitLearningServiceStub, session: str = "", **fields: object) -> pb.HandshakeResponse:
+def handshake(stub: pb_grpc.SplitLearningServiceStub, session: str = "", **fields: Any) -> pb.HandshakeResponse:
     contract = pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=pb.DTYPE_FLOAT32))
     request = pb.HandshakeRequest(
         protocol_version=1, contract=contract, max_batch_size=8, session_id=session, client_id="c", **fields
@@ -121,7 +122,7 @@ def handshake(stub: pb_grpc.SplitLearningServiceStub, session: str = "", **field
     return stub.Handshake(request, timeout=10)
 
 
-def step(session: str, number: int, seed: int = 0, encoding: int = pb.ENCODING_RAW) -> pb.TrainRequest:
+def step(session: str, number: int, seed: int = 0, encoding: Any = pb.ENCODING_RAW) -> pb.TrainRequest:
     rng = np.random.default_rng(seed)
     iv = rng.normal(size=(4, CUT_DIM)).astype("float32")
     labels = rng.integers(0, 3, 4).astype("int64")
@@ -134,11 +135,11 @@ def send(stub: pb_grpc.SplitLearningServiceStub, *requests: pb.TrainRequest) -> 
     return list(stub.Train(iter(requests), timeout=10))
 
 
-def code_of(call: object) -> tuple[grpc.StatusCode, str]:
+def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
-        call()  # type: ignore[operator]
-    error: grpc.RpcError = info.value
-    return error.code(), error.details() or ""  # type: ignore[attr-defined]
+        call()
+    error: Any = info.value
+    return error.code(), error.details() or ""
 
 
 def test_max_sessions_refuses_a_new_session_until_one_is_closed(servers: list[SplitServer]) -> None:
@@ -244,7 +245,7 @@ def test_an_encoding_the_session_did_not_agree_on_is_refused(servers: list[Split
         assert [r.step for r in send(stub, step(narrow, 0, encoding=pb.ENCODING_INT8))] == [0]
 
 
-def make_client(target: str, **kwargs: object) -> SplitClient:
+def make_client(target: str, **kwargs: Any) -> SplitClient:
     return SplitClient(build_bottom("plain", 1), "adam", target=target, connect_timeout=10, max_batch_size=64, **kwargs)
 
 
