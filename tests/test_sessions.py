@@ -22,6 +22,7 @@ from splitlearning import codec
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, build_bottom, build_top, make_data, make_loss
+from tests.ushape_support import build_head, build_middle
 
 BATCH = 10
 SERVER_SEED = 4
@@ -270,3 +271,38 @@ def test_the_client_api_names_ends_and_resumes_its_session(servers: list[SplitSe
     # moves the session to the latest step both hold: see docs/sessions.md).
     with make_client(target, session_id=session) as named:
         assert named.agreement.session_id == session
+
+
+def ushape_run(target: str, seed: int) -> tuple[SplitClient, list[np.ndarray]]:
+    x, y = make_data(30, seed=100 + seed)
+    client = SplitClient(
+        build_bottom("plain", seed),
+        "adam",
+        target=target,
+        connect_timeout=10,
+        max_batch_size=64,
+        head=build_head(seed),
+        loss=make_loss(),
+    )
+    with client:
+        client.fit(x, y, batch_size=BATCH, epochs=2, seed=seed, verbose=0)
+    assert client.head is not None
+    return client, [*client.model.get_weights(), *client.head.model.get_weights()]
+
+
+def test_ushape_sessions_are_isolated_too(servers: list[SplitServer]) -> None:
+    """The U-shape's middle per session (batch normalization's moving statistics included)."""
+
+    def middle_server() -> tuple[SplitServer, str]:
+        server = SplitServer(build_middle("batchnorm", SERVER_SEED), optimizer="adam", cut="ushape", max_batch_size=64)
+        servers.append(server)
+        return server, f"127.0.0.1:{server.start('127.0.0.1:0')}"
+
+    shared, target = middle_server()
+    first, _ = ushape_run(target, seed=1)
+    second, second_weights = ushape_run(target, seed=2)
+    assert first.session_id != second.session_id
+    fresh, fresh_target = middle_server()
+    alone, alone_weights = ushape_run(fresh_target, seed=2)
+    assert_same(second_weights, alone_weights, "bottom and head")
+    assert_same(server_part(shared, second.session_id), server_part(fresh, alone.session_id), "middle")
