@@ -33,7 +33,7 @@ class ServerConfig(cli.ProcessConfig):
     metrics_host: str | None
     metrics_port_file: Path | None
     grace: float = 5.0
-    max_workers: int = 8
+    max_workers: int | None = None
     max_sessions: int = 16
     session_idle_timeout: float = 3600.0
 
@@ -70,7 +70,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=5.0,
         help="seconds RPCs get to finish on SIGTERM (< compose's 10)",
     )
-    cli.add(parser, "--max-workers", type=cli.POSITIVE_INT, default=8, help="concurrent calls of the service (threads)")
+    cli.add(
+        parser,
+        "--max-workers",
+        type=cli.POSITIVE_INT,
+        default=None,
+        help="concurrent calls of the service (threads); default 2 x --max-sessions + 2: each training client "
+        "holds its stream and one call at a time",
+    )
     cli.add(
         parser,
         "--max-sessions",

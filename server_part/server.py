@@ -71,7 +71,7 @@ class SplitServer:
         device: str = "/CPU:0",
         max_batch_size: int = 1024,
         label_spec: Spec | None = None,
-        max_workers: int = 8,
+        max_workers: int | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
         log_dir: str | Path | None = None,
@@ -111,7 +111,8 @@ class SplitServer:
         self.on_session_end = on_session_end  # called with each session that leaves memory
         self.telemetry.sessions.set_function(lambda: len(self.sessions.sessions()))
         self._min_ping_interval_ms = min_ping_interval_ms
-        self._max_workers = max_workers
+        # Each training client holds its stream and at most one unary call (validation) at a time.
+        self._max_workers = max_workers if max_workers is not None else 2 * max_sessions + 2
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
         self._metrics_request = (metrics_host, metrics_port)

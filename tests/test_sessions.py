@@ -7,6 +7,7 @@ nothing may differ (concurrent sessions run their steps on other threads, which 
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -306,3 +307,27 @@ def test_ushape_sessions_are_isolated_too(servers: list[SplitServer]) -> None:
     alone, alone_weights = ushape_run(fresh_target, seed=2)
     assert_same(second_weights, alone_weights, "bottom and head")
     assert_same(server_part(shared, second.session_id), server_part(fresh, alone.session_id), "middle")
+
+
+def test_every_session_may_hold_its_stream_and_a_call_at_once(servers: list[SplitServer]) -> None:
+    """The default worker budget follows --max-sessions: each training client holds its training stream open
+    while it validates (a unary call), so a full server must have room for both per session."""
+    max_sessions = 10  # more than the service's 8 slots of before
+    _, target = serve(servers, max_sessions=max_sessions)
+    channel, stub = stub_of(target)
+    streams = []
+    with channel:
+        for index in range(max_sessions):
+            session = handshake(stub).session_id
+            requests: queue.SimpleQueue[pb.TrainRequest | None] = queue.SimpleQueue()
+            requests.put(step(session, 0, index))
+            stream = stub.Train(iter(requests.get, None), timeout=30)
+            assert next(stream).step == 0  # the stream stays open: its requests have not ended
+            streams.append((session, stream, requests))
+        for session, _, _ in streams:
+            request = step(session, 0)
+            evaluate = pb.EvaluateRequest(session_id=session, iv=request.iv, labels=request.labels, reset_metrics=True)
+            assert len(stub.Evaluate(evaluate, timeout=10).metrics) == 2
+        for _, stream, requests in streams:
+            requests.put(None)
+            assert not list(stream)
