@@ -45,80 +45,106 @@ class ClientConfig(cli.ProcessConfig):
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
-    parser = argparse.ArgumentParser(prog="split-client", description=__doc__)
-    cli.add(parser, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
-    cli.add_process_flags(parser, part="first")
-    cli.add(parser, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
-    cli.add(parser, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
-    cli.add(parser, "--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the training data")
+    parser = argparse.ArgumentParser(prog="split-client", usage="%(prog)s [FLAG VALUE ...]", description=__doc__)
+    groups = cli.groups(
+        parser, "connection", "model", "data", "training", "device", "checkpoints", "security", "observability"
+    )
+    connection = groups["connection"]
+    cli.add(connection, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
     cli.add(
-        parser,
+        connection, "--connect-timeout", type=cli.positive, default=60.0, help="seconds to wait for the server at start"
+    )
+    cli.add(
+        connection,
+        "--rpc-timeout",
+        type=cli.positive,
+        default=60.0,
+        help="deadline of every call (each step) in seconds",
+    )
+    cli.add(
+        connection,
+        "--retry-timeout",
+        type=cli.NON_NEGATIVE,
+        default=120.0,
+        help="seconds to keep retrying a failed call",
+    )
+    cli.add(
+        connection,
+        "--session",
+        default="",
+        help="train in this session (the id a run printed) to resume it; default: the one in --checkpoint-dir, "
+        "else a new session",
+    )
+    cli.add(
+        connection,
+        "--wire-encoding",
+        default="raw",
+        choices=["raw", "float16", "bfloat16", "int8"],
+        help="encoding of the IV and its gradient on the wire; the server must allow it (--wire-encodings)",
+    )
+    cli.add_process_flags(groups, part="first")
+    model = groups["model"]
+    cli.add(
+        model,
+        "--cut",
+        default="standard",
+        choices=["standard", "ushape"],
+        help="ushape: this client also holds the head and the loss, so labels never leave it",
+    )
+    cli.add(model, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
+    cli.add(model, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
+    cli.add(model, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
+    data = groups["data"]
+    cli.add(data, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
+    cli.add(
+        data,
         "--validation-split",
         type=cli.number(float, 0, 1, high_open=True),
         default=0.1,
         help="validate each epoch on this last fraction of the training data (0: no validation); "
         "the test split is only used for the final evaluation",
     )
-    cli.add(parser, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
+    cli.add(data, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
+    training = groups["training"]
+    cli.add(training, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
+    cli.add(training, "--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the training data")
     cli.add(
-        parser, "--connect-timeout", type=cli.positive, default=60.0, help="seconds to wait for the server at start"
-    )
-    cli.add(
-        parser,
-        "--wire-encoding",
-        default="raw",
-        choices=["raw", "float16", "bfloat16", "int8"],
-        help="encoding of the IV and its gradient on the wire; the server must allow it (--wire-encodings)",
-    )
-    cli.add(
-        parser,
+        training,
         "--micro-batches",
         type=cli.POSITIVE_INT,
         default=1,
         help="pipeline each step in this many micro-batches (forward, transfer and server work overlap)",
     )
-    cli.add(parser, "--history-json", type=Path, default=None, help="write the training history here as JSON")
-    cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
+    security.add_client_flags(groups["security"])
     cli.add(
-        parser, "--log-every", type=cli.POSITIVE_INT, default=1, help="write per-step TensorBoard scalars every N steps"
-    )
-    cli.add(parser, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
-    cli.add(
-        parser,
-        "--cut",
-        default="standard",
-        choices=["standard", "ushape"],
-        help="ushape: this client also holds the head and the loss, so labels never leave it",
-    )
-    cli.add(parser, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
-    cli.add(parser, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
-    cli.add(parser, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
-    cli.add(
-        parser, "--clip-norm", type=cli.positive, default=None, help="clip each sample's IV to this L2 norm when sent"
+        groups["security"],
+        "--clip-norm",
+        type=cli.positive,
+        default=None,
+        help="clip each sample's IV to this L2 norm when sent",
     )
     cli.add(
-        parser,
+        groups["security"],
         "--noise-multiplier",
         type=cli.NON_NEGATIVE,
         default=0.0,
         help="add Gaussian noise of stddev MULTIPLIER * --clip-norm to every IV sent (needs --clip-norm)",
     )
-    security.add_client_flags(parser)
-    cli.add_checkpoint_flags(parser)
+    cli.add_checkpoint_flags(groups["checkpoints"])
     cli.add(
-        parser, "--rpc-timeout", type=cli.positive, default=60.0, help="deadline of every call (each step) in seconds"
+        groups["checkpoints"], "--save-weights", type=Path, default=None, help="write the final weights here (.npz)"
     )
+    observability = groups["observability"]
+    cli.add(observability, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
     cli.add(
-        parser, "--retry-timeout", type=cli.NON_NEGATIVE, default=120.0, help="seconds to keep retrying a failed call"
+        observability,
+        "--log-every",
+        type=cli.POSITIVE_INT,
+        default=1,
+        help="write per-step TensorBoard scalars every N steps",
     )
-    cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz)")
-    cli.add(
-        parser,
-        "--session",
-        default="",
-        help="train in this session (the id a run printed) to resume it; default: the one in --checkpoint-dir, "
-        "else a new session",
-    )
+    cli.add(observability, "--history-json", type=Path, default=None, help="write the training history here as JSON")
+    cli.add(observability, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
     return ClientConfig(**vars(parser.parse_args(argv)))
 
 
