@@ -185,7 +185,7 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     from client_part.retry import RetryPolicy
     from client_part.tensorboard_log import TensorBoardLogger
     from splitlearning import data
-    from splitlearning.models import BUILTIN, load_part
+    from splitlearning.models import BUILTIN, input_mismatch, load_part
 
     dataset = data.load(config.dataset, seed=config.seed)
     x_train, y_train, validation = data.hold_out(dataset.x_train, dataset.y_train, config.validation_split)
@@ -226,8 +226,13 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
         retry=RetryPolicy(timeout=config.retry_timeout),
         session_id=config.session,
     )
+    mismatch = input_mismatch(client.model, dataset.x_train.shape[1:], config.model, config.dataset)
+    if mismatch:
+        client.close()
+        raise ValueError(mismatch)
     if interrupts is not None:
         interrupts.client = client
+    connect(client, config)
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:
         started = time.perf_counter()
@@ -274,6 +279,25 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
 
         log.info("curves drawn to %s", write_plot(history.history, config.plot))
     return test
+
+
+def connect(client: Any, config: ClientConfig) -> None:
+    """Join the server; a refused cut (the two parts do not fit) names the flag that picks them."""
+    import grpc
+
+    from client_part.transport import RemoteError
+
+    try:
+        client.connect()
+    except RemoteError as error:
+        client.close()
+        if error.code != grpc.StatusCode.FAILED_PRECONDITION or not error.details.startswith("cut mismatch"):
+            raise
+        details = f"{error.details}; start both processes with the same --model (this client: --model {config.model})"
+        raise RemoteError("handshake refused", code=error.code, details=details) from None
+    except BaseException:
+        client.close()
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
