@@ -233,6 +233,7 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     if interrupts is not None:
         interrupts.client = client
     connect(client, config)
+    start_step = client.step  # after a resume, the step the session was at
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:
         started = time.perf_counter()
@@ -257,10 +258,11 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
         client.end_session()
     if tensorboard:
         tensorboard.close()
-    result = summary.summarize(history.history, test, client.meter.totals, config.epochs, elapsed)
-    samples = len(x_train) * config.epochs
-    rate = samples / elapsed
-    print(f"\ntrained {config.epochs} epochs, {client.step} steps, in {elapsed:.1f} s ({rate:,.0f} samples/s)")
+    totals = client.meter.totals
+    result = summary.summarize(
+        history.history, test, totals, history.epoch, elapsed, config.epochs, client.step, start_step
+    )
+    print("\n" + summary.headline(result))
     print(f"session {session} (ended on the server)")
     print("test " + ", ".join(f"{name}: {value:.4f}" for name, value in test.items()))
     print(summary.table(result))
