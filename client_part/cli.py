@@ -45,80 +45,106 @@ class ClientConfig(cli.ProcessConfig):
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
-    parser = argparse.ArgumentParser(prog="split-client", description=__doc__)
-    cli.add(parser, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
-    cli.add_process_flags(parser, part="first")
-    cli.add(parser, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
-    cli.add(parser, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
-    cli.add(parser, "--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the training data")
+    parser = argparse.ArgumentParser(prog="split-client", usage="%(prog)s [FLAG VALUE ...]", description=__doc__)
+    groups = cli.groups(
+        parser, "connection", "model", "data", "training", "device", "checkpoints", "security", "observability"
+    )
+    connection = groups["connection"]
+    cli.add(connection, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
     cli.add(
-        parser,
+        connection, "--connect-timeout", type=cli.positive, default=60.0, help="seconds to wait for the server at start"
+    )
+    cli.add(
+        connection,
+        "--rpc-timeout",
+        type=cli.positive,
+        default=60.0,
+        help="deadline of every call (each step) in seconds",
+    )
+    cli.add(
+        connection,
+        "--retry-timeout",
+        type=cli.NON_NEGATIVE,
+        default=120.0,
+        help="seconds to keep retrying a failed call",
+    )
+    cli.add(
+        connection,
+        "--session",
+        default="",
+        help="train in this session (the id a run printed) to resume it; default: the one in --checkpoint-dir, "
+        "else a new session",
+    )
+    cli.add(
+        connection,
+        "--wire-encoding",
+        default="raw",
+        choices=["raw", "float16", "bfloat16", "int8"],
+        help="encoding of the IV and its gradient on the wire; the server must allow it (--wire-encodings)",
+    )
+    cli.add_process_flags(groups, part="first")
+    model = groups["model"]
+    cli.add(
+        model,
+        "--cut",
+        default="standard",
+        choices=["standard", "ushape"],
+        help="ushape: this client also holds the head and the loss, so labels never leave it",
+    )
+    cli.add(model, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
+    cli.add(model, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
+    cli.add(model, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
+    data = groups["data"]
+    cli.add(data, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
+    cli.add(
+        data,
         "--validation-split",
         type=cli.number(float, 0, 1, high_open=True),
         default=0.1,
         help="validate each epoch on this last fraction of the training data (0: no validation); "
         "the test split is only used for the final evaluation",
     )
-    cli.add(parser, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
+    cli.add(data, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
+    training = groups["training"]
+    cli.add(training, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
+    cli.add(training, "--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the training data")
     cli.add(
-        parser, "--connect-timeout", type=cli.positive, default=60.0, help="seconds to wait for the server at start"
-    )
-    cli.add(
-        parser,
-        "--wire-encoding",
-        default="raw",
-        choices=["raw", "float16", "bfloat16", "int8"],
-        help="encoding of the IV and its gradient on the wire; the server must allow it (--wire-encodings)",
-    )
-    cli.add(
-        parser,
+        training,
         "--micro-batches",
         type=cli.POSITIVE_INT,
         default=1,
         help="pipeline each step in this many micro-batches (forward, transfer and server work overlap)",
     )
-    cli.add(parser, "--history-json", type=Path, default=None, help="write the training history here as JSON")
-    cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
+    security.add_client_flags(groups["security"])
     cli.add(
-        parser, "--log-every", type=cli.POSITIVE_INT, default=1, help="write per-step TensorBoard scalars every N steps"
-    )
-    cli.add(parser, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
-    cli.add(
-        parser,
-        "--cut",
-        default="standard",
-        choices=["standard", "ushape"],
-        help="ushape: this client also holds the head and the loss, so labels never leave it",
-    )
-    cli.add(parser, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
-    cli.add(parser, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
-    cli.add(parser, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
-    cli.add(
-        parser, "--clip-norm", type=cli.positive, default=None, help="clip each sample's IV to this L2 norm when sent"
+        groups["security"],
+        "--clip-norm",
+        type=cli.positive,
+        default=None,
+        help="clip each sample's IV to this L2 norm when sent",
     )
     cli.add(
-        parser,
+        groups["security"],
         "--noise-multiplier",
         type=cli.NON_NEGATIVE,
         default=0.0,
         help="add Gaussian noise of stddev MULTIPLIER * --clip-norm to every IV sent (needs --clip-norm)",
     )
-    security.add_client_flags(parser)
-    cli.add_checkpoint_flags(parser)
+    cli.add_checkpoint_flags(groups["checkpoints"])
     cli.add(
-        parser, "--rpc-timeout", type=cli.positive, default=60.0, help="deadline of every call (each step) in seconds"
+        groups["checkpoints"], "--save-weights", type=Path, default=None, help="write the final weights here (.npz)"
     )
+    observability = groups["observability"]
+    cli.add(observability, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
     cli.add(
-        parser, "--retry-timeout", type=cli.NON_NEGATIVE, default=120.0, help="seconds to keep retrying a failed call"
+        observability,
+        "--log-every",
+        type=cli.POSITIVE_INT,
+        default=1,
+        help="write per-step TensorBoard scalars every N steps",
     )
-    cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz)")
-    cli.add(
-        parser,
-        "--session",
-        default="",
-        help="train in this session (the id a run printed) to resume it; default: the one in --checkpoint-dir, "
-        "else a new session",
-    )
+    cli.add(observability, "--history-json", type=Path, default=None, help="write the training history here as JSON")
+    cli.add(observability, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
     return ClientConfig(**vars(parser.parse_args(argv)))
 
 
@@ -159,7 +185,7 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     from client_part.retry import RetryPolicy
     from client_part.tensorboard_log import TensorBoardLogger
     from splitlearning import data
-    from splitlearning.models import BUILTIN, load_part
+    from splitlearning.models import BUILTIN, input_mismatch, load_part
 
     dataset = data.load(config.dataset, seed=config.seed)
     x_train, y_train, validation = data.hold_out(dataset.x_train, dataset.y_train, config.validation_split)
@@ -200,8 +226,14 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
         retry=RetryPolicy(timeout=config.retry_timeout),
         session_id=config.session,
     )
+    mismatch = input_mismatch(client.model, dataset.x_train.shape[1:], config.model, config.dataset)
+    if mismatch:
+        client.close()
+        raise ValueError(mismatch)
     if interrupts is not None:
         interrupts.client = client
+    connect(client, config)
+    start_step = client.step  # after a resume, the step the session was at
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:
         started = time.perf_counter()
@@ -226,10 +258,11 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
         client.end_session()
     if tensorboard:
         tensorboard.close()
-    result = summary.summarize(history.history, test, client.meter.totals, config.epochs, elapsed)
-    samples = len(x_train) * config.epochs
-    rate = samples / elapsed
-    print(f"\ntrained {config.epochs} epochs, {client.step} steps, in {elapsed:.1f} s ({rate:,.0f} samples/s)")
+    totals = client.meter.totals
+    result = summary.summarize(
+        history.history, test, totals, history.epoch, elapsed, config.epochs, client.step, start_step
+    )
+    print("\n" + summary.headline(result))
     print(f"session {session} (ended on the server)")
     print("test " + ", ".join(f"{name}: {value:.4f}" for name, value in test.items()))
     print(summary.table(result))
@@ -248,6 +281,25 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
 
         log.info("curves drawn to %s", write_plot(history.history, config.plot))
     return test
+
+
+def connect(client: Any, config: ClientConfig) -> None:
+    """Join the server; a refused cut (the two parts do not fit) names the flag that picks them."""
+    import grpc
+
+    from client_part.transport import RemoteError
+
+    try:
+        client.connect()
+    except RemoteError as error:
+        client.close()
+        if error.code != grpc.StatusCode.FAILED_PRECONDITION or not error.details.startswith("cut mismatch"):
+            raise
+        details = f"{error.details}; start both processes with the same --model (this client: --model {config.model})"
+        raise RemoteError("handshake refused", code=error.code, details=details) from None
+    except BaseException:
+        client.close()
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

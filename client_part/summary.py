@@ -9,13 +9,26 @@ from client_part.telemetry import StepTotals
 
 
 def summarize(
-    history: Mapping[str, Sequence[float]], test: Mapping[str, float], totals: StepTotals, epochs: int, seconds: float
+    history: Mapping[str, Sequence[float]],
+    test: Mapping[str, float],
+    totals: StepTotals,
+    epochs: Sequence[int],
+    seconds: float,
+    session_epochs: int,
+    session_steps: int,
+    start_step: int = 0,
 ) -> dict[str, Any]:
-    """Epochs, final metrics, throughput, bytes per step and where the step time went."""
+    """What this run trained (`epochs`: the epoch indices it trained in, from 0; `totals`: its steps), final
+    metrics, throughput, bytes per step, where the step time went, and what the session holds in all (after a
+    resume at `start_step`, more than this run trained)."""
     steps = max(totals.steps, 1)
     return {
-        "epochs": epochs,
+        "epochs": len(epochs),
+        "first_epoch": epochs[0] + 1 if epochs else 0,
         "steps": totals.steps,
+        "session_epochs": session_epochs,
+        "session_steps": session_steps,
+        "start_step": start_step,
         "seconds": seconds,
         "samples_per_s": totals.samples / seconds if seconds > 0 else 0.0,
         "final": {name: values[-1] for name, values in history.items() if values},
@@ -28,12 +41,35 @@ def summarize(
     }
 
 
+def headline(summary: Mapping[str, Any]) -> str:
+    """One line: what this run trained and, after a resume, what the session holds in all."""
+    epochs, steps, seconds = summary["epochs"], summary["steps"], summary["seconds"]
+    line = f"trained {epochs} epoch{'s' if epochs != 1 else ''}, {steps} steps, in {seconds:.1f} s"
+    line += f" ({summary['samples_per_s']:,.0f} samples/s)"
+    if summary["start_step"] == 0:
+        return line
+    first, last = summary["first_epoch"], summary["first_epoch"] + epochs - 1
+    trained = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+    return (
+        f"{line} in this run ({trained}, resumed at step {summary['start_step']}); "
+        f"the session holds {summary['session_epochs']} epochs, {summary['session_steps']} steps"
+    )
+
+
 def table(summary: Mapping[str, Any]) -> str:
     """A two-column text table of `summarize`'s result."""
     seconds = summary["seconds"] or 1e-9
+    resumed = summary["start_step"] > 0
     rows: list[tuple[str, str]] = [
-        ("epochs", str(summary["epochs"])),
-        ("steps", str(summary["steps"])),
+        ("epochs" + (" (this run)" if resumed else ""), str(summary["epochs"])),
+        ("steps" + (" (this run)" if resumed else ""), str(summary["steps"])),
+    ]
+    if resumed:
+        rows += [
+            ("session epochs", str(summary["session_epochs"])),
+            ("session steps", str(summary["session_steps"])),
+        ]
+    rows += [
         ("wall time", f"{summary['seconds']:.1f} s"),
         ("samples/s", f"{summary['samples_per_s']:,.0f}"),
     ]

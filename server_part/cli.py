@@ -39,39 +39,23 @@ class ServerConfig(cli.ProcessConfig):
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    parser = argparse.ArgumentParser(prog="split-server", description=__doc__)
-    cli.add(parser, "--address", default="127.0.0.1:50051", help="host:port to listen on (0.0.0.0:PORT for all)")
-    cli.add_process_flags(parser, part="second")
-    cli.add(parser, "--loss", default=None, help="Keras loss name (default: the model pair's, or a compiled part's)")
-    cli.add(parser, "--metrics", default=None, help="comma-separated Keras metric names (default: accuracy)")
-    cli.add(parser, "--max-batch-size", type=cli.POSITIVE_INT, default=1024, help="largest batch a request may carry")
+    parser = argparse.ArgumentParser(prog="split-server", usage="%(prog)s [FLAG VALUE ...]", description=__doc__)
+    groups = cli.groups(parser, "connection", "model", "training", "device", "checkpoints", "security", "observability")
+    connection = groups["connection"]
+    cli.add(connection, "--address", default="127.0.0.1:50051", help="host:port to listen on (0.0.0.0:PORT for all)")
+    cli.add(connection, "--port-file", type=Path, default=None, help="write the bound port here once serving")
     cli.add(
-        parser,
+        connection,
         "--wire-encodings",
         default="raw",
         help="comma-separated wire encodings a client may choose for the IV and its gradient "
         "(raw, float16, bfloat16, int8); raw is always allowed",
     )
-    cli.add(parser, "--port-file", type=Path, default=None, help="write the bound port here once serving")
-    add_telemetry_flags(parser)
     cli.add(
-        parser,
-        "--cut",
-        default="standard",
-        choices=["standard", "ushape"],
-        help="standard: this part holds the loss and gets labels; ushape: it holds only the middle (no labels)",
-    )
-    security.add_server_flags(parser)
-    cli.add_checkpoint_flags(parser)
-    cli.add(
-        parser,
-        "--grace",
-        type=cli.NON_NEGATIVE,
-        default=5.0,
-        help="seconds RPCs get to finish on SIGTERM (< compose's 10)",
+        connection, "--max-batch-size", type=cli.POSITIVE_INT, default=1024, help="largest batch a request may carry"
     )
     cli.add(
-        parser,
+        connection,
         "--max-workers",
         type=cli.POSITIVE_INT,
         default=None,
@@ -79,14 +63,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "holds its stream and one call at a time",
     )
     cli.add(
-        parser,
+        connection,
         "--max-sessions",
         type=cli.POSITIVE_INT,
         default=16,
         help="sessions held in memory at once (one per training run); a new one beyond it is refused",
     )
     cli.add(
-        parser,
+        connection,
         "--session-idle-timeout",
         type=cli.NON_NEGATIVE,
         default=3600.0,
@@ -94,17 +78,38 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "dropped from memory; 0: never",
     )
     cli.add(
-        parser,
+        connection,
+        "--grace",
+        type=cli.NON_NEGATIVE,
+        default=5.0,
+        help="seconds RPCs get to finish on SIGTERM (< compose's 10)",
+    )
+    cli.add_process_flags(groups, part="second")
+    model = groups["model"]
+    cli.add(
+        model,
+        "--cut",
+        default="standard",
+        choices=["standard", "ushape"],
+        help="standard: this part holds the loss and gets labels; ushape: it holds only the middle (no labels)",
+    )
+    cli.add(model, "--loss", default=None, help="Keras loss name (default: the model pair's, or a compiled part's)")
+    cli.add(model, "--metrics", default=None, help="comma-separated Keras metric names (default: accuracy)")
+    security.add_server_flags(groups["security"])
+    cli.add_checkpoint_flags(groups["checkpoints"])
+    cli.add(
+        groups["checkpoints"],
         "--save-weights",
         type=Path,
         default=None,
         help="write the final weights here (.npz) whenever a session ends (closed by its client, idle, or "
         "in memory when the server stops): the session that ended last",
     )
+    add_telemetry_flags(groups["observability"])
     return ServerConfig(**vars(parser.parse_args(argv)))
 
 
-def add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
+def add_telemetry_flags(parser: cli.Flags) -> None:
     cli.add(
         parser, "--metrics-port", type=cli.PORT, default=None, help="serve Prometheus metrics on this port (0: any)"
     )

@@ -4,12 +4,38 @@ from __future__ import annotations
 
 import argparse
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 ENV_PREFIX = "SPLIT_"
+
+Flags: TypeAlias = "argparse.ArgumentParser | argparse._ArgumentGroup"  # where `add` puts a flag
+
+GROUPS = {
+    "connection": "connection: addresses, time limits, sessions, what crosses the wire",
+    "model": "model: the part this process holds (both processes must name the same pair and cut)",
+    "data": "data",
+    "training": "training",
+    "device": "device: where this process computes",
+    "checkpoints": "checkpoints and weights",
+    "security": "security and privacy",
+    "observability": "observability: logs, metrics, TensorBoard, the run's record",
+}
+_PARSER_OF: weakref.WeakKeyDictionary[Any, argparse.ArgumentParser] = weakref.WeakKeyDictionary()
+
+
+def groups(parser: argparse.ArgumentParser, *names: str) -> dict[str, Flags]:
+    """Argument groups of `parser` titled from `GROUPS`, in the order named: `--help` lists each flag under
+    its group."""
+    made: dict[str, Flags] = {}
+    for name in names:
+        group = parser.add_argument_group(GROUPS[name])
+        _PARSER_OF[group] = parser
+        made[name] = group
+    return made
 
 
 def env_name(flag: str) -> str:
@@ -53,8 +79,9 @@ def positive(text: str) -> float:
     return value
 
 
-def add(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
-    """Add `flag` whose default comes from its environment variable (for compose files) when set."""
+def add(parser: Flags, flag: str, **kwargs: Any) -> None:
+    """Add `flag` to `parser` (or one of its `groups`) with a default from its environment variable (for
+    compose files) when set."""
     variable = env_name(flag)
     if variable in os.environ:
         raw = os.environ[variable]
@@ -64,23 +91,25 @@ def add(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
             try:
                 kwargs["default"] = kwargs.get("type", str)(raw)
             except (argparse.ArgumentTypeError, ValueError) as error:
-                parser.error(f"{variable} (the default of {flag}): {error}")
+                owner = parser if isinstance(parser, argparse.ArgumentParser) else _PARSER_OF[parser]
+                owner.error(f"{variable} (the default of {flag}): {error}")
     kwargs["help"] = f"{kwargs.get('help', '')} [env {variable}]".strip()
     if kwargs.get("default") is not None and kwargs.get("action") != "store_true":
         kwargs["help"] += " (default: %(default)s)"
     parser.add_argument(flag, **kwargs)
 
 
-def add_process_flags(parser: argparse.ArgumentParser, part: str) -> None:
-    """Flags both processes take: model, device, cores, threads, optimizer, seed, logging; `part` names the
-    part this process holds ('first', 'second')."""
+def add_process_flags(groups: dict[str, Flags], part: str) -> None:
+    """Flags both processes take, each into its group of `groups`: model, device, cores, threads, optimizer,
+    seed, logging; `part` names the part this process holds ('first', 'second')."""
     add(
-        parser,
+        groups["model"],
         "--model",
         default="digits-mlp",
         help="model pair (digits-mlp, digits-cnn; mnist-cnn, mnist-wide: 28x28 inputs) or package.module:function "
         f"returning the {part} part",
     )
+    parser = groups["device"]
     add(parser, "--device", default="/CPU:0", help="device to pin this process to: /CPU:0, /GPU:0, /GPU:1, ...")
     add(parser, "--cpus", default=None, help="pin this process to these CPU cores, e.g. '0' or '0-3'")
     add(
@@ -90,14 +119,16 @@ def add_process_flags(parser: argparse.ArgumentParser, part: str) -> None:
         default=None,
         help="TensorFlow threads, intra-op and inter-op (default: one per core)",
     )
+    parser = groups["training"]
     add(parser, "--optimizer", default="adam", help="any Keras optimizer name: sgd, adam, rmsprop, ...")
     add(parser, "--learning-rate", type=positive, default=3e-3, help="the optimizer's learning rate")
     add(parser, "--seed", type=NON_NEGATIVE_INT, default=0, help="seed for weights and data order")
+    parser = groups["observability"]
     add(parser, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     add(parser, "--log-format", default="text", choices=["text", "json"], help="log line format")
 
 
-def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+def add_checkpoint_flags(parser: Flags) -> None:
     """Checkpoint flags, the same on both processes (each saves its own part)."""
     add(parser, "--checkpoint-dir", type=Path, default=None, help="save and resume from checkpoints here")
     add(

@@ -37,6 +37,7 @@ class ModelPair:
     # The U-shape (`--cut ushape`): the server's `middle` (cut -> second cut) and the client's `head`.
     middle: Callable[[int], Any] | None = None
     head: Callable[[int], Any] | None = None
+    input_shape: tuple[int, ...] = ()  # one sample of what the first part takes
 
 
 def _dense_top(cut: int, hidden: int, name: str, classes: int | None = 10) -> Callable[[int], Any]:
@@ -119,14 +120,48 @@ _mnist_wide_server = _dense_top(12544, 64, "mnist_wide_server")
 _LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 BUILTIN: dict[str, ModelPair] = {
-    "digits-mlp": ModelPair(_digits_mlp_client, _digits_mlp_server, _LOGITS, middle=_digits_middle, head=_digits_head),
+    "digits-mlp": ModelPair(
+        _digits_mlp_client,
+        _digits_mlp_server,
+        _LOGITS,
+        middle=_digits_middle,
+        head=_digits_head,
+        input_shape=(8, 8, 1),
+    ),
     "digits-cnn": ModelPair(
-        _digits_cnn_client, _digits_cnn_server, _LOGITS, middle=_digits_cnn_middle, head=_digits_head
+        _digits_cnn_client,
+        _digits_cnn_server,
+        _LOGITS,
+        middle=_digits_cnn_middle,
+        head=_digits_head,
+        input_shape=(8, 8, 1),
     ),
     # 28x28x1 inputs (the layout of mnist.npz): the benchmark's workloads.
-    "mnist-cnn": ModelPair(_mnist_cnn_client, _mnist_cnn_server, _LOGITS),
-    "mnist-wide": ModelPair(_mnist_wide_client, _mnist_wide_server, _LOGITS),
+    "mnist-cnn": ModelPair(_mnist_cnn_client, _mnist_cnn_server, _LOGITS, input_shape=(28, 28, 1)),
+    "mnist-wide": ModelPair(_mnist_wide_client, _mnist_wide_server, _LOGITS, input_shape=(28, 28, 1)),
 }
+
+
+def input_mismatch(model: Any, sample_shape: tuple[int, ...], spec: str, dataset: str) -> str | None:
+    """None when `model` (a first part) takes samples of `sample_shape`; else one line naming both shapes and
+    the built-in pairs that take the data (`spec`, `dataset`: the flags' values, for the message)."""
+    expected = model.input_shape
+    if not isinstance(expected, tuple) or any(isinstance(entry, (tuple, list)) for entry in expected):
+        return None  # several inputs: Keras says which
+    takes = tuple(expected[1:])
+    sample = tuple(int(d) for d in sample_shape)
+    if len(takes) == len(sample) and all(
+        want is None or want == have for want, have in zip(takes, sample, strict=True)
+    ):
+        return None
+    fits = [name for name, pair in BUILTIN.items() if pair.input_shape == sample]
+    shown = "[" + ", ".join("any" if d is None else str(d) for d in takes) + "]"
+    fix = (
+        "use " + " or ".join(f"--model {name}" for name in fits) + " on both processes"
+        if fits
+        else "no built-in pair takes it: give both processes --model package.module:function parts that do"
+    )
+    return f"--dataset {dataset} has samples of shape {list(sample)}, but --model {spec} takes {shown}; {fix}"
 
 
 def load_part(spec: str, side: str, seed: int) -> Callable[[], Any]:

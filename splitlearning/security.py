@@ -6,7 +6,6 @@ and the token travels inside `Secret`, whose `repr` and `str` hide it.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +157,7 @@ def client_tls(
     return TlsConfig.from_files(cert, key, ca, server_name)
 
 
-def add_server_flags(parser: argparse.ArgumentParser) -> None:
+def add_server_flags(parser: cli.Flags) -> None:
     """--tls-cert, --tls-key, --tls-ca, --auth-token-file for `split-server`."""
     cli.add(parser, "--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     cli.add(parser, "--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
@@ -172,7 +171,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_client_flags(parser: argparse.ArgumentParser) -> None:
+def add_client_flags(parser: cli.Flags) -> None:
     """--tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, --auth-token-file for `split-client`."""
     cli.add(parser, "--tls", action="store_true", help="use TLS with the system's root CAs (implied by --tls-*)")
     cli.add(parser, "--tls-ca", type=Path, default=None, help="PEM CA the server's certificate must chain to")

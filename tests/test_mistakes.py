@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from client_part import cli as client_cli
 from client_part.cli import parse_args as client_args
 from server_part import SplitServer
+from server_part import cli as server_cli
 from server_part.cli import parse_args as server_args
 from splitlearning import addresses, data, models
 from tests.conftest import build_top, make_loss
@@ -103,3 +107,67 @@ def test_a_model_module_in_the_current_folder_is_found(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert models.load_part("my_split_model_17:build", "client", 4)() == 5
+
+
+@pytest.fixture
+def cli_logs() -> Iterator[None]:
+    """A CLI's `main` run in-process sends the logs to this test's stderr: restore the root logger after it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def error_lines(text: str) -> list[str]:
+    """The lines a failed run printed, with no traceback and no terminal colour codes among them."""
+    assert "Traceback" not in text and "\x1b[" not in text and "in user code" not in text, text
+    return [line for line in text.splitlines() if " ERROR " in line]
+
+
+def test_data_that_does_not_fit_the_model_names_both_shapes_and_the_pairs_that_fit(
+    capfd: pytest.CaptureFixture[str], cli_logs: None
+) -> None:
+    code = client_cli.main(["--model", "mnist-cnn", "--target", "127.0.0.1:1", "--connect-timeout", "1"])
+    assert code == 2
+    (line,) = error_lines(capfd.readouterr().err)
+    assert line.endswith(
+        "--dataset digits has samples of shape [8, 8, 1], but --model mnist-cnn takes [28, 28, 1]; "
+        "use --model digits-mlp or --model digits-cnn on both processes"
+    )
+
+
+def test_an_mnist_shaped_npz_with_a_digits_model_is_pointed_to_the_mnist_pairs(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], cli_logs: None
+) -> None:
+    path = tmp_path / "mnist.npz"  # the layout of Keras's mnist.npz: uint8 images without a channel axis
+    images, labels = np.zeros((4, 28, 28), "uint8"), np.arange(4, dtype="uint8")
+    np.savez(path, x_train=images, y_train=labels, x_test=images, y_test=labels)
+    code = client_cli.main(["--dataset", str(path), "--validation-split", "0", "--target", "127.0.0.1:1"])
+    assert code == 2
+    (line,) = error_lines(capfd.readouterr().err)
+    assert line.endswith(
+        f"--dataset {path} has samples of shape [28, 28, 1], but --model digits-mlp takes [8, 8, 1]; "
+        "use --model mnist-cnn or --model mnist-wide on both processes"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(models.BUILTIN))
+def test_the_pairs_declared_input_shapes_are_their_first_parts(name: str) -> None:
+    pair = models.BUILTIN[name]
+    assert pair.client(0).input_shape[1:] == pair.input_shape
+
+
+def test_client_and_server_with_different_models_are_told_to_use_the_same_model(
+    capfd: pytest.CaptureFixture[str], cli_logs: None
+) -> None:
+    server = server_cli.build(server_args(["--model", "digits-cnn"]))
+    port = server.start("127.0.0.1:0")
+    try:
+        code = client_cli.main(["--model", "digits-mlp", "--target", f"127.0.0.1:{port}", "--connect-timeout", "30"])
+    finally:
+        server.stop(grace=0)
+    assert code == 1
+    (line,) = error_lines(capfd.readouterr().err)
+    assert "cut mismatch: the server part expects iv [batch, 512] float32, the client sends [batch, 64]" in line
+    assert line.endswith("start both processes with the same --model (this client: --model digits-mlp)")

@@ -1,0 +1,156 @@
+"""`--help` of both CLIs lists every flag under its group, and every flag still parses (and still reads its
+environment variable)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client_part.cli import parse_args as client_args
+from server_part.cli import parse_args as server_args
+from splitlearning import cli
+
+# The groups, in --help's order, and a value for each flag: parsed all at once, each must come back.
+CLIENT: dict[str, dict[str, Any]] = {
+    "connection": {
+        "--target": "host:1",
+        "--connect-timeout": 2.5,
+        "--rpc-timeout": 3.5,
+        "--retry-timeout": 4.5,
+        "--session": "s1",
+        "--wire-encoding": "int8",
+    },
+    "model": {"--model": "digits-cnn", "--cut": "ushape", "--head": "m:f", "--loss": "mse", "--metrics": "mae"},
+    "data": {"--dataset": "d.npz", "--validation-split": 0.25, "--no-shuffle": True},
+    "training": {
+        "--optimizer": "sgd",
+        "--learning-rate": 0.5,
+        "--seed": 7,
+        "--batch-size": 9,
+        "--epochs": 3,
+        "--micro-batches": 2,
+    },
+    "device": {"--device": "/CPU:1", "--cpus": "0-1", "--threads": 2},
+    "checkpoints": {
+        "--checkpoint-dir": Path("c"),
+        "--checkpoint-every": 11,
+        "--checkpoint-keep": 3,
+        "--save-weights": Path("w.npz"),
+    },
+    "security": {
+        "--tls": True,
+        "--tls-ca": Path("ca.crt"),
+        "--tls-cert": Path("c.crt"),
+        "--tls-key": Path("c.key"),
+        "--tls-server-name": "name",
+        "--auth-token-file": Path("t"),
+        "--clip-norm": 1.5,
+        "--noise-multiplier": 0.5,
+    },
+    "observability": {
+        "--log-level": "DEBUG",
+        "--log-format": "json",
+        "--log-dir": Path("runs"),
+        "--log-every": 5,
+        "--history-json": Path("h.json"),
+        "--plot": Path("p.png"),
+    },
+}
+SERVER: dict[str, dict[str, Any]] = {
+    "connection": {
+        "--address": "0.0.0.0:1",
+        "--port-file": Path("port"),
+        "--wire-encodings": "raw,int8",
+        "--max-batch-size": 12,
+        "--max-workers": 3,
+        "--max-sessions": 4,
+        "--session-idle-timeout": 5.5,
+        "--grace": 1.5,
+    },
+    "model": {"--model": "digits-cnn", "--cut": "ushape", "--loss": "mse", "--metrics": "mae"},
+    "training": {"--optimizer": "sgd", "--learning-rate": 0.5, "--seed": 7},
+    "device": {"--device": "/CPU:1", "--cpus": "0-1", "--threads": 2},
+    "checkpoints": {
+        "--checkpoint-dir": Path("c"),
+        "--checkpoint-every": 11,
+        "--checkpoint-keep": 3,
+        "--save-weights": Path("w.npz"),
+    },
+    "security": {
+        "--tls-cert": Path("s.crt"),
+        "--tls-key": Path("s.key"),
+        "--tls-ca": Path("ca.crt"),
+        "--auth-token-file": Path("t"),
+    },
+    "observability": {
+        "--log-level": "DEBUG",
+        "--log-format": "json",
+        "--log-dir": Path("runs"),
+        "--log-every": 5,
+        "--metrics-port": 9100,
+        "--metrics-host": "0.0.0.0",
+        "--metrics-port-file": Path("mport"),
+    },
+}
+CASES = [pytest.param(client_args, CLIENT, id="split-client"), pytest.param(server_args, SERVER, id="split-server")]
+
+
+def help_text(parse_args: Callable[[list[str]], Any], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def listed(text: str) -> dict[str, list[str]]:
+    """{group title: the flags --help lists under it, in order}."""
+    sections: dict[str, list[str]] = {}
+    title = ""
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            title = line[:-1]
+            sections[title] = []
+        elif title and (flag := re.match(r"  (--[a-z-]+)", line)):
+            sections[title].append(flag[1])
+    return sections
+
+
+@pytest.mark.parametrize(("parse_args", "expected"), CASES)
+def test_help_lists_every_flag_under_its_group(
+    parse_args: Callable[[list[str]], Any], expected: dict[str, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    sections = listed(help_text(parse_args, capsys))
+    titles = [title for title in sections if title != "options"]
+    assert titles == [cli.GROUPS[name] for name in expected]
+    for name, flags in expected.items():
+        assert sorted(sections[cli.GROUPS[name]]) == sorted(flags), name
+    assert sections["options"] == []  # only -h, --help: no flag left outside a group
+
+
+@pytest.mark.parametrize(("parse_args", "expected"), CASES)
+def test_every_flag_parses(parse_args: Callable[[list[str]], Any], expected: dict[str, dict[str, Any]]) -> None:
+    argv: list[str] = []
+    values = {flag: value for flags in expected.values() for flag, value in flags.items()}
+    for flag, value in values.items():
+        argv += [flag] if value is True else [flag, str(value)]
+    config = parse_args(argv)
+    for flag, value in values.items():
+        assert getattr(config, flag[2:].replace("-", "_")) == value, flag
+
+
+@pytest.mark.parametrize(("parse_args", "expected"), CASES)
+def test_every_flag_reads_its_environment_variable(
+    parse_args: Callable[[list[str]], Any],
+    expected: dict[str, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    values = {flag: value for flags in expected.values() for flag, value in flags.items()}
+    for flag, value in values.items():
+        monkeypatch.setenv(cli.env_name(flag), "1" if value is True else str(value))
+    config = parse_args([])
+    for flag, value in values.items():
+        assert getattr(config, flag[2:].replace("-", "_")) == value, flag

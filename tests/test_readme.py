@@ -1,0 +1,38 @@
+"""The README is the specification users read: its Python API example runs as pasted, its links resolve."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def section(title: str) -> str:
+    """The README's text under `## title`, up to the next `## ` heading."""
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def test_the_python_api_example_runs_as_pasted(capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", section("Python API (Keras habits)"), re.S)
+    assert len(blocks) == 1
+    namespace: dict[str, object] = {"__name__": "readme_example"}
+    exec(compile(blocks[0], "README.md (Python API)", "exec"), namespace)
+    lines = capsys.readouterr().out.splitlines()
+    accuracies = ast.literal_eval(lines[0])  # the printed list of floats
+    assert len(accuracies) == 3 and accuracies[-1] > 0.5
+    assert "'accuracy'" in lines[1] and lines[2] == "(360, 10)" and re.fullmatch(r"[0-9a-f]{32}", lines[3])
+
+
+def test_the_links_resolve() -> None:
+    links = re.findall(r"\]\(([^)#]+)\)", README.read_text())
+    assert links
+    for link in links:
+        if not link.startswith("http"):
+            assert (README.parent / link).exists(), link
