@@ -248,7 +248,9 @@ class HandshakeRequest(_message.Message):
     server's limit of sessions in memory is RESOURCE_EXHAUSTED.
     """
     max_batch_size: _builtins.int
-    """Largest number of samples the client will put in one request."""
+    """Largest number of samples the client will put in one request; over the server's limit is
+    FAILED_PRECONDITION; 0: not stated (the server's limit applies to every request).
+    """
     mode: Global___CutMode.ValueType
     """The cut the client is built for; must equal the server's, or the handshake is refused."""
     client_id: _builtins.str
@@ -372,7 +374,7 @@ class TrainRequest(_message.Message):
     previous one (a retry, answered again without a second update).
     """
     reset_metrics: _builtins.bool
-    """Start a new accumulation of the running metrics (the first step of an epoch)."""
+    """Start a new accumulation of the running metrics (the first step of an epoch; read on micro-batch 0 only)."""
     micro_batches: _builtins.int
     """Micro-batch pipelining (standard cut): the number of micro-batches that make up this step; 0 or 1 means
     the request carries the whole batch. The server accumulates their gradients and applies one update after
@@ -381,7 +383,9 @@ class TrainRequest(_message.Message):
     micro_batch: _builtins.int
     """Index of the micro-batch this request carries, from 0, in order; used when micro_batches > 1."""
     step_samples: _builtins.int
-    """Samples in the whole step (all its micro-batches), so each micro-batch's loss is weighted by its share."""
+    """Samples in the whole step (all its micro-batches), so each micro-batch's loss is weighted by its share.
+    Required when micro_batches > 1 (0 is INVALID_ARGUMENT).
+    """
     @_builtins.property
     def iv(self) -> Global___Tensor:
         """Cut-layer activations, shape [batch, *contract.iv.shape]; unset in the U-shape's second request."""
@@ -431,7 +435,10 @@ class TrainResponse(_message.Message):
 
     @_builtins.property
     def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Running values since the last reset, named by `HandshakeResponse.metric_names` (loss first)."""
+        """Running values since the last reset, named by `HandshakeResponse.metric_names` (loss first): over every
+        sample trained on since then, weighted by batch size (a micro-batch's reply includes that micro-batch).
+        Evaluate keeps an accumulator of its own.
+        """
 
     @_builtins.property
     def outputs(self) -> Global___Tensor:
