@@ -364,3 +364,22 @@ def test_shapes_numpy_cannot_hold_are_refused(shape: tuple[int, ...], fragment: 
     message = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=shape, content=b"" if 0 in shape else bytes(4))
     with pytest.raises(InvalidRequest, match=fragment):
         codec.from_proto(message, "iv")
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (0, 4)])
+def test_int8_of_an_all_zero_or_empty_tensor_has_scale_one(shape: tuple[int, ...]) -> None:
+    """docs/protocol.md, "int8, exactly": peak 0 gives scale 1.0 and every q 0."""
+    message = codec.to_proto(np.zeros(shape, "float32"), pb.ENCODING_INT8)
+    assert message.scale == 1.0
+    assert np.frombuffer(message.content, "i1").tolist() == [0] * math.prod(shape)
+
+
+def test_int8_is_the_documented_formula_exactly() -> None:
+    """q = round_half_even(float32(x) * float32(127 / peak)), scale = float32(peak / 127): never -128."""
+    peak = 2.0
+    x = np.array([-2.0, 2.0, 1.0, -1.0, 0.0, 0.5 * 2 / 127, 1.5 * 2 / 127, -0.3], "float32")
+    message = codec.to_proto(x, pb.ENCODING_INT8)
+    expected = np.rint(x * np.float32(127 / peak)).astype("i1")  # numpy's rint rounds half to even
+    np.testing.assert_array_equal(np.frombuffer(message.content, "i1"), expected)
+    assert message.scale == np.float32(peak / 127)
+    assert np.frombuffer(message.content, "i1").min() == -127
