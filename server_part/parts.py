@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from server_part.middle_trainer import MiddleTrainer
-from server_part.trainer import ServerTrainer
+from server_part.trainer import ServerTrainer, fresh
 from splitlearning.models import ModelSource
 
 Trainer: TypeAlias = ServerTrainer | MiddleTrainer
@@ -23,16 +23,6 @@ Trainer: TypeAlias = ServerTrainer | MiddleTrainer
 # Building Keras models from several threads at once races on Keras's global name counters (and a user's
 # building function may seed the global RNG): one build at a time.
 _BUILD_LOCK = threading.Lock()
-
-
-def fresh(setting: Any) -> Any:
-    """A new object configured as `setting` (an optimizer, a metric, a loss), so two sessions share no state.
-    Names ("adam") and plain functions are returned as they are: each use makes its own object."""
-    if setting is None or isinstance(setting, str) or not hasattr(setting, "get_config"):
-        return setting
-    if isinstance(setting, keras.optimizers.Optimizer):
-        return keras.optimizers.deserialize(keras.optimizers.serialize(setting))
-    return type(setting).from_config(setting.get_config())
 
 
 class PartFactory:

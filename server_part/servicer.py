@@ -14,7 +14,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from server_part.session import HalfStep, Session
-from server_part.sessions import SessionRegistry
+from server_part.sessions import SessionRegistry, check_version
 from splitlearning import codec, encodings, framing
 from splitlearning.codec import EncodingCode
 from splitlearning.contract import (
@@ -153,8 +153,8 @@ class SplitLearningServicer:
     def _handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
         _check_id_length("session_id", request.session_id)
         _check_id_length("client_id", request.client_id)
-        if not request.HasField("contract") or not request.contract.HasField("iv"):
-            raise InvalidRequest("contract.iv is required: state the shape and dtype of the IV your part sends")
+        if not request.contract.HasField("iv") or request.contract.iv == pb.TensorSpec():
+            return self._inquiry(request)
         iv = spec_from_proto(request.contract.iv, "contract.iv")
         has_label = request.contract.HasField("label")
         label = spec_from_proto(request.contract.label, "contract.label") if has_label else None
@@ -173,6 +173,26 @@ class SplitLearningServicer:
             encoding=encoding,
             metric_names=trainer.metric_names,
             mode=mode_to_proto(session.mode),
+        )
+
+    def _inquiry(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
+        """A handshake stating no IV spec asks for the server's contract: answered with it (both specs), the
+        limits, the mode and the metric names, and no session (session_id empty, next_step 0)."""
+        if request.session_id:
+            raise InvalidRequest(
+                "contract.iv is required to join a session: state the shape and dtype of the IV your part sends "
+                "(a handshake without it only asks for the server's contract)"
+            )
+        sessions = self._sessions
+        check_version(request.protocol_version)
+        template = sessions.template
+        return pb.HandshakeResponse(
+            protocol_version=request.protocol_version,
+            contract=contract_to_proto(template.contract),
+            max_batch_size=sessions.limits.max_batch_size,
+            encoding=sessions.negotiate(request.encodings),
+            metric_names=template.metric_names,
+            mode=mode_to_proto(sessions.mode),
         )
 
     def _train(self, session: Session, client: str, frame: TrainFrame) -> TrainReply:

@@ -41,8 +41,12 @@ from splitlearning.errors import (
     StepMismatch,
     TooLarge,
 )
+from splitlearning.text import clip
 
 log = logging.getLogger(__name__)
+
+# Clients remembered as having joined a session (to word a refusal rightly); ids are at most 128 characters.
+_JOINED_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ class Session:
         self.compute_seconds = 0.0  # running total of time inside the trainer (read by the telemetry)
         self.last_used = time.monotonic()  # the last request's arrival, for idle expiry
         self._holder: str | None = None  # client id of the client training in the session
+        self._joined: dict[str, None] = {}  # clients whose handshakes joined, most recent last (bounded)
         self._streams = 0  # training streams open now
         self._gone: SplitError | None = None  # set once the session is unloaded: what every later request gets
         self._cache: ReplyCache[StepResult | HalfStep] = ReplyCache()
@@ -140,6 +145,10 @@ class Session:
             self.last_used = time.monotonic()
             # Only an accepted handshake changes the session: a refused one must not re-encode the holder's steps.
             self._holder = client_id
+            self._joined.pop(client_id, None)  # most recent last; the oldest beyond the bound are forgotten
+            self._joined[client_id] = None
+            while len(self._joined) > _JOINED_KEPT:
+                del self._joined[next(iter(self._joined))]
             # A client rejoins after a failure: a pipelined step it left unfinished starts over from its first
             # micro-batch, so what the unfinished one added (gradients, running metrics) is dropped.
             if self._micro.next:
@@ -184,9 +193,15 @@ class Session:
             if self._holder is None:
                 raise PreconditionFailed("no client has joined this session: handshake before training")
             if client_id is not None and client_id != self._holder:
+                if client_id in self._joined:
+                    raise SessionBusy(
+                        "the session is held by another client, which joined after this one (one client per "
+                        "session): handshake again to take it back once that client disconnects"
+                    )
                 raise SessionBusy(
-                    "the session is held by another client, which joined after this one (one client per "
-                    "session): handshake again to take it back once that client disconnects"
+                    f"client '{clip(client_id, 40)}' has not joined this session, which another client holds (one "
+                    "client per session): handshake naming the session to join it (refused while its holder has "
+                    "a training stream open), or open a session of your own (a handshake naming none)"
                 )
             self._streams += 1
             holder = self._holder

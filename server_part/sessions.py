@@ -107,10 +107,7 @@ class SessionRegistry:
     ) -> None:
         """Refuse a handshake whose client cannot train with this server's part (before any session is touched)."""
         expected = self.template.contract
-        if protocol_version != PROTOCOL_VERSION:
-            raise PreconditionFailed(
-                f"protocol version {protocol_version} is not spoken here: expected {PROTOCOL_VERSION}"
-            )
+        check_version(protocol_version)
         if mode is not self.mode:
             raise PreconditionFailed(
                 f"cut mode mismatch: this server holds {self.mode.describe()}, but the client is built for "
@@ -305,6 +302,11 @@ class SessionRegistry:
     def _check_running(self) -> None:
         if self._stopping:
             raise ShuttingDown("the server is shutting down; retry when it is back")
+
+
+def check_version(protocol_version: int) -> None:
+    if protocol_version != PROTOCOL_VERSION:
+        raise PreconditionFailed(f"protocol version {protocol_version} is not spoken here: expected {PROTOCOL_VERSION}")
 
 
 def _check_id(session_id: str) -> None:

@@ -77,7 +77,14 @@ class ServerTrainer:
             self._apply_accumulated_fn = Compiled(self._apply_accumulated, input_signature=[], jit_compile=True)
             self._test_fn = Compiled(self._test_step, input_signature=[iv_sig, label_sig])
             self._predict_fn = Compiled(self._predict_step, input_signature=[iv_sig])
-            self.metric_names = self._build_metrics()
+            self.metric_names = self._build_metrics(self.model)
+            # Evaluation's own loss tracker and metrics: the same layers (so the same weights) in a model of
+            # its own, compiled alike, so an Evaluate between two steps leaves the training's running values
+            # (and their denominators) alone.
+            self._eval_model = keras.Model(self.model.inputs[0], self.model.outputs[0], name=f"{self.model.name}_eval")
+            self._eval_model.compile(loss=fresh(loss), metrics=[fresh(m) for m in self.metric_settings])
+            if self._build_metrics(self._eval_model) != self.metric_names:
+                raise AssertionError("evaluation's metrics are named unlike training's")
         self._metrics_before: list[tf.Tensor] | None = None  # running metrics before an unfinished step
         self._no_gradient: set[int] = set()  # indices of weights the loss does not reach (set when tracing)
         self._pending: Callable[[], object] | None = None  # the last step's update, not yet applied
@@ -169,7 +176,7 @@ class ServerTrainer:
         """Accumulate loss and metrics on one batch with no update; return the running values."""
         self.settle()
         if reset_metrics:
-            self.model.reset_metrics()
+            self._eval_model.reset_metrics()
         with tf.device(self.device):
             values = self._test_fn(iv, labels)
         return [float(v) for v in values]
@@ -220,7 +227,7 @@ class ServerTrainer:
         return grads, iv_grad, y_pred
 
     def _test_step(self, iv: tf.Tensor, labels: tf.Tensor) -> list[tf.Tensor]:
-        model = self.model
+        model = self._eval_model  # its own metric objects (see __init__)
         y_pred = model(iv, training=False)
         loss = model.compute_loss(x=iv, y=labels, y_pred=y_pred, training=False)
         model._loss_tracker.update_state(loss, sample_weight=tf.shape(iv)[0])
@@ -234,11 +241,10 @@ class ServerTrainer:
 
     # -- set-up ------------------------------------------------------------------------------------------
 
-    def _build_metrics(self) -> list[str]:
+    def _build_metrics(self, model: keras.Model) -> list[str]:
         """Run the metrics once on zeros (no update) so their names are known before the first request."""
         zeros_iv = np.zeros((1, *self.contract.iv.shape), self.contract.iv.dtype)
         zeros_label = np.zeros((1, *self.label_spec.shape), self.label_spec.dtype)
-        model = self.model
         y_pred = model(zeros_iv, training=False)
         model.compute_loss(x=zeros_iv, y=zeros_label, y_pred=y_pred, training=False)
         names = list(model.compute_metrics(zeros_iv, zeros_label, y_pred))
@@ -261,6 +267,16 @@ class ServerTrainer:
     def _is_sparse(loss: Any) -> bool:
         name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
         return name in _SPARSE_LOSSES
+
+
+def fresh(setting: Any) -> Any:
+    """A new object configured as `setting` (an optimizer, a metric, a loss), so two users share no state.
+    Names ("adam") and plain functions are returned as they are: each use makes its own object."""
+    if setting is None or isinstance(setting, str) or not hasattr(setting, "get_config"):
+        return setting
+    if isinstance(setting, keras.optimizers.Optimizer):
+        return keras.optimizers.deserialize(keras.optimizers.serialize(setting))
+    return type(setting).from_config(setting.get_config())
 
 
 def _tf_variables(*holders: Any) -> list[Any]:

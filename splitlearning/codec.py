@@ -37,6 +37,16 @@ _DTYPES: dict[DTypeCode, np.dtype] = {
     pb.DTYPE_BOOL: np.dtype("?"),
 }
 _BY_NAME: dict[str, DTypeCode] = {dt.name: code for code, dt in _DTYPES.items()}
+# Every message names dtypes as numpy does (float32, bfloat16, int64), never as the proto enum (DTYPE_FLOAT32).
+_KNOWN_DTYPES = ", ".join(dt.name for dt in _DTYPES.values())
+# Encodings are named as the --wire-encoding flags name them; unspecified is raw.
+ENCODING_NAMES: dict[EncodingCode, str] = {
+    pb.ENCODING_UNSPECIFIED: "raw",
+    pb.ENCODING_RAW: "raw",
+    pb.ENCODING_FLOAT16: "float16",
+    pb.ENCODING_BFLOAT16: "bfloat16",
+    pb.ENCODING_INT8: "int8",
+}
 
 # Wire encodings whose payload is a narrower float than the tensor's own dtype.
 _NARROW_FLOATS: dict[EncodingCode, np.dtype] = {
@@ -59,12 +69,13 @@ def dtype_to_proto(dtype: np.dtype | str | type) -> DTypeCode:
 def dtype_from_proto(code: DTypeCode) -> np.dtype:
     """The numpy dtype for a `DType` enum value."""
     if code not in _DTYPES:
-        raise InvalidRequest(f"unknown or unspecified dtype {code}; expected one of {sorted(_DTYPES)}")
+        raise InvalidRequest(f"unknown or unspecified dtype {code}; expected one of {_KNOWN_DTYPES}")
     return _DTYPES[code]
 
 
 def dtype_name(code: int) -> str:
-    return pb.DType.Name(code) if code in pb.DType.values() else str(code)  # type: ignore[arg-type]
+    """numpy's name of a `DType` value ('float32'): the one vocabulary for dtypes in every message."""
+    return _DTYPES[code].name if code in _DTYPES else f"unknown dtype {code}"  # type: ignore[index]
 
 
 def to_proto(array: np.ndarray, encoding: EncodingCode = pb.ENCODING_RAW) -> pb.Tensor:
@@ -96,7 +107,7 @@ def encode(array: np.ndarray, encoding: EncodingCode = pb.ENCODING_RAW) -> Paylo
         header.encoding = encoding
         header.scale, values = _int8(array)
     else:
-        raise InvalidRequest(f"unknown encoding {encoding}")
+        raise InvalidRequest(f"unknown encoding {encoding}; expected one of raw, float16, bfloat16, int8")
     return Payload(header, values.reshape(-1).view(np.uint8))
 
 
@@ -130,6 +141,8 @@ def decode(message: pb.Tensor, content: bytes | memoryview, field: str = "tensor
         raise InvalidRequest(f"{field}: negative dimension in shape {list(shape)}")
     count = math.prod(shape)
     encoding = message.encoding or pb.ENCODING_RAW
+    if encoding not in ENCODING_NAMES:
+        raise InvalidRequest(f"{field}: unknown encoding {encoding}; expected one of raw, float16, bfloat16, int8")
     if encoding == pb.ENCODING_RAW:
         wire = dtype
     elif encoding in _NARROW_FLOATS and message.dtype in _FLOAT_CODES:
@@ -157,11 +170,10 @@ def decode(message: pb.Tensor, content: bytes | memoryview, field: str = "tensor
 
 def _checked_dtype(code: DTypeCode, field: str) -> np.dtype:
     if code not in _DTYPES:
-        raise InvalidRequest(
-            f"{field}: unknown or unspecified dtype {code}; expected one of {[dtype_name(c) for c in _DTYPES]}"
-        )
+        raise InvalidRequest(f"{field}: unknown or unspecified dtype {code}; expected one of {_KNOWN_DTYPES}")
     return _DTYPES[code]
 
 
 def _encoding_name(code: int) -> str:
-    return pb.Encoding.Name(code) if code in pb.Encoding.values() else str(code)  # type: ignore[arg-type]
+    """The name of an `Encoding` value as flags and refusals write it ('int8'; see `encodings.name`)."""
+    return ENCODING_NAMES.get(code, f"unknown encoding {code}")  # type: ignore[call-overload]

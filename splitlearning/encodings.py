@@ -52,7 +52,7 @@ def parse_list(names: str | Iterable[str | int]) -> tuple[EncodingCode, ...]:
 
 def name(code: int) -> str:
     """The flag name of an `Encoding` value ('raw', 'float16', ...)."""
-    return _NAMES.get(RAW if code == pb.ENCODING_UNSPECIFIED else code, str(code))  # type: ignore[call-overload]
+    return _NAMES.get(RAW if code == pb.ENCODING_UNSPECIFIED else code, f"unknown encoding {code}")  # type: ignore[call-overload]
 
 
 def negotiate(preferred: Sequence[int], allowed: Collection[int]) -> EncodingCode:

@@ -133,6 +133,8 @@ def handshake(served: Served, **fields: Any) -> Callable[[], object]:
     fields.setdefault("protocol_version", PROTOCOL_VERSION)
     fields.setdefault("contract", iv_contract())
     fields.setdefault("max_batch_size", MAX_BATCH)
+    if fields["contract"] is None:
+        del fields["contract"]
     return lambda: served.stub.Handshake(pb.HandshakeRequest(**fields), timeout=TIMEOUT)
 
 
@@ -198,14 +200,42 @@ def test_handshake_without_label_spec_is_accepted(served: Served) -> None:
 
 @pytest.mark.parametrize(
     "request_fields",
-    [{"contract": None}, {"contract": pb.CutContract(label=iv_contract().label)}],
-    ids=["no-contract", "no-iv"],
+    [
+        {},
+        {"contract": pb.CutContract(label=iv_contract().label)},
+        {"contract": pb.CutContract(iv=pb.TensorSpec())},
+        {"contract": pb.CutContract(), "encodings": [pb.ENCODING_INT8], "max_batch_size": 10**6},
+    ],
+    ids=["no-contract", "no-iv", "empty-iv", "any-batch"],
 )
-def test_handshake_missing_contract(served: Served, request_fields: dict[str, Any]) -> None:
-    fields = {k: v for k, v in request_fields.items() if v is not None}
-    request = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, max_batch_size=MAX_BATCH, **fields)
+def test_handshake_without_iv_spec_answers_the_contract_and_opens_no_session(
+    served: Served, request_fields: dict[str, Any]
+) -> None:
+    """An inquiry: the server's contract (both specs) and limits, no session (docs/protocol.md)."""
+    before = server_snapshot(served.server)
+    request = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, **request_fields)
+    reply = served.stub.Handshake(request, timeout=TIMEOUT)
+    expected = iv_contract()
+    expected.output.CopyFrom(pb.TensorSpec(shape=[NUM_CLASSES], dtype=pb.DTYPE_FLOAT32))
+    assert reply.contract == expected
+    assert (reply.session_id, reply.next_step) == ("", 0)
+    assert reply.protocol_version == PROTOCOL_VERSION
+    assert reply.max_batch_size == MAX_BATCH
+    assert reply.mode == pb.CUT_MODE_STANDARD
+    assert reply.encoding == pb.ENCODING_RAW
+    assert list(reply.metric_names) == ["loss", "accuracy"]
+    assert_same_snapshot(before, server_snapshot(served.server))
+
+
+def test_inquiry_checks_the_protocol_version(served: Served) -> None:
+    served.refused(handshake(served, protocol_version=9, contract=None), Code.FAILED_PRECONDITION, "version 9")
+
+
+def test_inquiry_naming_a_session_is_refused(served: Served) -> None:
     served.refused(
-        lambda: served.stub.Handshake(request, timeout=TIMEOUT), Code.INVALID_ARGUMENT, "contract.iv is required"
+        handshake(served, contract=None, session_id=served.session),
+        Code.INVALID_ARGUMENT,
+        "contract.iv is required to join a session",
     )
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from splitlearning import codec
+from splitlearning import codec, encodings
 from splitlearning.errors import InvalidRequest
 from splitlearning.v1 import split_learning_pb2 as pb
 
@@ -283,7 +283,7 @@ def test_wrong_content_length_for_narrow_encoding() -> None:
     bad = pb.Tensor(
         dtype=pb.DTYPE_FLOAT32, shape=[2, 3], encoding=pb.ENCODING_FLOAT16, content=np.ones(6, "<f4").tobytes()
     )
-    raises_invalid(bad, "needs 12 bytes", "got 24", "ENCODING_FLOAT16")
+    raises_invalid(bad, "needs 12 bytes", "got 24", "float32 encoded as float16")
 
 
 def test_wrong_content_length_for_int8_encoding() -> None:
@@ -304,7 +304,14 @@ def test_negative_dimension(shape: list[int]) -> None:
 @pytest.mark.parametrize("code", [pb.DTYPE_UNSPECIFIED, 11, 99])
 def test_unspecified_or_unknown_dtype(code: Any) -> None:
     text = raises_invalid(pb.Tensor(dtype=code, shape=[1], content=bytes(4)), "dtype", str(code))
-    assert "DTYPE_FLOAT32" in text  # names what is expected
+    assert "float32" in text  # names what is expected, in numpy's names as every refusal does
+    assert "DTYPE_" not in text
+
+
+def test_dtype_from_proto_names_the_dtypes() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        codec.dtype_from_proto(77)  # type: ignore[arg-type]
+    assert "float32" in str(info.value) and "bfloat16" in str(info.value), info.value
 
 
 @pytest.mark.parametrize(
@@ -315,13 +322,16 @@ def test_unspecified_or_unknown_dtype(code: Any) -> None:
 )
 def test_narrow_encoding_of_an_integer_dtype(code: Any, encoding: Any, width: int) -> None:
     bad = pb.Tensor(dtype=code, shape=[3], encoding=encoding, content=bytes(3 * width), scale=1.0)
-    raises_invalid(bad, "does not apply", pb.Encoding.Name(encoding), pb.DType.Name(code))
+    text = raises_invalid(
+        bad, "does not apply", f"encoding {encodings.name(encoding)} ", f"dtype {codec.dtype_from_proto(code).name}"
+    )
+    assert "DTYPE_" not in text and "ENCODING_" not in text
 
 
 @pytest.mark.parametrize("encoding", [5, 42])
 def test_unknown_encoding(encoding: Any) -> None:
     bad = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3], encoding=encoding, content=bytes(12))
-    raises_invalid(bad, "does not apply", str(encoding))
+    raises_invalid(bad, f"unknown encoding {encoding}", "expected one of raw, float16, bfloat16, int8")
 
 
 @pytest.mark.parametrize("dtype", ["complex64", "uint16", "uint32", "uint64", "object", "U3", "datetime64[s]"])
@@ -354,3 +364,22 @@ def test_shapes_numpy_cannot_hold_are_refused(shape: tuple[int, ...], fragment: 
     message = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=shape, content=b"" if 0 in shape else bytes(4))
     with pytest.raises(InvalidRequest, match=fragment):
         codec.from_proto(message, "iv")
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (0, 4)])
+def test_int8_of_an_all_zero_or_empty_tensor_has_scale_one(shape: tuple[int, ...]) -> None:
+    """docs/protocol.md, "int8, exactly": peak 0 gives scale 1.0 and every q 0."""
+    message = codec.to_proto(np.zeros(shape, "float32"), pb.ENCODING_INT8)
+    assert message.scale == 1.0
+    assert np.frombuffer(message.content, "i1").tolist() == [0] * math.prod(shape)
+
+
+def test_int8_is_the_documented_formula_exactly() -> None:
+    """q = round_half_even(float32(x) * float32(127 / peak)), scale = float32(peak / 127): never -128."""
+    peak = 2.0
+    x = np.array([-2.0, 2.0, 1.0, -1.0, 0.0, 0.5 * 2 / 127, 1.5 * 2 / 127, -0.3], "float32")
+    message = codec.to_proto(x, pb.ENCODING_INT8)
+    expected = np.rint(x * np.float32(127 / peak)).astype("i1")  # numpy's rint rounds half to even
+    np.testing.assert_array_equal(np.frombuffer(message.content, "i1"), expected)
+    assert message.scale == np.float32(peak / 127)
+    assert np.frombuffer(message.content, "i1").min() == -127

@@ -127,6 +127,13 @@ def test_a_stream_from_a_client_that_no_longer_holds_the_session_is_refused(serv
         assert server.session().next_step == 1
         assert stream_as("second", 1).step == 1
         assert stream_as(None, 2).step == 2  # a stream that names no client is the holder's, as before
+        with pytest.raises(grpc.RpcError) as refused:
+            stream_as("stranger", 3)  # it never joined: the refusal must not say it joined before the holder
+        details = refused.value.details() or ""
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'stranger' has not joined this session" in details, details
+        assert "joined after" not in details and "take it back" not in details, details
+        assert server.session().next_step == 3
 
 
 def test_a_client_whose_session_was_taken_between_its_handshake_and_its_first_step_is_refused(

@@ -226,6 +226,8 @@ Global___CutContract: _TypeAlias = CutContract  # noqa: Y015
 
 @_typing.final
 class HandshakeRequest(_message.Message):
+    """The protocol version this file describes is 1. The wire protocol in full: docs/protocol.md."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
@@ -237,7 +239,7 @@ class HandshakeRequest(_message.Message):
     RESTORABLE_STEPS_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
-    """Version of this protocol the client speaks; see `splitlearning.contract.PROTOCOL_VERSION`."""
+    """Version of this protocol the client speaks: 1. Any other value is FAILED_PRECONDITION."""
     session_id: _builtins.str
     """Session to join: one a handshake returned earlier (to rejoin after a failure, or to resume after either
     process restarted; a session that is not in memory is loaded from the server's checkpoints). Empty opens a
@@ -246,7 +248,9 @@ class HandshakeRequest(_message.Message):
     server's limit of sessions in memory is RESOURCE_EXHAUSTED.
     """
     max_batch_size: _builtins.int
-    """Largest number of samples the client will put in one request."""
+    """Largest number of samples the client will put in one request; over the server's limit is
+    FAILED_PRECONDITION; 0: not stated (the server's limit applies to every request).
+    """
     mode: Global___CutMode.ValueType
     """The cut the client is built for; must equal the server's, or the handshake is refused."""
     client_id: _builtins.str
@@ -255,7 +259,12 @@ class HandshakeRequest(_message.Message):
     """
     @_builtins.property
     def contract(self) -> Global___CutContract:
-        """The cut as the client's first part produces it."""
+        """The cut as the client's first part produces it. Without `contract.iv` (absent, or a TensorSpec with no
+        shape and DTYPE_UNSPECIFIED) the handshake is an inquiry: the server answers with its contract (iv, label
+        and output as it expects them), its limits, mode and metric names, opens no session (the response's
+        session_id is empty, next_step 0) and reads nothing else but protocol_version and encodings. An inquiry
+        that names a session is INVALID_ARGUMENT.
+        """
 
     @_builtins.property
     def encodings(self) -> _containers.RepeatedScalarFieldContainer[Global___Encoding.ValueType]:
@@ -300,9 +309,9 @@ class HandshakeResponse(_message.Message):
     METRIC_NAMES_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
-    """Version of this protocol the server speaks."""
+    """Version of this protocol the server speaks (1)."""
     session_id: _builtins.str
-    """The session to name in every later request."""
+    """The session to name in every later request; empty in the answer to an inquiry (no contract.iv)."""
     next_step: _builtins.int
     """Number of training steps the server has applied in this session; the next step to send. When the
     request listed `restorable_steps`, the latest of them the server also holds (restored if need be).
@@ -315,7 +324,7 @@ class HandshakeResponse(_message.Message):
     """The cut the server's part is built for."""
     @_builtins.property
     def contract(self) -> Global___CutContract:
-        """The cut as the server's second part expects it."""
+        """The cut as the server's second part expects it: iv, label (standard cut only) and output."""
 
     @_builtins.property
     def metric_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -365,7 +374,7 @@ class TrainRequest(_message.Message):
     previous one (a retry, answered again without a second update).
     """
     reset_metrics: _builtins.bool
-    """Start a new accumulation of the running metrics (the first step of an epoch)."""
+    """Start a new accumulation of the running metrics (the first step of an epoch; read on micro-batch 0 only)."""
     micro_batches: _builtins.int
     """Micro-batch pipelining (standard cut): the number of micro-batches that make up this step; 0 or 1 means
     the request carries the whole batch. The server accumulates their gradients and applies one update after
@@ -374,7 +383,9 @@ class TrainRequest(_message.Message):
     micro_batch: _builtins.int
     """Index of the micro-batch this request carries, from 0, in order; used when micro_batches > 1."""
     step_samples: _builtins.int
-    """Samples in the whole step (all its micro-batches), so each micro-batch's loss is weighted by its share."""
+    """Samples in the whole step (all its micro-batches), so each micro-batch's loss is weighted by its share.
+    Required when micro_batches > 1 (0 is INVALID_ARGUMENT).
+    """
     @_builtins.property
     def iv(self) -> Global___Tensor:
         """Cut-layer activations, shape [batch, *contract.iv.shape]; unset in the U-shape's second request."""
@@ -424,7 +435,10 @@ class TrainResponse(_message.Message):
 
     @_builtins.property
     def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Running values since the last reset, named by `HandshakeResponse.metric_names` (loss first)."""
+        """Running values since the last reset, named by `HandshakeResponse.metric_names` (loss first): over every
+        sample trained on since then, weighted by batch size (a micro-batch's reply includes that micro-batch).
+        Evaluate keeps an accumulator of its own.
+        """
 
     @_builtins.property
     def outputs(self) -> Global___Tensor:
