@@ -6,6 +6,15 @@
 # TF_EXTRA names the pyproject.toml extra that brings TensorFlow: `cpu` (tensorflow-cpu, the default) or `gpu`
 # (tensorflow[and-cuda]: CUDA and cuDNN come as pip wheels, the host needs only the NVIDIA driver and the
 # NVIDIA Container Toolkit).
+#
+# Behind a proxy that presents its own certificate authority, or with a package index of your own (BuildKit,
+# i.e. `docker build` of Docker 23+, or DOCKER_BUILDKIT=1):
+#
+#   docker build --secret id=pip-ca,src="$PIP_CERT" --build-arg PIP_INDEX_URL="$PIP_INDEX_URL" -t splitlearning .
+#
+# The secret `pip-ca` (a PEM bundle) is what pip trusts during the build; it is mounted for that one command and
+# is in no layer and no history. PIP_INDEX_URL, where given, replaces PyPI (also only in the build stage).
+# Both are optional: without them pip uses PyPI and the system's roots.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -13,6 +22,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # so no compiler is needed even here; whatever this stage holds besides /opt/venv stays behind.
 FROM ${PYTHON_IMAGE} AS build
 ARG TF_EXTRA=cpu
+ARG PIP_INDEX_URL=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
@@ -20,7 +30,10 @@ COPY pyproject.toml README.md ./
 COPY splitlearning ./splitlearning
 COPY client_part ./client_part
 COPY server_part ./server_part
-RUN /opt/venv/bin/pip install ".[${TF_EXTRA}]" \
+RUN --mount=type=secret,id=pip-ca,required=false \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && if [ -z "${PIP_INDEX_URL}" ]; then unset PIP_INDEX_URL; fi \
+ && /opt/venv/bin/pip install ".[${TF_EXTRA}]" \
  && /opt/venv/bin/pip uninstall --yes pip
 
 # Final stage: the interpreter, the virtual environment and a non-root user; no build tools, no sources.
@@ -33,8 +46,10 @@ LABEL org.opencontainers.image.title="splitlearning" \
 COPY --from=build /opt/venv /opt/venv
 # /var/lib/splitlearning is where compose mounts the named volumes (checkpoints); created here and owned by
 # the user, a fresh named volume takes this ownership on first mount.
-RUN groupadd --system --gid 10001 split \
- && useradd --system --uid 10001 --gid split --home-dir /home/split --create-home --shell /usr/sbin/nologin split \
+# A regular (not --system) account: its uid 10001 lies above the system range, where useradd warns about it.
+RUN groupadd --gid 10001 split \
+ && useradd --no-log-init --uid 10001 --gid split --home-dir /home/split --create-home --shell /usr/sbin/nologin \
+      split \
  && install --directory --owner split --group split /var/lib/splitlearning
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
+from google.protobuf import text_format
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +90,43 @@ class StepCheckpoints:
             return
         # Unlist first (an atomic rewrite of the `checkpoint` file), then delete: a crash in between leaves
         # only unlisted files, which are never read and are overwritten by a later save of the same step.
-        tf.compat.v1.train.update_checkpoint_state(str(self.directory), keep[-1], all_model_checkpoint_paths=keep)
+        self._write_state(keep)
         self._manager = self._new_manager()
         for prefix in stale:
             for file in tf.io.gfile.glob(prefix + ".*"):
                 tf.io.gfile.remove(file)
         log.info("forgot checkpoints after step %d: %s", step, [Path(p).name for p in stale])
 
+    def _write_state(self, keep: Sequence[str]) -> None:
+        """Rewrite the `checkpoint` state file to list only `keep` (the latest last), atomically.
 
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON so a reader sees the old file or the new one, never half of one."""
+        The file CheckpointManager writes and reads, in the same text format and with the same relative paths
+        and timestamps (the manager ages its checkpoints by them); TensorFlow's own writer,
+        `tf.compat.v1.train.update_checkpoint_state`, is deprecated and logs so on every call."""
+        state = tf.train.get_checkpoint_state(str(self.directory))
+        timestamps = dict(zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps, strict=False))
+        kept = type(state)()
+        kept.model_checkpoint_path = Path(keep[-1]).name
+        for path in keep:
+            kept.all_model_checkpoint_paths.append(Path(path).name)
+            kept.all_model_checkpoint_timestamps.append(timestamps.get(path, state.last_preserved_timestamp))
+        kept.last_preserved_timestamp = state.last_preserved_timestamp
+        write_text_atomic(self.directory / "checkpoint", text_format.MessageToString(kept))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` so a reader sees the old file or the new one, never half of one."""
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "w") as file:
-        json.dump(dict(payload), file)
+        file.write(text)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON so a reader sees the old file or the new one, never half of one."""
+    write_text_atomic(path, json.dumps(dict(payload)))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -98,3 +98,7 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # TensorFlow's absl logger says "Sharding callback duration: 9 microseconds" at INFO on every checkpoint
+    # save: not this project's news. Shown at DEBUG only.
+    absl = logging.getLogger("absl")
+    absl.setLevel(logging.NOTSET if logging.getLogger().level <= logging.DEBUG else logging.WARNING)

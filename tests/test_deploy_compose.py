@@ -136,17 +136,28 @@ def test_state_goes_to_named_volumes(variant: str) -> None:
     assert set(mounted) <= set(config["volumes"]), "named volumes, declared at the top level"
 
 
+@pytest.mark.parametrize("variant", list(FILES))
+def test_the_image_is_built_once_and_shared(variant: str) -> None:
+    """One service builds the image and tags it; the other runs that tag (two `build:`s build it twice)."""
+    found = services(resolved(*FILES[variant]))
+    builders = [service.name for service in found.values() if "build" in service.raw]
+    assert builders == ["server"], f"exactly one service builds the image, not {builders}"
+    assert len({service.raw["image"] for service in found.values()}) == 1, "both run the image the server built"
+    assert found["client"].raw["depends_on"]["server"], "the client is created after the server's build"
+
+
 def test_cpu_by_default_and_a_gpu_each_with_the_override() -> None:
     for service in services(resolved()).values():
         assert service.environment["SPLIT_DEVICE"] == "/CPU:0"
         assert "deploy" not in service.raw, f"{service.name}: reserves devices by default"
-        assert service.raw["build"]["args"]["TF_EXTRA"] == "cpu"
+    assert services(resolved())["server"].raw["build"]["args"]["TF_EXTRA"] == "cpu"
 
     gpu = services(resolved(COMPOSE_FILE, GPU_COMPOSE_FILE))
+    assert gpu["server"].raw["build"]["args"]["TF_EXTRA"] == "gpu"
+    assert {service.raw["image"] for service in gpu.values()} == {"splitlearning:gpu"}
     reserved = []
     for service in gpu.values():
         assert service.environment["SPLIT_DEVICE"] == "/GPU:0", "each container sees its one GPU as /GPU:0"
-        assert service.raw["build"]["args"]["TF_EXTRA"] == "gpu"
         (device,) = service.raw["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         reserved.append(tuple(device["device_ids"]))
@@ -156,7 +167,9 @@ def test_cpu_by_default_and_a_gpu_each_with_the_override() -> None:
 def test_the_image_matches_the_compose_file() -> None:
     build, final = stages()
     assert len(stages()) == 2
-    compose_args = {arg for service in services(resolved()).values() for arg in service.raw["build"]["args"]}
+    compose_args = {
+        arg for service in services(resolved()).values() for arg in service.raw.get("build", {}).get("args", {})
+    }
 
     # The TensorFlow extra: a build argument, `cpu` by default, naming one of pyproject.toml's extras.
     defaults = {}

@@ -1,0 +1,43 @@
+"""Rolling step checkpoints back rewrites TensorFlow's `checkpoint` state file itself: the same text format, the
+same relative paths and timestamps, atomically, and without TensorFlow's deprecated writer (which logged a
+deprecation warning on every rollback)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import pytest
+import tensorflow as tf
+
+from splitlearning.checkpoint import StepCheckpoints
+
+
+def test_a_rollback_lists_only_the_kept_steps(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    weight = keras.Variable(0.0)
+    checkpoints = StepCheckpoints(tmp_path, {"model": [weight]}, max_to_keep=5)
+    for step in (1, 2, 3, 4):
+        weight.assign(float(step))
+        checkpoints.save(step)
+    before = tf.train.get_checkpoint_state(str(tmp_path))
+
+    with caplog.at_level(logging.WARNING):
+        checkpoints.restore(2)
+    assert "deprecat" not in caplog.text.lower()
+    assert float(weight.numpy()) == 2.0
+    assert checkpoints.steps() == [1, 2]
+
+    text = (tmp_path / "checkpoint").read_text()
+    assert 'model_checkpoint_path: "ckpt-2"' in text
+    assert str(tmp_path) not in text, "relative paths: the folder may be mounted elsewhere"
+    after = tf.train.get_checkpoint_state(str(tmp_path))
+    assert list(after.all_model_checkpoint_timestamps) == list(before.all_model_checkpoint_timestamps)[:2]
+    assert after.last_preserved_timestamp == before.last_preserved_timestamp
+    assert not list(tmp_path.glob("ckpt-3.*")) and not list(tmp_path.glob(".checkpoint.tmp"))
+
+    # A new manager (a restarted process) sees the same steps, and saving goes on from there.
+    reopened = StepCheckpoints(tmp_path, {"model": [weight]}, max_to_keep=5)
+    assert reopened.steps() == [1, 2]
+    reopened.save(3)
+    assert reopened.steps() == [1, 2, 3]
