@@ -48,6 +48,11 @@ def headline(summary: Mapping[str, Any]) -> str:
     line += f" ({summary['samples_per_s']:,.0f} samples/s)"
     if summary["start_step"] == 0:
         return line
+    if steps == 0:  # a finished run resumed: its checkpoints are at its end
+        return (
+            f"nothing left to train: the session already holds {summary['session_epochs']} epochs, "
+            f"{summary['session_steps']} steps (resumed at step {summary['start_step']}, its end)"
+        )
     first, last = summary["first_epoch"], summary["first_epoch"] + epochs - 1
     trained = f"epoch {first}" if first == last else f"epochs {first}-{last}"
     return (

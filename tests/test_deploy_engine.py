@@ -89,6 +89,7 @@ def test_compose_trains_resumes_finished_and_cleans_up() -> None:
         assert f"restored this client's checkpoint of step {steps}" in output, output[-3000:]
         assert re.search(rf"resumed session \w+ at step {steps}\b", output), output[-3000:]
         assert "Epoch 1/" not in output and "saved checkpoint" not in output, f"it trained again:\n{output}"
+        assert "nothing left to train" in output, output[-3000:]
         assert "forgot checkpoints" not in output, f"the server rolled back:\n{output}"
         assert "update_checkpoint_state" not in output, output
         assert TEST_ACCURACY.findall(output) == [accuracy], "the same model, evaluated again"

@@ -66,3 +66,11 @@ def test_a_fresh_run_says_it_once() -> None:
     result = summary.summarize({"loss": [0.5]}, {"loss": 0.4}, totals, range(10), 10.0, 10, 230)
     assert summary.headline(result) == "trained 10 epochs, 230 steps, in 10.0 s (1,472 samples/s)"
     assert "session" not in summary.table(result) and "this run" not in summary.table(result)
+
+
+def test_a_finished_run_resumed_says_there_was_nothing_left() -> None:
+    """A finished pair started again (compose `up` after a completed run) trains no step: it says so."""
+    result = summary.summarize({}, {"loss": 0.4}, StepTotals(), range(10, 10), 0.01, 10, 210, start_step=210)
+    assert summary.headline(result) == (
+        "nothing left to train: the session already holds 10 epochs, 210 steps (resumed at step 210, its end)"
+    )
