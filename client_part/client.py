@@ -319,6 +319,7 @@ class SplitClient:
             if run.verbose:
                 print(f"Epoch {epoch + 1}/{run.epochs}")
             self._reset_metrics = True
+            self._transport.epoch = epoch  # the server numbers its epochs as this client does
             self.trainer.regularization.reset_state()
             started, samples, logs, index = time.perf_counter(), 0, {}, start - 1
             # The next batch is gathered and made a tensor on the client's device while this step runs.

@@ -90,6 +90,7 @@ class Transport:
         self.bytes_sent = 0  # serialized TrainRequest bytes so far (counted by the Train call's serializer)
         self.bytes_received = 0  # serialized TrainResponse bytes so far (counted by its deserializer)
         self.encoding: codec.EncodingCode = encodings.RAW  # of the IV it sends; set by the handshake
+        self.epoch: int | None = None  # the epoch `fit` is in (from 0), named on the steps that reset the metrics
 
     def _open_channel(self) -> grpc.Channel:
         options: list[tuple[str, int | str]] = [
@@ -223,6 +224,8 @@ class Transport:
     ) -> None:
         """Queue one request on the training stream without waiting for its answer (see `receive`)."""
         request = pb.TrainRequest(session_id=self.session_id, step=step, reset_metrics=reset)
+        if reset and self.epoch is not None:
+            request.epoch = self.epoch
         if micro_batches > 1:
             request.micro_batches, request.micro_batch, request.step_samples = micro_batches, micro_batch, step_samples
         # The arrays' bytes are sent from where they are (views): nothing may change them before they are sent.

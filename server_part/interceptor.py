@@ -103,6 +103,7 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
                             frame.wire_size,
                             response.wire_size,  # serialises it: the serializer then sends these bytes
                             completes=request.micro_batches <= 1 or request.micro_batch + 1 == request.micro_batches,
+                            epoch=request.epoch if request.HasField("epoch") else None,
                         )
                         if log.isEnabledFor(logging.DEBUG):
                             log.debug("step answered in %.2f ms (compute %.2f ms)", serve * 1e3, compute * 1e3)

@@ -169,11 +169,12 @@ class ServerTelemetry:
         received: int,
         sent: int,
         completes: bool = True,
+        epoch: int | None = None,
     ) -> None:
         """A training request of step `step` (from 0) of `session` was answered with the running `metrics`;
         seconds and bytes as measured. Every request counts as one; only a reply that completes a step not
         counted yet counts as a step (not a resend answered from the first reply, nor a micro-batch before
-        the last)."""
+        the last). `epoch`, on a step that resets the metrics, is the epoch's index as the client counts it."""
         self._train_requests.inc()
         self._train_latency.observe(serve)
         self.recent.add(serve)
@@ -193,7 +194,7 @@ class ServerTelemetry:
         for gauge, value in zip(series.metric_gauges, metrics, strict=False):
             gauge.set(value)
         if reset:
-            self._open_epoch(series)
+            self._open_epoch(series, epoch)
         with self._lock:
             series.last_done, series.last_metrics, series.epoch_open = step + 1, list(metrics), True
         if series.tensorboard is not None:
@@ -248,7 +249,7 @@ class ServerTelemetry:
             if series.tensorboard is not None:
                 series.tensorboard.close()
 
-    def _open_epoch(self, series: _SessionSeries) -> None:
+    def _open_epoch(self, series: _SessionSeries, epoch: int | None) -> None:
         self.close_epoch(series.session)
         with self._lock:
-            series.epoch += 1
+            series.epoch = epoch if epoch is not None else series.epoch + 1

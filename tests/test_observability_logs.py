@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from client_part import SplitClient
 from splitlearning import logs
 from tests.conftest import StartServer, make_data
@@ -57,3 +59,18 @@ def test_server_and_client_step_lines_name_step_session_and_peer(split_pair: Sta
         (1, 2, session, split.target),
         (2, 4, session, split.target),
     ]
+
+
+def test_the_server_numbers_epochs_as_the_client_does(
+    split_pair: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a resume (here: `initial_epoch`, as Keras takes it) the server's epoch lines carry the client's epoch
+    numbers, not a count that started again at 1 (issue 19)."""
+    split = split_pair("plain", 3)
+    x, y = make_data(20)
+    with caplog.at_level(logging.INFO, logger="server_part.telemetry"):
+        with SplitClient(split.bottom, "sgd", target=split.target, connect_timeout=10) as client:
+            client.fit(x, y, batch_size=10, epochs=7, initial_epoch=5, verbose=0)
+        split.server.stop(grace=1.0)  # closes the last epoch
+    epochs = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "server_part.telemetry"]
+    assert epochs == ["epoch 6", "epoch 7"], epochs

@@ -367,6 +367,7 @@ class TrainRequest(_message.Message):
     MICRO_BATCHES_FIELD_NUMBER: _builtins.int
     MICRO_BATCH_FIELD_NUMBER: _builtins.int
     STEP_SAMPLES_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session from the handshake."""
     step: _builtins.int
@@ -385,6 +386,11 @@ class TrainRequest(_message.Message):
     step_samples: _builtins.int
     """Samples in the whole step (all its micro-batches), so each micro-batch's loss is weighted by its share.
     Required when micro_batches > 1 (0 is INVALID_ARGUMENT).
+    """
+    epoch: _builtins.int
+    """On a request with reset_metrics (an epoch's first step, or the first after a resume): the index of the epoch,
+    from 0, as the client counts it. The server numbers its epochs (logs, TensorBoard) with it; unset, it counts
+    the resets it has seen, which start again with a restarted server.
     """
     @_builtins.property
     def iv(self) -> Global___Tensor:
@@ -410,12 +416,15 @@ class TrainRequest(_message.Message):
         micro_batches: _builtins.int = ...,
         micro_batch: _builtins.int = ...,
         step_samples: _builtins.int = ...,
+        epoch: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels", "output_gradient", b"output_gradient"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "iv", b"iv", "labels", b"labels", "output_gradient", b"output_gradient"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "labels", b"labels", "micro_batch", b"micro_batch", "micro_batches", b"micro_batches", "output_gradient", b"output_gradient", "reset_metrics", b"reset_metrics", "session_id", b"session_id", "step", b"step", "step_samples", b"step_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "iv", b"iv", "labels", b"labels", "micro_batch", b"micro_batch", "micro_batches", b"micro_batches", "output_gradient", b"output_gradient", "reset_metrics", b"reset_metrics", "session_id", b"session_id", "step", b"step", "step_samples", b"step_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
+    _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
 
 Global___TrainRequest: _TypeAlias = TrainRequest  # noqa: Y015
 
