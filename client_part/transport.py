@@ -11,8 +11,9 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client_part import stopping
+from client_part import stopping, tls_failure
 from splitlearning import codec, encodings, framing, keepalive
 from splitlearning.contract import (
     CLIENT_ID_METADATA_KEY,
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 _MESSAGE_OVERHEAD = 64 * 1024
 _TRAIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['SplitLearningService'].full_name}/Train"
 _END = None
+# While connecting: how often a failed channel's last error is read, and how long that call may take.
+_LOOK_INTERVAL = 0.5
+_LOOK_TIMEOUT = 2.0
 # Reconnect quickly once a restarted server is back (gRPC's default backoff grows to two minutes).
 _RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
@@ -140,24 +144,77 @@ class Transport:
         self._stub, self._train_call = self._stubs()
 
     def wait_ready(self, timeout: float, stop: Callable[[], bool] = lambda: False) -> None:
-        """Wait up to `timeout` seconds for the channel to connect; `Stopped` as soon as `stop()` says so."""
-        ready = grpc.channel_ready_future(self._channel)
+        """Wait up to `timeout` seconds for the channel to connect; `Stopped` as soon as `stop()` says so.
+
+        A server that is not up yet (connection refused) is waited for; a TLS failure ends the wait at once. While
+        the channel is in TRANSIENT_FAILURE, a health check that does not wait for readiness reads the cause gRPC
+        reports (at most every `_LOOK_INTERVAL` seconds); when it names a TLS failure, or gRPC says only that the
+        peer closed the connection and a TLS handshake of the client's own finds one (`tls_failure.probe`), the
+        wait ends with a `ConnectionError` naming the cause and the flag to check.
+        """
+        state = [grpc.ChannelConnectivity.IDLE]
+        changed = threading.Event()  # set by gRPC's thread only (a signal handler never touches it)
+
+        def watch(connectivity: grpc.ChannelConnectivity) -> None:
+            state[0] = connectivity
+            changed.set()
+
+        self._channel.subscribe(watch, try_to_connect=True)
         deadline = time.monotonic() + timeout
+        next_look = 0.0
         try:
             while True:
                 if stop():
                     raise stopping.Stopped(f"stopped on request while waiting for the server at {self.target}")
-                try:
-                    ready.result(timeout=max(0.0, min(stopping.POLL, deadline - time.monotonic())))
+                if state[0] is grpc.ChannelConnectivity.READY:
                     return
-                except grpc.FutureTimeoutError:
-                    if time.monotonic() >= deadline:
-                        raise
-        except grpc.FutureTimeoutError:
-            hint = " (or the TLS handshake failed: check --tls-ca, --tls-cert, --tls-key)" if self._tls else ""
-            raise ConnectionError(f"no server answered at {self.target} within {timeout:g} s{hint}") from None
+                now = time.monotonic()
+                if state[0] is grpc.ChannelConnectivity.TRANSIENT_FAILURE and now >= next_look:
+                    next_look = now + _LOOK_INTERVAL
+                    cause = self._tls_failure(stop)
+                    if cause:
+                        raise ConnectionError(cause)
+                    now = time.monotonic()
+                if now >= deadline:
+                    hint = " (or the TLS handshake failed: check --tls-ca, --tls-cert, --tls-key)" if self._tls else ""
+                    raise ConnectionError(f"no server answered at {self.target} within {timeout:g} s{hint}")
+                changed.wait(min(stopping.POLL, deadline - now))
+                changed.clear()
         finally:
-            ready.cancel()  # else it keeps watching the channel (and a thread) alive
+            self._channel.unsubscribe(watch)
+
+    def _tls_failure(self, stop: Callable[[], bool]) -> str | None:
+        """What `wait_ready` says when the channel's last connection attempt failed for a TLS reason, else None."""
+        details = self._last_error(stop)
+        cause = tls_failure.explain(details, self.target, self._tls)
+        if cause is None and tls_failure.worth_probing(details):
+            cause = tls_failure.probe(details, self.target, self._tls, stop)
+        if cause is not None:
+            log.debug("connecting to %s: gRPC says %r", self.target, details)
+        return cause
+
+    def _last_error(self, stop: Callable[[], bool]) -> str:
+        """gRPC's details of a health check that does not wait for readiness: on a channel in TRANSIENT_FAILURE it
+        fails at once with the last connection error ("" when it does not fail UNAVAILABLE)."""
+        request = health_pb2.HealthCheckRequest(service="")
+        check = health_pb2_grpc.HealthStub(self._channel).Check
+        call = check.future(request, timeout=_LOOK_TIMEOUT, wait_for_ready=False)
+        try:
+            while True:
+                try:
+                    call.result(timeout=stopping.POLL)
+                    return ""
+                except grpc.FutureTimeoutError:
+                    if stop():
+                        raise stopping.Stopped(
+                            f"stopped on request while waiting for the server at {self.target}"
+                        ) from None
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else None
+            details = error.details() if isinstance(error, grpc.Call) else ""
+            return (details or "") if code == grpc.StatusCode.UNAVAILABLE else ""
+        finally:
+            call.cancel()
 
     def handshake(
         self,

@@ -163,10 +163,10 @@ class ServerProcess:
         subprocesses.stop(self.process, timeout=20)
 
 
-def start_server(directory: Path, *args: str, name: str = "server") -> ServerProcess:
-    """`python -m server_part --address 127.0.0.1:0 ARGS`, its output in a log file; waits for the port."""
+def start_server(directory: Path, *args: str, name: str = "server", address: str = "127.0.0.1:0") -> ServerProcess:
+    """`python -m server_part --address ADDRESS ARGS`, its output in a log file; waits for the port."""
     port_file, log = directory / f"{name}.port", directory / f"{name}.log"
-    command = [sys.executable, "-m", "server_part", "--address", "127.0.0.1:0", "--port-file", str(port_file), *args]
+    command = [sys.executable, "-m", "server_part", "--address", address, "--port-file", str(port_file), *args]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=environment(), cwd=ROOT)
     deadline = time.monotonic() + SERVER_START_TIMEOUT

@@ -5,6 +5,9 @@ The certificates are made by the test itself (tests/security_support.py), never 
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_part import RemoteError, SplitClient
+from client_part.stopping import Stopped
 from client_part.transport import Transport
 from splitlearning import data
 from splitlearning.contract import Spec
@@ -211,3 +215,128 @@ def test_tls_server_trains_a_client_that_checks_it(pki: Pki, tmp_path: Path, dig
         assert "TLS" in server.log_text()
     finally:
         server.stop()
+
+
+# -- a TLS failure ends the wait for the server at once (issue 19) ----------------------------------------------
+
+# Far below the connect timeout the clients are given (120 s): the failure was named, not waited out.
+TLS_FAILURE_BOUND = 10.0
+
+
+@pytest.fixture(scope="module")
+def plaintext_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_server(tmp_path_factory.mktemp("plaintext"), "--model", "digits-mlp")
+    yield server
+    server.stop()
+
+
+def connect_failure(target: str, tls: TlsConfig | None, timeout: float = 120) -> tuple[str, float]:
+    """The error of a client that waits up to `timeout` s for the server at `target`, and how long it took."""
+    transport = Transport(target, 1 << 20, rpc_timeout=30, tls=tls)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectionError) as caught:
+            transport.wait_ready(timeout)
+    finally:
+        transport.close()
+    return str(caught.value), time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("client trusts another CA", ["CERTIFICATE_VERIFY_FAILED", "not signed by the CA in --tls-ca"]),
+        ("another server name", ["Hostname Verification", "does not name 'elsewhere.example'", "--tls-server-name"]),
+        ("no client certificate", ["Socket closed", "requires a client certificate", "give --tls-cert and --tls-key"]),
+        ("client certificate from another CA", ["Socket closed", "requires a client certificate", "--tls-cert was"]),
+        ("plaintext client", ["Socket closed", "speaks TLS and this client plaintext", "give --tls-ca"]),
+    ],
+)
+def test_a_tls_mismatch_is_named_at_once(mtls_server: ServerProcess, pki: Pki, case: str, words: list[str]) -> None:
+    tls = {
+        "client trusts another CA": TlsConfig.from_files(pki.client.cert, pki.client.key, pki.rogue_ca.cert),
+        "another server name": TlsConfig.from_files(
+            pki.client.cert, pki.client.key, pki.ca.cert, server_name="elsewhere.example"
+        ),
+        "no client certificate": TlsConfig.from_files(ca=pki.ca.cert),
+        "client certificate from another CA": TlsConfig.from_files(
+            pki.rogue_client.cert, pki.rogue_client.key, pki.ca.cert
+        ),
+        "plaintext client": None,
+    }[case]
+    message, seconds = connect_failure(mtls_server.target, tls)
+    assert seconds < TLS_FAILURE_BOUND, (seconds, message)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_a_tls_client_at_a_plaintext_server_is_told_at_once(plaintext_server: ServerProcess, pki: Pki) -> None:
+    message, seconds = connect_failure(plaintext_server.target, TlsConfig.from_files(ca=pki.ca.cert))
+    assert seconds < TLS_FAILURE_BOUND, (seconds, message)
+    assert "WRONG_VERSION_NUMBER" in message and "the server speaks plaintext" in message
+
+
+def test_the_client_cli_names_a_tls_failure_in_one_line(mtls_server: ServerProcess, pki: Pki) -> None:
+    result = run_client(mtls_server.target, "--connect-timeout", "120", "--tls-ca", str(pki.rogue_ca.cert))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if " ERROR split-client: " in line]
+    assert "CERTIFICATE_VERIFY_FAILED" in line and "give --tls-ca the CA that signed its --tls-cert" in line
+
+
+def test_a_tls_client_waits_for_a_server_that_starts_later(pki: Pki, tmp_path: Path) -> None:
+    target = unused_target()
+    started: list[ServerProcess] = []
+
+    def start() -> None:
+        time.sleep(2.0)  # meanwhile every connection attempt is refused
+        started.append(start_server(tmp_path, *server_tls_flags(pki), "--model", "digits-mlp", address=target))
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    try:
+        handshake_after_wait(target, good_tls(pki), connect_timeout=120)
+    finally:
+        starter.join()
+        for server in started:
+            server.stop()
+
+
+def test_a_tls_client_waits_out_the_connect_timeout_for_an_absent_server(pki: Pki) -> None:
+    message, seconds = connect_failure(unused_target(), good_tls(pki), 3.0)
+    assert seconds >= 3.0
+    assert "no server answered at 127.0.0.1:" in message and "within 3 s" in message
+
+
+def test_a_stop_ends_a_tls_client_s_wait_within_a_second(pki: Pki) -> None:
+    transport = Transport(unused_target(), 1 << 20, rpc_timeout=30, tls=good_tls(pki))
+    asked: list[float] = []
+    threading.Timer(1.5, lambda: asked.append(time.monotonic())).start()
+    try:
+        with pytest.raises(Stopped, match="waiting for the server"):
+            transport.wait_ready(120, lambda: bool(asked))
+        stopped = time.monotonic()
+    finally:
+        transport.close()
+    assert stopped - asked[0] < 1.0
+
+
+def unused_target() -> str:
+    """A loopback address where nothing listens (connections are refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def server_tls_flags(pki: Pki) -> list[str]:
+    return ["--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key), "--tls-ca", str(pki.ca.cert)]
+
+
+def handshake_after_wait(target: str, tls: TlsConfig, connect_timeout: float) -> None:
+    transport = Transport(target, 1 << 20, rpc_timeout=30, tls=tls)
+    try:
+        transport.wait_ready(connect_timeout)
+        transport.handshake(DIGITS_IV, None, 32)
+    finally:
+        transport.close()
