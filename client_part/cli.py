@@ -14,7 +14,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from splitlearning import cli, security, tensorflow_setup
+from splitlearning import tensorflow_setup
+
+tensorflow_setup.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
+
+from splitlearning import cli, security  # noqa: E402
 
 log = logging.getLogger("split-client")
 

@@ -12,7 +12,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from splitlearning import addresses, cli, security, tensorflow_setup
+from splitlearning import tensorflow_setup
+
+tensorflow_setup.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
+
+from splitlearning import addresses, cli, security  # noqa: E402
 
 if TYPE_CHECKING:
     from server_part.server import SplitServer
