@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -127,3 +128,13 @@ def assert_same_snapshot(before: dict[str, Any], after: dict[str, Any]) -> None:
         assert len(after[key]) == len(before[key]), key
         for a, b in zip(after[key], before[key], strict=True):
             np.testing.assert_array_equal(a, b, err_msg=key)
+
+
+@pytest.fixture
+def cli_logs() -> Iterator[None]:
+    """A CLI's `main` run in-process sends the logs to this test's stderr: restore the root logger after it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

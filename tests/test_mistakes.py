@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 import subprocess
 import sys
@@ -107,16 +106,6 @@ def test_a_model_module_in_the_current_folder_is_found(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert models.load_part("my_split_model_17:build", "client", 4)() == 5
-
-
-@pytest.fixture
-def cli_logs() -> Iterator[None]:
-    """A CLI's `main` run in-process sends the logs to this test's stderr: restore the root logger after it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def error_lines(text: str) -> list[str]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +15,6 @@ from server_part import cli as server_cli
 from tests.faults_support import make_npz
 
 BATCH, TRAIN = 8, 96  # 86 samples to train on (--validation-split 0.1): 11 steps an epoch
-
-
-@pytest.fixture
-def cli_logs() -> Iterator[None]:
-    """`main` run in-process sends the logs to this test's stderr: restore the root logger after it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_a_resumed_run_says_what_it_trained_and_what_the_session_holds(
