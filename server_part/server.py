@@ -133,16 +133,15 @@ class SplitServer:
             if self.sessions.first is None:
                 raise LookupError("no session has been opened on this server yet")
             return self.sessions.first
-        found = {session.id: session for session in self.sessions.sessions()}
-        if session_id not in found:
-            raise LookupError(f"no session {session_id} in memory (have {sorted(found)})")
-        return found[session_id]
+        session = self.sessions.find(session_id)
+        if session is None:
+            held = sorted(session.id for session in self.sessions.sessions())
+            raise LookupError(f"no session {session_id} in memory (have {held})")
+        return session
 
     def _learning_rate(self, session_id: str) -> float:
-        try:
-            return learning_rate_of(self.session(session_id).trainer.optimizer)
-        except LookupError:  # the session left memory meanwhile
-            return float("nan")
+        session = self.sessions.find(session_id)  # read per TensorBoard step: no list of every session
+        return learning_rate_of(session.trainer.optimizer) if session is not None else float("nan")
 
     def _session_closed(self, session: Session) -> None:
         self.telemetry.forget(session.id)

@@ -100,6 +100,11 @@ class SessionRegistry:
         with self._lock:
             return list(self._sessions.values())
 
+    def find(self, session_id: str) -> Session | None:
+        """The session in memory by that id, or None (no check, no load: for the server's own readers)."""
+        with self._lock:
+            return self._sessions.get(session_id)
+
     # -- the handshake ---------------------------------------------------------------------------------------
 
     def check_offer(
