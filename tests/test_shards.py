@@ -1,0 +1,166 @@
+"""Data shards (splitlearning.shards): disjoint parts that together hold every sample once, cut at random or by
+label."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from splitlearning import shards
+from splitlearning.shards import Shard
+
+BALANCED = np.repeat(np.arange(10), 23)  # 10 classes of 23 samples, grouped by class
+MIXED = np.random.default_rng(5).permutation(np.arange(103) % 10)  # 10 classes, unequal, shuffled
+
+
+def cut(y: np.ndarray, count: int, by: str, seed: int = 0) -> list[np.ndarray]:
+    """The indices each of `count` shards takes (x is arange: its values are the indices)."""
+    x = np.arange(len(y))
+    return [shards.take(x, y, Shard(k, count), by, seed)[0] for k in range(1, count + 1)]
+
+
+@pytest.mark.parametrize("by", shards.BY)
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("y", [BALANCED, MIXED], ids=["balanced", "mixed"])
+def test_shards_are_disjoint_cover_every_sample_and_differ_in_size_by_at_most_one(
+    y: np.ndarray, count: int, by: str
+) -> None:
+    parts = cut(y, count, by)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(y)  # no sample twice...
+    assert sorted(joined.tolist()) == list(range(len(y)))  # ...and every sample once
+    sizes = [len(part) for part in parts]
+    assert max(sizes) - min(sizes) <= 1, sizes
+
+
+@pytest.mark.parametrize("by", shards.BY)
+def test_each_shard_keeps_its_labels_with_its_samples(by: str) -> None:
+    x = np.arange(len(MIXED)) * 10
+    for k in (1, 2, 3):
+        xs, ys = shards.take(x, MIXED, Shard(k, 3), by, seed=4)
+        np.testing.assert_array_equal(MIXED[xs // 10], ys)
+
+
+@pytest.mark.parametrize("by", shards.BY)
+def test_the_same_seed_gives_the_same_shards(by: str) -> None:
+    for first, second in zip(cut(MIXED, 3, by, seed=7), cut(MIXED, 3, by, seed=7), strict=True):
+        np.testing.assert_array_equal(first, second)
+
+
+def test_random_shards_differ_with_the_seed_and_are_not_the_dataset_order() -> None:
+    first, other = cut(MIXED, 3, "random", seed=0), cut(MIXED, 3, "random", seed=1)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    assert not np.array_equal(np.concatenate(first), np.arange(len(MIXED)))
+
+
+def test_random_shards_are_the_permutation_of_the_seed_cut_in_order() -> None:
+    order = np.random.default_rng(11).permutation(len(MIXED))
+    expected = np.array_split(order, 4)
+    for got, want in zip(cut(MIXED, 4, "random", seed=11), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_random_shards_of_a_balanced_set_hold_every_class() -> None:
+    for part in cut(BALANCED, 3, "random"):
+        assert set(BALANCED[part].tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("y", [BALANCED, MIXED], ids=["balanced", "mixed"])
+def test_label_shards_hold_contiguous_ranges_of_classes(y: np.ndarray, count: int) -> None:
+    parts = cut(y, count, "label", seed=9)
+    labels = [y[part] for part in parts]
+    for held in labels:
+        assert (np.diff(held) >= 0).all(), "ordered by label"
+    for before, after in itertools.pairwise(labels):
+        assert before.max() <= after.min(), "the next shard's classes come after this one's"
+
+
+def test_label_shards_keep_the_dataset_order_within_a_label_and_do_not_depend_on_the_seed() -> None:
+    for part in cut(MIXED, 3, "label", seed=2):
+        for label in np.unique(MIXED[part]):
+            within = part[MIXED[part] == label]
+            assert (np.diff(within) > 0).all()  # stable: the dataset's order
+    for a, b in zip(cut(MIXED, 3, "label", seed=0), cut(MIXED, 3, "label", seed=1), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_five_label_shards_of_ten_balanced_classes_hold_about_two_classes_each() -> None:
+    y = np.tile(np.arange(10), 20)  # balanced, classes interleaved
+    for k, part in enumerate(cut(y, 5, "label"), start=1):
+        assert sorted(set(y[part].tolist())) == [2 * k - 2, 2 * k - 1]
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        pytest.param(lambda y: y[:, None], id="column"),
+        pytest.param(lambda y: np.eye(10, dtype="float32")[y], id="one-hot"),
+    ],
+)
+def test_label_shards_of_column_and_one_hot_labels_are_those_of_the_plain_labels(
+    form: Callable[[np.ndarray], np.ndarray],
+) -> None:
+    y = form(MIXED)
+    x = np.arange(len(MIXED))
+    for k in (1, 2, 3):
+        xs, ys = shards.take(x, y, Shard(k, 3), "label")
+        np.testing.assert_array_equal(xs, shards.take(x, MIXED, Shard(k, 3), "label")[0])
+        np.testing.assert_array_equal(ys, y[xs])
+
+
+def test_label_shards_of_float_labels_are_ordered_by_value() -> None:
+    y = np.array([0.5, -1.0, 2.0, 0.25])
+    assert shards.take(y, y, Shard(1, 2), "label")[0].tolist() == [-1.0, 0.25]
+    assert shards.take(y, y, Shard(2, 2), "label")[0].tolist() == [0.5, 2.0]
+
+
+def test_each_sample_may_be_a_shard_but_not_fewer() -> None:
+    y = np.arange(4)
+    assert sorted(shards.take(y, y, Shard(k, 4))[0].item() for k in range(1, 5)) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"^cannot cut 4 samples into 5 shards: each shard needs at least one sample$"):
+        shards.take(y, y, Shard(5, 5))
+
+
+def test_an_unknown_cut_labels_of_another_length_or_shape_are_refused() -> None:
+    y = np.arange(6)
+    with pytest.raises(ValueError, match=r"^shards are cut by random or label, got 'class'$"):
+        shards.take(y, y, Shard(1, 2), "class")
+    with pytest.raises(ValueError, match="cannot shard 6 samples with 5 labels"):
+        shards.take(y, y[:5], Shard(1, 2))
+    with pytest.raises(ValueError, match=r"got labels of shape \[6, 2, 2\]"):
+        shards.take(y, np.zeros((6, 2, 2)), Shard(1, 2), "label")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1/1", Shard(1, 1)), ("2/3", Shard(2, 3)), ("12/12", Shard(12, 12))])
+def test_parse_reads_k_of_n(text: str, expected: Shard) -> None:
+    assert shards.parse(text) == expected
+    assert str(shards.parse(text)) == text
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "3", "a/b", "1/0", "", "-1/3", "1/3/3", "2/3x"])
+def test_parse_refuses_anything_else_saying_what_it_expected_and_got(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        shards.parse(text)
+    assert str(refused.value) == f"expected K/N with 1 <= K <= N (the K-th of N shards), got {text!r}"
+
+
+def test_a_shard_made_directly_is_checked() -> None:
+    with pytest.raises(ValueError, match="1 <= K <= N, got 4/3"):
+        Shard(4, 3)
+
+
+def test_describe_names_the_shard_the_size_and_the_classes() -> None:
+    assert shards.describe(np.array([6, 3, 4, 5, 3]), Shard(2, 3), "label") == (
+        "shard 2/3 by label: 5 samples, classes 3, 4, 5, 6"
+    )
+    assert shards.describe(np.array([[7], [7]]), Shard(1, 2), "random") == "shard 1/2 at random: 2 samples, class 7"
+    assert shards.describe(np.eye(3)[[0, 2]], Shard(1, 1), "label") == "shard 1/1 by label: 2 samples, classes 0, 2"
+    assert shards.describe(np.arange(21), Shard(1, 4), "random") == "shard 1/4 at random: 21 samples, 21 classes"
+    assert shards.describe(np.array([0.5, 1.5, 0.5]), Shard(1, 4), "label") == (
+        "shard 1/4 by label: 3 samples, 2 distinct labels"
+    )
