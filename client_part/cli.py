@@ -18,7 +18,7 @@ from splitlearning import tensorflow_setup
 
 tensorflow_setup.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
 
-from splitlearning import cli, security  # noqa: E402
+from splitlearning import cli, security, shards  # noqa: E402
 
 log = logging.getLogger("split-client")
 
@@ -46,6 +46,8 @@ class ClientConfig(cli.ProcessConfig):
     retry_timeout: float = 120.0
     session: str = ""
     validation_split: float = 0.1
+    shard: shards.Shard | None = None
+    shard_by: str = "random"
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
@@ -109,6 +111,23 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
         "the test split is only used for the final evaluation",
     )
     cli.add(data, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
+    cli.add(
+        data,
+        "--shard",
+        type=shards.parse,
+        default=None,
+        metavar="K/N",
+        help="train on the K-th of N parts of the training split (the other data holders take the others) "
+        "(default: all of it)",
+    )
+    cli.add(
+        data,
+        "--shard-by",
+        choices=shards.BY,
+        default=None,  # None: not given, so that --shard-by without --shard is refused
+        help="how the training split is cut into shards: random (IID) or by label (non-IID: each shard holds a few "
+        "classes); needs --shard (default: random)",
+    )
     training = groups["training"]
     cli.add(training, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
     cli.add(training, "--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the training data")
@@ -149,7 +168,11 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     )
     cli.add(observability, "--history-json", type=Path, default=None, help="write the training history here as JSON")
     cli.add(observability, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
-    return ClientConfig(**vars(parser.parse_args(argv)))
+    flags = vars(parser.parse_args(argv))
+    if flags["shard_by"] is not None and flags["shard"] is None:
+        parser.error(f"--shard-by {flags['shard_by']} needs --shard K/N (which of the N parts to train on)")
+    flags["shard_by"] = flags["shard_by"] or "random"
+    return ClientConfig(**flags)
 
 
 class Interrupts:
@@ -192,8 +215,22 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     from splitlearning.models import BUILTIN, input_mismatch, load_part
 
     dataset = data.load(config.dataset, seed=config.seed)
-    x_train, y_train, validation = data.hold_out(dataset.x_train, dataset.y_train, config.validation_split)
-    held = f", {len(x_train)} to train on and {len(dataset.x_train) - len(x_train)} to validate" if validation else ""
+    x_train, y_train = dataset.x_train, dataset.y_train
+    if config.shard is not None:
+        try:
+            x_train, y_train = shards.take(x_train, y_train, config.shard, config.shard_by, config.seed)
+        except ValueError as error:
+            raise ValueError(f"--shard {config.shard} --shard-by {config.shard_by}: {error}") from None
+        log.info("%s", shards.describe(y_train, config.shard, config.shard_by))
+    elif config.shard_by != "random":
+        raise ValueError(f"--shard-by {config.shard_by} needs --shard K/N (which of the N parts to train on)")
+    held_by = len(x_train)  # the samples this client holds, its shard's if any: the validation comes out of them
+    x_train, y_train, validation = data.hold_out(x_train, y_train, config.validation_split)
+    part = f" of shard {config.shard}" if config.shard is not None else ""
+    if validation:
+        held = f", {len(x_train)}{part} to train on and {held_by - len(x_train)} to validate"
+    else:
+        held = f", {held_by}{part} to train on" if part else ""
     log.info("data: %s%s", dataset, held)
     head: dict[str, Any] = {}
     if config.cut == "ushape":

@@ -13,6 +13,7 @@ import pytest
 from client_part.cli import parse_args as client_args
 from server_part.cli import parse_args as server_args
 from splitlearning import cli
+from splitlearning.shards import Shard
 
 # The groups, in --help's order, and a value for each flag: parsed all at once, each must come back.
 CLIENT: dict[str, dict[str, Any]] = {
@@ -25,7 +26,13 @@ CLIENT: dict[str, dict[str, Any]] = {
         "--wire-encoding": "int8",
     },
     "model": {"--model": "digits-cnn", "--cut": "ushape", "--head": "m:f", "--loss": "mse", "--metrics": "mae"},
-    "data": {"--dataset": "d.npz", "--validation-split": 0.25, "--no-shuffle": True},
+    "data": {
+        "--dataset": "d.npz",
+        "--validation-split": 0.25,
+        "--no-shuffle": True,
+        "--shard": Shard(2, 3),
+        "--shard-by": "label",
+    },
     "training": {
         "--optimizer": "sgd",
         "--learning-rate": 0.5,

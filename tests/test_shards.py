@@ -1,17 +1,24 @@
-"""Data shards (splitlearning.shards): disjoint parts that together hold every sample once, cut at random or by
-label."""
+"""Data shards (splitlearning.shards, split-client --shard K/N --shard-by): disjoint parts that together hold
+every sample once, cut at random or by label; the flags; a real sharded run."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import math
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from splitlearning import shards
+from client_part.cli import parse_args as client_args
+from splitlearning import data, shards
 from splitlearning.shards import Shard
+from tests import faults_support
 
 BALANCED = np.repeat(np.arange(10), 23)  # 10 classes of 23 samples, grouped by class
 MIXED = np.random.default_rng(5).permutation(np.arange(103) % 10)  # 10 classes, unequal, shuffled
@@ -164,3 +171,104 @@ def test_describe_names_the_shard_the_size_and_the_classes() -> None:
     assert shards.describe(np.array([0.5, 1.5, 0.5]), Shard(1, 4), "label") == (
         "shard 1/4 by label: 3 samples, 2 distinct labels"
     )
+
+
+def test_the_client_cli_still_parses_without_importing_numpy() -> None:
+    probe = "import sys, client_part.cli\nprint('numpy' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_the_client_takes_a_shard_and_how_to_cut_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = client_args([])
+    assert (config.shard, config.shard_by) == (None, "random")
+    config = client_args(["--shard", "2/3"])
+    assert (config.shard, config.shard_by) == (Shard(2, 3), "random")
+    config = client_args(["--shard", "3/3", "--shard-by", "label"])
+    assert (config.shard, config.shard_by) == (Shard(3, 3), "label")
+    monkeypatch.setenv("SPLIT_SHARD", "1/4")
+    monkeypatch.setenv("SPLIT_SHARD_BY", "label")
+    config = client_args([])
+    assert (config.shard, config.shard_by) == (Shard(1, 4), "label")
+
+
+def error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if "error:" in line]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--shard", "4/3"], "argument --shard: expected K/N with 1 <= K <= N (the K-th of N shards), got '4/3'"),
+        (["--shard", "2"], "argument --shard: expected K/N with 1 <= K <= N (the K-th of N shards), got '2'"),
+        (["--shard", "1/2", "--shard-by", "class"], "argument --shard-by: invalid choice: 'class'"),
+        (["--shard-by", "label"], "--shard-by label needs --shard K/N (which of the N parts to train on)"),
+        (["--shard-by", "random"], "--shard-by random needs --shard K/N (which of the N parts to train on)"),
+    ],
+)
+def test_shard_mistakes_end_in_one_line_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], flags: list[str], expected: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        client_args(flags)
+    assert exited.value.code == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith("split-client: error: ")
+    assert expected in line
+
+
+def test_the_client_program_refuses_a_shard_past_the_count_before_loading_tensorflow() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "client_part", "--shard", "4/3"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert line.endswith("argument --shard: expected K/N with 1 <= K <= N (the K-th of N shards), got '4/3'")
+
+
+def test_more_shards_than_samples_end_the_run_in_one_line(tmp_path: Path) -> None:
+    dataset = faults_support.make_npz(tmp_path / "tiny.npz", n_train=4, n_test=4)
+    log = tmp_path / "client.log"
+    flags = ["--dataset", str(dataset), "--shard", "5/5", "--target", "127.0.0.1:1", "--connect-timeout", "1"]
+    client = faults_support.spawn("client_part", flags, log)
+    assert client.wait(timeout=120) == 2
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    (line,) = [line for line in text.splitlines() if " ERROR " in line]
+    assert line.endswith(
+        "--shard 5/5 --shard-by random: cannot cut 4 samples into 5 shards: each shard needs at least one sample"
+    )
+
+
+def test_a_client_trains_on_its_shard_against_a_real_server(tmp_path: Path) -> None:
+    port_file, history = tmp_path / "port", tmp_path / "history.json"
+    server_log, client_log = tmp_path / "server.log", tmp_path / "client.log"
+    server = faults_support.spawn(
+        "server_part", ["--address", "127.0.0.1:0", "--port-file", str(port_file), "--seed", "3"], server_log
+    )
+    try:
+        faults_support.wait_for(
+            lambda: (port_file.exists() and port_file.read_text().strip() != "") or server.poll() is not None,
+            120,
+            "split-server to listen",
+        )
+        assert server.poll() is None, server_log.read_text()[-3000:]
+        flags = ["--target", f"127.0.0.1:{port_file.read_text().strip()}", "--seed", "3", "--epochs", "1"]
+        flags += ["--batch-size", "64", "--shard", "2/3", "--history-json", str(history)]
+        client = faults_support.spawn("client_part", flags, client_log)
+        assert client.wait(timeout=300) == 0, client_log.read_text()[-3000:]
+    finally:
+        faults_support.stop(server)
+    log = client_log.read_text()
+    digits = data.load("digits", seed=3)
+    _, y_shard = shards.take(digits.x_train, digits.y_train, Shard(2, 3), "random", seed=3)
+    assert len(y_shard) == 479  # a third of the 1,437 training samples
+    assert shards.describe(y_shard, Shard(2, 3), "random") in log
+    train = int(479 * 0.9)  # the validation hold-out comes out of the shard
+    assert f"431 of shard 2/3 to train on and {479 - train} to validate" in log
+    report = json.loads(history.read_text())
+    unsharded = math.ceil(int(1437 * 0.9) / 64)  # 21 steps an epoch on the whole training split
+    assert report["steps"] == math.ceil(train / 64) == 7 == unsharded // 3
+    assert len(report["history"]["loss"]) == 1 and "val_loss" in report["history"]
