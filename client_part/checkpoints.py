@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from client_part.trainer import ClientTrainer
-from splitlearning.checkpoint import StepCheckpoints, read_json, write_json_atomic
+from splitlearning.checkpoint import StepCheckpoints
+from splitlearning.files import read_json, write_json_atomic
 
 
 class ClientCheckpoints:

@@ -48,12 +48,28 @@ class ClientConfig(cli.ProcessConfig):
     validation_split: float = 0.1
     shard: shards.Shard | None = None
     shard_by: str = "random"
+    group: str | None = None
+    scheme: str = "splitfed"
+    rounds: int = 5
+    local_epochs: int = 1
+    member: int | None = None
+    aggregator: str | None = None
+    handover_dir: Path | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
     parser = argparse.ArgumentParser(prog="split-client", usage="%(prog)s [FLAG VALUE ...]", description=__doc__)
     groups = cli.groups(
-        parser, "connection", "model", "data", "training", "device", "checkpoints", "security", "observability"
+        parser,
+        "connection",
+        "model",
+        "data",
+        "training",
+        "rounds",
+        "device",
+        "checkpoints",
+        "security",
+        "observability",
     )
     connection = groups["connection"]
     cli.add(connection, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
@@ -130,7 +146,13 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     )
     training = groups["training"]
     cli.add(training, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
-    cli.add(training, "--epochs", type=cli.POSITIVE_INT, default=10, help="passes over the training data")
+    cli.add(
+        training,
+        "--epochs",
+        type=cli.POSITIVE_INT,
+        default=None,
+        help="passes over the training data (default: 10; with --group: --rounds and --local-epochs)",
+    )
     cli.add(
         training,
         "--micro-batches",
@@ -138,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
         default=1,
         help="pipeline each step in this many micro-batches (forward, transfer and server work overlap)",
     )
+    add_round_flags(groups["rounds"])
     security.add_client_flags(groups["security"])
     cli.add(
         groups["security"],
@@ -172,7 +195,85 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     if flags["shard_by"] is not None and flags["shard"] is None:
         parser.error(f"--shard-by {flags['shard_by']} needs --shard K/N (which of the N parts to train on)")
     flags["shard_by"] = flags["shard_by"] or "random"
+    check_round_flags(parser, flags)
     return ClientConfig(**flags)
+
+
+_ROUND_FLAGS = ("scheme", "rounds", "local_epochs", "member", "aggregator", "handover_dir")
+_ROUND_DEFAULTS = {"scheme": "splitfed", "rounds": 5, "local_epochs": 1}
+
+
+def add_round_flags(parser: cli.Flags) -> None:
+    cli.add(
+        parser,
+        "--group",
+        default=None,
+        help="train as a member of this group (1-128 of A-Z a-z 0-9 _ -) with the other data holders, in rounds "
+        "the aggregator keeps (docs/multi_client.md)",
+    )
+    cli.add(
+        parser,
+        "--scheme",
+        choices=["splitfed", "round-robin"],
+        default=None,
+        help="splitfed: members train in parallel and both parts are averaged each round; round-robin: members "
+        "take turns on one model (default: splitfed)",
+    )
+    cli.add(parser, "--rounds", type=cli.POSITIVE_INT, default=None, help="rounds to train (default: 5)")
+    cli.add(
+        parser,
+        "--local-epochs",
+        type=cli.POSITIVE_INT,
+        default=None,
+        help="passes over this member's data in each round (round-robin: in each turn) (default: 1)",
+    )
+    cli.add(
+        parser,
+        "--member",
+        type=cli.POSITIVE_INT,
+        default=None,
+        help="this member's number, from 1 (round-robin: its place in the turn order); default: K of --shard K/N",
+    )
+    cli.add(parser, "--aggregator", default=None, help="the aggregator's host:port (default: --target's)")
+    cli.add(
+        parser,
+        "--handover-dir",
+        type=Path,
+        default=None,
+        help="round-robin: hand each turn's first part to the next member through a file here (a folder every "
+        "member shares) instead of through the aggregator",
+    )
+
+
+def check_round_flags(parser: argparse.ArgumentParser, flags: dict[str, Any]) -> None:
+    """The group flags make sense together, or one line says why not; fills in their defaults."""
+    given = [f"--{name.replace('_', '-')}" for name in _ROUND_FLAGS if flags[name] is not None]
+    if flags["group"] is None:
+        if given:
+            parser.error(f"{', '.join(given)}: only with --group NAME (training as a member of a group)")
+        if flags["epochs"] is None:
+            flags["epochs"] = 10
+        for name, default in _ROUND_DEFAULTS.items():
+            flags[name] = default
+        return
+    if flags["epochs"] is not None:
+        parser.error("--epochs: with --group, a member trains --local-epochs passes in each of --rounds rounds")
+    for name, value in (("--checkpoint-dir", flags["checkpoint_dir"]), ("--session", flags["session"])):
+        if value:
+            parser.error(
+                f"{name}: not with --group (a member needs neither: the aggregator keeps each round's start, and a "
+                "restarted member trains its round again)"
+            )
+    if flags["member"] is None:
+        if flags["shard"] is None:
+            parser.error("--group needs --member K (or --shard K/N, whose K is the member)")
+        flags["member"] = flags["shard"].index
+    if flags["handover_dir"] is not None and flags["scheme"] != "round-robin":
+        parser.error("--handover-dir: only with --scheme round-robin (it hands a turn to the next member)")
+    for name, default in _ROUND_DEFAULTS.items():
+        if flags[name] is None:
+            flags[name] = default
+    flags["epochs"] = flags["rounds"] * flags["local_epochs"]
 
 
 class Interrupts:
@@ -273,6 +374,10 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
         raise ValueError(mismatch)
     if interrupts is not None:
         interrupts.client = client
+    if config.group is not None:
+        from client_part.group_cli import run_member
+
+        return run_member(config, client, (x_train, y_train), validation, (dataset.x_test, dataset.y_test))
     connect(client, config)
     start_step = client.step  # after a resume, the step the session was at
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None

@@ -26,10 +26,12 @@ from client_part.telemetry import ClientMeter, EpochLog
 from client_part.trainer import ClientTrainer, Pipeline
 from client_part.transport import RemoteError, Transport
 from client_part.ushape import UShapeLink, build_head
-from splitlearning import encodings, keepalive
+from splitlearning import encodings, keepalive, part_state
 from splitlearning.contract import Agreement, CutMode, Spec
 from splitlearning.devices import resolve_device
+from splitlearning.groups import Membership
 from splitlearning.models import ModelSource
+from splitlearning.part_state import PartState
 from splitlearning.security import Secret, TlsConfig
 
 log = logging.getLogger(__name__)
@@ -126,9 +128,9 @@ class SplitClient:
         token = Secret(auth_token) if isinstance(auth_token, str) else auth_token
         sample_bytes = max(self.trainer.iv_spec.sample_bytes, self.head.contract.iv.sample_bytes if self.head else 0)
         self._transport = Transport(target, max_batch_size * sample_bytes * 4, rpc_timeout, tls, token, keepalive_ms)
-        self._link: Link = UShapeLink(self._transport, self.head) if self.head is not None else self._transport
-        if noise is not None:  # outermost: every IV is clipped and noised before it leaves this process
-            self._link = NoisyLink(self._link, noise)
+        self._noise = noise
+        self._link = self._link_over(self._transport)
+        self._membership: Membership | None = None  # the group round the next new session trains
         self._agreement: Agreement | None = None
         self._step = self.trainer.iterations
         self._reset_metrics = False
@@ -146,6 +148,12 @@ class SplitClient:
         self.checkpoints: ClientCheckpoints | None = None
         if checkpoint_dir is not None:
             self._open_checkpoints(Path(checkpoint_dir), checkpoint_every, checkpoint_keep)
+
+    def _link_over(self, transport: Transport) -> Link:
+        link: Link = UShapeLink(transport, self.head) if self.head is not None else transport
+        if self._noise is not None:  # outermost: every IV is clipped and noised before it leaves this process
+            link = NoisyLink(link, self._noise)
+        return link
 
     @property
     def model(self) -> keras.Model:
@@ -195,16 +203,23 @@ class SplitClient:
         server opened for it at `connect` ("" before that)."""
         return self._session_id
 
-    def end_session(self) -> None:
+    def end_session(self, contribute_samples: int = 0) -> None:
         """Tell the server this run is over: it applies its last update, saves a checkpoint of the final step (if
         it keeps checkpoints) and frees the session's memory. This client saves its own final checkpoint first.
         Call it once training and evaluation are done (`split-client` does at the end of a run); a session that
-        is never ended stays on the server until it expires for idleness."""
+        is never ended stays on the server until it expires for idleness. In a group round (`start_round`),
+        `contribute_samples` > 0 leaves the server's part as this member's contribution to the round."""
         if self._agreement is None:
             return
         if self.checkpoints is not None:
             self.checkpoints.save(self._step, self._epoch0_step)
-        _, checkpointed = self._transport.close_session(self._client_id)
+        close = self._transport.close_session
+        _, checkpointed = retry.call(
+            self.retry,
+            "closing the session",
+            lambda _: close(self._client_id, contribute_samples),
+            stop=self._stop.is_set,
+        )
         log.info(
             "ended session %s at step %d%s",
             self._session_id,
@@ -212,6 +227,34 @@ class SplitClient:
             " (the server kept a checkpoint of it)" if checkpointed else "",
         )
         self._agreement = None
+
+    def start_round(self, membership: Membership, state: PartState) -> None:
+        """Multi-client training (client_part/group.py): leave the current session (without closing it) and
+        train the next `connect` in a new session for `membership`'s group round, this part (and the U-shape's
+        head) starting from `state`: its weights, and its optimizers' variables when it carries them."""
+        if self.checkpoints is not None:
+            raise ValueError("group rounds restart from the aggregator's state: use no client checkpoints with them")
+        self._transport.end_stream()  # the last round's session, finished or abandoned
+        self._agreement = None
+        self._session_id = ""
+        self._membership = membership
+        self._settle()
+        part_state.apply_parts(state, self._part_pairs(with_optimizer=bool(state.optimizer)))
+        self._step = self.trainer.iterations
+        self._epoch0_step = self._step
+        self._in_step = self._stale = self._resume = False
+        self._reset_metrics = True
+
+    def part_state(self, with_optimizer: bool) -> PartState:
+        """This client's part (and the U-shape's head) as it travels to the aggregator."""
+        self._settle()
+        return part_state.capture_parts(self._part_pairs(with_optimizer))
+
+    def _part_pairs(self, with_optimizer: bool) -> list[tuple[Any, Any]]:
+        parts = [(self.model, self.trainer.optimizer if with_optimizer else None)]
+        if self.head is not None:
+            parts.append((self.head.model, self.head.optimizer if with_optimizer else None))
+        return parts
 
     def request_stop(self) -> None:
         """Stop as soon as possible (signal-safe): `fit` after the step in flight (saving a checkpoint where it
@@ -523,6 +566,7 @@ class SplitClient:
             wanted,
             restorable_steps=[self._step, *(self.checkpoints.steps() if self.checkpoints else [])],
             client_id=self._client_id,
+            group=self._membership if not self._session_id else None,
         )
         if agreement.session_id != self._session_id:
             self._session_id = agreement.session_id

@@ -27,6 +27,7 @@ from splitlearning.contract import (
     mode_to_proto,
     spec_to_proto,
 )
+from splitlearning.groups import Membership
 from splitlearning.security import Secret, TlsConfig, auth_metadata
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
@@ -226,6 +227,7 @@ class Transport:
         preferred_encodings: Sequence[codec.EncodingCode] = (),
         restorable_steps: Sequence[int] = (),
         client_id: str = "",
+        group: Membership | None = None,
     ) -> Agreement:
         """Agree on the cut and the session; `preferred_encodings` (most preferred first) may narrow the wire."""
         request = pb.HandshakeRequest(
@@ -237,6 +239,7 @@ class Transport:
             mode=mode_to_proto(mode),
             restorable_steps=sorted(set(restorable_steps)),
             client_id=client_id,
+            group=group.to_proto() if group is not None else None,
         )
         try:
             reply = self._stub.Handshake(request, timeout=self.rpc_timeout, metadata=self._metadata)
@@ -355,15 +358,22 @@ class Transport:
             raise RemoteError("predict refused", error) from None
         return codec.from_proto(reply.outputs, "outputs")
 
-    def close_session(self, client_id: str) -> tuple[int, bool]:
-        """End the session on the server (after closing the training stream): (its steps, checkpointed)."""
+    def close_session(self, client_id: str, contribute_samples: int = 0) -> tuple[int, bool]:
+        """End the session on the server (after closing the training stream): (its steps, checkpointed).
+        `contribute_samples`: keep its part as this member's contribution to its group round."""
         self._close_stream()
-        request = pb.CloseSessionRequest(session_id=self.session_id, client_id=client_id)
+        request = pb.CloseSessionRequest(
+            session_id=self.session_id, client_id=client_id, contribute_samples=contribute_samples
+        )
         try:
             reply = self._stub.CloseSession(request, timeout=self.rpc_timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise RemoteError("closing the session refused", error) from None
         return int(reply.steps), bool(reply.checkpointed)
+
+    def end_stream(self) -> None:
+        """Close the training stream (if open); the channel stays for the next session."""
+        self._close_stream()
 
     def close(self) -> None:
         self._close_stream()

@@ -16,6 +16,7 @@ from splitlearning import tensorflow_setup
 
 tensorflow_setup.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
 
+from aggregator.cli import add_round_flags  # noqa: E402
 from splitlearning import addresses, cli, security  # noqa: E402
 
 if TYPE_CHECKING:
@@ -40,11 +41,17 @@ class ServerConfig(cli.ProcessConfig):
     max_workers: int | None = None
     max_sessions: int = 16
     session_idle_timeout: float = 3600.0
+    aggregator: bool = False
+    members: int = 2
+    round_deadline: float = 600.0
+    min_members: int = 1
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="split-server", usage="%(prog)s [FLAG VALUE ...]", description=__doc__)
-    groups = cli.groups(parser, "connection", "model", "training", "device", "checkpoints", "security", "observability")
+    groups = cli.groups(
+        parser, "connection", "model", "training", "rounds", "device", "checkpoints", "security", "observability"
+    )
     connection = groups["connection"]
     cli.add(connection, "--address", default="127.0.0.1:50051", help="host:port to listen on (0.0.0.0:PORT for all)")
     cli.add(connection, "--port-file", type=Path, default=None, help="write the bound port here once serving")
@@ -99,6 +106,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     cli.add(model, "--loss", default=None, help="Keras loss name (default: the model pair's, or a compiled part's)")
     cli.add(model, "--metrics", default=None, help="comma-separated Keras metric names (default: accuracy)")
+    cli.add(
+        groups["rounds"],
+        "--aggregator",
+        action="store_true",
+        help="also keep multi-client rounds and average the members' first parts here (the model owner then "
+        "sees them; run split-aggregator apart instead to keep them from it)",
+    )
+    add_round_flags(groups["rounds"])
     security.add_server_flags(groups["security"])
     cli.add_checkpoint_flags(groups["checkpoints"])
     cli.add(
@@ -110,7 +125,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "in memory when the server stops): the session that ended last",
     )
     add_telemetry_flags(groups["observability"])
-    return ServerConfig(**vars(parser.parse_args(argv)))
+    config = ServerConfig(**vars(parser.parse_args(argv)))
+    if config.min_members > config.members:
+        parser.error(f"--min-members {config.min_members} is more than --members {config.members}")
+    return config
 
 
 def add_telemetry_flags(parser: cli.Flags) -> None:
@@ -169,6 +187,7 @@ def run(config: ServerConfig) -> None:
 
 def build(config: ServerConfig) -> SplitServer:
     """The `SplitServer` these flags describe (not started)."""
+    from aggregator.server import Aggregator
     from server_part.server import SplitServer
     from splitlearning.models import BUILTIN, load_part
 
@@ -177,7 +196,7 @@ def build(config: ServerConfig) -> SplitServer:
     metrics = config.metrics.split(",") if config.metrics else list(pair.metrics) if pair else None
     if ushape and (config.loss or config.metrics):
         raise ValueError("--cut ushape: the loss and metrics live on the client (split-client --loss/--metrics)")
-    return SplitServer(
+    server = SplitServer(
         model=load_part(config.model, "middle" if ushape else "server", config.seed),
         loss=None if ushape else config.loss or (pair.loss if pair else None),
         optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),
@@ -199,6 +218,12 @@ def build(config: ServerConfig) -> SplitServer:
         max_sessions=config.max_sessions,
         session_idle_timeout=config.session_idle_timeout,
     )
+    if config.aggregator:
+        state = config.checkpoint_dir / "aggregator.d" if config.checkpoint_dir else None
+        server.aggregator = Aggregator(
+            config.members, config.round_deadline, config.min_members, state, registry=server.telemetry.registry
+        )
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from server_part.servicer import Undecodable
+from server_part.edge import Undecodable
 from server_part.telemetry import ServerTelemetry
 from splitlearning import logs
 from splitlearning.text import clip

@@ -51,6 +51,11 @@ class PartFactory:
         self._kind = type(first)
         self._lock = threading.Lock()
 
+    @property
+    def initial(self) -> list[np.ndarray]:
+        """The part's weights before any training (what a new session starts from)."""
+        return self._initial
+
     def take(self) -> Trainer:
         """The trainer for a session being opened: the user's model's the first time, a fresh copy after."""
         with self._lock:

@@ -6,14 +6,16 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from aggregator.servicer import SERVICE_NAME as AGGREGATOR_SERVICE
 from server_part import admission
 from server_part.auth import TokenAuthInterceptor
 from server_part.checkpoints import SessionStore
+from server_part.contributions import Contributions
 from server_part.health import add_health_to_server
 from server_part.interceptor import TelemetryInterceptor
 from server_part.middle_trainer import MiddleTrainer
@@ -33,8 +35,13 @@ from splitlearning.security import Secret, TlsConfig, is_loopback
 from splitlearning.telemetry import learning_rate_of
 from splitlearning.v1 import split_learning_pb2 as pb
 
+if TYPE_CHECKING:
+    from aggregator.server import Aggregator
+
 log = logging.getLogger(__name__)
 
+# Under --checkpoint-dir, beside the sessions' folders (no session id has a '.').
+CONTRIBUTIONS_FOLDER = "contributions.d"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitLearningService"].full_name
 # Room for the protobuf framing around the tensors of one request.
 _MESSAGE_OVERHEAD = 64 * 1024
@@ -87,6 +94,7 @@ class SplitServer:
         max_sessions: int = 16,
         session_idle_timeout: float = 3600.0,
         on_session_end: Callable[[Session], None] | None = None,
+        aggregator: Aggregator | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.cut = CutMode(cut)
@@ -107,7 +115,11 @@ class SplitServer:
             max_sessions=max_sessions,
             idle_timeout=session_idle_timeout,
             on_close=self._session_closed,
+            contributions=Contributions(Path(checkpoint_dir) / CONTRIBUTIONS_FOLDER if checkpoint_dir else None),
         )
+        # Multi-client training's rounds served here too (docs/multi_client.md): the model owner then sees the
+        # members' first parts. Its metrics join the server's.
+        self.aggregator = aggregator
         self.on_session_end = on_session_end  # called with each session that leaves memory
         self.telemetry.sessions.set_function(lambda: len(self.sessions.sessions()))
         self._min_ping_interval_ms = min_ping_interval_ms
@@ -176,7 +188,12 @@ class SplitServer:
         """Bind `address` and start serving; return the bound port (useful with port 0)."""
         if self._server is not None:
             raise RuntimeError("this server is already started")
-        limit = self.max_message_bytes
+        limit, reply_limit = self.max_message_bytes, self.max_reply_bytes
+        if self.aggregator is not None:  # a member's first part travels in one message
+            limit, reply_limit = (
+                max(limit, self.aggregator.max_state_bytes),
+                max(reply_limit, self.aggregator.max_state_bytes),
+            )
         # Admission, not gRPC's `maximum_concurrent_rpcs` (which counted calls still waiting for their request,
         # the unauthenticated ones included): a budget per kind of call, a thread per slot (admission.py).
         self.admission = admission.AdmissionInterceptor(self._max_workers)
@@ -184,7 +201,7 @@ class SplitServer:
             futures.ThreadPoolExecutor(max_workers=self.admission_threads, thread_name_prefix="split-rpc"),
             options=[
                 ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", self.max_reply_bytes),
+                ("grpc.max_send_message_length", reply_limit),
                 # Calls one connection may have open: a client needs a few; bounds what one connection holds.
                 ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                 ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share its clients
@@ -198,6 +215,8 @@ class SplitServer:
             ],
         )
         add_to_server(SplitLearningServicer(self.sessions), server)
+        if self.aggregator is not None:
+            self.aggregator.add_to(server)
         self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
         add_health_to_server(self._health, server)  # bytes that are no message: INVALID_ARGUMENT
         try:
@@ -216,7 +235,7 @@ class SplitServer:
         metrics_host, metrics_port = self._metrics_request
         if metrics_port is not None:
             self._metrics = MetricsEndpoint(self.telemetry.registry, metrics_host or host_of(address), metrics_port)
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, *([AGGREGATOR_SERVICE] if self.aggregator is not None else [])):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         security = f"{self.cut.value} cut, " + (
             "mutual TLS" if self.tls and self.tls.mutual else "TLS" if self.tls else "plaintext"
@@ -232,6 +251,11 @@ class SplitServer:
             self.sessions.max_sessions,
             f", checkpoints in {self.sessions.store.root}" if self.sessions.store is not None else "",
         )
+        if self.aggregator is not None:
+            log.info(
+                "aggregating multi-client rounds here too (%s): the members' first parts reach this server",
+                self.aggregator.describe(),
+            )
         if self.tls is None and not is_loopback(address):
             log.warning(
                 "INSECURE: serving without TLS on non-loopback address %s: activations, gradients%s cross the "
@@ -253,6 +277,8 @@ class SplitServer:
         if self._server is None:
             return
         self._health.enter_graceful_shutdown()
+        if self.aggregator is not None:
+            self.aggregator.stop()
         self.sessions.stop()
         # Bounded: RPCs still open after `grace` are cancelled, and the process must not hang on a stuck one.
         if not self._server.stop(grace).wait(None if grace is None else grace + 2.0):

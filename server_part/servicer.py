@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Iterator
+from typing import TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
+from server_part.edge import Undecodable, abort, guard, lenient, refuse_undecodable, refusing_undecodable
 from server_part.session import HalfStep, Session
 from server_part.sessions import SessionRegistry, check_version
 from splitlearning import codec, encodings, framing
@@ -26,8 +25,8 @@ from splitlearning.contract import (
     mode_to_proto,
     spec_from_proto,
 )
-from splitlearning.errors import InvalidRequest, PreconditionFailed, SplitError
-from splitlearning.text import clip_message
+from splitlearning.errors import InvalidRequest, PreconditionFailed
+from splitlearning.groups import Membership
 from splitlearning.v1 import split_learning_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -38,24 +37,6 @@ TrainFrame = framing.Incoming[pb.TrainRequest]
 TrainReply = framing.Outgoing[pb.TrainResponse]
 
 
-@dataclass(frozen=True)
-class Undecodable:
-    """A request whose bytes are no message of its method's type, as the deserializer hands it over.
-
-    Deserializers do not raise on such bytes: gRPC would answer a raising one with INTERNAL ("Exception
-    deserializing request!"), and on a streaming call (seen with grpcio 1.85) it often leaves the call's state
-    behind, so the states pile up and `stop` never sees its RPCs finish. The handler refuses it instead, with
-    INVALID_ARGUMENT.
-    """
-
-    type_name: str
-    size: int
-    error: str
-
-    def refusal(self) -> str:
-        return f"the request is not a valid {self.type_name} ({self.size} bytes): {self.error}"
-
-
 class SplitLearningServicer:
     """The service's handlers; registered by `add_to_server` (Train's messages go through `framing`)."""
 
@@ -63,17 +44,17 @@ class SplitLearningServicer:
         self._sessions = sessions
 
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
-        return _guard(context, lambda: self._handshake(request))
+        return guard(context, lambda: self._handshake(request))
 
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
         def run() -> pb.CloseSessionResponse:
-            session = self._sessions.close(request.session_id, request.client_id)
+            session = self._sessions.close(request.session_id, request.client_id, request.contribute_samples)
             if session is None:  # not in memory, checkpoints kept: closed already
                 return pb.CloseSessionResponse(steps=0, checkpointed=True)
             checkpointed = session.checkpoints is not None and session.next_step in session.checkpoints.steps()
             return pb.CloseSessionResponse(steps=session.next_step, checkpointed=checkpointed)
 
-        return _guard(context, run)
+        return guard(context, run)
 
     def Train(
         self, request_iterator: Iterator[TrainFrame | Undecodable], context: grpc.ServicerContext
@@ -81,20 +62,20 @@ class SplitLearningServicer:
         """Requests arrive parsed by `framing.parse` and replies leave through `Outgoing.serialize` (see
         `add_to_server`): the tensors' bytes are never copied into or out of protobuf messages. The stream
         trains in the session its first request names; every later request must name the same one."""
-        client_id = _guard(context, lambda: _client_id(context))
+        client_id = guard(context, lambda: _client_id(context))
         frames = _decoded(request_iterator, context)
         first = next(frames, None)
         if first is None:
             return
-        session = _guard(context, lambda: self._sessions.get(first.message.session_id))
+        session = guard(context, lambda: self._sessions.get(first.message.session_id))
         with contextlib.ExitStack() as stack:
-            client = _guard(context, lambda: stack.enter_context(session.stream(client_id)))
+            client = guard(context, lambda: stack.enter_context(session.stream(client_id)))
             frames = _one_session(itertools.chain([first], frames), session.id, context)
             if session.mode is CutMode.USHAPE:
                 yield from self._train_ushape(session, client, frames, context)
                 return
             for request in frames:
-                yield _guard(context, lambda: self._train(session, client, request))  # noqa: B023 (called at once)
+                yield guard(context, lambda: self._train(session, client, request))  # noqa: B023 (called at once)
                 # Resumed once the reply is on its way: the update runs while the client back-propagates.
                 session.settle()
 
@@ -109,13 +90,13 @@ class SplitLearningServicer:
         try:
             for request in request_iterator:
                 if request.has("labels"):
-                    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "labels must not be sent to a U-shaped middle")
+                    abort(context, grpc.StatusCode.INVALID_ARGUMENT, "labels must not be sent to a U-shaped middle")
                 if request.has("output_gradient"):
-                    reply = _guard(context, lambda: self._finish_step(session, client, half, request))  # noqa: B023
+                    reply = guard(context, lambda: self._finish_step(session, client, half, request))  # noqa: B023
                     half = None  # finished: nothing to abandon
                     yield reply
                 else:
-                    half = _guard(context, lambda: self._begin_step(session, client, request))  # noqa: B023
+                    half = guard(context, lambda: self._begin_step(session, client, request))  # noqa: B023
                     yield framing.Outgoing(pb.TrainResponse(step=half.step), {"outputs": codec.encode(half.outputs)})
         finally:
             if half is not None:
@@ -138,7 +119,7 @@ class SplitLearningServicer:
             values = session.evaluate(iv, labels, request.reset_metrics, _client_step(request))
             return pb.EvaluateResponse(metrics=values)
 
-        return _guard(context, run)
+        return guard(context, run)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         def run() -> pb.PredictResponse:
@@ -148,7 +129,7 @@ class SplitLearningServicer:
             codec.write(outputs, response.outputs)
             return response
 
-        return _guard(context, run)
+        return guard(context, run)
 
     def _handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
         _check_id_length("session_id", request.session_id)
@@ -161,7 +142,9 @@ class SplitLearningServicer:
         sessions = self._sessions
         sessions.check_offer(request.protocol_version, iv, label, request.max_batch_size, mode_from_proto(request.mode))
         encoding = sessions.negotiate(request.encodings)
-        session = sessions.open(request.session_id)
+        has_group = request.HasField("group") and not request.session_id  # rejoining: the session has its round
+        membership = Membership.from_proto(request.group) if has_group else None
+        session = sessions.open(request.session_id, membership)
         next_step = session.join(request.client_id, encoding, list(request.restorable_steps))
         trainer = session.trainer
         return pb.HandshakeResponse(
@@ -273,7 +256,7 @@ def _check_encoding(message: pb.Tensor, name: str, agreed: EncodingCode) -> None
 def _one_session(frames: Iterator[TrainFrame], session_id: str, context: grpc.ServicerContext) -> Iterator[TrainFrame]:
     for frame in frames:
         if frame.message.session_id != session_id:
-            _abort(
+            abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "a training stream trains in one session: this one began in another session than this request "
@@ -295,72 +278,22 @@ def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
                 raise AssertionError(f"{method.name}: no framing for a streaming method but Train")
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 behavior,  # refuses an Undecodable request itself: it reads the stream
-                request_deserializer=_lenient(lambda data: framing.parse(pb.TrainRequest, data), "TrainRequest"),
+                request_deserializer=lenient(lambda data: framing.parse(pb.TrainRequest, data), "TrainRequest"),
                 response_serializer=framing.Outgoing.serialize,
             )
         else:
             request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _refusing_undecodable(behavior),
-                request_deserializer=_lenient(request.FromString, method.input_type.name),
+                refusing_undecodable(behavior),
+                request_deserializer=lenient(request.FromString, method.input_type.name),
                 response_serializer=response.SerializeToString,
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def _lenient(parse: Callable[[bytes], T], type_name: str) -> Callable[[bytes], T | Undecodable]:
-    """`parse`, returning an `Undecodable` where it would raise (see `Undecodable`)."""
-
-    def deserialize(data: bytes) -> T | Undecodable:
-        try:
-            return parse(data)
-        except DecodeError as error:  # anything else is a bug, and gRPC's INTERNAL says so
-            return Undecodable(type_name, len(data), str(error) or "undecodable")
-
-    return deserialize
-
-
-def _refusing_undecodable(behavior: Callable[[Any, grpc.ServicerContext], T]) -> Callable[..., T]:
-    def handle(request: Any, context: grpc.ServicerContext) -> T:
-        if isinstance(request, Undecodable):
-            _refuse_undecodable(context, request)
-        return behavior(request, context)
-
-    return handle
-
-
 def _decoded(requests: Iterator[TrainFrame | Undecodable], context: grpc.ServicerContext) -> Iterator[TrainFrame]:
     for request in requests:
         if isinstance(request, Undecodable):
-            _refuse_undecodable(context, request)
+            refuse_undecodable(context, request)
         yield request
-
-
-def _refuse_undecodable(context: grpc.ServicerContext, request: Undecodable) -> NoReturn:
-    log.warning("refused %s: %s", _peer(context), request.refusal())
-    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.refusal())
-
-
-def _guard(context: grpc.ServicerContext, run: Callable[[], T]) -> T:
-    try:
-        return run()
-    except SplitError as error:
-        message = clip_message(str(error))  # it may hold a client's id: bounded in the log and the status
-        log.warning("refused %s: %s", _peer(context), message)
-        _abort(context, getattr(grpc.StatusCode, error.status), message)
-    except Exception as error:  # a bug, not a bad request: say so, keep serving
-        log.exception("internal error serving %s", _peer(context))
-        _abort(context, grpc.StatusCode.INTERNAL, clip_message(f"internal error: {type(error).__name__}: {error}"))
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
-    raise AssertionError("unreachable: context.abort raises")
-
-
-def _peer(context: grpc.ServicerContext) -> str:
-    try:
-        return context.peer()
-    except Exception:
-        return "unknown peer"

@@ -41,6 +41,7 @@ from splitlearning.errors import (
     StepMismatch,
     TooLarge,
 )
+from splitlearning.groups import Membership
 from splitlearning.text import clip
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,10 @@ class Session:
         trainer: Trainer,
         limits: Limits,
         checkpoints: ServerCheckpoints | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.id = session_id
+        self.membership = membership  # the group round it trains, for a session opened for one
         self.trainer = trainer
         self.limits = limits
         self.checkpoints = checkpoints

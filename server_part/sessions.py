@@ -27,11 +27,14 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from server_part.checkpoints import SessionStore
+from server_part.contributions import Contributions
 from server_part.middle_trainer import MiddleTrainer
 from server_part.parts import PartFactory, Trainer
 from server_part.session import Limits, Session
-from splitlearning import encodings
+from splitlearning import encodings, part_state
 from splitlearning.contract import MAX_ID_LENGTH, PROTOCOL_VERSION, CutMode, Spec
 from splitlearning.errors import (
     InvalidRequest,
@@ -42,6 +45,8 @@ from splitlearning.errors import (
     SplitError,
     TooManySessions,
 )
+from splitlearning.groups import Membership
+from splitlearning.part_state import PartState
 from splitlearning.text import clip
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,7 @@ class SessionRegistry:
         max_sessions: int = 16,
         idle_timeout: float = 3600.0,
         on_close: Callable[[Session], None] | None = None,
+        contributions: Contributions | None = None,
     ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
@@ -74,6 +80,7 @@ class SessionRegistry:
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self._on_close = on_close
+        self.contributions = contributions if contributions is not None else Contributions()
         self._sessions: dict[str, Session] = {}
         self._opening = 0  # sessions being built or loaded now, counted against the limit
         self._lock = threading.Lock()  # guards the dict and the count, never held while a part is built
@@ -136,10 +143,15 @@ class SessionRegistry:
 
     # -- finding and opening ---------------------------------------------------------------------------------
 
-    def open(self, session_id: str) -> Session:
-        """The session a handshake names: a new one for "", else that one (loaded from checkpoints if need be)."""
+    def open(self, session_id: str, membership: Membership | None = None) -> Session:
+        """The session a handshake names: a new one for "" (for `membership`'s group round, starting where it
+        says), else that one (loaded from checkpoints if need be; `membership` is not read)."""
         if not session_id:
-            return self._admit(uuid.uuid4().hex, load=False)
+            start = None
+            if membership is not None:
+                initial = PartState([np.array(w) for w in self._parts.initial])
+                start = self.contributions.start_state(membership, initial)
+            return self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
         _check_id(session_id)
         with self._lock:
             self._check_running()
@@ -172,7 +184,9 @@ class SessionRegistry:
             )
         raise SessionNotFound(_unknown(session_id, self.store is not None))
 
-    def _admit(self, session_id: str, load: bool) -> Session:
+    def _admit(
+        self, session_id: str, load: bool, membership: Membership | None = None, start: PartState | None = None
+    ) -> Session:
         with self._lock:
             self._check_running()
             if len(self._sessions) + self._opening >= self.max_sessions:
@@ -183,7 +197,7 @@ class SessionRegistry:
                 )
             self._opening += 1
         try:
-            session = self._build(session_id, load)
+            session = self._build(session_id, load, membership, start)
         finally:
             with self._lock:
                 self._opening -= 1
@@ -192,16 +206,20 @@ class SessionRegistry:
             if self.first is None and session.trainer is self.template:
                 self.first = session
         log.info(
-            "%s session %s at step %d (%d in memory)",
+            "%s session %s at step %d%s (%d in memory)",
             "resumed" if load else "opened",
             session_id,
             session.next_step,
+            f" for {membership}" if membership is not None else "",
             len(self._sessions),
         )
         return session
 
-    def _build(self, session_id: str, load: bool) -> Session:
+    def _build(self, session_id: str, load: bool, membership: Membership | None, start: PartState | None) -> Session:
         trainer = self._parts.take()
+        if start is not None and membership is not None:
+            optimizer = trainer.optimizer if membership.scheme.carries_optimizer else None
+            part_state.apply(start, trainer.model, optimizer)
         checkpoints = self.store.open(session_id, trainer) if self.store is not None else None
         if checkpoints is not None:
             latest = checkpoints.latest()
@@ -209,23 +227,39 @@ class SessionRegistry:
                 checkpoints.restore(latest)
             elif not load:
                 checkpoints.save(trainer.iterations)  # the starting point is a step to resume from too
-        return Session(session_id, trainer, self.limits, checkpoints)
+        return Session(session_id, trainer, self.limits, checkpoints, membership)
 
     # -- leaving memory --------------------------------------------------------------------------------------
 
-    def close(self, session_id: str, client_id: str) -> Session | None:
+    def close(self, session_id: str, client_id: str, contribute_samples: int = 0) -> Session | None:
         """The client is done: settle and save the session, then drop it from memory. None when it was not in
-        memory but has checkpoints (closed already: closing is idempotent)."""
+        memory but has checkpoints (closed already: closing is idempotent). With `contribute_samples`, the
+        session's part becomes its member's contribution to its group round (server_part/contributions.py)."""
         try:
             session = self.get(session_id)
         except SessionUnloaded:
+            if contribute_samples:
+                raise PreconditionFailed(
+                    f"session {session_id} is not in memory (closed, idle, or the server restarted): its part can "
+                    "no longer be contributed; train the round again"
+                ) from None
             return None
         if session.holder not in (None, client_id) and session.idle_seconds(time.monotonic()) is None:
             raise PreconditionFailed(
                 "the session is in use by another client (its training stream is open): only the client "
                 "training in it may close it now"
             )
+        membership = session.membership
+        if contribute_samples and membership is None:
+            raise PreconditionFailed(
+                f"contribute_samples: session {session_id} trains no group round (its handshake named no group)"
+            )
         self._drop(session, "closed by its client")
+        if contribute_samples and membership is not None:
+            trainer = session.trainer
+            trainer.settle()
+            optimizer = trainer.optimizer if membership.scheme.carries_optimizer else None
+            self.contributions.put(membership, contribute_samples, part_state.capture(trainer.model, optimizer))
         return session
 
     def expire_idle(self, now: float | None = None) -> list[str]:

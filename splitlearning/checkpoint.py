@@ -9,7 +9,6 @@ older step first unlists, then deletes, the later ones (a branch of history that
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,6 +18,8 @@ from typing import Any
 
 import tensorflow as tf
 from google.protobuf import text_format
+
+from splitlearning.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,28 +113,6 @@ class StepCheckpoints:
             kept.all_model_checkpoint_timestamps.append(timestamps.get(path, state.last_preserved_timestamp))
         kept.last_preserved_timestamp = state.last_preserved_timestamp
         write_text_atomic(self.directory / "checkpoint", text_format.MessageToString(kept))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` so a reader sees the old file or the new one, never half of one."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON so a reader sees the old file or the new one, never half of one."""
-    write_text_atomic(path, json.dumps(dict(payload)))
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    loaded = json.loads(path.read_text())
-    return loaded if isinstance(loaded, dict) else None
 
 
 def save_weights(path: Path, model: Any, optimizer: Any) -> None:

@@ -19,6 +19,7 @@ GROUPS = {
     "model": "model: the part this process holds (both processes must name the same pair and cut)",
     "data": "data",
     "training": "training",
+    "rounds": "multi-client training: groups, schemes, rounds (docs/multi_client.md)",
     "device": "device: where this process computes",
     "checkpoints": "checkpoints and weights",
     "security": "security and privacy",

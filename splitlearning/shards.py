@@ -74,8 +74,9 @@ def take(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The samples of `shard` among (x, y), cut `by` 'random' (IID, the permutation drawn from
     `np.random.default_rng(seed)`; the shard's samples come in that permutation's order) or 'label' (non-IID:
-    a stable sort of the labels, see `labels`; the shard's samples come ordered by label, and within a label in
-    the dataset's order). Shard sizes differ by at most one; the same arguments always give the same shard."""
+    a stable sort of the labels, see `labels`, cut into contiguous parts; the shard's samples then come in an
+    order drawn from `seed`, so a validation hold-out from its end holds every class of the shard). Shard sizes
+    differ by at most one; the same arguments always give the same shard."""
     import numpy as np
 
     if by not in BY:
@@ -87,6 +88,8 @@ def take(
         raise ValueError(f"cannot cut {n} samples into {shard.count} shards: each shard needs at least one sample")
     order = np.random.default_rng(seed).permutation(n) if by == "random" else np.argsort(labels(y), kind="stable")
     chosen = np.array_split(order, shard.count)[shard.index - 1]
+    if by == "label":
+        chosen = chosen[np.random.default_rng(seed).permutation(len(chosen))]
     return x[chosen], y[chosen]
 
 

@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%splitlearning/v1/split_learning.proto\x12\x10splitlearning.v1\"\x8d\x01\n\x06Tensor\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.splitlearning.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12,\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1a.splitlearning.v1.Encoding\x12\r\n\x05scale\x18\x05 \x01(\x02\"C\n\nTensorSpec\x12\r\n\x05shape\x18\x01 \x03(\x03\x12&\n\x05\x64type\x18\x02 \x01(\x0e\x32\x17.splitlearning.v1.DType\"\x92\x01\n\x0b\x43utContract\x12(\n\x02iv\x18\x01 \x01(\x0b\x32\x1c.splitlearning.v1.TensorSpec\x12+\n\x05label\x18\x02 \x01(\x0b\x32\x1c.splitlearning.v1.TensorSpec\x12,\n\x06output\x18\x03 \x01(\x0b\x32\x1c.splitlearning.v1.TensorSpec\"\x8e\x02\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12/\n\x08\x63ontract\x18\x02 \x01(\x0b\x32\x1d.splitlearning.v1.CutContract\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12-\n\tencodings\x18\x05 \x03(\x0e\x32\x1a.splitlearning.v1.Encoding\x12\'\n\x04mode\x18\x06 \x01(\x0e\x32\x19.splitlearning.v1.CutMode\x12\x18\n\x10restorable_steps\x18\x07 \x03(\x04\x12\x11\n\tclient_id\x18\x08 \x01(\t\"\x8a\x02\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12/\n\x08\x63ontract\x18\x02 \x01(\x0b\x32\x1d.splitlearning.v1.CutContract\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tnext_step\x18\x04 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12,\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x1a.splitlearning.v1.Encoding\x12\x14\n\x0cmetric_names\x18\x07 \x03(\t\x12\'\n\x04mode\x18\x08 \x01(\x0e\x32\x19.splitlearning.v1.CutMode\"\xaa\x02\n\x0cTrainRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12$\n\x02iv\x18\x03 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12(\n\x06labels\x18\x04 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12\x15\n\rreset_metrics\x18\x05 \x01(\x08\x12\x31\n\x0foutput_gradient\x18\x06 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12\x15\n\rmicro_batches\x18\x07 \x01(\r\x12\x13\n\x0bmicro_batch\x18\x08 \x01(\r\x12\x14\n\x0cstep_samples\x18\t \x01(\r\x12\x12\n\x05\x65poch\x18\n \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_epoch\"\x88\x01\n\rTrainResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12-\n\x0biv_gradient\x18\x02 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12\x0f\n\x07metrics\x18\x03 \x03(\x01\x12)\n\x07outputs\x18\x04 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\"<\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\";\n\x14\x43loseSessionResponse\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x14\n\x0c\x63heckpointed\x18\x02 \x01(\x08\"\xa8\x01\n\x0f\x45valuateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x02iv\x18\x02 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12(\n\x06labels\x18\x03 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12\x15\n\rreset_metrics\x18\x04 \x01(\x08\x12\x11\n\x04step\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_step\"#\n\x10\x45valuateResponse\x12\x0f\n\x07metrics\x18\x01 \x03(\x01\"f\n\x0ePredictRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x02iv\x18\x02 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12\x11\n\x04step\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_step\"<\n\x0fPredictResponse\x12)\n\x07outputs\x18\x01 \x01(\x0b\x32\x18.splitlearning.v1.Tensor*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_INT16\x10\x06\x12\x0f\n\x0b\x44TYPE_INT32\x10\x07\x12\x0f\n\x0b\x44TYPE_INT64\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*v\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02\x12\x15\n\x11\x45NCODING_BFLOAT16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04*O\n\x07\x43utMode\x12\x18\n\x14\x43UT_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43UT_MODE_STANDARD\x10\x01\x12\x13\n\x0f\x43UT_MODE_USHAPE\x10\x02\x32\xbc\x03\n\x14SplitLearningService\x12T\n\tHandshake\x12\".splitlearning.v1.HandshakeRequest\x1a#.splitlearning.v1.HandshakeResponse\x12L\n\x05Train\x12\x1e.splitlearning.v1.TrainRequest\x1a\x1f.splitlearning.v1.TrainResponse(\x01\x30\x01\x12Q\n\x08\x45valuate\x12!.splitlearning.v1.EvaluateRequest\x1a\".splitlearning.v1.EvaluateResponse\x12N\n\x07Predict\x12 .splitlearning.v1.PredictRequest\x1a!.splitlearning.v1.PredictResponse\x12]\n\x0c\x43loseSession\x12%.splitlearning.v1.CloseSessionRequest\x1a&.splitlearning.v1.CloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%splitlearning/v1/split_learning.proto\x12\x10splitlearning.v1\"\x8d\x01\n\x06Tensor\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.splitlearning.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12,\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1a.splitlearning.v1.Encoding\x12\r\n\x05scale\x18\x05 \x01(\x02\"C\n\nTensorSpec\x12\r\n\x05shape\x18\x01 \x03(\x03\x12&\n\x05\x64type\x18\x02 \x01(\x0e\x32\x17.splitlearning.v1.DType\"\x92\x01\n\x0b\x43utContract\x12(\n\x02iv\x18\x01 \x01(\x0b\x32\x1c.splitlearning.v1.TensorSpec\x12+\n\x05label\x18\x02 \x01(\x0b\x32\x1c.splitlearning.v1.TensorSpec\x12,\n\x06output\x18\x03 \x01(\x0b\x32\x1c.splitlearning.v1.TensorSpec\"\xbb\x02\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12/\n\x08\x63ontract\x18\x02 \x01(\x0b\x32\x1d.splitlearning.v1.CutContract\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12-\n\tencodings\x18\x05 \x03(\x0e\x32\x1a.splitlearning.v1.Encoding\x12\'\n\x04mode\x18\x06 \x01(\x0e\x32\x19.splitlearning.v1.CutMode\x12\x18\n\x10restorable_steps\x18\x07 \x03(\x04\x12\x11\n\tclient_id\x18\x08 \x01(\t\x12+\n\x05group\x18\t \x01(\x0b\x32\x1c.splitlearning.v1.GroupRound\">\n\x0c\x43ontribution\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06member\x18\x02 \x01(\r\x12\x0f\n\x07samples\x18\x03 \x01(\x04\"\x93\x01\n\nGroupRound\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06member\x18\x03 \x01(\r\x12(\n\x06scheme\x18\x04 \x01(\x0e\x32\x18.splitlearning.v1.Scheme\x12-\n\x05start\x18\x05 \x03(\x0b\x32\x1e.splitlearning.v1.Contribution\"\x8a\x02\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12/\n\x08\x63ontract\x18\x02 \x01(\x0b\x32\x1d.splitlearning.v1.CutContract\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tnext_step\x18\x04 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12,\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x1a.splitlearning.v1.Encoding\x12\x14\n\x0cmetric_names\x18\x07 \x03(\t\x12\'\n\x04mode\x18\x08 \x01(\x0e\x32\x19.splitlearning.v1.CutMode\"\xaa\x02\n\x0cTrainRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12$\n\x02iv\x18\x03 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12(\n\x06labels\x18\x04 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12\x15\n\rreset_metrics\x18\x05 \x01(\x08\x12\x31\n\x0foutput_gradient\x18\x06 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12\x15\n\rmicro_batches\x18\x07 \x01(\r\x12\x13\n\x0bmicro_batch\x18\x08 \x01(\r\x12\x14\n\x0cstep_samples\x18\t \x01(\r\x12\x12\n\x05\x65poch\x18\n \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_epoch\"\x88\x01\n\rTrainResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12-\n\x0biv_gradient\x18\x02 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12\x0f\n\x07metrics\x18\x03 \x03(\x01\x12)\n\x07outputs\x18\x04 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\"X\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x1a\n\x12\x63ontribute_samples\x18\x03 \x01(\x04\";\n\x14\x43loseSessionResponse\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x14\n\x0c\x63heckpointed\x18\x02 \x01(\x08\"\xa8\x01\n\x0f\x45valuateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x02iv\x18\x02 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12(\n\x06labels\x18\x03 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12\x15\n\rreset_metrics\x18\x04 \x01(\x08\x12\x11\n\x04step\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_step\"#\n\x10\x45valuateResponse\x12\x0f\n\x07metrics\x18\x01 \x03(\x01\"f\n\x0ePredictRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x02iv\x18\x02 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\x12\x11\n\x04step\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_step\"<\n\x0fPredictResponse\x12)\n\x07outputs\x18\x01 \x01(\x0b\x32\x18.splitlearning.v1.Tensor\"d\n\nModelState\x12)\n\x07weights\x18\x01 \x03(\x0b\x32\x18.splitlearning.v1.Tensor\x12+\n\toptimizer\x18\x02 \x03(\x0b\x32\x18.splitlearning.v1.Tensor\"_\n\rGroupSettings\x12(\n\x06scheme\x18\x01 \x01(\x0e\x32\x18.splitlearning.v1.Scheme\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\r\"\xa4\x01\n\x10JoinRoundRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\r\x12\x31\n\x08settings\x18\x03 \x01(\x0b\x32\x1f.splitlearning.v1.GroupSettings\x12-\n\x07initial\x18\x04 \x01(\x0b\x32\x1c.splitlearning.v1.ModelState\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"\xaf\x02\n\x11JoinRoundResponse\x12:\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32*.splitlearning.v1.JoinRoundResponse.Action\x12\r\n\x05round\x18\x02 \x01(\r\x12+\n\x05state\x18\x03 \x01(\x0b\x32\x1c.splitlearning.v1.ModelState\x12-\n\x05start\x18\x04 \x03(\x0b\x32\x1e.splitlearning.v1.Contribution\x12\x0f\n\x07members\x18\x05 \x01(\r\x12\x0c\n\x04note\x18\x06 \x01(\t\"T\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_WAIT\x10\x01\x12\x10\n\x0c\x41\x43TION_TRAIN\x10\x02\x12\x0f\n\x0b\x41\x43TION_DONE\x10\x03\"\x80\x01\n\x12SubmitRoundRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\r\x12\r\n\x05round\x18\x03 \x01(\r\x12+\n\x05state\x18\x04 \x01(\x0b\x32\x1c.splitlearning.v1.ModelState\x12\x0f\n\x07samples\x18\x05 \x01(\x04\"9\n\x13SubmitRoundResponse\x12\x11\n\tsubmitted\x18\x01 \x01(\r\x12\x0f\n\x07members\x18\x02 \x01(\r*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_INT16\x10\x06\x12\x0f\n\x0b\x44TYPE_INT32\x10\x07\x12\x0f\n\x0b\x44TYPE_INT64\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*v\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02\x12\x15\n\x11\x45NCODING_BFLOAT16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04*O\n\x07\x43utMode\x12\x18\n\x14\x43UT_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43UT_MODE_STANDARD\x10\x01\x12\x13\n\x0f\x43UT_MODE_USHAPE\x10\x02*M\n\x06Scheme\x12\x16\n\x12SCHEME_UNSPECIFIED\x10\x00\x12\x16\n\x12SCHEME_ROUND_ROBIN\x10\x01\x12\x13\n\x0fSCHEME_SPLITFED\x10\x02\x32\xbc\x03\n\x14SplitLearningService\x12T\n\tHandshake\x12\".splitlearning.v1.HandshakeRequest\x1a#.splitlearning.v1.HandshakeResponse\x12L\n\x05Train\x12\x1e.splitlearning.v1.TrainRequest\x1a\x1f.splitlearning.v1.TrainResponse(\x01\x30\x01\x12Q\n\x08\x45valuate\x12!.splitlearning.v1.EvaluateRequest\x1a\".splitlearning.v1.EvaluateResponse\x12N\n\x07Predict\x12 .splitlearning.v1.PredictRequest\x1a!.splitlearning.v1.PredictResponse\x12]\n\x0c\x43loseSession\x12%.splitlearning.v1.CloseSessionRequest\x1a&.splitlearning.v1.CloseSessionResponse2\xc5\x01\n\x11\x41ggregatorService\x12T\n\tJoinRound\x12\".splitlearning.v1.JoinRoundRequest\x1a#.splitlearning.v1.JoinRoundResponse\x12Z\n\x0bSubmitRound\x12$.splitlearning.v1.SubmitRoundRequest\x1a%.splitlearning.v1.SubmitRoundResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitlearning.v1.split_learning_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1901
-  _globals['_DTYPE']._serialized_end=2108
-  _globals['_ENCODING']._serialized_start=2110
-  _globals['_ENCODING']._serialized_end=2228
-  _globals['_CUTMODE']._serialized_start=2230
-  _globals['_CUTMODE']._serialized_end=2309
+  _globals['_DTYPE']._serialized_start=3050
+  _globals['_DTYPE']._serialized_end=3257
+  _globals['_ENCODING']._serialized_start=3259
+  _globals['_ENCODING']._serialized_end=3377
+  _globals['_CUTMODE']._serialized_start=3379
+  _globals['_CUTMODE']._serialized_end=3458
+  _globals['_SCHEME']._serialized_start=3460
+  _globals['_SCHEME']._serialized_end=3537
   _globals['_TENSOR']._serialized_start=60
   _globals['_TENSOR']._serialized_end=201
   _globals['_TENSORSPEC']._serialized_start=203
@@ -44,25 +46,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CUTCONTRACT']._serialized_start=273
   _globals['_CUTCONTRACT']._serialized_end=419
   _globals['_HANDSHAKEREQUEST']._serialized_start=422
-  _globals['_HANDSHAKEREQUEST']._serialized_end=692
-  _globals['_HANDSHAKERESPONSE']._serialized_start=695
-  _globals['_HANDSHAKERESPONSE']._serialized_end=961
-  _globals['_TRAINREQUEST']._serialized_start=964
-  _globals['_TRAINREQUEST']._serialized_end=1262
-  _globals['_TRAINRESPONSE']._serialized_start=1265
-  _globals['_TRAINRESPONSE']._serialized_end=1401
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1403
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1463
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1465
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1524
-  _globals['_EVALUATEREQUEST']._serialized_start=1527
-  _globals['_EVALUATEREQUEST']._serialized_end=1695
-  _globals['_EVALUATERESPONSE']._serialized_start=1697
-  _globals['_EVALUATERESPONSE']._serialized_end=1732
-  _globals['_PREDICTREQUEST']._serialized_start=1734
-  _globals['_PREDICTREQUEST']._serialized_end=1836
-  _globals['_PREDICTRESPONSE']._serialized_start=1838
-  _globals['_PREDICTRESPONSE']._serialized_end=1898
-  _globals['_SPLITLEARNINGSERVICE']._serialized_start=2312
-  _globals['_SPLITLEARNINGSERVICE']._serialized_end=2756
+  _globals['_HANDSHAKEREQUEST']._serialized_end=737
+  _globals['_CONTRIBUTION']._serialized_start=739
+  _globals['_CONTRIBUTION']._serialized_end=801
+  _globals['_GROUPROUND']._serialized_start=804
+  _globals['_GROUPROUND']._serialized_end=951
+  _globals['_HANDSHAKERESPONSE']._serialized_start=954
+  _globals['_HANDSHAKERESPONSE']._serialized_end=1220
+  _globals['_TRAINREQUEST']._serialized_start=1223
+  _globals['_TRAINREQUEST']._serialized_end=1521
+  _globals['_TRAINRESPONSE']._serialized_start=1524
+  _globals['_TRAINRESPONSE']._serialized_end=1660
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1662
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1750
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1752
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1811
+  _globals['_EVALUATEREQUEST']._serialized_start=1814
+  _globals['_EVALUATEREQUEST']._serialized_end=1982
+  _globals['_EVALUATERESPONSE']._serialized_start=1984
+  _globals['_EVALUATERESPONSE']._serialized_end=2019
+  _globals['_PREDICTREQUEST']._serialized_start=2021
+  _globals['_PREDICTREQUEST']._serialized_end=2123
+  _globals['_PREDICTRESPONSE']._serialized_start=2125
+  _globals['_PREDICTRESPONSE']._serialized_end=2185
+  _globals['_MODELSTATE']._serialized_start=2187
+  _globals['_MODELSTATE']._serialized_end=2287
+  _globals['_GROUPSETTINGS']._serialized_start=2289
+  _globals['_GROUPSETTINGS']._serialized_end=2384
+  _globals['_JOINROUNDREQUEST']._serialized_start=2387
+  _globals['_JOINROUNDREQUEST']._serialized_end=2551
+  _globals['_JOINROUNDRESPONSE']._serialized_start=2554
+  _globals['_JOINROUNDRESPONSE']._serialized_end=2857
+  _globals['_JOINROUNDRESPONSE_ACTION']._serialized_start=2773
+  _globals['_JOINROUNDRESPONSE_ACTION']._serialized_end=2857
+  _globals['_SUBMITROUNDREQUEST']._serialized_start=2860
+  _globals['_SUBMITROUNDREQUEST']._serialized_end=2988
+  _globals['_SUBMITROUNDRESPONSE']._serialized_start=2990
+  _globals['_SUBMITROUNDRESPONSE']._serialized_end=3047
+  _globals['_SPLITLEARNINGSERVICE']._serialized_start=3540
+  _globals['_SPLITLEARNINGSERVICE']._serialized_end=3984
+  _globals['_AGGREGATORSERVICE']._serialized_start=3987
+  _globals['_AGGREGATORSERVICE']._serialized_end=4184
 # @@protoc_insertion_point(module_scope)

@@ -118,6 +118,36 @@ labels never leave it. A step is two exchanges on the Train stream (see TrainReq
 """
 Global___CutMode: _TypeAlias = CutMode  # noqa: Y015
 
+class _Scheme:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SchemeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scheme.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEME_UNSPECIFIED: _Scheme.ValueType  # 0
+    SCHEME_ROUND_ROBIN: _Scheme.ValueType  # 1
+    """Round-robin ("vanilla") split learning: members take turns, in member order, against one model; each turn
+    starts from the state the turn before ended with: both parts' weights and optimizer state.
+    """
+    SCHEME_SPLITFED: _Scheme.ValueType  # 2
+    """SplitFed v1: members train in parallel, each from the round's model; at the round's end each part is the
+    sample-weighted average (FedAvg) of the members' parts. Optimizer state starts afresh each round.
+    """
+
+class Scheme(_Scheme, metaclass=_SchemeEnumTypeWrapper):
+    """How the members of a group train one model together (docs/multi_client.md)."""
+
+SCHEME_UNSPECIFIED: Scheme.ValueType  # 0
+SCHEME_ROUND_ROBIN: Scheme.ValueType  # 1
+"""Round-robin ("vanilla") split learning: members take turns, in member order, against one model; each turn
+starts from the state the turn before ended with: both parts' weights and optimizer state.
+"""
+SCHEME_SPLITFED: Scheme.ValueType  # 2
+"""SplitFed v1: members train in parallel, each from the round's model; at the round's end each part is the
+sample-weighted average (FedAvg) of the members' parts. Optimizer state starts afresh each round.
+"""
+Global___Scheme: _TypeAlias = Scheme  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """A dense tensor: element type, shape and the raw bytes of its values."""
@@ -238,6 +268,7 @@ class HandshakeRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     RESTORABLE_STEPS_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Version of this protocol the client speaks: 1. Any other value is FAILED_PRECONDITION."""
     session_id: _builtins.str
@@ -276,6 +307,14 @@ class HandshakeRequest(_message.Message):
         server moves to the latest of them it also holds and answers it in `next_step`; empty: no resume.
         """
 
+    @_builtins.property
+    def group(self) -> Global___GroupRound:
+        """Multi-client training (docs/multi_client.md): open a new session for one member's round of a group, whose
+        part starts from `group.start` instead of the initial weights. Read only when `session_id` is empty (a
+        handshake that rejoins a session finds its round in it). A `group.start` that names a contribution this
+        server does not hold is FAILED_PRECONDITION; a malformed group is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -287,14 +326,88 @@ class HandshakeRequest(_message.Message):
         mode: Global___CutMode.ValueType = ...,
         restorable_steps: _abc.Iterable[_builtins.int] | None = ...,
         client_id: _builtins.str = ...,
+        group: Global___GroupRound | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "group", b"group"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "contract", b"contract", "encodings", b"encodings", "max_batch_size", b"max_batch_size", "mode", b"mode", "protocol_version", b"protocol_version", "restorable_steps", b"restorable_steps", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "contract", b"contract", "encodings", b"encodings", "group", b"group", "max_batch_size", b"max_batch_size", "mode", b"mode", "protocol_version", b"protocol_version", "restorable_steps", b"restorable_steps", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HandshakeRequest: _TypeAlias = HandshakeRequest  # noqa: Y015
+
+@_typing.final
+class Contribution(_message.Message):
+    """One member's part at the end of one round (round-robin: one turn), weighed by the samples it trained on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """The round (round-robin: the turn), from 0."""
+    member: _builtins.int
+    """The member, from 1."""
+    samples: _builtins.int
+    """Samples the member trained on in that round (local epochs times its shard); the averaging weight."""
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        member: _builtins.int = ...,
+        samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member", "round", b"round", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Contribution: _TypeAlias = Contribution  # noqa: Y015
+
+@_typing.final
+class GroupRound(_message.Message):
+    """The round of a group that a session trains (HandshakeRequest.group)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    SCHEME_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """The group: 1 to 128 of [A-Za-z0-9_-]."""
+    round: _builtins.int
+    """The round (round-robin: the turn) this session trains, from 0."""
+    member: _builtins.int
+    """The member training it, from 1."""
+    scheme: Global___Scheme.ValueType
+    """SCHEME_ROUND_ROBIN or SCHEME_SPLITFED; unspecified is INVALID_ARGUMENT."""
+    @_builtins.property
+    def start(self) -> _containers.RepeatedCompositeFieldContainer[Global___Contribution]:
+        """What the session's part starts from, as the aggregator decided: none, the initial weights (a group's first
+        round); SplitFed: the sample-weighted average of these contributions' weights, with a fresh optimizer;
+        round-robin: exactly one contribution, whose weights and optimizer state the part takes.
+        """
+
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        round: _builtins.int = ...,
+        member: _builtins.int = ...,
+        scheme: Global___Scheme.ValueType = ...,
+        start: _abc.Iterable[Global___Contribution] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "member", b"member", "round", b"round", "scheme", b"scheme", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupRound: _TypeAlias = GroupRound  # noqa: Y015
 
 @_typing.final
 class HandshakeResponse(_message.Message):
@@ -475,21 +588,29 @@ class CloseSessionRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
+    CONTRIBUTE_SAMPLES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to close."""
     client_id: _builtins.str
     """The client closing it: the one training in the session (its handshake's client_id), or any client while
     no training stream is open in it.
     """
+    contribute_samples: _builtins.int
+    """In a session opened for a group's round (HandshakeRequest.group): keep its part (weights, and optimizer
+    state in round-robin) as this member's contribution to that round, weighed by this many samples; a later
+    contribution of the same member to the same round replaces it. 0: no contribution. In any other session a
+    non-zero value is FAILED_PRECONDITION.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         client_id: _builtins.str = ...,
+        contribute_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "contribute_samples", b"contribute_samples", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -645,3 +766,245 @@ class PredictResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PredictResponse: _TypeAlias = PredictResponse  # noqa: Y015
+
+@_typing.final
+class ModelState(_message.Message):
+    """A part's state as it travels between a member and the aggregator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """The part's weights in Keras's `model.get_weights()` order, raw encoding."""
+
+    @_builtins.property
+    def optimizer(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """Round-robin: the optimizer's variables in `optimizer.variables` order (its step count first); empty in
+        SplitFed, where each round starts with a fresh optimizer.
+        """
+
+    def __init__(
+        self,
+        *,
+        weights: _abc.Iterable[Global___Tensor] | None = ...,
+        optimizer: _abc.Iterable[Global___Tensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
+
+@_typing.final
+class GroupSettings(_message.Message):
+    """What every member of a group must state alike; the group's first join fixes it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEME_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    LOCAL_EPOCHS_FIELD_NUMBER: _builtins.int
+    scheme: Global___Scheme.ValueType
+    """SCHEME_ROUND_ROBIN or SCHEME_SPLITFED."""
+    rounds: _builtins.int
+    """Rounds to train (round-robin: a round is one turn of each member, in member order)."""
+    local_epochs: _builtins.int
+    """Passes over its shard a member makes in each round (round-robin: in each turn)."""
+    def __init__(
+        self,
+        *,
+        scheme: Global___Scheme.ValueType = ...,
+        rounds: _builtins.int = ...,
+        local_epochs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_epochs", b"local_epochs", "rounds", b"rounds", "scheme", b"scheme"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupSettings: _TypeAlias = GroupSettings  # noqa: Y015
+
+@_typing.final
+class JoinRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    INITIAL_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """The group: 1 to 128 of [A-Za-z0-9_-]."""
+    member: _builtins.int
+    """This member, from 1 to the aggregator's member count."""
+    wait_ms: _builtins.int
+    """Wait up to this many milliseconds for something to do before answering ACTION_WAIT (capped by the
+    aggregator at 30000); 0 answers at once.
+    """
+    @_builtins.property
+    def settings(self) -> Global___GroupSettings:
+        """Must equal the group's (FAILED_PRECONDITION naming both otherwise)."""
+
+    @_builtins.property
+    def initial(self) -> Global___ModelState:
+        """The first part this member would start from: the group's first join fixes the group's start with it;
+        later joins may leave it empty (it is not read).
+        """
+
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        member: _builtins.int = ...,
+        settings: Global___GroupSettings | None = ...,
+        initial: Global___ModelState | None = ...,
+        wait_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial", b"initial", "settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "initial", b"initial", "member", b"member", "settings", b"settings", "wait_ms", b"wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinRoundRequest: _TypeAlias = JoinRoundRequest  # noqa: Y015
+
+@_typing.final
+class JoinRoundResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Action:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[JoinRoundResponse._Action.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ACTION_UNSPECIFIED: JoinRoundResponse._Action.ValueType  # 0
+        ACTION_WAIT: JoinRoundResponse._Action.ValueType  # 1
+        """Nothing to do yet: another member's turn (round-robin), or this member has submitted and the round is
+        still open. Ask again.
+        """
+        ACTION_TRAIN: JoinRoundResponse._Action.ValueType  # 2
+        """Train `round` from `state`, and open its session on the server with `start`."""
+        ACTION_DONE: JoinRoundResponse._Action.ValueType  # 3
+        """Every round is over: `state` and `start` are the final model's."""
+
+    class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
+    ACTION_UNSPECIFIED: JoinRoundResponse.Action.ValueType  # 0
+    ACTION_WAIT: JoinRoundResponse.Action.ValueType  # 1
+    """Nothing to do yet: another member's turn (round-robin), or this member has submitted and the round is
+    still open. Ask again.
+    """
+    ACTION_TRAIN: JoinRoundResponse.Action.ValueType  # 2
+    """Train `round` from `state`, and open its session on the server with `start`."""
+    ACTION_DONE: JoinRoundResponse.Action.ValueType  # 3
+    """Every round is over: `state` and `start` are the final model's."""
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    action: Global___JoinRoundResponse.Action.ValueType
+    round: _builtins.int
+    """ACTION_TRAIN: the round (round-robin: the turn) to train; ACTION_WAIT: the round now open; ACTION_DONE: the
+    number of rounds (round-robin: turns) the group trained.
+    """
+    members: _builtins.int
+    """The aggregator's member count."""
+    note: _builtins.str
+    """Why this answer, for logs: whose turn it is, which members a closed round went without."""
+    @_builtins.property
+    def state(self) -> Global___ModelState:
+        """The first part to start from (ACTION_TRAIN) or the final one (ACTION_DONE). Empty in round-robin when the
+        members hand over through files (the previous turn submitted no weights).
+        """
+
+    @_builtins.property
+    def start(self) -> _containers.RepeatedCompositeFieldContainer[Global___Contribution]:
+        """The contributions the server's part starts from: HandshakeRequest.group.start."""
+
+    def __init__(
+        self,
+        *,
+        action: Global___JoinRoundResponse.Action.ValueType = ...,
+        round: _builtins.int = ...,
+        state: Global___ModelState | None = ...,
+        start: _abc.Iterable[Global___Contribution] | None = ...,
+        members: _builtins.int = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "members", b"members", "note", b"note", "round", b"round", "start", b"start", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinRoundResponse: _TypeAlias = JoinRoundResponse  # noqa: Y015
+
+@_typing.final
+class SubmitRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """The group, the member and the round it trained (JoinRoundResponse.round)."""
+    member: _builtins.int
+    round: _builtins.int
+    samples: _builtins.int
+    """Samples trained on in the round (the averaging weight); 0 is INVALID_ARGUMENT."""
+    @_builtins.property
+    def state(self) -> Global___ModelState:
+        """The member's first part at the end of its round. Round-robin may send it empty (the members hand over
+        through files); SplitFed may not.
+        """
+
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        member: _builtins.int = ...,
+        round: _builtins.int = ...,
+        state: Global___ModelState | None = ...,
+        samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "member", b"member", "round", b"round", "samples", b"samples", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitRoundRequest: _TypeAlias = SubmitRoundRequest  # noqa: Y015
+
+@_typing.final
+class SubmitRoundResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBMITTED_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    submitted: _builtins.int
+    """Members that have submitted to the round so far, this one included."""
+    members: _builtins.int
+    """The aggregator's member count."""
+    def __init__(
+        self,
+        *,
+        submitted: _builtins.int = ...,
+        members: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members", "submitted", b"submitted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitRoundResponse: _TypeAlias = SubmitRoundResponse  # noqa: Y015

@@ -280,3 +280,131 @@ class SplitLearningService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AggregatorServiceStub:
+    """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
+    average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.JoinRound = channel.unary_unary(
+                '/splitlearning.v1.AggregatorService/JoinRound',
+                request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.JoinRoundRequest.SerializeToString,
+                response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.JoinRoundResponse.FromString,
+                _registered_method=True)
+        self.SubmitRound = channel.unary_unary(
+                '/splitlearning.v1.AggregatorService/SubmitRound',
+                request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.SubmitRoundRequest.SerializeToString,
+                response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.SubmitRoundResponse.FromString,
+                _registered_method=True)
+
+
+class AggregatorServiceServicer:
+    """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
+    average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    """
+
+    def JoinRound(self, request, context):
+        """What this member does next: wait, train a round, or stop. Waits up to `wait_ms` while there is nothing to do.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitRound(self, request, context):
+        """Hands in a member's first part at the end of its round. A submission to a round that closed without it is
+        FAILED_PRECONDITION (the member joins the next round); the same member submitting again to an open round
+        replaces its submission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AggregatorServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'JoinRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinRound,
+                    request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.JoinRoundRequest.FromString,
+                    response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.JoinRoundResponse.SerializeToString,
+            ),
+            'SubmitRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitRound,
+                    request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.SubmitRoundRequest.FromString,
+                    response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.SubmitRoundResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'splitlearning.v1.AggregatorService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('splitlearning.v1.AggregatorService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AggregatorService:
+    """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
+    average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    """
+
+    @staticmethod
+    def JoinRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlearning.v1.AggregatorService/JoinRound',
+            splitlearning_dot_v1_dot_split__learning__pb2.JoinRoundRequest.SerializeToString,
+            splitlearning_dot_v1_dot_split__learning__pb2.JoinRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlearning.v1.AggregatorService/SubmitRound',
+            splitlearning_dot_v1_dot_split__learning__pb2.SubmitRoundRequest.SerializeToString,
+            splitlearning_dot_v1_dot_split__learning__pb2.SubmitRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -130,3 +130,64 @@ class SplitLearningServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_SplitLearningServiceServicer_to_server(servicer: SplitLearningServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AggregatorServiceStub:
+    """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
+    average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AggregatorServiceAsyncStub: ...
+    JoinRound: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.JoinRoundRequest, _split_learning_pb2.JoinRoundResponse]
+    """What this member does next: wait, train a round, or stop. Waits up to `wait_ms` while there is nothing to do."""
+    SubmitRound: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.SubmitRoundRequest, _split_learning_pb2.SubmitRoundResponse]
+    """Hands in a member's first part at the end of its round. A submission to a round that closed without it is
+    FAILED_PRECONDITION (the member joins the next round); the same member submitting again to an open round
+    replaces its submission.
+    """
+
+@_typing.type_check_only
+class AggregatorServiceAsyncStub(AggregatorServiceStub):
+    """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
+    average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    JoinRound: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.JoinRoundRequest, _split_learning_pb2.JoinRoundResponse]  # type: ignore[assignment]
+    """What this member does next: wait, train a round, or stop. Waits up to `wait_ms` while there is nothing to do."""
+    SubmitRound: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.SubmitRoundRequest, _split_learning_pb2.SubmitRoundResponse]  # type: ignore[assignment]
+    """Hands in a member's first part at the end of its round. A submission to a round that closed without it is
+    FAILED_PRECONDITION (the member joins the next round); the same member submitting again to an open round
+    replaces its submission.
+    """
+
+class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
+    average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    """
+
+    @_abc_1.abstractmethod
+    def JoinRound(
+        self,
+        request: _split_learning_pb2.JoinRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_split_learning_pb2.JoinRoundResponse, _abc.Awaitable[_split_learning_pb2.JoinRoundResponse]]:
+        """What this member does next: wait, train a round, or stop. Waits up to `wait_ms` while there is nothing to do."""
+
+    @_abc_1.abstractmethod
+    def SubmitRound(
+        self,
+        request: _split_learning_pb2.SubmitRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_split_learning_pb2.SubmitRoundResponse, _abc.Awaitable[_split_learning_pb2.SubmitRoundResponse]]:
+        """Hands in a member's first part at the end of its round. A submission to a round that closed without it is
+        FAILED_PRECONDITION (the member joins the next round); the same member submitting again to an open round
+        replaces its submission.
+        """
+
+def add_AggregatorServiceServicer_to_server(servicer: AggregatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,81 @@
+"""The gRPC edge of the aggregator: decode, call the rounds, encode; domain errors become statuses."""
+
+from __future__ import annotations
+
+import grpc
+
+from aggregator.rounds import Action, Next, Rounds
+from server_part.edge import guard, lenient, refusing_undecodable
+from splitlearning import groups, part_state
+from splitlearning.contract import MAX_ID_LENGTH
+from splitlearning.errors import InvalidRequest
+from splitlearning.groups import Settings
+from splitlearning.v1 import split_learning_pb2 as pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name
+
+_ACTIONS = {
+    Action.WAIT: pb.JoinRoundResponse.ACTION_WAIT,
+    Action.TRAIN: pb.JoinRoundResponse.ACTION_TRAIN,
+    Action.DONE: pb.JoinRoundResponse.ACTION_DONE,
+}
+
+
+class AggregatorServicer:
+    def __init__(self, rounds: Rounds) -> None:
+        self._rounds = rounds
+
+    def JoinRound(self, request: pb.JoinRoundRequest, context: grpc.ServicerContext) -> pb.JoinRoundResponse:
+        def run() -> pb.JoinRoundResponse:
+            _check_group(request.group)
+            settings = Settings.from_proto(request.settings)
+            initial = part_state.from_proto(request.initial, "initial") if request.HasField("initial") else None
+            answer = self._rounds.join(request.group, request.member, settings, initial, request.wait_ms / 1000.0)
+            return _response(answer, self._rounds.members)
+
+        return guard(context, run)
+
+    def SubmitRound(self, request: pb.SubmitRoundRequest, context: grpc.ServicerContext) -> pb.SubmitRoundResponse:
+        def run() -> pb.SubmitRoundResponse:
+            _check_group(request.group)
+            state = part_state.from_proto(request.state, "state")
+            submitted, members = self._rounds.submit(
+                request.group, request.member, request.round, state, request.samples
+            )
+            return pb.SubmitRoundResponse(submitted=submitted, members=members)
+
+        return guard(context, run)
+
+
+def _check_group(name: str) -> None:
+    if len(name) > MAX_ID_LENGTH:  # before anything else reads it
+        raise InvalidRequest(f"group: at most {MAX_ID_LENGTH} characters, got {len(name)}")
+    groups.check_name(name)
+
+
+def _response(answer: Next, members: int) -> pb.JoinRoundResponse:
+    response = pb.JoinRoundResponse(
+        action=_ACTIONS[answer.action],
+        round=answer.round,
+        start=[c.to_proto() for c in answer.start],
+        members=members,
+        note=answer.note,
+    )
+    if answer.state is not None:
+        part_state.to_proto(answer.state, response.state)
+    return response
+
+
+def add_to_server(servicer: AggregatorServicer, server: grpc.Server) -> None:
+    """Register the service; bytes that are no request get INVALID_ARGUMENT (server_part/edge.py)."""
+    service = pb.DESCRIPTOR.services_by_name["AggregatorService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            refusing_undecodable(getattr(servicer, method.name)),
+            request_deserializer=lenient(request.FromString, method.input_type.name),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
