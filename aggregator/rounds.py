@@ -124,6 +124,7 @@ class Rounds:
         store: GroupStore | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_close: Callable[[str, Closed], None] | None = None,
+        on_submit: Callable[[str, int, int], None] | None = None,
     ) -> None:
         if members < 1:
             raise ValueError(f"members must be at least 1, got {members}")
@@ -137,6 +138,7 @@ class Rounds:
         self._store = store
         self._clock = clock
         self._on_close = on_close
+        self._on_submit = on_submit
         self._groups: dict[str, Group] = {}
         self._changed = threading.Condition()
 
@@ -197,6 +199,8 @@ class Rounds:
                 self._store.save_submission(name, round_, member, state)
                 self._store.save_record(name, group.record())
             submitted = len(group.submitted)
+            if self._on_submit is not None:
+                self._on_submit(name, member, round_)
             if scheme is Scheme.ROUND_ROBIN or submitted == group.members:
                 self._close(group)
             self._changed.notify_all()

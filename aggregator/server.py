@@ -53,7 +53,14 @@ class Aggregator:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.telemetry = AggregatorTelemetry(self.registry)
         store = GroupStore(Path(state_dir)) if state_dir is not None else None
-        self.rounds = Rounds(members, deadline, min_members, store, on_close=self.telemetry.round_closed)
+        self.rounds = Rounds(
+            members,
+            deadline,
+            min_members,
+            store,
+            on_close=self.telemetry.round_closed,
+            on_submit=self.telemetry.submitted,
+        )
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 

@@ -34,9 +34,18 @@ class AggregatorTelemetry:
             ["group"],
             registry=registry,
         )
+        self.member_round = Gauge(
+            "split_aggregator_member_round",
+            "The last round (round-robin: turn) the member handed in",
+            ["group", "member"],
+            registry=registry,
+        )
         self.closed = Counter(
             "split_aggregator_rounds", "Rounds (round-robin: turns) closed", ["group"], registry=registry
         )
+
+    def submitted(self, group: str, member: int, round_: int) -> None:
+        self.member_round.labels(group, str(member)).set(round_)
 
     def round_closed(self, group: str, closed: Closed) -> None:
         self.round.labels(group).set(closed.round + 1)

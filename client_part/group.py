@@ -107,9 +107,9 @@ class GroupMember:
         while True:
             asked = time.perf_counter()
             answer = self.link.join(offer)
+            result.waited_seconds += time.perf_counter() - asked  # a join waits on the aggregator for its answer
             offer = None  # the group exists now: its start is fixed
             if answer.action == "wait":
-                result.waited_seconds += time.perf_counter() - asked
                 if answer.note != note:
                     log.info("group %s: waiting (%s)", self.link.group, answer.note)
                     note = answer.note
