@@ -558,3 +558,23 @@ def test_a_waiting_join_answers_wait_when_its_time_is_up() -> None:
     assert answer.action is Action.WAIT
     assert 0.25 < time.monotonic() - began < 5.0
 
+
+def test_a_join_waiting_past_the_deadline_for_more_members_sleeps_until_a_submission() -> None:
+    """A round kept open past its deadline (fewer than --min-members submitted) changes only when a member
+    submits, which wakes the waiting joins: they do not poll in between."""
+    reads = 0
+
+    def clock() -> float:
+        nonlocal reads
+        reads += 1
+        return time.monotonic()
+
+    rounds = Rounds(3, deadline=0.05, min_members=2, clock=clock)
+    rounds.join("g", 1, SPLITFED, state(0))
+    rounds.submit("g", 1, 0, state(1), 1)
+    time.sleep(0.1)
+    rounds.tick()
+    reads = 0
+    answer = rounds.join("g", 1, SPLITFED, None, wait=0.5)
+    assert answer.action is Action.WAIT
+    assert reads < 20, f"the waiting join read the clock {reads} times in 0.5 s"
