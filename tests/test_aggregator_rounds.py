@@ -507,6 +507,16 @@ def test_a_store_of_another_member_count_is_refused(tmp_path: Path) -> None:
     assert other.groups() == []
 
 
+def test_a_store_missing_the_open_rounds_start_is_named(tmp_path: Path) -> None:
+    rounds, _ = make(2, store=GroupStore(tmp_path))
+    rounds.join("g", 1, SPLITFED, state(0))
+    rounds.submit("g", 1, 0, state(1), 1)
+    rounds.submit("g", 2, 0, state(2), 1)
+    (tmp_path / "g" / "start-1.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"start-1\.npz: the aggregator's state is incomplete"):
+        make(2, store=GroupStore(tmp_path))[0].join("g", 1, SPLITFED, None)
+
+
 def test_stale_files_are_removed_as_rounds_close(tmp_path: Path) -> None:
     rounds, _ = make(2, store=GroupStore(tmp_path))
     rounds.join("g", 1, SPLITFED, state(0))
