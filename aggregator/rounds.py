@@ -162,7 +162,10 @@ class Rounds:
                 if answer.action is not Action.WAIT or left <= 0:
                     return answer
                 overdue = self._until_deadline(group)
-                self._changed.wait(left if overdue is None else max(min(left, overdue), 0.01))
+                if overdue is None or group.waiting_noted:  # only a submission (which notifies) changes it now
+                    self._changed.wait(left)
+                else:
+                    self._changed.wait(max(min(left, overdue), 0.01))
 
     def submit(self, name: str, member: int, round_: int, state: PartState, samples: int) -> tuple[int, int]:
         """Accept `member`'s first part at the end of `round_`; returns (members submitted so far, members)."""

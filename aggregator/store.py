@@ -94,9 +94,9 @@ class GroupStore:
         record = GroupRecord.from_json(json.loads(path.read_text()))
         initial, _ = part_state.load(folder / "initial.npz")
         start_path = folder / f"start-{record.round}.npz"
-        start = part_state.load(start_path)[0] if record.round > 0 else initial
         if record.round > 0 and not start_path.is_file():
             raise FileNotFoundError(f"{start_path}: the aggregator's state is incomplete")
+        start = part_state.load(start_path)[0] if record.round > 0 else initial
         submitted = {
             member: (part_state.load(folder / f"round-{record.round}-member-{member}.npz")[0], samples)
             for member, samples in record.submitted.items()

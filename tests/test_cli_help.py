@@ -1,4 +1,4 @@
-"""`--help` of both CLIs lists every flag under its group, and every flag still parses (and still reads its
+"""`--help` of each CLI lists every flag under its group, and every flag still parses (and still reads its
 environment variable)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from aggregator.cli import parse_args as aggregator_args
 from client_part.cli import parse_args as client_args
 from server_part.cli import parse_args as server_args
 from splitlearning import cli
@@ -41,6 +42,7 @@ CLIENT: dict[str, dict[str, Any]] = {
         "--epochs": 3,
         "--micro-batches": 2,
     },
+    "rounds": {},  # below: the group flags parse without --epochs, --session and --checkpoint-dir
     "device": {"--device": "/CPU:1", "--cpus": "0-1", "--threads": 2},
     "checkpoints": {
         "--checkpoint-dir": Path("c"),
@@ -80,6 +82,7 @@ SERVER: dict[str, dict[str, Any]] = {
     },
     "model": {"--model": "digits-cnn", "--cut": "ushape", "--loss": "mse", "--metrics": "mae"},
     "training": {"--optimizer": "sgd", "--learning-rate": 0.5, "--seed": 7},
+    "rounds": {"--aggregator": True, "--members": 4, "--round-deadline": 30.5, "--min-members": 3},
     "device": {"--device": "/CPU:1", "--cpus": "0-1", "--threads": 2},
     "checkpoints": {
         "--checkpoint-dir": Path("c"),
@@ -103,7 +106,54 @@ SERVER: dict[str, dict[str, Any]] = {
         "--metrics-port-file": Path("mport"),
     },
 }
-CASES = [pytest.param(client_args, CLIENT, id="split-client"), pytest.param(server_args, SERVER, id="split-server")]
+# A member of a group (split-client --group): its flags, which exclude --epochs, --session and --checkpoint-dir.
+MEMBER: dict[str, dict[str, Any]] = {
+    "rounds": {
+        "--group": "g-1",
+        "--scheme": "round-robin",
+        "--rounds": 3,
+        "--local-epochs": 2,
+        "--member": 2,
+        "--aggregator": "host:2",
+        "--handover-dir": Path("h"),
+    },
+}
+AGGREGATOR: dict[str, dict[str, Any]] = {
+    "connection": {
+        "--address": "0.0.0.0:1",
+        "--port-file": Path("port"),
+        "--max-workers": 3,
+        "--max-state-mb": 64,
+        "--grace": 1.5,
+    },
+    "rounds": {"--members": 4, "--round-deadline": 30.5, "--min-members": 3},
+    "checkpoints": {"--state-dir": Path("state")},
+    "security": {
+        "--tls-cert": Path("s.crt"),
+        "--tls-key": Path("s.key"),
+        "--tls-ca": Path("ca.crt"),
+        "--auth-token-file": Path("t"),
+    },
+    "observability": {
+        "--metrics-port": 9100,
+        "--metrics-host": "0.0.0.0",
+        "--metrics-port-file": Path("mport"),
+        "--log-level": "DEBUG",
+        "--log-format": "json",
+    },
+}
+CASES = [
+    pytest.param(client_args, {**CLIENT, "rounds": MEMBER["rounds"]}, id="split-client"),
+    pytest.param(server_args, SERVER, id="split-server"),
+    pytest.param(aggregator_args, AGGREGATOR, id="split-aggregator"),
+]
+# Flags that parse together: a client trains alone or as a member of a group.
+PARSED = [
+    pytest.param(client_args, CLIENT, id="split-client"),
+    pytest.param(client_args, MEMBER, id="split-client-member"),
+    pytest.param(server_args, SERVER, id="split-server"),
+    pytest.param(aggregator_args, AGGREGATOR, id="split-aggregator"),
+]
 
 
 def help_text(parse_args: Callable[[list[str]], Any], capsys: pytest.CaptureFixture[str]) -> str:
@@ -138,7 +188,7 @@ def test_help_lists_every_flag_under_its_group(
     assert sections["options"] == []  # only -h, --help: no flag left outside a group
 
 
-@pytest.mark.parametrize(("parse_args", "expected"), CASES)
+@pytest.mark.parametrize(("parse_args", "expected"), PARSED)
 def test_every_flag_parses(parse_args: Callable[[list[str]], Any], expected: dict[str, dict[str, Any]]) -> None:
     argv: list[str] = []
     values = {flag: value for flags in expected.values() for flag, value in flags.items()}
@@ -149,7 +199,7 @@ def test_every_flag_parses(parse_args: Callable[[list[str]], Any], expected: dic
         assert getattr(config, flag[2:].replace("-", "_")) == value, flag
 
 
-@pytest.mark.parametrize(("parse_args", "expected"), CASES)
+@pytest.mark.parametrize(("parse_args", "expected"), PARSED)
 def test_every_flag_reads_its_environment_variable(
     parse_args: Callable[[list[str]], Any],
     expected: dict[str, dict[str, Any]],
