@@ -5,7 +5,8 @@ weights), the sample-weighted average of the named contributions' weights (Split
 named contribution's weights and optimizer state (round-robin). A session closed with `contribute_samples`
 leaves its part here as that member's contribution to that round. With `root` (under `--checkpoint-dir`) each
 contribution is also written to `root/<group>/round-<r>-member-<k>.npz`, so a restarted server still holds
-them; contributions of rounds before the earliest one a start names are forgotten.
+them. Once a session is open, the contributions of rounds before the earliest one its start names are forgotten
+(a refused handshake forgets nothing).
 """
 
 from __future__ import annotations
@@ -39,16 +40,22 @@ class Contributions:
         log.info("kept the part of member %d for %s round %d (%d samples)", key[2], key[0], key[1], samples)
 
     def start_state(self, membership: Membership, like: PartState) -> PartState | None:
-        """The part a session of `membership` starts from (None: the initial weights), checked against `like`."""
+        """The part a session of `membership` starts from (None: the initial weights), checked against `like`.
+        Changes nothing: once the session is open, `opened` forgets what its start has made stale."""
         if not membership.start:
             return None
         states = [self._get(membership.group, c) for c in membership.start]
-        for state in states:
-            state.check_like(like, f"the contribution of {membership.start[0]}")
-        self._forget_before(membership.group, min(c.round for c in membership.start))
+        for state, contribution in zip(states, membership.start, strict=True):
+            state.check_like(like, f"the contribution of {contribution}")
         if membership.scheme is Scheme.ROUND_ROBIN:
             return states[0]
         return part_state.average(states, [c.samples for c in membership.start])
+
+    def opened(self, membership: Membership) -> None:
+        """A session of `membership` is open: forget the contributions of rounds before the earliest one its
+        start names (no later round starts from them)."""
+        if membership.start:
+            self._forget_before(membership.group, min(c.round for c in membership.start))
 
     def _get(self, group: str, contribution: Contribution) -> PartState:
         key = (group, contribution.round, contribution.member)

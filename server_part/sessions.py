@@ -151,7 +151,10 @@ class SessionRegistry:
             if membership is not None:
                 initial = PartState([np.array(w) for w in self._parts.initial])
                 start = self.contributions.start_state(membership, initial)
-            return self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
+            opened = self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
+            if membership is not None:  # only now: a refused handshake changes nothing
+                self.contributions.opened(membership)
+            return opened
         _check_id(session_id)
         with self._lock:
             self._check_running()

@@ -1,13 +1,16 @@
 """docs/protocol.md's status table against live servers: every row's status produced by a real request.
 
 The table is parsed from the document; each row's name must have a case here and each case a row, so a row
-added without a case, a case whose row is gone, or a status that changes fails this test.
+added without a case, a case whose row is gone, or a status that changes fails this test. The aggregator's rows
+run against an `AggregatorServer` of its own, or an `Aggregator` mounted in a `SplitServer` (`mounted`); the
+rows of every method are also produced on the aggregator's service.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +20,16 @@ import grpc
 import keras
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aggregator.server import Aggregator, AggregatorServer
 from server_part import SplitServer
 from splitlearning import codec
 from splitlearning.contract import CLIENT_ID_METADATA_KEY
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, NUM_CLASSES, build_top, make_loss
-from tests.raw_support import SERVICE, UNDECODABLE
+from tests.raw_support import UNDECODABLE
 from tests.ushape_support import build_middle
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -43,15 +48,29 @@ def status_table() -> dict[str, str]:
     return table
 
 
+SERVICES = {"split": "/splitlearning.v1.SplitLearningService/", "aggregator": "/splitlearning.v1.AggregatorService/"}
+GROUP = "doc-group"
+
+
 @dataclass
 class Peer:
-    """A raw stub on a live server, sending the token when the server wants one."""
+    """Raw stubs on a live server (or aggregator), sending the token when the server wants one."""
 
-    server: SplitServer
+    server: SplitServer | None
     channel: grpc.Channel
     stub: pb_grpc.SplitLearningServiceStub
     metadata: tuple[tuple[str, Any], ...] = AUTH
     streams: list[Any] = field(default_factory=list)
+    aggregator: Aggregator | None = None
+
+    @property
+    def split(self) -> SplitServer:
+        assert self.server is not None, "this case needs a split server"
+        return self.server
+
+    @property
+    def rounds(self) -> pb_grpc.AggregatorServiceStub:
+        return pb_grpc.AggregatorServiceStub(self.channel)
 
     def handshake(self, **fields: Any) -> pb.HandshakeResponse:
         fields.setdefault("protocol_version", 1)
@@ -99,6 +118,24 @@ class Peer:
         )
         return reply
 
+    def join(self, **fields: Any) -> pb.JoinRoundResponse:
+        fields.setdefault("group", GROUP)
+        fields.setdefault("member", 1)
+        fields.setdefault("settings", settings())
+        reply: pb.JoinRoundResponse = self.rounds.JoinRound(
+            pb.JoinRoundRequest(**fields), timeout=TIMEOUT, metadata=self.metadata
+        )
+        return reply
+
+    def submit(self, **fields: Any) -> pb.SubmitRoundResponse:
+        fields.setdefault("group", GROUP)
+        fields.setdefault("member", 1)
+        fields.setdefault("samples", 4)
+        reply: pb.SubmitRoundResponse = self.rounds.SubmitRound(
+            pb.SubmitRoundRequest(**fields), timeout=TIMEOUT, metadata=self.metadata
+        )
+        return reply
+
     def _with(self, client: str | None) -> tuple[tuple[str, Any], ...]:
         return self.metadata + (((CLIENT_ID_METADATA_KEY, client.encode()),) if client is not None else ())
 
@@ -118,14 +155,48 @@ def step(session: str, number: int, n: int = 4, **fields: Any) -> pb.TrainReques
     return pb.TrainRequest(session_id=session, step=number, **fields)
 
 
+def settings(scheme: Any = pb.SCHEME_SPLITFED, rounds: int = 2) -> pb.GroupSettings:
+    return pb.GroupSettings(scheme=scheme, rounds=rounds, local_epochs=1)
+
+
+def first_part(size: int = 3) -> pb.ModelState:
+    """A member's first part, as the aggregator sees it (any weights do: it never runs them)."""
+    return pb.ModelState(
+        weights=[codec.to_proto(np.ones((2, size), "float32")), codec.to_proto(np.zeros(size, "float32"))]
+    )
+
+
+def group_round(start: list[pb.Contribution] | None = None, **fields: Any) -> pb.GroupRound:
+    fields.setdefault("group", GROUP)
+    fields.setdefault("member", 1)
+    fields.setdefault("scheme", pb.SCHEME_SPLITFED)
+    return pb.GroupRound(start=start or [], **fields)
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Peer]]:
     servers: list[SplitServer] = []
+    aggregators: list[AggregatorServer] = []
     channels: list[grpc.Channel] = []
 
-    def start(cut: str = "standard", top: keras.Model | None = None, **kwargs: Any) -> Peer:
-        kwargs.setdefault("max_batch_size", LIMIT)
+    def start(
+        cut: str = "standard",
+        top: keras.Model | None = None,
+        rounds: dict[str, Any] | None = None,
+        mounted: bool = False,
+        **kwargs: Any,
+    ) -> Peer:
         kwargs.setdefault("auth_token", TOKEN)
+        aggregator = Aggregator(**rounds) if rounds is not None else None
+        if aggregator is not None and not mounted:  # an aggregator on a server of its own
+            standalone = AggregatorServer(aggregator, **kwargs)
+            aggregators.append(standalone)
+            channel = grpc.insecure_channel(f"127.0.0.1:{standalone.start('127.0.0.1:0')}")
+            channels.append(channel)
+            return Peer(None, channel, pb_grpc.SplitLearningServiceStub(channel), aggregator=aggregator)
+        kwargs.setdefault("max_batch_size", LIMIT)
+        if aggregator is not None:
+            kwargs["aggregator"] = aggregator
         if cut == "ushape":
             server = SplitServer(build_middle(), optimizer="sgd", cut="ushape", **kwargs)
         else:
@@ -134,13 +205,15 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Peer]]:
         servers.append(server)
         channel = grpc.insecure_channel(f"127.0.0.1:{server.start('127.0.0.1:0')}")
         channels.append(channel)
-        return Peer(server, channel, pb_grpc.SplitLearningServiceStub(channel))
+        return Peer(server, channel, pb_grpc.SplitLearningServiceStub(channel), aggregator=aggregator)
 
     yield start
     for channel in channels:
         channel.close()
     for server in servers:
         server.stop(grace=1.0)
+    for standalone in aggregators:
+        standalone.stop(grace=1.0)
 
 
 # -- one case per row: each makes its row's status happen (the call that must fail is the last one) ------------
@@ -153,7 +226,8 @@ def case_token(peer: Peer) -> None:
 
 def case_undecodable(peer: Peer) -> None:
     identity = lambda data: data  # noqa: E731 (bytes on the wire as they are)
-    predict = peer.channel.unary_unary(SERVICE + "Predict", request_serializer=identity, response_deserializer=identity)
+    service = SERVICES["split"]
+    predict = peer.channel.unary_unary(service + "Predict", request_serializer=identity, response_deserializer=identity)
     predict(UNDECODABLE, timeout=TIMEOUT, metadata=AUTH)
 
 
@@ -172,7 +246,7 @@ def case_busy(peer: Peer) -> None:
 
 
 def case_stopping(peer: Peer) -> None:
-    peer.server.sessions.stop()
+    peer.split.sessions.stop()
     peer.handshake()
 
 
@@ -182,7 +256,7 @@ def case_bug(peer: Peer) -> None:
     def broken(*_: Any) -> None:
         raise ZeroDivisionError("a bug")
 
-    peer.server.session(session).trainer.predict = broken  # type: ignore[method-assign, assignment]
+    peer.split.session(session).trainer.predict = broken  # type: ignore[method-assign, assignment]
     peer.predict(session_id=session, iv=iv())
 
 
@@ -335,6 +409,80 @@ def case_close_in_use(peer: Peer) -> None:
         end()
 
 
+def case_group(peer: Peer) -> None:
+    peer.handshake(group=group_round(member=0))
+
+
+def case_group_start(peer: Peer) -> None:
+    peer.handshake(group=group_round([pb.Contribution(round=0, member=2, samples=4)] * 2, round=1))
+
+
+def case_no_contribution(peer: Peer) -> None:
+    session = peer.handshake(group=group_round()).session_id
+    peer.close(session_id=session, contribute_samples=4)  # member 1's contribution to round 0, with 4 samples
+    peer.handshake(group=group_round([pb.Contribution(round=0, member=1, samples=5)], round=1))
+
+
+def case_contribute_no_group(peer: Peer) -> None:
+    session = peer.handshake().session_id
+    peer.close(session_id=session, contribute_samples=4)
+
+
+def case_contribute_unloaded(peer: Peer) -> None:
+    session = peer.handshake(group=group_round()).session_id
+    assert peer.close(session_id=session).checkpointed
+    peer.close(session_id=session, contribute_samples=4)
+
+
+def case_group_name(peer: Peer) -> None:
+    peer.join(initial=first_part())
+    peer.join(member=3)  # the aggregator has 2 members
+
+
+def case_settings_fields(peer: Peer) -> None:
+    peer.join(settings=settings(scheme=pb.SCHEME_UNSPECIFIED), initial=first_part())
+
+
+def case_no_initial(peer: Peer) -> None:
+    peer.join()
+
+
+def case_settings(peer: Peer) -> None:
+    peer.join(initial=first_part())
+    peer.join(member=2, settings=settings(rounds=3))
+
+
+def case_state(peer: Peer) -> None:
+    peer.join(initial=first_part())
+    peer.submit(round=0, state=first_part(size=4))
+
+
+def case_submit_samples(peer: Peer) -> None:
+    peer.join(initial=first_part())
+    peer.submit(round=0, state=first_part(), samples=0)
+
+
+def case_no_group(peer: Peer) -> None:
+    peer.submit(round=0, state=first_part())
+
+
+def case_not_open(peer: Peer) -> None:
+    peer.join(initial=first_part())
+    peer.submit(round=1, state=first_part())
+
+
+def case_not_turn(peer: Peer) -> None:
+    peer.join(settings=settings(pb.SCHEME_ROUND_ROBIN), initial=first_part())
+    peer.submit(member=2, round=0, state=first_part())  # turn 0 is member 1's
+
+
+def case_closed_without(peer: Peer) -> None:
+    assert peer.join(initial=first_part()).action == pb.JoinRoundResponse.ACTION_TRAIN
+    assert peer.submit(round=0, state=first_part()).submitted == 1
+    time.sleep(ROUND_DEADLINE + 0.2)  # round 0 closes at its deadline with member 1 alone
+    peer.submit(member=2, round=0, state=first_part())
+
+
 def _diverging_top() -> keras.Model:
     """A top whose outputs overflow float32 on large IVs, so its gradients are NaN."""
     keras.utils.set_random_seed(0)
@@ -343,7 +491,10 @@ def _diverging_top() -> keras.Model:
     )
 
 
-# Row -> (its case, the server it needs).
+ROUND_DEADLINE = 0.3
+ROUNDS = {"members": 2}
+
+# Row -> (its case, the server it needs; `rounds`: an aggregator's arguments).
 CASES: dict[str, tuple[Callable[[Peer], None], dict[str, Any]]] = {
     "token": (case_token, {}),
     "undecodable": (case_undecodable, {}),
@@ -379,6 +530,21 @@ CASES: dict[str, tuple[Callable[[Peer], None], dict[str, Any]]] = {
     "partner-step": (case_partner_step, {}),
     "lost-reply": (case_lost_reply, {}),
     "close-in-use": (case_close_in_use, {}),
+    "group": (case_group, {}),
+    "group-start": (case_group_start, {}),
+    "no-contribution": (case_no_contribution, {}),
+    "contribute-no-group": (case_contribute_no_group, {}),
+    "contribute-unloaded": (case_contribute_unloaded, {}),
+    "group-name": (case_group_name, {"rounds": ROUNDS}),
+    "settings-fields": (case_settings_fields, {"rounds": ROUNDS}),
+    "no-initial": (case_no_initial, {"rounds": ROUNDS}),
+    "settings": (case_settings, {"rounds": ROUNDS, "mounted": True}),
+    "state": (case_state, {"rounds": ROUNDS}),
+    "submit-samples": (case_submit_samples, {"rounds": ROUNDS}),
+    "no-group": (case_no_group, {"rounds": ROUNDS}),
+    "not-open": (case_not_open, {"rounds": ROUNDS}),
+    "not-turn": (case_not_turn, {"rounds": ROUNDS}),
+    "closed-without": (case_closed_without, {"rounds": {**ROUNDS, "deadline": ROUND_DEADLINE}}),
 }
 
 
@@ -401,3 +567,89 @@ def test_row_status_is_what_the_server_answers(row: str, serve: Callable[..., Pe
         case(peer)
     error: Any = refused.value
     assert error.code().name == expected, f"{row}: {error.code().name} ({error.details()}), documented {expected}"
+
+
+# -- the rows of every method, on the aggregator's service -------------------------------------------------------
+
+
+def agg_case_token(peer: Peer) -> None:
+    peer.metadata = ()
+    peer.join(initial=first_part())
+
+
+def agg_case_undecodable(peer: Peer) -> None:
+    identity = lambda data: data  # noqa: E731 (bytes on the wire as they are)
+    join = peer.channel.unary_unary(
+        SERVICES["aggregator"] + "JoinRound", request_serializer=identity, response_deserializer=identity
+    )
+    join(UNDECODABLE, timeout=TIMEOUT, metadata=AUTH)
+
+
+def agg_case_too_big(peer: Peer) -> None:
+    peer.join(initial=first_part(size=64 * 1024))  # 768 KiB of weights, over the 256 KiB limit
+
+
+def agg_case_busy(peer: Peer) -> None:
+    assert peer.aggregator is not None
+    peer.join(settings=settings(pb.SCHEME_ROUND_ROBIN), initial=first_part())
+    rounds, arrived = peer.aggregator.rounds, threading.Event()
+    join = rounds.join
+
+    def noted(*args: Any, **kwargs: Any) -> Any:
+        arrived.set()
+        return join(*args, **kwargs)
+
+    rounds.join = noted  # type: ignore[method-assign]
+    request = pb.JoinRoundRequest(group=GROUP, member=2, settings=settings(pb.SCHEME_ROUND_ROBIN), wait_ms=10_000)
+    waiting = peer.rounds.JoinRound.future(request, timeout=TIMEOUT, metadata=AUTH)  # member 2 waits for its turn
+    try:
+        assert arrived.wait(TIMEOUT), "the waiting join never reached the aggregator"
+        peer.join(member=1)  # the one slot is held by a call whose request has arrived
+    finally:
+        waiting.cancel()
+
+
+def agg_case_bug(peer: Peer) -> None:
+    def broken(*_: Any) -> None:
+        raise ZeroDivisionError("a bug")
+
+    assert peer.aggregator is not None
+    peer.aggregator.rounds.join = broken  # type: ignore[method-assign, assignment]
+    peer.join(initial=first_part())
+
+
+AGGREGATOR_CASES: dict[str, tuple[Callable[[Peer], None], dict[str, Any]]] = {
+    "token": (agg_case_token, {}),
+    "undecodable": (agg_case_undecodable, {}),
+    "too-big": (agg_case_too_big, {"max_state_bytes": 256 * 1024}),
+    "busy": (agg_case_busy, {"max_workers": 1}),
+    "bug": (agg_case_bug, {}),
+}
+
+
+@pytest.mark.parametrize("row", sorted(AGGREGATOR_CASES))
+def test_rows_of_every_method_hold_on_the_aggregator(row: str, serve: Callable[..., Peer]) -> None:
+    expected = status_table().get(row)
+    assert expected is not None, f"row {row!r} is not in docs/protocol.md's status table"
+    case, needs = AGGREGATOR_CASES[row]
+    rounds = {**ROUNDS, **({"max_state_bytes": needs["max_state_bytes"]} if "max_state_bytes" in needs else {})}
+    server_options = {key: value for key, value in needs.items() if key != "max_state_bytes"}
+    peer = serve(rounds=rounds, **server_options)
+    with pytest.raises(grpc.RpcError) as refused:
+        case(peer)
+    error: Any = refused.value
+    assert error.code().name == expected, f"{row}: {error.code().name} ({error.details()}), documented {expected}"
+
+
+def test_a_server_with_the_aggregator_mounted_serves_both_and_takes_first_parts_over_its_batch_limit(
+    serve: Callable[..., Peer],
+) -> None:
+    peer = serve(rounds=ROUNDS, mounted=True)
+    big = first_part(size=64 * 1024)  # 768 KiB, far over what a batch of LIMIT samples needs
+    assert big.ByteSize() > peer.split.max_message_bytes
+    answer = peer.join(initial=big)
+    assert answer.action == pb.JoinRoundResponse.ACTION_TRAIN and answer.state.ByteSize() > big.ByteSize() // 2
+    health = health_pb2_grpc.HealthStub(peer.channel)
+    for service in ("", *(name.strip("/") for name in SERVICES.values())):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, service

@@ -125,6 +125,7 @@ class _Scheme:
 class _SchemeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scheme.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     SCHEME_UNSPECIFIED: _Scheme.ValueType  # 0
+    """Refused (INVALID_ARGUMENT) wherever a scheme is stated."""
     SCHEME_ROUND_ROBIN: _Scheme.ValueType  # 1
     """Round-robin ("vanilla") split learning: members take turns, in member order, against one model; each turn
     starts from the state the turn before ended with: both parts' weights and optimizer state.
@@ -138,6 +139,7 @@ class Scheme(_Scheme, metaclass=_SchemeEnumTypeWrapper):
     """How the members of a group train one model together (docs/multi_client.md)."""
 
 SCHEME_UNSPECIFIED: Scheme.ValueType  # 0
+"""Refused (INVALID_ARGUMENT) wherever a scheme is stated."""
 SCHEME_ROUND_ROBIN: Scheme.ValueType  # 1
 """Round-robin ("vanilla") split learning: members take turns, in member order, against one model; each turn
 starts from the state the turn before ended with: both parts' weights and optimizer state.
@@ -274,7 +276,8 @@ class HandshakeRequest(_message.Message):
     session_id: _builtins.str
     """Session to join: one a handshake returned earlier (to rejoin after a failure, or to resume after either
     process restarted; a session that is not in memory is loaded from the server's checkpoints). Empty opens a
-    new session, with a second part of its own at its initial weights and step 0. An unknown session is
+    new session, with a second part of its own at its initial weights and step 0 (with `group`: where its start
+    says). An unknown session is
     NOT_FOUND; an id that is not 1 to 128 of [A-Za-z0-9_-] is INVALID_ARGUMENT; a new session beyond the
     server's limit of sessions in memory is RESOURCE_EXHAUSTED.
     """
@@ -310,9 +313,10 @@ class HandshakeRequest(_message.Message):
     @_builtins.property
     def group(self) -> Global___GroupRound:
         """Multi-client training (docs/multi_client.md): open a new session for one member's round of a group, whose
-        part starts from `group.start` instead of the initial weights. Read only when `session_id` is empty (a
-        handshake that rejoins a session finds its round in it). A `group.start` that names a contribution this
-        server does not hold is FAILED_PRECONDITION; a malformed group is INVALID_ARGUMENT.
+        part starts from `group.start` instead of the initial weights. Read only when `session_id` is empty and the
+        handshake is no inquiry (a handshake that rejoins a session finds its round in it, and does not check this
+        field). A `group.start` that names a contribution this server does not hold, or names it with other samples
+        than it was contributed with, is FAILED_PRECONDITION; a malformed group is INVALID_ARGUMENT.
         """
 
     def __init__(
@@ -350,7 +354,7 @@ class Contribution(_message.Message):
     member: _builtins.int
     """The member, from 1."""
     samples: _builtins.int
-    """Samples the member trained on in that round (local epochs times its shard); the averaging weight."""
+    """Samples the member trained on in that round (local epochs times its shard), from 1; the averaging weight."""
     def __init__(
         self,
         *,
@@ -387,9 +391,12 @@ class GroupRound(_message.Message):
     """SCHEME_ROUND_ROBIN or SCHEME_SPLITFED; unspecified is INVALID_ARGUMENT."""
     @_builtins.property
     def start(self) -> _containers.RepeatedCompositeFieldContainer[Global___Contribution]:
-        """What the session's part starts from, as the aggregator decided: none, the initial weights (a group's first
-        round); SplitFed: the sample-weighted average of these contributions' weights, with a fresh optimizer;
-        round-robin: exactly one contribution, whose weights and optimizer state the part takes.
+        """What the session's part starts from, as the aggregator decided (JoinRoundResponse.start): none, the initial
+        weights (a group's first round); SplitFed: the sample-weighted average of these contributions' weights, in
+        this order (docs/protocol.md gives the exact arithmetic), with a fresh optimizer; round-robin: exactly one
+        contribution, whose weights and optimizer state (its step count too: the session's next step) the part takes.
+        No member's contribution to a round twice. Once the session is open the server forgets the group's
+        contributions to rounds before the earliest one named here.
         """
 
     def __init__(
@@ -426,8 +433,9 @@ class HandshakeResponse(_message.Message):
     session_id: _builtins.str
     """The session to name in every later request; empty in the answer to an inquiry (no contract.iv)."""
     next_step: _builtins.int
-    """Number of training steps the server has applied in this session; the next step to send. When the
-    request listed `restorable_steps`, the latest of them the server also holds (restored if need be).
+    """Number of training steps the server has applied in this session (a round-robin group session starts at its
+    contribution's); the next step to send. When the request listed `restorable_steps`, the latest of them the
+    server also holds (restored if need be).
     """
     max_batch_size: _builtins.int
     """Largest number of samples the server accepts in one request."""
@@ -598,8 +606,9 @@ class CloseSessionRequest(_message.Message):
     contribute_samples: _builtins.int
     """In a session opened for a group's round (HandshakeRequest.group): keep its part (weights, and optimizer
     state in round-robin) as this member's contribution to that round, weighed by this many samples; a later
-    contribution of the same member to the same round replaces it. 0: no contribution. In any other session a
-    non-zero value is FAILED_PRECONDITION.
+    contribution of the same member to the same round replaces it. 0: no contribution. In a session opened
+    without a group a non-zero value is FAILED_PRECONDITION (the session stays open); naming a session no longer
+    in memory it is FAILED_PRECONDITION when the session has checkpoints (train the round again), else NOT_FOUND.
     """
     def __init__(
         self,
@@ -777,12 +786,14 @@ class ModelState(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
-        """The part's weights in Keras's `model.get_weights()` order, raw encoding."""
+        """The part's weights in Keras's `model.get_weights()` order (U-shape: the bottom's, then the head's), raw
+        encoding.
+        """
 
     @_builtins.property
     def optimizer(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
-        """Round-robin: the optimizer's variables in `optimizer.variables` order (its step count first); empty in
-        SplitFed, where each round starts with a fresh optimizer.
+        """Round-robin: the optimizer's variables in `optimizer.variables` order (its step count first; U-shape: the
+        bottom's optimizer's, then the head's); empty in SplitFed, where each round starts with a fresh optimizer.
         """
 
     def __init__(
@@ -852,8 +863,9 @@ class JoinRoundRequest(_message.Message):
 
     @_builtins.property
     def initial(self) -> Global___ModelState:
-        """The first part this member would start from: the group's first join fixes the group's start with it;
-        later joins may leave it empty (it is not read).
+        """The first part this member would start from: the group's first join fixes the group's start with it (its
+        weights; round-robin also its optimizer variables), and without weights is INVALID_ARGUMENT. Later joins may
+        leave it empty: it is decoded (a malformed tensor is INVALID_ARGUMENT) but not used.
         """
 
     def __init__(
@@ -921,7 +933,8 @@ class JoinRoundResponse(_message.Message):
     """Why this answer, for logs: whose turn it is, which members a closed round went without."""
     @_builtins.property
     def state(self) -> Global___ModelState:
-        """The first part to start from (ACTION_TRAIN) or the final one (ACTION_DONE). Empty in round-robin when the
+        """The first part to start from (ACTION_TRAIN) or the final one (ACTION_DONE); empty with ACTION_WAIT. SplitFed:
+        weights only. Round-robin: the weights and optimizer variables the previous turn submitted, empty when the
         members hand over through files (the previous turn submitted no weights).
         """
 
@@ -992,7 +1005,9 @@ class SubmitRoundResponse(_message.Message):
     SUBMITTED_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
     submitted: _builtins.int
-    """Members that have submitted to the round so far, this one included."""
+    """Members that have submitted to the round so far, this one included (a resend to a closed round: the members
+    it closed with).
+    """
     members: _builtins.int
     """The aggregator's member count."""
     def __init__(

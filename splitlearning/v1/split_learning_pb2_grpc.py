@@ -285,7 +285,8 @@ class SplitLearningService:
 class AggregatorServiceStub:
     """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
     average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
-    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md). Its
+    wire rules and statuses: docs/protocol.md.
     """
 
     def __init__(self, channel):
@@ -309,7 +310,8 @@ class AggregatorServiceStub:
 class AggregatorServiceServicer:
     """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
     average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
-    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md). Its
+    wire rules and statuses: docs/protocol.md.
     """
 
     def JoinRound(self, request, context):
@@ -320,9 +322,10 @@ class AggregatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitRound(self, request, context):
-        """Hands in a member's first part at the end of its round. A submission to a round that closed without it is
-        FAILED_PRECONDITION (the member joins the next round); the same member submitting again to an open round
-        replaces its submission.
+        """Hands in a member's first part at the end of its round. Accepted only to the open round (round-robin: only
+        from the member whose turn it is), else FAILED_PRECONDITION; in SplitFed the same member submitting again to
+        the open round replaces its submission. A resend to a round that closed with the member is accepted again
+        and changes nothing; one to a round that closed without it is FAILED_PRECONDITION (the member joins again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -352,7 +355,8 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
 class AggregatorService:
     """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
     average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
-    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md). Its
+    wire rules and statuses: docs/protocol.md.
     """
 
     @staticmethod

@@ -134,7 +134,8 @@ def add_SplitLearningServiceServicer_to_server(servicer: SplitLearningServiceSer
 class AggregatorServiceStub:
     """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
     average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
-    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md). Its
+    wire rules and statuses: docs/protocol.md.
     """
 
     @_typing.overload
@@ -144,31 +145,35 @@ class AggregatorServiceStub:
     JoinRound: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.JoinRoundRequest, _split_learning_pb2.JoinRoundResponse]
     """What this member does next: wait, train a round, or stop. Waits up to `wait_ms` while there is nothing to do."""
     SubmitRound: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.SubmitRoundRequest, _split_learning_pb2.SubmitRoundResponse]
-    """Hands in a member's first part at the end of its round. A submission to a round that closed without it is
-    FAILED_PRECONDITION (the member joins the next round); the same member submitting again to an open round
-    replaces its submission.
+    """Hands in a member's first part at the end of its round. Accepted only to the open round (round-robin: only
+    from the member whose turn it is), else FAILED_PRECONDITION; in SplitFed the same member submitting again to
+    the open round replaces its submission. A resend to a round that closed with the member is accepted again
+    and changes nothing; one to a round that closed without it is FAILED_PRECONDITION (the member joins again).
     """
 
 @_typing.type_check_only
 class AggregatorServiceAsyncStub(AggregatorServiceStub):
     """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
     average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
-    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md). Its
+    wire rules and statuses: docs/protocol.md.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     JoinRound: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.JoinRoundRequest, _split_learning_pb2.JoinRoundResponse]  # type: ignore[assignment]
     """What this member does next: wait, train a round, or stop. Waits up to `wait_ms` while there is nothing to do."""
     SubmitRound: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.SubmitRoundRequest, _split_learning_pb2.SubmitRoundResponse]  # type: ignore[assignment]
-    """Hands in a member's first part at the end of its round. A submission to a round that closed without it is
-    FAILED_PRECONDITION (the member joins the next round); the same member submitting again to an open round
-    replaces its submission.
+    """Hands in a member's first part at the end of its round. Accepted only to the open round (round-robin: only
+    from the member whose turn it is), else FAILED_PRECONDITION; in SplitFed the same member submitting again to
+    the open round replaces its submission. A resend to a round that closed with the member is accepted again
+    and changes nothing; one to a round that closed without it is FAILED_PRECONDITION (the member joins again).
     """
 
 class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Keeps a group's rounds: who trains when, what each round starts from, and (SplitFed) the sample-weighted
     average of the members' first parts. It runs apart from the server (`split-aggregator`: the model owner never
-    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md).
+    sees first-part weights) or inside it (`split-server --aggregator`: documented in docs/multi_client.md). Its
+    wire rules and statuses: docs/protocol.md.
     """
 
     @_abc_1.abstractmethod
@@ -185,9 +190,10 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _split_learning_pb2.SubmitRoundRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_split_learning_pb2.SubmitRoundResponse, _abc.Awaitable[_split_learning_pb2.SubmitRoundResponse]]:
-        """Hands in a member's first part at the end of its round. A submission to a round that closed without it is
-        FAILED_PRECONDITION (the member joins the next round); the same member submitting again to an open round
-        replaces its submission.
+        """Hands in a member's first part at the end of its round. Accepted only to the open round (round-robin: only
+        from the member whose turn it is), else FAILED_PRECONDITION; in SplitFed the same member submitting again to
+        the open round replaces its submission. A resend to a round that closed with the member is accepted again
+        and changes nothing; one to a round that closed without it is FAILED_PRECONDITION (the member joins again).
         """
 
 def add_AggregatorServiceServicer_to_server(servicer: AggregatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,380 @@
+"""The server side of multi-client training (docs/multi_client.md): sessions opened for a group's round
+(`HandshakeRequest.group`), contributions kept by `CloseSession(contribute_samples=n)`, and the parts that
+later rounds start from, against a real `SplitServer` over raw stubs.
+
+Weights are compared bit for bit with what the test computes from the closed sessions' own weights: the
+server's average is a fixed function of its inputs (float64, in the order of `start`, cast back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from server_part import SplitServer
+from server_part.server import CONTRIBUTIONS_FOLDER
+from splitlearning import codec
+from splitlearning.v1 import split_learning_pb2 as pb
+from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
+from tests.conftest import CUT_DIM, NUM_CLASSES, assert_same_snapshot, build_top, make_loss, server_snapshot
+
+TIMEOUT = 20.0
+GROUP = "hospitals"
+SPLITFED, ROUND_ROBIN = pb.SCHEME_SPLITFED, pb.SCHEME_ROUND_ROBIN
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., tuple[SplitServer, pb_grpc.SplitLearningServiceStub]]]:
+    started: list[tuple[SplitServer, grpc.Channel]] = []
+
+    def start(**kwargs: Any) -> tuple[SplitServer, pb_grpc.SplitLearningServiceStub]:
+        kwargs.setdefault("max_batch_size", 16)
+        server = SplitServer(build_top("plain", 3), make_loss(), "adam", ["accuracy"], **kwargs)
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.start('127.0.0.1:0')}")
+        started.append((server, channel))
+        return server, pb_grpc.SplitLearningServiceStub(channel)
+
+    yield start
+    for server, channel in started:
+        channel.close()
+        server.stop(grace=1.0)
+
+
+def contribution(round_: int, member: int, samples: int) -> pb.Contribution:
+    return pb.Contribution(round=round_, member=member, samples=samples)
+
+
+def group_round(
+    round_: int = 0,
+    member: int = 1,
+    scheme: Any = SPLITFED,
+    start: Sequence[pb.Contribution] = (),
+    group: str = GROUP,
+) -> pb.GroupRound:
+    return pb.GroupRound(group=group, round=round_, member=member, scheme=scheme, start=list(start))
+
+
+def handshake(
+    stub: pb_grpc.SplitLearningServiceStub, group: pb.GroupRound | None = None, session: str = "", **fields: Any
+) -> pb.HandshakeResponse:
+    contract = pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=pb.DTYPE_FLOAT32))
+    request = pb.HandshakeRequest(
+        protocol_version=1, contract=contract, session_id=session, client_id="member", group=group, **fields
+    )
+    reply: pb.HandshakeResponse = stub.Handshake(request, timeout=TIMEOUT)
+    return reply
+
+
+def train(stub: pb_grpc.SplitLearningServiceStub, session: str, first: int, steps: int, seed: int) -> None:
+    """`steps` steps of 4 samples from step `first`, their data drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    requests = [
+        pb.TrainRequest(
+            session_id=session,
+            step=first + i,
+            iv=codec.to_proto(rng.normal(size=(4, CUT_DIM)).astype("float32")),
+            labels=codec.to_proto(rng.integers(0, NUM_CLASSES, 4).astype("int64")),
+        )
+        for i in range(steps)
+    ]
+    replies = list(stub.Train(iter(requests), timeout=TIMEOUT))
+    assert [r.step for r in replies] == [first + i for i in range(steps)]
+
+
+def close(stub: pb_grpc.SplitLearningServiceStub, session: str, samples: int = 0) -> pb.CloseSessionResponse:
+    request = pb.CloseSessionRequest(session_id=session, client_id="member", contribute_samples=samples)
+    reply: pb.CloseSessionResponse = stub.CloseSession(request, timeout=TIMEOUT)
+    return reply
+
+
+def refused(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    error: Any = info.value
+    return error.code(), error.details() or ""
+
+
+def weights_of(server: SplitServer, session: str) -> list[np.ndarray]:
+    trainer = server.session(session).trainer
+    trainer.settle()
+    return [np.array(w) for w in trainer.model.get_weights()]
+
+
+def optimizer_of(server: SplitServer, session: str) -> list[np.ndarray]:
+    trainer = server.session(session).trainer
+    trainer.settle()
+    return [np.array(v.numpy()) for v in trainer.optimizer.variables]
+
+
+def assert_same(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], what: str) -> None:
+    assert len(actual) == len(expected), what
+    for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.dtype == e.dtype, f"{what}[{index}]"
+        np.testing.assert_array_equal(a, e, err_msg=f"{what}[{index}]")
+
+
+def fedavg(parts: Sequence[Sequence[np.ndarray]], samples: Sequence[int]) -> list[np.ndarray]:
+    """docs/protocol.md's average, written out: float64, in the order of `start`, cast back."""
+    total = float(sum(samples))
+    averaged = []
+    for index, first in enumerate(parts[0]):
+        accumulator = np.zeros(first.shape, np.float64)
+        for part, n in zip(parts, samples, strict=True):
+            accumulator += (n / total) * part[index].astype(np.float64)
+        averaged.append(accumulator.astype(first.dtype))
+    return averaged
+
+
+def contribute(
+    server: SplitServer,
+    stub: pb_grpc.SplitLearningServiceStub,
+    group: pb.GroupRound,
+    steps: int,
+    samples: int,
+    seed: int,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One member's round: open its session, train `steps` steps, close it contributing `samples`; the part's
+    (weights, optimizer variables) as they were at the close."""
+    reply = handshake(stub, group)
+    train(stub, reply.session_id, reply.next_step, steps, seed)
+    weights, optimizer = weights_of(server, reply.session_id), optimizer_of(server, reply.session_id)
+    close(stub, reply.session_id, samples)
+    return weights, optimizer
+
+
+def held(server: SplitServer) -> list[tuple[str, int, int]]:
+    """The (group, round, member) of every contribution the server holds in memory."""
+    return sorted(server.sessions.contributions._held)
+
+
+# -- SplitFed ------------------------------------------------------------------------------------------------
+
+
+def test_splitfed_rounds_start_from_the_sample_weighted_average_with_a_fresh_optimizer(serve: Any) -> None:
+    server, stub = serve()
+    initial = [np.array(w) for w in build_top("plain", 3).get_weights()]
+    first = handshake(stub, group_round(0, 1))
+    assert first.next_step == 0 and first.session_id
+    session = server.session(first.session_id)
+    assert session.membership is not None and session.membership.member == 1
+    assert_same(weights_of(server, first.session_id), initial, "round 0 starts from the initial weights")
+    train(stub, first.session_id, 0, 3, seed=1)
+    one = weights_of(server, first.session_id)
+    assert close(stub, first.session_id, 12).steps == 3
+    two, _ = contribute(server, stub, group_round(0, 2), steps=2, samples=8, seed=2)
+    assert held(server) == [(GROUP, 0, 1), (GROUP, 0, 2)]
+    assert not server.sessions.sessions(), "contributing closes the session"
+
+    start = [contribution(0, 1, 12), contribution(0, 2, 8)]
+    reply = handshake(stub, group_round(1, 1, start=start))
+    assert reply.next_step == 0
+    expected = fedavg([one, two], [12, 8])
+    assert_same(weights_of(server, reply.session_id), expected, "round 1's start")
+    textbook = [(12 * a.astype(np.float64) + 8 * b.astype(np.float64)) / 20 for a, b in zip(one, two, strict=True)]
+    for actual, exact in zip(weights_of(server, reply.session_id), textbook, strict=True):
+        np.testing.assert_allclose(actual, exact, rtol=1e-6, atol=1e-7)  # sum(n_k w_k) / sum(n_k), to float32
+    trainer = server.session(reply.session_id).trainer
+    assert trainer.iterations == 0
+    for variable in trainer.optimizer.variables[2:]:  # Adam's moments (after its step count and learning rate)
+        assert not np.any(variable.numpy()), f"{variable.path} is not fresh"
+    # The other member starts round 1 from the same point; the order of `start` is the order of the sum.
+    other = handshake(stub, group_round(1, 2, start=start))
+    assert_same(weights_of(server, other.session_id), expected, "member 2's round 1 start")
+    swapped = handshake(stub, group_round(1, 2, start=start[::-1]))
+    assert_same(weights_of(server, swapped.session_id), fedavg([two, one], [8, 12]), "start in the other order")
+
+
+def test_a_later_contribution_of_the_same_member_to_the_same_round_replaces_the_earlier(serve: Any) -> None:
+    server, stub = serve()
+    contribute(server, stub, group_round(0, 1), steps=1, samples=4, seed=1)
+    again, _ = contribute(server, stub, group_round(0, 1), steps=2, samples=8, seed=2)
+    code, details = refused(lambda: handshake(stub, group_round(1, 1, start=[contribution(0, 1, 4)])))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "8 samples" in details
+    reply = handshake(stub, group_round(1, 1, start=[contribution(0, 1, 8)]))
+    assert_same(weights_of(server, reply.session_id), fedavg([again], [8]), "the replacing contribution")
+
+
+# -- round-robin ---------------------------------------------------------------------------------------------
+
+
+def test_round_robin_takes_over_weights_optimizer_state_and_step_count(serve: Any) -> None:
+    server, stub = serve()
+    weights, optimizer = contribute(server, stub, group_round(0, 1, ROUND_ROBIN), steps=3, samples=12, seed=1)
+    assert int(optimizer[0]) == 3 and any(np.any(o) for o in optimizer[2:]), "Adam's state was not captured"
+    reply = handshake(stub, group_round(1, 2, ROUND_ROBIN, start=[contribution(0, 1, 12)]))
+    assert reply.next_step == 3, "the turn goes on counting the contributed steps"
+    assert server.session(reply.session_id).next_step == 3
+    assert_same(weights_of(server, reply.session_id), weights, "weights")
+    assert_same(optimizer_of(server, reply.session_id), optimizer, "optimizer variables")
+    train(stub, reply.session_id, 3, 1, seed=2)  # step 3 is the next one
+    close(stub, reply.session_id, 4)
+
+    two = [contribution(0, 1, 12), contribution(1, 2, 4)]
+    before = server_snapshot(server)
+    code, details = refused(lambda: handshake(stub, group_round(2, 1, ROUND_ROBIN, start=two)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "round-robin starts from one contribution" in details
+    assert_same_snapshot(before, server_snapshot(server))
+
+
+def test_a_round_robin_start_in_a_server_with_checkpoints_is_the_session_s_first_checkpoint(
+    serve: Any, tmp_path: Path
+) -> None:
+    server, stub = serve(checkpoint_dir=tmp_path, checkpoint_every=0)
+    contribute(server, stub, group_round(0, 1, ROUND_ROBIN), steps=2, samples=8, seed=1)
+    reply = handshake(stub, group_round(1, 2, ROUND_ROBIN, start=[contribution(0, 1, 8)]))
+    session = server.session(reply.session_id)
+    assert session.checkpoints is not None and session.checkpoints.steps() == [2]
+
+
+# -- refusals ------------------------------------------------------------------------------------------------
+
+
+def test_a_start_naming_a_contribution_the_server_does_not_hold_is_failed_precondition(serve: Any) -> None:
+    server, stub = serve()
+    contribute(server, stub, group_round(0, 1), steps=1, samples=4, seed=1)
+    before = server_snapshot(server)
+    for start in ([contribution(0, 2, 4)], [contribution(0, 1, 4), contribution(0, 3, 4)]):
+        code, details = refused(lambda: handshake(stub, group_round(1, 1, start=start)))  # noqa: B023
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert "holds no part of member" in details and "must train that round again" in details
+        assert "keeps no checkpoints" in details
+    code, details = refused(lambda: handshake(stub, group_round(1, 1, start=[contribution(0, 1, 5)])))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "4 samples" in details, details
+    assert_same_snapshot(before, server_snapshot(server))
+    assert held(server) == [(GROUP, 0, 1)]
+
+
+def test_contribute_samples_in_a_session_without_a_group_is_failed_precondition(serve: Any) -> None:
+    server, stub = serve()
+    session = handshake(stub).session_id
+    code, details = refused(lambda: close(stub, session, 4))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "trains no group round" in details
+    assert server.session(session) is not None, "the refused close closed the session"
+    assert close(stub, session).steps == 0
+    assert not held(server)
+
+
+def test_contributing_a_session_no_longer_in_memory_is_refused(serve: Any, tmp_path: Path) -> None:
+    server, stub = serve(checkpoint_dir=tmp_path)
+    session = handshake(stub, group_round(0, 1)).session_id
+    train(stub, session, 0, 1, seed=1)
+    assert close(stub, session).checkpointed  # closed without contributing
+    code, details = refused(lambda: close(stub, session, 4))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "train the round again" in details
+    assert not held(server)
+    # Without checkpoints a closed session is gone altogether: as any unknown session.
+    plain, plain_stub = serve()
+    gone = handshake(plain_stub, group_round(0, 1)).session_id
+    close(plain_stub, gone)
+    code, details = refused(lambda: close(plain_stub, gone, 4))
+    assert code == grpc.StatusCode.NOT_FOUND, details
+    assert not held(plain)
+
+
+MALFORMED: dict[str, tuple[pb.GroupRound, str]] = {
+    "empty name": (group_round(group=""), "letters, digits"),
+    "name with a slash": (group_round(group="../etc"), "letters, digits"),
+    "name too long": (group_round(group="g" * 129), "at most 128 characters"),
+    "member 0": (group_round(member=0), "members count from 1"),
+    "scheme unspecified": (group_round(scheme=pb.SCHEME_UNSPECIFIED), "group.scheme"),
+    "member twice in start": (group_round(1, start=[contribution(0, 1, 4)] * 2), "twice"),
+    "samples 0": (group_round(1, start=[contribution(0, 1, 0)]), "samples from 1"),
+    "start member 0": (group_round(1, start=[contribution(0, 0, 4)]), "members count from 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_group_is_invalid_argument_and_changes_nothing(case: str, serve: Any) -> None:
+    server, stub = serve()
+    contribute(server, stub, group_round(0, 1), steps=1, samples=4, seed=1)
+    handshake(stub)  # a session in memory, which the refusal must leave alone
+    before = server_snapshot(server)
+    group, words = MALFORMED[case]
+    code, details = refused(lambda: handshake(stub, group))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details, details
+    assert_same_snapshot(before, server_snapshot(server))
+    assert held(server) == [(GROUP, 0, 1)]
+
+
+def test_a_group_handshake_refused_for_the_session_limit_forgets_no_contribution(serve: Any, tmp_path: Path) -> None:
+    """Contributions of rounds before a start's are forgotten only once its session is open."""
+    server, stub = serve(checkpoint_dir=tmp_path, max_sessions=1)
+    contribute(server, stub, group_round(0, 1), steps=1, samples=4, seed=1)
+    contribute(server, stub, group_round(1, 1, start=[contribution(0, 1, 4)]), steps=1, samples=4, seed=2)
+    folder = tmp_path / CONTRIBUTIONS_FOLDER / GROUP
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["round-0-member-1.npz", "round-1-member-1.npz"]
+    blocker = handshake(stub).session_id
+    before = server_snapshot(server)
+    code, _ = refused(lambda: handshake(stub, group_round(2, 1, start=[contribution(1, 1, 4)])))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_same_snapshot(before, server_snapshot(server))
+    assert held(server) == [(GROUP, 0, 1), (GROUP, 1, 1)]
+    assert sorted(p.name for p in folder.iterdir()) == files
+    close(stub, blocker)
+    handshake(stub, group_round(1, 1, start=[contribution(0, 1, 4)]))  # round 1 can still be trained again
+
+
+# -- checkpoints: contributions on disk, a restart, forgetting -------------------------------------------------
+
+
+def test_contributions_survive_a_restart_and_older_rounds_are_forgotten(serve: Any, tmp_path: Path) -> None:
+    server, stub = serve(checkpoint_dir=tmp_path)
+    one, _ = contribute(server, stub, group_round(0, 1), steps=2, samples=8, seed=1)
+    two, _ = contribute(server, stub, group_round(0, 2), steps=1, samples=4, seed=2)
+    folder = tmp_path / CONTRIBUTIONS_FOLDER / GROUP
+    assert sorted(p.name for p in folder.iterdir()) == ["round-0-member-1.npz", "round-0-member-2.npz"]
+    server.stop(grace=1.0)
+
+    restarted, stub = serve(checkpoint_dir=tmp_path)
+    assert not held(restarted)
+    start = [contribution(0, 1, 8), contribution(0, 2, 4)]
+    reply = handshake(stub, group_round(1, 1, start=start))
+    averaged = fedavg([one, two], [8, 4])
+    assert_same(weights_of(restarted, reply.session_id), averaged, "round 1 after a restart")
+    close(stub, reply.session_id, 8)
+    other = handshake(stub, group_round(1, 2, start=start)).session_id
+    close(stub, other, 4)
+    assert held(restarted) == [(GROUP, 0, 1), (GROUP, 0, 2), (GROUP, 1, 1), (GROUP, 1, 2)]
+
+    # Round 2's start names round 1: round 0's contributions go, in memory and on disk.
+    handshake(stub, group_round(2, 1, start=[contribution(1, 1, 8), contribution(1, 2, 4)]))
+    assert held(restarted) == [(GROUP, 1, 1), (GROUP, 1, 2)]
+    assert sorted(p.name for p in folder.iterdir()) == ["round-1-member-1.npz", "round-1-member-2.npz"]
+    code, details = refused(lambda: handshake(stub, group_round(1, 1, start=start)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "must train that round again" in details
+    assert "keeps no checkpoints" not in details
+    # Another group's contributions are its own.
+    contribute(restarted, stub, group_round(0, 1, group="banks"), steps=1, samples=4, seed=3)
+    assert (tmp_path / CONTRIBUTIONS_FOLDER / "banks" / "round-0-member-1.npz").is_file()
+    assert held(restarted) == [("banks", 0, 1), (GROUP, 1, 1), (GROUP, 1, 2)]
+
+
+# -- rejoining -----------------------------------------------------------------------------------------------
+
+
+def test_the_group_is_not_read_when_the_handshake_names_a_session(serve: Any) -> None:
+    server, stub = serve()
+    plain = handshake(stub).session_id
+    train(stub, plain, 0, 1, seed=1)
+    weights = weights_of(server, plain)
+    bad = group_round(5, 0, pb.SCHEME_UNSPECIFIED, start=[contribution(4, 9, 0)], group="no such/group")
+    reply = handshake(stub, bad, session=plain)
+    assert (reply.session_id, reply.next_step) == (plain, 1)
+    assert server.session(plain).membership is None
+    assert_same(weights_of(server, plain), weights, "a rejoin loads no start")
+    code, _ = refused(lambda: close(stub, plain, 4))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION  # still no group session
+
+    member = handshake(stub, group_round(0, 2)).session_id
+    other = group_round(3, 1, ROUND_ROBIN, start=[contribution(2, 1, 4)], group="elsewhere")
+    assert handshake(stub, other, session=member).session_id == member
+    membership = server.session(member).membership
+    assert membership is not None and (membership.group, membership.round, membership.member) == (GROUP, 0, 2)
+    close(stub, member, 4)
+    assert held(server) == [(GROUP, 0, 2)]
