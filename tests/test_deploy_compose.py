@@ -200,3 +200,21 @@ def test_the_image_matches_the_compose_file() -> None:
     commands = [s.command[0] for s in services(resolved()).values()]
     commands += [s.healthcheck["test"][1] for s in services(resolved()).values() if s.healthcheck]
     assert set(commands) <= set(console_scripts())
+
+
+def test_the_image_holds_every_package_the_project_installs() -> None:
+    """`pip install .` in the build stage installs what pyproject.toml names and the build context holds: a
+    package not copied there (or kept out by .dockerignore) is silently missing, and its console script fails."""
+    with (REPO / "pyproject.toml").open("rb") as handle:
+        patterns = tomllib.load(handle)["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in patterns}
+    assert all((REPO / package / "__init__.py").is_file() for package in packages), packages
+    # Every console script (split-aggregator's too) runs a module of one of them.
+    assert {target.split(".")[0] for target in console_scripts().values()} <= packages
+
+    build = stages()[0]
+    copied = {c.value[0] for c in build if c.cmd == "COPY" and not c.flags and c.value[1] == f"./{c.value[0]}"}
+    assert packages <= copied, f"the build stage does not copy {sorted(packages - copied)}"
+    allowed = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert "*" in allowed, ".dockerignore lets in only what it names"
+    assert {f"!{package}/" for package in packages} <= allowed, ".dockerignore keeps a package out of the context"
