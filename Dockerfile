@@ -1,6 +1,7 @@
 # One image for every role of a split model: `split-server` (second part + loss), `split-client` (first part +
 # data) and `split-aggregator` (the rounds of multi-client training); docker-compose.yml runs one server and one
-# client. CPU TensorFlow by default; for the GPU image:
+# client, docker-compose.multi.yml a server, an aggregator and three clients. CPU TensorFlow by default; for the
+# GPU image:
 #
 #   docker build --build-arg TF_EXTRA=gpu -t splitlearning:gpu .
 #
