@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tests.system_support import unavailable
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
 GPU_COMPOSE_FILE = REPO / "docker-compose.gpu.yml"
+MULTI_COMPOSE_FILE = REPO / "docker-compose.multi.yml"
 DOCKERFILE = REPO / "Dockerfile"
 # The prefix of every variable the CLIs read (splitlearning.cli.ENV_PREFIX, kept import-free here).
 ENV_PREFIX = "SPLIT_"
@@ -59,8 +61,9 @@ def clean_environ() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
 
 
-def compose_config(*files: Path) -> subprocess.CompletedProcess[str]:
-    """`docker-compose -f FILE... config`: validate against the compose schema, merge, interpolate."""
+def compose_config(*files: Path, shell: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`docker-compose -f FILE... config`: validate against the compose schema, merge, interpolate (from the
+    variables `shell` sets, as a user's shell would, and nothing else of SPLIT_*)."""
     args = [docker_compose(), "--project-directory", str(REPO)]
     for path in files:
         args += ["-f", str(path)]
@@ -68,20 +71,21 @@ def compose_config(*files: Path) -> subprocess.CompletedProcess[str]:
         [*args, "config"],
         capture_output=True,
         text=True,
-        env=clean_environ(),
+        env={**clean_environ(), **(shell or {})},
         timeout=_COMPOSE_TIMEOUT,
         check=False,
     )
 
 
-def resolved(*files: Path) -> dict[str, Any]:
-    """The compose file(s) as compose itself resolves them; fails the test when compose rejects them."""
-    return copy.deepcopy(_resolved(files or (COMPOSE_FILE,)))
+def resolved(*files: Path, shell: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The compose file(s) as compose itself resolves them (with `shell`'s variables set); fails the test when
+    compose rejects them."""
+    return copy.deepcopy(_resolved(files or (COMPOSE_FILE,), tuple(sorted((shell or {}).items()))))
 
 
 @functools.cache
-def _resolved(files: tuple[Path, ...]) -> dict[str, Any]:
-    result = compose_config(*files)
+def _resolved(files: tuple[Path, ...], shell: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+    result = compose_config(*files, shell=dict(shell))
     assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
     config = yaml.safe_load(result.stdout)
     assert isinstance(config, dict)

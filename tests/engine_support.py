@@ -54,6 +54,21 @@ class Engine:
         )
         return Run(result.returncode, result.stdout + result.stderr, time.monotonic() - started)
 
+    def call(self, *args: str, timeout: float = _COMMAND_TIMEOUT) -> Run:
+        """`docker ARGS...` whatever its status: the status and stdout and stderr together (a container's log, an
+        `exec` whose status is the point)."""
+        started = time.monotonic()
+        result = subprocess.run(
+            [self.docker, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.environment,
+            timeout=timeout,
+            check=False,
+        )
+        return Run(result.returncode, result.stdout, time.monotonic() - started)
+
     def events(self, since: float, until: float) -> list[dict[str, Any]]:
         """The engine's container events between two times (seconds since the epoch), oldest first."""
         lines = self.run(
@@ -142,5 +157,10 @@ def build_image(engine: Engine, tag: str) -> Run:
 
 def volume_files(engine: Engine, volume: str) -> list[Path]:
     """Every file in a named volume, read on the host (root) where the engine keeps it."""
-    mountpoint = Path(engine.inspect("volume", volume)["Mountpoint"])
+    mountpoint = volume_path(engine, volume)
     return sorted(path.relative_to(mountpoint) for path in mountpoint.rglob("*") if path.is_file())
+
+
+def volume_path(engine: Engine, volume: str) -> Path:
+    """Where the engine keeps a named volume's files on the host."""
+    return Path(engine.inspect("volume", volume)["Mountpoint"])

@@ -18,7 +18,9 @@ from tests.deploy_compose import (
     COMPOSE_FILE,
     ENV_PREFIX,
     GPU_COMPOSE_FILE,
+    MULTI_COMPOSE_FILE,
     REPO,
+    Service,
     compose_config,
     console_scripts,
     resolved,
@@ -28,7 +30,11 @@ from tests.deploy_compose import (
 )
 
 STATE_DIR = "/var/lib/splitlearning"
-FILES = {"cpu": (COMPOSE_FILE,), "gpu": (COMPOSE_FILE, GPU_COMPOSE_FILE)}
+FILES = {"cpu": (COMPOSE_FILE,), "gpu": (COMPOSE_FILE, GPU_COMPOSE_FILE), "multi": (MULTI_COMPOSE_FILE,)}
+MEMBERS = ["member-1", "member-2", "member-3"]
+SERVICES = {"cpu": {"server", "client"}, "gpu": {"server", "client"}, "multi": {"server", "aggregator", *MEMBERS}}
+# What a compose file could loosen about a container's isolation; none of the files sets any of them.
+LOOSENERS = {"user", "privileged", "cap_add", "security_opt", "network_mode", "pid", "ipc", "devices", "userns_mode"}
 
 
 def cli_module(command: list[str]) -> Any:
@@ -62,7 +68,7 @@ def parse(parse_args: Callable[[list[str]], Any], argv: list[str], capsys: pytes
 @pytest.mark.parametrize("variant", list(FILES))
 def test_compose_accepts_the_files(variant: str) -> None:
     config = resolved(*FILES[variant])
-    assert set(config["services"]) == {"server", "client"}
+    assert set(config["services"]) == SERVICES[variant]
 
 
 def test_compose_validation_can_fail(tmp_path: Path) -> None:
@@ -81,13 +87,9 @@ def test_every_command_and_variable_is_accepted_by_the_cli(
     for service in services(resolved(*FILES[variant])).values():
         parse_args = cli_module(service.command).parse_args
         accepted = env_flags(parse_args, monkeypatch)
-        for variable, value in service.environment.items():
+        for variable in service.environment:
             assert variable.startswith(ENV_PREFIX), f"{service.name}: {variable} is no CLI variable"
             assert variable in accepted, f"{service.name}: {service.command[0]} has no flag for {variable}"
-            flag = accepted[variable]
-            if flag.get("action") != "store_true":
-                # The value as a flag: argparse checks its type and choices (it checks neither for defaults).
-                parse(parse_args, [*service.command[1:], flag["flag"], value], capsys)
         # The command with the whole environment: what the container's process parses.
         with monkeypatch.context() as patch:
             for variable, value in service.environment.items():
@@ -95,8 +97,17 @@ def test_every_command_and_variable_is_accepted_by_the_cli(
             from_env = parse(parse_args, service.command[1:], capsys)
         for variable, value in service.environment.items():
             flag = accepted[variable]
+            if flag.get("action") == "store_true":
+                continue
+            # The value as a flag, the rest from the environment (flags that only make sense together, such as
+            # a member's --group and --shard, need each other): argparse checks its type and choices, which it
+            # checks for neither in defaults, and it must mean what the variable means.
+            with monkeypatch.context() as patch:
+                for other, other_value in service.environment.items():
+                    if other != variable:
+                        patch.setenv(other, other_value)
+                expected = parse(parse_args, [*service.command[1:], flag["flag"], value], capsys)
             dest = flag["flag"].lstrip("-").replace("-", "_")
-            expected = parse(parse_args, [*service.command[1:], flag["flag"], value], capsys)
             assert getattr(from_env, dest) == getattr(expected, dest), f"{service.name}: {variable}={value!r}"
 
 
@@ -107,43 +118,161 @@ def test_the_client_starts_when_the_server_is_healthy(capsys: pytest.CaptureFixt
     assert client.raw["depends_on"] == {"server": {"condition": "service_healthy"}}
 
     # The client reaches the server by its service name, on the port the server listens on.
-    server_port = server.environment["SPLIT_ADDRESS"].rsplit(":", 1)[1]
-    assert client.environment["SPLIT_TARGET"] == f"server:{server_port}"
-    assert server.environment["SPLIT_ADDRESS"].startswith("0.0.0.0:"), "listen on all interfaces in a container"
+    assert client.environment["SPLIT_TARGET"] == f"server:{listening_port(server)}"
+    assert_health_checked(server, capsys)
 
-    # The health check: the standard gRPC health service, asked by `split-health` at the server's port.
-    check = server.healthcheck
+
+def listening_port(service: Service) -> str:
+    """The port a serving service listens on, on all interfaces (in a container, loopback is its own)."""
+    address = service.environment["SPLIT_ADDRESS"]
+    assert address.startswith("0.0.0.0:"), f"{service.name}: listen on all interfaces in a container"
+    return address.rsplit(":", 1)[1]
+
+
+def assert_health_checked(service: Service, capsys: pytest.CaptureFixture[str]) -> None:
+    """The health check: the standard gRPC health service, asked by `split-health` at the service's own port."""
+    check = service.healthcheck
     assert check["test"][0] == "CMD", "exec form: the image has no shell to rely on"
     probe = check["test"][1:]
     assert console_scripts()[probe[0]] == "splitlearning.health_probe:main"
     probe_config = parse(cli_module(probe).parse_args, probe[1:], capsys)
-    assert probe_config.target == f"127.0.0.1:{server_port}"
+    assert probe_config.target == f"127.0.0.1:{listening_port(service)}", service.name
     assert probe_config.timeout < seconds(check["timeout"]), "the probe's deadline ends before compose's"
     for key in ("interval", "timeout", "start_period"):
         assert seconds(check[key]) > 0, key
     assert int(check["retries"]) >= 1
 
 
+def configs(
+    found: dict[str, Service], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> dict[str, Any]:
+    """What each service's process parses from its command and environment: its CLI's config."""
+    parsed = {}
+    for service in found.values():
+        with monkeypatch.context() as patch:
+            for variable, value in service.environment.items():
+                patch.setenv(variable, value)
+            parsed[service.name] = parse(cli_module(service.command).parse_args, service.command[1:], capsys)
+    return parsed
+
+
+def test_multi_a_server_an_aggregator_apart_and_three_members(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    found = services(resolved(MULTI_COMPOSE_FILE))
+    commands = {name: service.command for name, service in found.items()}
+    assert commands == {
+        "server": ["split-server"],
+        "aggregator": ["split-aggregator"],
+        **{member: ["split-client"] for member in MEMBERS},
+    }
+    parsed = configs(found, monkeypatch, capsys)
+    server, aggregator = parsed["server"], parsed["aggregator"]
+
+    # The model owner keeps no rounds: first parts go to the aggregator alone.
+    assert server.aggregator is False, "the server must not hold the aggregator (it would see first parts)"
+    assert aggregator.members == len(MEMBERS)
+    assert aggregator.state_dir is not None and str(aggregator.state_dir).startswith(STATE_DIR)
+    assert server.checkpoint_dir is not None, "the server keeps the members' contributions"
+
+    # Each member: the K-th of 3 shards as member K of one SplitFed group, every member stating the same.
+    members = [parsed[name] for name in MEMBERS]
+    for k, member in enumerate(members, start=1):
+        assert member.member == k, "member K trains shard K/N"
+        assert member.shard is not None and (member.shard.index, member.shard.count) == (k, len(MEMBERS))
+        assert member.target == f"server:{listening_port(found['server'])}"
+        assert member.aggregator == f"aggregator:{listening_port(found['aggregator'])}"
+        assert member.dataset == "digits"
+    shared = {(m.group, m.scheme, m.rounds, m.local_epochs, m.shard_by, m.seed, m.model) for m in members}
+    assert len(shared) == 1, f"the members disagree: {shared}"
+    assert members[0].scheme == "splitfed"
+    assert members[0].shard_by == "random", "IID by default"
+    # Every part agrees on the model pair, its seed and the optimizer.
+    for name in ("model", "seed", "optimizer", "learning_rate"):
+        assert {getattr(member, name) for member in members} == {getattr(server, name)}, name
+
+    # Nothing published: the members reach the server and the aggregator on compose's own network.
+    assert not [name for name, service in found.items() if service.raw.get("ports")]
+
+
+def test_multi_members_start_once_the_server_and_the_aggregator_are_healthy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    found = services(resolved(MULTI_COMPOSE_FILE))
+    for name in ("server", "aggregator"):
+        assert_health_checked(found[name], capsys)
+    healthy = {"condition": "service_healthy"}
+    for name in MEMBERS:
+        assert found[name].raw["depends_on"] == {"server": healthy, "aggregator": healthy}, name
+        assert not found[name].healthcheck, f"{name} trains and exits: nothing waits for its health"
+    # Nothing of the server's is needed by the aggregator: it only comes after the server's build.
+    assert found["aggregator"].raw["depends_on"] == {"server": {"condition": "service_started"}}
+    assert "SPLIT_DEVICE" not in found["aggregator"].environment, "the aggregator runs no TensorFlow"
+
+
+def test_multi_non_iid_from_one_shell_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`SPLIT_SHARD_BY=label docker compose -f docker-compose.multi.yml up` cuts the digits by label, in a group
+    of its own (so an IID run's finished group is not what it reports)."""
+    groups = {}
+    for shard_by in ("random", "label"):
+        found = services(resolved(MULTI_COMPOSE_FILE, shell={"SPLIT_SHARD_BY": shard_by}))
+        parsed = configs({name: found[name] for name in MEMBERS}, monkeypatch, capsys)
+        assert {config.shard_by for config in parsed.values()} == {shard_by}
+        (groups[shard_by],) = {config.group for config in parsed.values()}
+    assert groups["random"] != groups["label"]
+    default = services(resolved(MULTI_COMPOSE_FILE))
+    assert default["member-1"].environment["SPLIT_GROUP"] == groups["random"]
+
+
+def test_multi_builds_the_image_docker_compose_yml_builds() -> None:
+    """The same build (so the engine test's image, and a user's, serves both files)."""
+    single, multi = services(resolved(COMPOSE_FILE)), services(resolved(MULTI_COMPOSE_FILE))
+    assert multi["server"].raw["build"] == single["server"].raw["build"]
+    assert multi["server"].raw["image"] == single["server"].raw["image"]
+
+
 @pytest.mark.parametrize("variant", list(FILES))
 def test_state_goes_to_named_volumes(variant: str) -> None:
+    """Every service that keeps state (checkpoints, the aggregator's rounds) keeps it in a named volume of its
+    own; one that keeps none (a group's member) mounts nothing."""
     config = resolved(*FILES[variant])
     mounted = []
     for service in services(config).values():
-        mounts = [volume for volume in service.raw["volumes"] if volume.split(":")[1] == STATE_DIR]
+        paths = [value for value in service.environment.values() if value.startswith(STATE_DIR)]
+        mounts = [volume for volume in service.raw.get("volumes", []) if volume.split(":")[1] == STATE_DIR]
+        if not paths:
+            assert not service.raw.get("volumes"), f"{service.name}: mounts a volume it keeps nothing in"
+            continue
         assert len(mounts) == 1, f"{service.name}: mount a named volume at {STATE_DIR}"
         mounted.append(mounts[0].split(":")[0])
+    assert mounted, "no service keeps state"
     assert len(set(mounted)) == len(mounted), "each service keeps its own state"
     assert set(mounted) <= set(config["volumes"]), "named volumes, declared at the top level"
 
 
 @pytest.mark.parametrize("variant", list(FILES))
 def test_the_image_is_built_once_and_shared(variant: str) -> None:
-    """One service builds the image and tags it; the other runs that tag (two `build:`s build it twice)."""
+    """One service builds the image and tags it; the others run that tag (two `build:`s build it twice)."""
     found = services(resolved(*FILES[variant]))
     builders = [service.name for service in found.values() if "build" in service.raw]
     assert builders == ["server"], f"exactly one service builds the image, not {builders}"
-    assert len({service.raw["image"] for service in found.values()}) == 1, "both run the image the server built"
-    assert found["client"].raw["depends_on"]["server"], "the client is created after the server's build"
+    assert len({service.raw["image"] for service in found.values()}) == 1, "all run the image the server built"
+    for service in found.values():
+        if service.name != "server":
+            # Compose v1 makes each service's image in dependency order, and pulls a tag it cannot build.
+            assert "server" in service.raw["depends_on"], f"{service.name} is created before the server's build"
+
+
+@pytest.mark.parametrize("variant", list(FILES))
+def test_every_container_runs_as_the_images_user_under_an_init(variant: str) -> None:
+    """The image's non-root user (uid 10001), an init that reaps and forwards signals, and nothing that
+    loosens the container's isolation: the same defaults in every file."""
+    for service in services(resolved(*FILES[variant])).values():
+        assert service.raw.get("init") is True, f"{service.name}: init: true (signals reach the CLI, zombies reaped)"
+        loosened = LOOSENERS & set(service.raw)
+        assert not loosened, f"{service.name}: sets {sorted(loosened)}"
 
 
 def test_cpu_by_default_and_a_gpu_each_with_the_override() -> None:
@@ -197,6 +326,24 @@ def test_the_image_matches_the_compose_file() -> None:
     # What the compose file runs is on the image's PATH: the project's console scripts in /opt/venv/bin.
     env = dict(pair for c in final if c.cmd == "ENV" for pair in zip(c.value[0::2], c.value[1::2], strict=True))
     assert env["PATH"].startswith("/opt/venv/bin:")
-    commands = [s.command[0] for s in services(resolved()).values()]
-    commands += [s.healthcheck["test"][1] for s in services(resolved()).values() if s.healthcheck]
+    every = [service for files in FILES.values() for service in services(resolved(*files)).values()]
+    commands = [s.command[0] for s in every] + [s.healthcheck["test"][1] for s in every if s.healthcheck]
     assert set(commands) <= set(console_scripts())
+
+
+def test_the_image_holds_every_package_the_project_installs() -> None:
+    """`pip install .` in the build stage installs what pyproject.toml names and the build context holds: a
+    package not copied there (or kept out by .dockerignore) is silently missing, and its console script fails."""
+    with (REPO / "pyproject.toml").open("rb") as handle:
+        patterns = tomllib.load(handle)["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in patterns}
+    assert all((REPO / package / "__init__.py").is_file() for package in packages), packages
+    # Every console script (split-aggregator's too) runs a module of one of them.
+    assert {target.split(".")[0] for target in console_scripts().values()} <= packages
+
+    build = stages()[0]
+    copied = {c.value[0] for c in build if c.cmd == "COPY" and not c.flags and c.value[1] == f"./{c.value[0]}"}
+    assert packages <= copied, f"the build stage does not copy {sorted(packages - copied)}"
+    allowed = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert "*" in allowed, ".dockerignore lets in only what it names"
+    assert {f"!{package}/" for package in packages} <= allowed, ".dockerignore keeps a package out of the context"

@@ -1,20 +1,61 @@
-"""The image and docker-compose.yml on a real container engine: build the image from this checkout, run the pair
-with compose, check what a user would, bring it down and up again (it must resume finished, not retrain), then
-remove it. Needs the engine scripts/docker_engine.sh starts (.ci/run runs the tests under it)."""
+"""The image and the compose files on a real container engine: build the image from this checkout once, then
+
+- docker-compose.yml: run the pair, check what a user would, bring it down and up again (it must resume finished,
+  not retrain), then remove it;
+- docker-compose.multi.yml, on the same image: a server, an aggregator and three members train one model; every
+  member ends well and reports the same group model, every round closed with all three, then remove it.
+
+Needs the engine scripts/docker_engine.sh starts (.ci/run runs the tests under it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from tests.engine_support import Engine, build_image, engine, free_port, volume_files
+import pytest
+
+from tests.deploy_compose import MULTI_COMPOSE_FILE, resolved, services
+from tests.engine_support import COMPOSE_TIMEOUT, Engine, build_image, engine, free_port, volume_files, volume_path
 
 MIN_ACCURACY = 0.9  # the demo (digits-mlp, 10 epochs) reaches about 0.96; chance is 0.1
+# docker-compose.multi.yml's IID group (digits-mlp, 5 rounds of 2 local epochs on thirds of the digits) reaches
+# about 0.94; chance is 0.1.
+MIN_GROUP_ACCURACY = 0.85
 FINISHED_STEP = re.compile(r"trained \d+ epochs, (\d+) steps")
 TEST_ACCURACY = re.compile(r"^client_1 +\| test loss: [0-9.]+, accuracy: ([0-9.]+)$", re.MULTILINE)
+GROUP_TEST = re.compile(r"^test \(the group's model\) loss: ([0-9.]+), accuracy: ([0-9.]+)$", re.MULTILINE)
+# A member's row per round: round | samples | seconds | train loss | start test accuracy | local test accuracy
+ROUND_ROW = re.compile(r"^ *(\d+) \| +(\d+) \| +[0-9.]+ \| +[0-9.na]+ \| +([0-9.]+) \| +([0-9.]+)$", re.MULTILINE)
+MEMBERS = ("member-1", "member-2", "member-3")
+AGGREGATOR_SERVICE = "splitlearning.v1.AggregatorService"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass(frozen=True)
+class Image:
+    engine: Engine
+    tag: str
+    build_seconds: float
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[Image]:
+    """The image, built once with BuildKit (the proxy's CA as a secret) for every test here; removed after."""
+    found = engine()
+    tag = f"splitlearning:ci-{os.getpid()}"
+    try:
+        build = build_image(found, tag)
+        assert build.returncode == 0, f"docker build failed:\n{build.output[-6000:]}"
+        assert "SYS_UID_MAX" not in build.output, "useradd warns about the image's user"
+        yield Image(found, tag, build.seconds)
+    finally:
+        found.run("image", "rm", "--force", tag, check=False)
 
 
 def service_events(events: list[dict[str, Any]], service: str, action: str) -> list[int]:
@@ -26,29 +67,26 @@ def service_events(events: list[dict[str, Any]], service: str, action: str) -> l
     ]
 
 
-def container(engine: Engine, project: str, service: str) -> dict[str, Any]:
+def container_name(engine: Engine, project: str, service: str) -> str:
     (found,) = [
         name
         for name in engine.run("ps", "--all", "--format", "{{.Names}}").split()
         if name == f"{project}_{service}_1" or name == f"{project}-{service}-1"  # compose v1 / v2 names
     ]
-    return engine.inspect("container", found)
+    return found
 
 
-def test_compose_trains_resumes_finished_and_cleans_up() -> None:
-    found = engine()
+def container(engine: Engine, project: str, service: str) -> dict[str, Any]:
+    return engine.inspect("container", container_name(engine, project, service))
+
+
+def test_compose_trains_resumes_finished_and_cleans_up(image: Image) -> None:
+    found = image.engine
     project = f"splitci{os.getpid()}"
-    image = f"splitlearning:ci-{os.getpid()}"
-    extra = {"SPLIT_IMAGE": image, "SPLIT_PORT": str(free_port())}
-    timings: dict[str, float] = {}
+    extra = {"SPLIT_IMAGE": image.tag, "SPLIT_PORT": str(free_port())}
+    timings: dict[str, float] = {"build": image.build_seconds}
     try:
-        # The image, built once with BuildKit (the proxy's CA as a secret); compose's `--build` then finds every
-        # layer in the same cache.
-        build = build_image(found, image)
-        assert build.returncode == 0, f"docker build failed:\n{build.output[-6000:]}"
-        assert "SYS_UID_MAX" not in build.output, "useradd warns about the image's user"
-        timings["build"] = build.seconds
-
+        # compose's `--build` finds every layer of the image in the cache.
         since = time.time()
         first = found.compose(project, "up", "--build", "--exit-code-from", "client", extra=extra)
         until = time.time()
@@ -67,7 +105,7 @@ def test_compose_trains_resumes_finished_and_cleans_up() -> None:
         # The server runs as the image's non-root user.
         server = container(found, project, "server")
         assert server["Config"]["User"] == "split:split", server["Config"]["User"]
-        uid = found.run("run", "--rm", "--entrypoint", "id", image, "-u").strip()
+        uid = found.run("run", "--rm", "--entrypoint", "id", image.tag, "-u").strip()
         assert uid == "10001", uid
 
         # The client printed its test accuracy, above the demo's bar, and both sides checkpointed its last step.
@@ -95,8 +133,111 @@ def test_compose_trains_resumes_finished_and_cleans_up() -> None:
         assert TEST_ACCURACY.findall(output) == [accuracy], "the same model, evaluated again"
     finally:
         gone = found.compose(project, "down", "--volumes", extra=extra)
-        found.run("image", "rm", "--force", image, check=False)
         print(f"\nengine timings (s): {timings}")
+    assert gone.returncode == 0, gone.output
+    volumes = found.run("volume", "ls", "--quiet").split()
+    assert not [volume for volume in volumes if volume.startswith(project)], volumes
+
+
+def test_multi_compose_three_members_train_one_model(image: Image) -> None:
+    """docker-compose.multi.yml as its header's scripted form runs it: `up --detach`, `docker wait` for the three
+    members, their logs, `down --volumes`. Without `--build`: it runs the image built above, which is the one the
+    file builds (tests/test_deploy_compose.py), so CI builds once."""
+    found = image.engine
+    project = f"splitmulti{os.getpid()}"
+    files = ("--file", str(MULTI_COMPOSE_FILE))
+    extra = {"SPLIT_IMAGE": image.tag}
+    config = services(resolved(MULTI_COMPOSE_FILE))
+    rounds, group = int(config["member-1"].environment["SPLIT_ROUNDS"]), config["member-1"].environment["SPLIT_GROUP"]
+    aggregator_address = config["aggregator"].environment["SPLIT_ADDRESS"].replace("0.0.0.0", "127.0.0.1")
+    timings: dict[str, float] = {}
+    logs: dict[str, str] = {}
+
+    def collect(names: dict[str, str]) -> str:
+        """Every container's log (kept in `logs`), the tail of each for a failure's message."""
+        for service, name in names.items():
+            logs[service] = ANSI.sub("", found.call("logs", name).output)
+        return "\n".join(f"--- {service}:\n{text[-2500:]}" for service, text in logs.items())
+
+    try:
+        since = time.time()
+        up = found.compose(project, *files, "up", "--detach", extra=extra)
+        assert up.returncode == 0, f"up failed:\n{up.output[-6000:]}"
+        timings["up"] = up.seconds
+        names = {service: container_name(found, project, service) for service in ("server", "aggregator", *MEMBERS)}
+        started = time.monotonic()
+        try:
+            waited = found.call("wait", *(names[member] for member in MEMBERS), timeout=COMPOSE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the members did not finish in {COMPOSE_TIMEOUT:g} s:\n{collect(names)}")
+        until = time.time()
+        timings["members"] = time.monotonic() - started
+        report = collect(names)
+        assert waited.returncode == 0 and waited.output.split() == ["0"] * len(MEMBERS), (
+            f"member exit statuses {waited.output.split()}:\n{report}"
+        )
+
+        # The members started once the server and the aggregator were healthy.
+        events = found.events(since, until + 1)
+        for service in ("server", "aggregator"):
+            healthy = service_events(events, service, "health_status: healthy")
+            assert healthy, f"{service} never healthy: {events}"
+            for member in MEMBERS:
+                (member_start,) = service_events(events, member, "start")
+                assert min(healthy) < member_start, f"{member} started before {service} was healthy"
+
+        # Every container runs as the image's non-root user.
+        for service in names:
+            user = container(found, project, service)["Config"]["User"]
+            assert user == "split:split", f"{service}: {user}"
+
+        # Each member printed its rounds (its local model's test accuracy each round) and the group's model on the
+        # test split; all three evaluated the same averaged model, so they report the same.
+        finals = {}
+        for k, member in enumerate(MEMBERS, start=1):
+            log = logs[member]
+            assert f"member {k} of group {group}: {rounds} rounds trained (splitfed)" in log, report
+            rows = ROUND_ROW.findall(log)
+            assert [int(row[0]) for row in rows] == list(range(rounds)), f"{member}'s rounds:\n{log[-3000:]}"
+            timings[f"{member} local accuracy"] = float(rows[-1][3])
+            (final,) = GROUP_TEST.findall(log)
+            finals[member] = final
+        accuracies = {accuracy for _loss, accuracy in finals.values()}
+        assert len(accuracies) == 1, f"the members report different group models: {finals}"
+        (accuracy,) = accuracies
+        losses = [float(loss) for loss, _accuracy in finals.values()]
+        assert max(losses) - min(losses) <= 1e-3, finals
+        assert float(accuracy) >= MIN_GROUP_ACCURACY, report
+        timings["group accuracy"] = float(accuracy)
+
+        # The aggregator closed every round with all three members, never at its deadline; the server kept each
+        # member's part of each round and holds no aggregator (the model owner never sees first parts).
+        aggregator_log = logs["aggregator"]
+        for round_ in range(rounds):
+            assert f"group {group}: round {round_} closed with {len(MEMBERS)} members" in aggregator_log, report
+        assert f"group {group}: all {rounds} rounds trained" in aggregator_log, report
+        assert "without member" not in aggregator_log, aggregator_log
+        assert len(re.findall(rf"kept the part of member \d for {group} round \d+", logs["server"])) == rounds * 3
+        on_server = found.call("exec", names["server"], "split-health", "--service", AGGREGATOR_SERVICE)
+        assert on_server.returncode == 1 and "NOT_FOUND" in on_server.output, on_server.output
+        apart = found.call(
+            "exec", names["aggregator"], "split-health", "--target", aggregator_address, "--service", AGGREGATOR_SERVICE
+        )
+        assert apart.returncode == 0, apart.output
+
+        # Both keep their state in their named volumes: the aggregator every round (with the members it counted),
+        # the server every contribution of the last round.
+        record = json.loads(
+            (volume_path(found, f"{project}_aggregator-state") / "aggregator" / group / "group.json").read_text()
+        )
+        assert record["round"] == rounds and record["members"] == len(MEMBERS), record
+        assert record["history"] == [[round_, [1, 2, 3]] for round_ in range(rounds)], record
+        kept = {path.name for path in volume_files(found, f"{project}_server-state")}
+        assert {f"round-{rounds - 1}-member-{k}.npz" for k in (1, 2, 3)} <= kept, sorted(kept)
+    finally:
+        gone = found.compose(project, *files, "down", "--volumes", extra=extra)
+        timings["down"] = gone.seconds
+        print(f"\nengine timings, docker-compose.multi.yml (s): {timings}")
     assert gone.returncode == 0, gone.output
     volumes = found.run("volume", "ls", "--quiet").split()
     assert not [volume for volume in volumes if volume.startswith(project)], volumes
