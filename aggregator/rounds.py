@@ -29,7 +29,7 @@ from enum import Enum
 
 from aggregator.store import GroupRecord, GroupStore
 from splitlearning import groups
-from splitlearning.errors import InvalidRequest, PreconditionFailed, SessionNotFound
+from splitlearning.errors import InvalidRequest, PreconditionFailed, SessionNotFound, SplitError
 from splitlearning.groups import Contribution, Scheme, Settings
 from splitlearning.part_state import PartState, average
 
@@ -125,6 +125,7 @@ class Rounds:
         clock: Callable[[], float] = time.monotonic,
         on_close: Callable[[str, Closed], None] | None = None,
         on_submit: Callable[[str, int, int], None] | None = None,
+        on_open: Callable[[str, int], None] | None = None,
     ) -> None:
         if members < 1:
             raise ValueError(f"members must be at least 1, got {members}")
@@ -139,8 +140,16 @@ class Rounds:
         self._clock = clock
         self._on_close = on_close
         self._on_submit = on_submit
+        self._on_open = on_open
         self._groups: dict[str, Group] = {}
         self._changed = threading.Condition()
+        if store is not None:  # every kept group, so deadlines run again from now (not from a first request)
+            with self._changed:
+                for name in store.names():
+                    try:
+                        self._load(name)
+                    except SplitError as error:  # a set-up mistake (another --members): say so at start
+                        raise ValueError(str(error)) from None
 
     def groups(self) -> list[Group]:
         with self._changed:
@@ -176,13 +185,17 @@ class Rounds:
         with self._changed:
             group = self._groups.get(name) or self._load(name)
             if group is None:
-                raise SessionNotFound(f"no group {name!r} on this aggregator: join it first")
+                raise SessionNotFound(
+                    f"no group {name!r} on this aggregator: join it first (a group whose rounds were lost in a "
+                    "restart without --state-dir cannot go on)"
+                )
             self._close_overdue(group)
             scheme = group.settings.scheme
             if state.empty and scheme is Scheme.SPLITFED:
                 raise InvalidRequest("state: SplitFed averages the members' first parts: send the weights")
             if not state.empty:
                 state.check_like(group.template, "state")
+                state.check_finite("state")
             for closed in reversed(group.history):
                 if closed.round == round_:  # a resend to a closed round: accepted if it was counted
                     if member in closed.members:
@@ -225,8 +238,10 @@ class Rounds:
         if group is None:
             if initial is None or not initial.weights:
                 raise InvalidRequest(
-                    f"initial: group {name!r} is new; its first join must carry the first part to start from"
+                    f"initial: group {name!r} is unknown to this aggregator (new, or its rounds were lost in a "
+                    "restart without --state-dir); its first join must carry the first part to start from"
                 )
+            initial.check_finite("initial")
             if settings.scheme is Scheme.SPLITFED:
                 initial = PartState(initial.weights, [])  # each round starts with a fresh optimizer
             group = Group(name, settings, self.members, initial, start=initial, opened_at=self._clock())
@@ -234,6 +249,7 @@ class Rounds:
                 self._store.create(name, initial, group.record())
             self._groups[name] = group
             log.info("group %s: %d members train %s", name, self.members, settings)
+            self._opened(group)
         if settings != group.settings:
             raise PreconditionFailed(
                 f"group {name!r} trains {group.settings}; this member asks for {settings}: start every member "
@@ -260,6 +276,7 @@ class Rounds:
         )  # fmt: skip
         self._groups[name] = group
         log.info("group %s: resumed at %s with %d submissions", name, group.describe_round(), len(submitted))
+        self._opened(group)
         complete = len(submitted) == group.members or group.settings.scheme is Scheme.ROUND_ROBIN
         if submitted and complete:  # killed between taking the round's last submission and closing it
             self._close(group)
@@ -310,6 +327,7 @@ class Rounds:
         closed = Closed(index, members, missed, sum(samples), seconds)
         group.history.append(closed)
         group.round += 1
+        self._opened(group)
         group.submitted = {}
         group.opened_at = self._clock()
         group.waiting_noted = False
@@ -321,7 +339,8 @@ class Rounds:
                 "group %s: %s closed at its %g s deadline without member%s %s; %s",
                 group.name, group.describe_round(index), self.deadline, "s" * (len(missed) > 1),
                 ", ".join(map(str, missed)),
-                "the turn is skipped" if scheme is Scheme.ROUND_ROBIN else f"averaged {len(members)} members",
+                "the turn is skipped" if scheme is Scheme.ROUND_ROBIN
+                else f"averaged {len(members)} members ({sum(samples)} samples, {seconds:.1f} s)",
             )  # fmt: skip
         else:
             log.info(
@@ -333,6 +352,10 @@ class Rounds:
             log.info("group %s: all %d rounds trained", group.name, group.settings.rounds)
         if self._on_close is not None:
             self._on_close(group.name, closed)
+
+    def _opened(self, group: Group) -> None:
+        if self._on_open is not None:
+            self._on_open(group.name, group.round)
 
     def _at(self, group: Group) -> str:
         return "its end" if group.done else group.describe_round()

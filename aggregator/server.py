@@ -60,6 +60,7 @@ class Aggregator:
             store,
             on_close=self.telemetry.round_closed,
             on_submit=self.telemetry.submitted,
+            on_open=self.telemetry.round_opened,
         )
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None

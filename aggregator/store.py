@@ -63,6 +63,10 @@ class GroupStore:
     def _dir(self, name: str) -> Path:
         return self.root / name  # names are checked (groups.check_name) before they reach a path
 
+    def names(self) -> list[str]:
+        """The groups kept here."""
+        return sorted(path.parent.name for path in self.root.glob("*/group.json"))
+
     def create(self, name: str, initial: PartState, record: GroupRecord) -> None:
         folder = self._dir(name)
         folder.mkdir(parents=True, exist_ok=True)

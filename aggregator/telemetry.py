@@ -47,8 +47,10 @@ class AggregatorTelemetry:
     def submitted(self, group: str, member: int, round_: int) -> None:
         self.member_round.labels(group, str(member)).set(round_)
 
+    def round_opened(self, group: str, round_: int) -> None:
+        self.round.labels(group).set(round_)
+
     def round_closed(self, group: str, closed: Closed) -> None:
-        self.round.labels(group).set(closed.round + 1)
         self.members.labels(group).set(len(closed.members))
         self.samples.labels(group).set(closed.samples)
         self.seconds.labels(group).set(closed.seconds)

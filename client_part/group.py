@@ -225,7 +225,7 @@ def _short(values: Mapping[str, float]) -> str:
 
 def table(result: GroupResult) -> str:
     """The member's rounds for people: one row per round, then the group's final model."""
-    names = sorted({name for record in result.rounds for name in record.local_test})
+    names = sorted({name for record in result.rounds for name in record.local_test} | set(result.final_test))
     metric = "accuracy" if "accuracy" in names else (names[0] if names else "loss")
     unit = "turn" if result.scheme == Scheme.ROUND_ROBIN.value else "round"
     header = f"{unit:>5} | samples | seconds | train loss | start test {metric} | local test {metric}"

@@ -48,6 +48,11 @@ class Contributions:
         for state, contribution in zip(states, membership.start, strict=True):
             state.check_like(like, f"the contribution of {contribution}")
         if membership.scheme is Scheme.ROUND_ROBIN:
+            if not states[0].optimizer:
+                raise PreconditionFailed(
+                    f"group {membership.group}: {membership.start[0]} holds no optimizer state (it was made in a "
+                    "SplitFed round); a round-robin turn starts from a round-robin turn"
+                )
             return states[0]
         return part_state.average(states, [c.samples for c in membership.start])
 

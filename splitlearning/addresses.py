@@ -34,7 +34,7 @@ def check_bindable(address: str, flag: str = "--address") -> None:
             except OSError as error:
                 if error.errno == errno.EADDRINUSE:
                     raise OSError(
-                        f"{flag} {address}: port {port} is already in use (another split-server?); stop that "
+                        f"{flag} {address}: port {port} is already in use (another server or aggregator?); stop that "
                         "process or choose another port (0 picks a free one)"
                     ) from None
                 if error.errno == errno.EADDRNOTAVAIL:

@@ -37,6 +37,13 @@ class PartState:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (*self.weights, *self.optimizer))
 
+    def check_finite(self, what: str) -> None:
+        """Raise InvalidRequest if a floating tensor holds NaN or Inf (one diverged member would spoil an average)."""
+        for name, arrays in (("weights", self.weights), ("optimizer", self.optimizer)):
+            for index, array in enumerate(arrays):
+                if not _finite(array):
+                    raise InvalidRequest(f"{what}.{name}[{index}]: holds NaN or Inf (the training diverged)")
+
     def check_like(self, other: PartState, what: str) -> None:
         """Raise InvalidRequest unless `self` has the same weights (count, shapes, dtypes) as `other`."""
         if len(self.weights) != len(other.weights):
@@ -47,6 +54,10 @@ class PartState:
                     f"{what}: weight {index} is {mine.dtype.name}{list(mine.shape)}, "
                     f"expected {theirs.dtype.name}{list(theirs.shape)}"
                 )
+
+
+def _finite(array: np.ndarray) -> bool:
+    return not np.issubdtype(array.dtype, np.floating) or bool(np.isfinite(array).all())
 
 
 def capture(model: Any, optimizer: Any = None) -> PartState:

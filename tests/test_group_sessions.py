@@ -249,6 +249,18 @@ def test_a_start_naming_a_contribution_the_server_does_not_hold_is_failed_precon
     assert held(server) == [(GROUP, 0, 1)]
 
 
+def test_a_round_robin_turn_cannot_start_from_a_splitfed_contribution(serve: Any) -> None:
+    """A SplitFed contribution holds no optimizer state: a turn started from it would silently reset Adam."""
+    server, stub = serve()
+    contribute(server, stub, group_round(0, 1), steps=1, samples=4, seed=1)
+    before = server_snapshot(server)
+    turn = group_round(1, 2, scheme=pb.SCHEME_ROUND_ROBIN, start=[contribution(0, 1, 4)])
+    code, details = refused(lambda: handshake(stub, turn))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+    assert "holds no optimizer state" in details and "SplitFed" in details
+    assert_same_snapshot(before, server_snapshot(server))
+
+
 def test_contribute_samples_in_a_session_without_a_group_is_failed_precondition(serve: Any) -> None:
     server, stub = serve()
     session = handshake(stub).session_id
