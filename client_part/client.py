@@ -150,7 +150,8 @@ class SplitClient:
             self._open_checkpoints(Path(checkpoint_dir), checkpoint_every, checkpoint_keep)
 
     def _link_over(self, transport: Transport) -> Link:
-        link: Link = UShapeLink(transport, self.head) if self.head is not None else transport
+        self._ushape_link = UShapeLink(transport, self.head) if self.head is not None else None
+        link: Link = self._ushape_link if self._ushape_link is not None else transport
         if self._noise is not None:  # outermost: every IV is clipped and noised before it leaves this process
             link = NoisyLink(link, self._noise)
         return link
@@ -240,6 +241,7 @@ class SplitClient:
         self._membership = membership
         self._settle()
         part_state.apply_parts(state, self._part_pairs(with_optimizer=bool(state.optimizer)))
+        self._forget_step_in_flight()
         self._step = self.trainer.iterations
         self._epoch0_step = self._step
         self._in_step = self._stale = self._resume = False
@@ -586,12 +588,19 @@ class SplitClient:
             self._restore(latest)
             self._resume = True
 
+    def _forget_step_in_flight(self) -> None:
+        """After a restore or a new round the step numbers go back: the U-shape's head must train every step
+        again (its record of the step in flight would otherwise answer a later step of the same number)."""
+        if self._ushape_link is not None:
+            self._ushape_link.forget()
+
     def _can_restore(self, step: int) -> bool:
         return self.checkpoints is not None and step in self.checkpoints.steps()
 
     def _restore(self, step: int) -> None:
         assert self.checkpoints is not None
         self._epoch0_step = self.checkpoints.restore(step)
+        self._forget_step_in_flight()
         self._step = step
         self._reset_metrics = True
         log.info("restored this client's checkpoint of step %d", step)

@@ -37,6 +37,10 @@ class UShapeLink:
         _, output_gradient, metrics = self._head_step
         return self._transport.train_backward(step, output_gradient), metrics
 
+    def forget(self) -> None:
+        """Step numbers start over (a restored checkpoint, a group's new round): no step is in flight."""
+        self._head_step = None
+
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool, step: int | None = None) -> list[float]:
         return self.head.evaluate(self._checked(self._transport.predict(iv, step)), labels, reset)
 

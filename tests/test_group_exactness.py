@@ -38,8 +38,9 @@ from client_part.group import Data, GroupMember, GroupResult
 from server_part import SplitServer
 from server_part.session import Session
 from splitlearning.groups import Membership, Scheme, Settings
-from tests.conftest import INPUT_DIM, NUM_CLASSES, build_pair, make_loss
+from tests.conftest import INPUT_DIM, NUM_CLASSES, build_bottom, build_pair, make_loss
 from tests.exactness_support import EPS32, ONEDNN, same_update_as_fit
+from tests.ushape_support import build_head, build_middle
 
 __all__ = ["same_update_as_fit"]  # a fixture, used by name
 
@@ -67,9 +68,15 @@ def shards(sizes: Sequence[int], seed: int = 11) -> list[tuple[np.ndarray, np.nd
     return [(x[a:b], y[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
-def uncut(kind: str, optimizer: str) -> keras.Model:
-    bottom, top = build_pair(kind, SEED)
-    model = keras.Sequential([bottom, top])
+def parts(kind: str, ushape: bool) -> list[keras.Model]:
+    """The uncut model's parts, seeded: (bottom, top), or (bottom, middle, head) for the U-shaped cut."""
+    if ushape:
+        return [build_bottom(kind, SEED), build_middle(kind, SEED), build_head(SEED)]
+    return list(build_pair(kind, SEED))
+
+
+def uncut(kind: str, optimizer: str, ushape: bool = False) -> keras.Model:
+    model = keras.Sequential(parts(kind, ushape))
     model.compile(optimizer=OPTIMIZERS[optimizer](), loss=make_loss(), metrics=["accuracy"], jit_compile=False)
     return model
 
@@ -85,14 +92,23 @@ class SerialMember(GroupMember):
 
 
 def run_group(
-    kind: str, optimizer: str, scheme: Scheme, data: list[tuple[np.ndarray, np.ndarray]], rounds: int
+    kind: str,
+    optimizer: str,
+    scheme: Scheme,
+    data: list[tuple[np.ndarray, np.ndarray]],
+    rounds: int,
+    ushape: bool = False,
 ) -> tuple[list[GroupResult], list[SplitClient], dict[int, list[np.ndarray]]]:
     """Train a group of len(data) members; returns each member's result and client, and the server part each
     round's sessions started from (by round; the last, rounds x turns, is the final model's)."""
     members = len(data)
-    _, top = build_pair(kind, SEED)
     started: dict[int, list[np.ndarray]] = {}
-    server = SplitServer(top, make_loss(), OPTIMIZERS[optimizer](), ["accuracy"], aggregator=Aggregator(members))
+    if ushape:
+        middle = parts(kind, ushape)[1]
+        server = SplitServer(middle, optimizer=OPTIMIZERS[optimizer](), cut="ushape", aggregator=Aggregator(members))
+    else:
+        top = parts(kind, ushape)[1]
+        server = SplitServer(top, make_loss(), OPTIMIZERS[optimizer](), ["accuracy"], aggregator=Aggregator(members))
     port = server.start("127.0.0.1:0")
     original_open = server.sessions.open
 
@@ -108,10 +124,13 @@ def run_group(
 
     server.sessions.open = open_and_note  # type: ignore[method-assign]
     settings = Settings(scheme, rounds, 1)
-    clients = [
-        SplitClient(build_pair(kind, SEED)[0], OPTIMIZERS[optimizer](), target=f"127.0.0.1:{port}", connect_timeout=10)
-        for _ in data
-    ]
+
+    def client() -> SplitClient:
+        built = parts(kind, ushape)
+        head: dict[str, Any] = {"head": built[2], "loss": make_loss(), "metrics": ["accuracy"]} if ushape else {}
+        return SplitClient(built[0], OPTIMIZERS[optimizer](), target=f"127.0.0.1:{port}", connect_timeout=10, **head)
+
+    clients = [client() for _ in data]
     results: list[GroupResult | BaseException] = [RuntimeError("did not finish")] * members
     test = shards([12], seed=99)[0]  # every member evaluates on the same test split
 
@@ -236,3 +255,48 @@ def test_round_robin_equals_one_uncut_fit_over_the_shards_in_member_order(kind: 
         assert [r.round for r in result.rounds] == [r * len(data) + member - 1 for r in range(rounds)]
         assert_same(client.model.get_weights(), expected[:n_bottom], f"member {member}'s first part", steps)
         assert int(client.trainer.optimizer.iterations.numpy()) == steps
+
+
+def client_part(client: SplitClient) -> list[np.ndarray]:
+    """What a member holds: its bottom, and its head in the U-shape (the order of the uncut model's weights)."""
+    head = client.head.model.get_weights() if client.head is not None else []
+    return [*client.model.get_weights(), *head]
+
+
+@pytest.mark.usefixtures("same_update_as_fit")
+@pytest.mark.parametrize(
+    ("scheme", "kind", "optimizer"), [("splitfed", "plain", "adam"), ("round-robin", "batchnorm", "adam")]
+)
+def test_a_ushaped_group_equals_its_uncut_reference(scheme: str, kind: str, optimizer: str) -> None:
+    """The U-shape in both schemes: a member's bottom and head travel together (averaged, or handed over with
+    their optimizers' state), the server's middle is averaged or handed over as a second part is."""
+    data = shards([16, 8])
+    rounds = 2
+    robin = scheme == "round-robin"
+    results, clients, started = run_group(kind, optimizer, Scheme(scheme), data, rounds, ushape=True)
+
+    sizes = [len(m.get_weights()) for m in parts(kind, True)]
+    if robin:
+        reference = uncut(kind, optimizer, True)
+        for _ in range(rounds):
+            for x, y in data:
+                reference.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        expected = reference.get_weights()
+        steps = rounds * sum(len(x) for x, _ in data) // BATCH
+    else:
+        expected = uncut(kind, optimizer, True).get_weights()
+        for _ in range(rounds):
+            ends = []
+            for x, y in data:
+                model = uncut(kind, optimizer, True)
+                model.set_weights(expected)
+                model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+                ends.append(model.get_weights())
+            expected = fedavg(ends, [len(x) for x, _ in data])
+        steps = rounds * len(data[0][0]) // BATCH
+    bottom, middle, head = np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1])
+    final = max(started)
+    assert_same(started[final], [expected[i] for i in middle], "the server's middle", steps)
+    for member, client in enumerate(clients, start=1):
+        assert_same(client_part(client), [expected[i] for i in (*bottom, *head)], f"member {member}", steps)
+    assert len({tuple(sorted(r.final_test.items())) for r in results}) == 1
