@@ -359,7 +359,7 @@ def plot(runs: list[GroupRun], uncut: Uncut | None, path: Path, title: str) -> N
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    figure, axis = plt.subplots(figsize=(7, 4.2))
+    figure, axis = plt.subplots(figsize=(9, 4.2))
     for run in runs:
         style = "--" if run.config.by == "label" else "-"
         marker = "s" if run.config.scheme == "round-robin" else "o"
@@ -372,7 +372,7 @@ def plot(runs: list[GroupRun], uncut: Uncut | None, path: Path, title: str) -> N
     axis.set_ylim(0, 1)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines, not on them
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
@@ -392,6 +392,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-uncut", action="store_true", help="skip the uncut reference")
     parser.add_argument("--png", default=str(ROOT / "docs" / "multi_client_accuracy.png"), help="'' for none")
     parser.add_argument("--json", default=None, help="write the raw figures here")
+    parser.add_argument("--from-json", default=None, help="print the tables and draw the PNG of an earlier --json")
     parser.add_argument("--keep", default=None, help="keep the processes' logs and histories in this folder")
     args = parser.parse_args(argv)
     try:
@@ -403,8 +404,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _title(model: str, rounds: int, batch_size: int) -> str:
+    return f"{model}, digits, {rounds} rounds of 1 local epoch, batch {batch_size}, adam"
+
+
+def show(runs: list[GroupRun], uncut: Uncut | None, title: str, png: str) -> None:
+    """Print the two tables; draw the PNG unless `png` is ''."""
+    print(accuracy_table(runs, uncut))
+    print()
+    print(time_table(runs, uncut))
+    if png:
+        plot(runs, uncut, Path(png), title)
+        print(f"\nwrote {png}")
+
+
+def replay(path: Path, png: str) -> int:
+    """The tables and the PNG of an earlier run's `--json`, without running anything."""
+    saved = json.loads(path.read_text())
+    runs = [GroupRun(**{**run, "config": Config(**run["config"])}) for run in saved["runs"]]
+    uncut = Uncut(**saved["uncut"]) if saved["uncut"] else None
+    settings = saved["settings"]
+    print(f"{path}: {' '.join(saved['command'])}, {saved['seconds']:.0f} s; machine {saved['machine']}\n")
+    show(runs, uncut, _title(settings["model"], settings["rounds"], settings["batch_size"]), png)
+    return 0 if all(run.members_agree for run in runs) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return replay(Path(args.from_json), args.png)
     begun, at_start = time.perf_counter(), machine()
     print(f"machine: {at_start}", flush=True)
     runs: list[GroupRun] = []
@@ -426,19 +454,16 @@ def main(argv: list[str] | None = None) -> int:
     if uncut:
         print(f"uncut: accuracy {' '.join(f'{a:.3f}' for a in uncut.accuracy)}", flush=True)
     elapsed = time.perf_counter() - begun
-    title = f"{args.model}, digits, {args.rounds} rounds of 1 local epoch, batch {args.batch_size}, adam"
+    title = _title(args.model, args.rounds, args.batch_size)
     print(f"\n{title}; machine at the end: {machine()}; {elapsed:.0f} s in all\n")
-    print(accuracy_table(runs, uncut))
-    print()
-    print(time_table(runs, uncut))
-    if args.png:
-        plot(runs, uncut, Path(args.png), title)
-        print(f"\nwrote {args.png}")
+    show(runs, uncut, title, args.png)
     if args.json:
         report = {
             "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
             "machine": {"at_start": at_start, "at_end": machine()},
-            "settings": {k: v for k, v in vars(args).items() if k not in ("configs", "json", "png", "keep")},
+            "settings": {
+                k: v for k, v in vars(args).items() if k not in ("configs", "json", "png", "keep", "from_json")
+            },
             "seconds": elapsed,
             "runs": [{**asdict(run), "config": asdict(run.config)} for run in runs],
             "uncut": asdict(uncut) if uncut else None,
