@@ -333,7 +333,7 @@ def time_table(runs: list[GroupRun], uncut: Uncut | None) -> str:
     for run in runs:
         later = run.round_seconds[1:] or run.round_seconds
         ratio = f"{run.steady_round / one.steady_round:.2f}" if one else ""
-        samples = ", ".join(str(s) for s in sorted(set(run.samples)))
+        samples = ", ".join(f"{s:,}" for s in sorted(set(run.samples)))
         agree = "yes" if run.members_agree else f"NO (spread {run.spread:.4f})"
         if run.config.scheme == "round-robin":
             agree += " (final model)"
