@@ -125,12 +125,12 @@ def run_group(
     server.sessions.open = open_and_note  # type: ignore[method-assign]
     settings = Settings(scheme, rounds, 1)
 
-    def client() -> SplitClient:
+    def new_client() -> SplitClient:
         built = parts(kind, ushape)
         head: dict[str, Any] = {"head": built[2], "loss": make_loss(), "metrics": ["accuracy"]} if ushape else {}
         return SplitClient(built[0], OPTIMIZERS[optimizer](), target=f"127.0.0.1:{port}", connect_timeout=10, **head)
 
-    clients = [client() for _ in data]
+    clients = [new_client() for _ in data]
     results: list[GroupResult | BaseException] = [RuntimeError("did not finish")] * members
     test = shards([12], seed=99)[0]  # every member evaluates on the same test split
 
