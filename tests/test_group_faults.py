@@ -22,13 +22,20 @@ round's, weights and optimizer state).
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
+from client_part.aggregator_link import AggregatorLink
+from client_part.retry import RetryPolicy
+from client_part.transport import RemoteError
 from splitlearning import part_state
-from tests.faults_support import make_npz, wait_for
+from splitlearning.groups import Scheme, Settings
+from splitlearning.part_state import PartState
+from tests.faults_support import free_port, make_npz, spawn, stop, wait_for
 from tests.group_support import RUN_TIMEOUT, Run, assert_same, member_name
 
 MEMBERS, ROUNDS = 2, 3
@@ -179,3 +186,27 @@ def test_round_robin_hand_over_through_files_equals_through_the_aggregator(tmp_p
     files, agg = run.contributions("files"), run.contributions("agg")
     assert sorted(files) == sorted(agg) == [f"round-{turns - 1}-member-2"]
     assert_same(files[f"round-{turns - 1}-member-2"], agg[f"round-{turns - 1}-member-2"], "the last contribution")
+
+
+def test_aggregator_restarted_without_state_dir_says_the_rounds_were_lost(tmp_path: Path) -> None:
+    """Without --state-dir a restart loses the groups' rounds; a member, whose joins after its first carry no
+    first part, is told so with FAILED_PRECONDITION naming the flag (split-client exits 1 on it), and the group
+    is not started again from scratch."""
+    port = free_port()
+    args = ["--address", f"127.0.0.1:{port}", "--members", "2", "--round-deadline", "0", "--log-level", "INFO"]
+    settings = Settings(Scheme.SPLITFED, 2, 1)
+    link = AggregatorLink(f"127.0.0.1:{port}", "g", 1, settings, rpc_timeout=10.0, policy=RetryPolicy(timeout=60.0))
+    aggregator = spawn("aggregator", args, tmp_path / "aggregator.log")
+    try:
+        first = link.join(PartState([np.ones((2, 2), np.float32)]))  # a member's first join starts the group
+        assert (first.action, first.round) == ("train", 0)
+        assert stop(aggregator, signal.SIGKILL) == -signal.SIGKILL
+        aggregator = spawn("aggregator", args, tmp_path / "aggregator.log")
+        with pytest.raises(RemoteError) as refused:
+            link.join(None)  # retried until the aggregator is back
+        assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION, refused.value
+        assert "--state-dir" in refused.value.details, refused.value
+    finally:
+        link.close()
+        stop(aggregator)
+    assert (tmp_path / "aggregator.log").read_text().count("group g: 2 members train ") == 1  # not started again
