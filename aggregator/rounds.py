@@ -10,7 +10,8 @@ next turn starts where this one started).
 What each operation guarantees:
 - `join` MUST answer TRAIN with the same start for a member that has not submitted to the open round (a
   restarted member redoes its round from the same point), WAIT otherwise, and DONE once the group trained all
-  its rounds; it MUST refuse settings unlike the group's, changing nothing.
+  its rounds; it MUST refuse settings unlike the group's, changing nothing, and a join without a first part to a
+  group it does not hold (lost in a restart without a store: FAILED_PRECONDITION, saying so).
 - `submit` MUST accept a submission only to the open round (round-robin: only from the member whose turn it
   is), MUST answer a resend to a round that closed with the member as accepted, and MUST refuse one to a round
   that closed without it (FAILED_PRECONDITION: the member joins the next round), changing nothing.
@@ -236,10 +237,13 @@ class Rounds:
     def _group(self, name: str, settings: Settings, initial: PartState | None) -> Group:
         group = self._groups.get(name) or self._load(name)
         if group is None:
-            if initial is None or not initial.weights:
-                raise InvalidRequest(
-                    f"initial: group {name!r} is unknown to this aggregator (new, or its rounds were lost in a "
-                    "restart without --state-dir); its first join must carry the first part to start from"
+            if initial is None or not initial.weights:  # a member sends none after its first join
+                raise PreconditionFailed(
+                    f"group {name!r} is not on this aggregator and this join carries no first part to start it "
+                    "from (a group's first join must carry one). A member sends none after its first join, so if "
+                    "this member joined before, the group's rounds were lost in a restart (keep them with "
+                    "split-aggregator --state-dir, or split-server --aggregator --checkpoint-dir): start every "
+                    "member of the group again"
                 )
             initial.check_finite("initial")
             if settings.scheme is Scheme.SPLITFED:

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -148,7 +149,7 @@ def run(config: ServerConfig) -> None:
     cli.setup_process(config.cpus, config.threads)
     addresses.check_bindable(config.address)  # before the model is built: a mistake shows at once
     server = build(config)
-    saved: list[str] = []
+    saved: list[float] = []  # when each session that ended was written (time.monotonic)
     if config.save_weights:
         from splitlearning.checkpoint import save_weights
 
@@ -157,7 +158,7 @@ def run(config: ServerConfig) -> None:
         def save_session(session: Session) -> None:
             with writing:
                 save_weights(config.save_weights, session.trainer.model, session.trainer.optimizer)  # type: ignore[arg-type]
-                saved.append(session.id)
+                saved.append(time.monotonic())
             log.info("session %s: final weights written to %s", session.id, config.save_weights)
 
         server.on_session_end = save_session
@@ -179,7 +180,9 @@ def run(config: ServerConfig) -> None:
     server.stop(grace=config.grace)
     if config.save_weights:
         in_memory = sorted(server.sessions.sessions(), key=lambda session: session.last_used)
-        if in_memory:
+        # The session in memory used last, unless a session that ended later was written: one left behind
+        # (a group member killed mid-round trains its round again in a new session) must not overwrite it.
+        if in_memory and (not saved or in_memory[-1].last_used > saved[-1]):
             save_session(in_memory[-1])
         elif not saved:  # no session was opened: the part as it started
             save_weights(config.save_weights, server.model, server.trainer.optimizer)

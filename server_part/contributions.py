@@ -74,8 +74,9 @@ class Contributions:
         if held is None:
             where = "" if self.root is not None else " (it keeps no checkpoints: a restart loses contributions)"
             raise PreconditionFailed(
-                f"group {group}: this server holds no part of {contribution}{where}; the member must train that "
-                "round again"
+                f"group {group}: this server holds no part of {contribution}{where}, which the aggregator counted "
+                "in that round; the group cannot go on from it (start the group again, and keep contributions "
+                "with split-server --checkpoint-dir)"
             )
         state, samples = held
         if samples != contribution.samples:

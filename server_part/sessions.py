@@ -5,7 +5,9 @@ that names a session joins it, loading it from its checkpoints when it is not in
 idle expiry or a close). Requests name their session and are routed to it; each session serialises its own
 requests, so sessions train at the same time. Limits: `max_sessions` in memory at once (a new one beyond it is
 RESOURCE_EXHAUSTED), and `idle_timeout` seconds without a request (and no training stream open), after which a
-session is checkpointed, when checkpoints are on, and dropped from memory.
+session is checkpointed, when checkpoints are on, and dropped from memory. A session opened for a group's round
+keeps no checkpoints: the round is the unit of recovery (docs/multi_client.md), so after a restart its member
+trains the round again in a new session, and what outlives the session is its contribution.
 
 What each operation guarantees:
 - `open("")` MUST return a new session at step 0 whose part has the initial weights, or raise TooManySessions
@@ -223,7 +225,8 @@ class SessionRegistry:
         if start is not None and membership is not None:
             optimizer = trainer.optimizer if membership.scheme.carries_optimizer else None
             part_state.apply(start, trainer.model, optimizer)
-        checkpoints = self.store.open(session_id, trainer) if self.store is not None else None
+        kept = self.store is not None and membership is None  # a group's round is trained again, never resumed
+        checkpoints = self.store.open(session_id, trainer) if kept and self.store is not None else None
         if checkpoints is not None:
             latest = checkpoints.latest()
             if load and latest is not None:
@@ -243,8 +246,8 @@ class SessionRegistry:
         except SessionUnloaded:
             if contribute_samples:
                 raise PreconditionFailed(
-                    f"session {session_id} is not in memory (closed, idle, or the server restarted): its part can "
-                    "no longer be contributed; train the round again"
+                    f"contribute_samples: session {session_id} trains no group round (it is not in memory and has "
+                    "checkpoints, which a group round's session never keeps)"
                 ) from None
             return None
         if session.holder not in (None, client_id) and session.idle_seconds(time.monotonic()) is None:
@@ -279,7 +282,7 @@ class SessionRegistry:
         return expired
 
     def _drop(self, session: Session, why: str) -> None:
-        kept = self.store is not None
+        kept = session.checkpoints is not None
         reason: SplitError = (
             SessionUnloaded(
                 f"session {session.id} was unloaded ({why}): handshake again naming it to resume it from its "

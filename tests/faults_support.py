@@ -106,14 +106,14 @@ def open_fds() -> int:
 
 
 class CuttingProxy:
-    """A TCP proxy on 127.0.0.1 that forwards both ways and, each time the bytes sent by the server reach the
-    next of `cut_every` bytes, drops that chunk (a lost reply) and cuts every connection."""
+    """A TCP proxy on 127.0.0.1 (on `port`, 0: any) that forwards both ways and, each time the bytes sent by the
+    server reach the next of `cut_every` bytes, drops that chunk (a lost reply) and cuts every connection."""
 
-    def __init__(self, target_port: int, cut_every: int | None = None) -> None:
+    def __init__(self, target_port: int, cut_every: int | None = None, port: int = 0) -> None:
         self._target = ("127.0.0.1", target_port)
         self._cut_every = cut_every
         self._next_cut = cut_every
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.port = int(self._listener.getsockname()[1])
         self.cuts = 0
         self.server_bytes = 0

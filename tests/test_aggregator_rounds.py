@@ -401,11 +401,11 @@ def test_a_round_robin_state_of_another_shape_is_invalid() -> None:
         rounds.submit("r", 1, 0, PartState([np.zeros(3, np.float32)]), 5)
 
 
-def test_a_first_join_without_the_initial_state_is_invalid_and_creates_no_group() -> None:
+def test_a_first_join_without_the_initial_state_is_refused_and_creates_no_group() -> None:
     rounds, _ = make(2)
     for initial in (None, PartState(), PartState([], [np.zeros(1)])):
         with pytest.raises(
-            InvalidRequest, match=r"initial: group 'g' is unknown to this aggregator .* its first join must carry"
+            PreconditionFailed, match=r"group 'g' is not on this aggregator and this join carries no first part"
         ):
             rounds.join("g", 1, SPLITFED, initial)
     assert rounds.groups() == []

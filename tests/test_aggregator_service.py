@@ -133,9 +133,9 @@ BAD_REQUESTS: list[tuple[str, str, bytes | pb.JoinRoundRequest | pb.SubmitRoundR
      "state: SplitFed averages the members' first parts: send the weights"),
     ("samples 0", "SubmitRound", submit(1, 0, weights(1), 0), INVALID,
      "samples: the samples trained on in the round, at least 1, got 0"),
-    ("missing initial", "JoinRound", join(1, "h"), INVALID,
-     "initial: group 'h' is unknown to this aggregator (new, or its rounds were lost in a restart without "
-            "--state-dir); its first join must carry the first part to start from"),
+    ("missing initial", "JoinRound", join(1, "h"), PRECONDITION,
+     "group 'h' is not on this aggregator and this join carries no first part to start it from (a group's first "
+     "join must carry one)"),
     ("no scheme", "JoinRound",
      pb.JoinRoundRequest(group="g", member=1, settings=pb.GroupSettings(rounds=2, local_epochs=1)), INVALID,
      "settings.scheme: expected SCHEME_ROUND_ROBIN or SCHEME_SPLITFED, got 0"),

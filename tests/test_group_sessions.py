@@ -221,14 +221,18 @@ def test_round_robin_takes_over_weights_optimizer_state_and_step_count(serve: An
     assert_same_snapshot(before, server_snapshot(server))
 
 
-def test_a_round_robin_start_in_a_server_with_checkpoints_is_the_session_s_first_checkpoint(
-    serve: Any, tmp_path: Path
-) -> None:
-    server, stub = serve(checkpoint_dir=tmp_path, checkpoint_every=0)
-    contribute(server, stub, group_round(0, 1, ROUND_ROBIN), steps=2, samples=8, seed=1)
-    reply = handshake(stub, group_round(1, 2, ROUND_ROBIN, start=[contribution(0, 1, 8)]))
-    session = server.session(reply.session_id)
-    assert session.checkpoints is not None and session.checkpoints.steps() == [2]
+def test_a_group_session_keeps_no_checkpoints_on_a_server_that_keeps_them(serve: Any, tmp_path: Path) -> None:
+    """The round is the unit of recovery: a lost round is trained again in a new session, never resumed."""
+    server, stub = serve(checkpoint_dir=tmp_path, checkpoint_every=1)
+    reply = handshake(stub, group_round(0, 1, ROUND_ROBIN))
+    train(stub, reply.session_id, 0, 2, seed=1)
+    assert server.session(reply.session_id).checkpoints is None
+    assert not close(stub, reply.session_id, 8).checkpointed
+    assert not (tmp_path / reply.session_id).exists()
+    code, details = refused(lambda: handshake(stub, session=reply.session_id))
+    assert code == grpc.StatusCode.NOT_FOUND, details
+    assert held(server) == [(GROUP, 0, 1)]  # its contribution is kept, on disk too
+    assert (tmp_path / "contributions.d" / GROUP / "round-0-member-1.npz").is_file()
 
 
 # -- refusals ------------------------------------------------------------------------------------------------
@@ -241,7 +245,7 @@ def test_a_start_naming_a_contribution_the_server_does_not_hold_is_failed_precon
     for start in ([contribution(0, 2, 4)], [contribution(0, 1, 4), contribution(0, 3, 4)]):
         code, details = refused(lambda: handshake(stub, group_round(1, 1, start=start)))  # noqa: B023
         assert code == grpc.StatusCode.FAILED_PRECONDITION, details
-        assert "holds no part of member" in details and "must train that round again" in details
+        assert "holds no part of member" in details and "the group cannot go on from it" in details
         assert "keeps no checkpoints" in details
     code, details = refused(lambda: handshake(stub, group_round(1, 1, start=[contribution(0, 1, 5)])))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "4 samples" in details, details
@@ -275,17 +279,16 @@ def test_contributing_a_session_no_longer_in_memory_is_refused(serve: Any, tmp_p
     server, stub = serve(checkpoint_dir=tmp_path)
     session = handshake(stub, group_round(0, 1)).session_id
     train(stub, session, 0, 1, seed=1)
-    assert close(stub, session).checkpointed  # closed without contributing
+    assert not close(stub, session).checkpointed  # closed without contributing; group sessions keep no checkpoints
     code, details = refused(lambda: close(stub, session, 4))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "train the round again" in details
-    assert not held(server)
-    # Without checkpoints a closed session is gone altogether: as any unknown session.
-    plain, plain_stub = serve()
-    gone = handshake(plain_stub, group_round(0, 1)).session_id
-    close(plain_stub, gone)
-    code, details = refused(lambda: close(plain_stub, gone, 4))
     assert code == grpc.StatusCode.NOT_FOUND, details
-    assert not held(plain)
+    assert not held(server)
+    # A session with checkpoints, not in memory, is no group round's session: FAILED_PRECONDITION, saying so.
+    plain = handshake(stub).session_id
+    assert close(stub, plain).checkpointed
+    code, details = refused(lambda: close(stub, plain, 4))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "trains no group round" in details, details
+    assert not held(server)
 
 
 MALFORMED: dict[str, tuple[pb.GroupRound, str]] = {
@@ -359,7 +362,7 @@ def test_contributions_survive_a_restart_and_older_rounds_are_forgotten(serve: A
     assert held(restarted) == [(GROUP, 1, 1), (GROUP, 1, 2)]
     assert sorted(p.name for p in folder.iterdir()) == ["round-1-member-1.npz", "round-1-member-2.npz"]
     code, details = refused(lambda: handshake(stub, group_round(1, 1, start=start)))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "must train that round again" in details
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "the group cannot go on from it" in details
     assert "keeps no checkpoints" not in details
     # Another group's contributions are its own.
     contribute(restarted, stub, group_round(0, 1, group="banks"), steps=1, samples=4, seed=3)

@@ -429,7 +429,7 @@ def case_contribute_no_group(peer: Peer) -> None:
 
 
 def case_contribute_unloaded(peer: Peer) -> None:
-    session = peer.handshake(group=group_round()).session_id
+    session = peer.handshake().session_id  # no group: it keeps checkpoints
     assert peer.close(session_id=session).checkpointed
     peer.close(session_id=session, contribute_samples=4)
 

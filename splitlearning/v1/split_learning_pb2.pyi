@@ -864,8 +864,9 @@ class JoinRoundRequest(_message.Message):
     @_builtins.property
     def initial(self) -> Global___ModelState:
         """The first part this member would start from: the group's first join fixes the group's start with it (its
-        weights; round-robin also its optimizer variables), and without weights is INVALID_ARGUMENT. Later joins may
-        leave it empty: it is decoded (a malformed tensor is INVALID_ARGUMENT) but not used.
+        weights; round-robin also its optimizer variables). A join of a group the aggregator does not hold without
+        weights is FAILED_PRECONDITION. Later joins may leave it empty: it is decoded (a malformed tensor, or one
+        holding NaN or Inf, is INVALID_ARGUMENT) but not used.
         """
 
     def __init__(
