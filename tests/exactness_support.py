@@ -1,6 +1,7 @@
 """What "equals the uncut model" means in the exactness tests, and the comparisons that check it.
 
-Two claims, each checked by the same tests (tests/test_exactness.py, tests/test_ushape_exactness.py):
+Two claims, each checked by the same tests (tests/test_exactness.py, tests/test_ushape_exactness.py,
+tests/test_group_exactness.py):
 
 **Bit for bit where the computation order is the same.** The split runs the uncut model's own float32 ops: the
 same kernels on the same shapes (a part's forward is the uncut forward's slice; the client back-propagates
