@@ -153,9 +153,15 @@ class SessionRegistry:
             if membership is not None:
                 initial = PartState([np.array(w) for w in self._parts.initial])
                 start = self.contributions.start_state(membership, initial)
-            opened = self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
+            try:
+                opened = self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
+            except TooManySessions:
+                if membership is None or not self._drop_superseded(membership):
+                    raise
+                opened = self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
             if membership is not None:  # only now: a refused handshake changes nothing
                 self.contributions.opened(membership)
+                self._drop_superseded(membership, opened)
             return opened
         _check_id(session_id)
         with self._lock:
@@ -171,6 +177,20 @@ class SessionRegistry:
             if session is not None and not session.unloaded:
                 return session
             return self._admit(session_id, load=True)
+
+    def _drop_superseded(self, membership: Membership, kept: Session | None = None) -> bool:
+        """Drop the sessions a member of a group left behind (a member trains one round at a time, so a new
+        session of the same member supersedes them: a killed member's, say); whether there were any."""
+        left = [
+            session
+            for session in self.sessions()
+            if session is not kept
+            and session.membership is not None
+            and (session.membership.group, session.membership.member) == (membership.group, membership.member)
+        ]
+        for session in left:
+            self._drop(session, f"superseded by a new session of member {membership.member} of {membership.group}")
+        return bool(left)
 
     def get(self, session_id: str) -> Session:
         """The session a request (other than a handshake) names."""

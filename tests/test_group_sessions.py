@@ -221,6 +221,21 @@ def test_round_robin_takes_over_weights_optimizer_state_and_step_count(serve: An
     assert_same_snapshot(before, server_snapshot(server))
 
 
+def test_a_members_new_session_supersedes_the_one_it_left_behind(serve: Any) -> None:
+    """A killed member trains its round again in a new session: the old one is dropped at once (it would hold a
+    slot of --max-sessions until it expired), also when the server is full; other members' sessions stay."""
+    server, stub = serve(max_sessions=2)
+    left = handshake(stub, group_round(0, 1)).session_id
+    train(stub, left, 0, 1, seed=1)
+    other = handshake(stub, group_round(0, 2)).session_id
+    again = handshake(stub, group_round(0, 1)).session_id  # the server is full: the left-behind session makes room
+    assert sorted(s.id for s in server.sessions.sessions()) == sorted([other, again])
+    code, details = refused(lambda: train(stub, left, 1, 1, seed=1))
+    assert code == grpc.StatusCode.NOT_FOUND, details
+    code, _ = refused(lambda: handshake(stub, group_round(0, 3)))  # a third member: no session of its own to drop
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_a_group_session_keeps_no_checkpoints_on_a_server_that_keeps_them(serve: Any, tmp_path: Path) -> None:
     """The round is the unit of recovery: a lost round is trained again in a new session, never resumed."""
     server, stub = serve(checkpoint_dir=tmp_path, checkpoint_every=1)
