@@ -11,6 +11,7 @@ dropout masks) see exactly one training forward, as in `keras.Model.fit`. No gRP
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,17 @@ class MiddleTrainer:
     @property
     def iterations(self) -> int:
         return int(self.optimizer.iterations.numpy())
+
+    reusable = True  # nothing here can break a trainer for good
+
+    def reset(self, variables: Sequence[np.ndarray], optimizer: Sequence[np.ndarray]) -> None:
+        """Back to where a new session starts, keeping the traced steps: the model's `variables` (weights, seed
+        states) and the optimizer's as given (a new copy's)."""
+        with tf.device(self.device):
+            for variable, value in zip(self.model.variables, variables, strict=True):
+                variable.assign(value)
+            for variable, value in zip(self.optimizer.variables, optimizer, strict=True):
+                variable.assign(value)
 
     def settle(self) -> bool:
         """Nothing is ever pending here: `backward` applies its step's update before it returns."""

@@ -20,6 +20,9 @@ from splitlearning.models import ModelSource
 
 Trainer: TypeAlias = ServerTrainer | MiddleTrainer
 
+# Trainers of ended sessions kept for later sessions (each holds a part, its optimizer and traced steps).
+IDLE_TRAINERS = 4
+
 # Building Keras models from several threads at once races on Keras's global name counters (and a user's
 # building function may seed the global RNG): one build at a time.
 _BUILD_LOCK = threading.Lock()
@@ -33,9 +36,15 @@ class PartFactory:
     weights of `first`, recorded here before any training.
     """
 
-    def __init__(self, source: ModelSource, first: Trainer, device: str) -> None:
+    def __init__(self, source: ModelSource, first: Trainer, device: str, keep_idle: int = IDLE_TRAINERS) -> None:
         self._source = source
         self._first: Trainer | None = first
+        self._user = first  # the user's own model object's trainer: never handed to another session
+        self._idle: list[Trainer] = []  # trainers of ended sessions, reset and ready for a new one
+        self._keep_idle = keep_idle
+        # A new copy's variables as built (weights, and random layers' seed states) and its optimizer's: what a
+        # reused trainer is reset to, so it is indistinguishable from a new copy.
+        self._fresh: tuple[list[np.ndarray], list[np.ndarray]] | None = None
         self._device = device
         self._initial = [np.array(w) for w in first.model.get_weights()]
         self._template = first.model
@@ -57,19 +66,44 @@ class PartFactory:
         return self._initial
 
     def take(self) -> Trainer:
-        """The trainer for a session being opened: the user's model's the first time, a fresh copy after."""
+        """The trainer for a session being opened: the user's model's the first time, after that a trainer an
+        ended session gave back (reset to the initial weights and a fresh optimizer), else a new copy."""
         with self._lock:
             first, self._first = self._first, None
-        return first if first is not None else self._copy()
+            idle = self._idle.pop() if first is None and self._idle else None
+        if first is not None:
+            return first
+        if idle is not None:
+            assert self._fresh is not None
+            idle.reset(*self._fresh)
+            return idle
+        return self._copy()
+
+    def give_back(self, trainer: Trainer) -> None:
+        """A session ended: keep its trainer for a later session (building and tracing a new one costs a new
+        session about half a second), unless it is the user's model's or broke (a failed update)."""
+        if trainer is self._user or not trainer.reusable:
+            return
+        with self._lock:
+            if len(self._idle) < self._keep_idle and all(trainer is not t for t in self._idle):
+                self._idle.append(trainer)
 
     def _copy(self) -> Trainer:
         settings = {key: fresh(value) for key, value in self._settings.items()}
         if "metrics" in settings:
             settings["metrics"] = [fresh(metric) for metric in settings["metrics"]]
         with _BUILD_LOCK:
+            trainer: Trainer
             if self._kind is ServerTrainer:
-                return ServerTrainer(self._build, device=self._device, **settings)
-            return MiddleTrainer(self._build, device=self._device, **settings)
+                trainer = ServerTrainer(self._build, device=self._device, **settings)
+            else:
+                trainer = MiddleTrainer(self._build, device=self._device, **settings)
+        if self._fresh is None:  # as built, before any step
+            self._fresh = (
+                [np.array(v.numpy()) for v in trainer.model.variables],
+                [np.array(v.numpy()) for v in trainer.optimizer.variables],
+            )
+        return trainer
 
     def _build(self) -> keras.Model:
         """The model, as the source builds it, with the first part's initial weights (called on the device)."""

@@ -280,12 +280,15 @@ class SessionRegistry:
             raise PreconditionFailed(
                 f"contribute_samples: session {session_id} trains no group round (its handshake named no group)"
             )
-        self._drop(session, "closed by its client")
-        if contribute_samples and membership is not None:
-            trainer = session.trainer
+
+        def contribute(closed: Session) -> None:
+            assert membership is not None
+            trainer = closed.trainer
             trainer.settle()
             optimizer = trainer.optimizer if membership.scheme.carries_optimizer else None
             self.contributions.put(membership, contribute_samples, part_state.capture(trainer.model, optimizer))
+
+        self._drop(session, "closed by its client", contribute if contribute_samples else None)
         return session
 
     def expire_idle(self, now: float | None = None) -> list[str]:
@@ -301,7 +304,9 @@ class SessionRegistry:
                 expired.append(session.id)
         return expired
 
-    def _drop(self, session: Session, why: str) -> None:
+    def _drop(self, session: Session, why: str, last: Callable[[Session], None] | None = None) -> None:
+        """Unload `session` and forget it; `last` reads it (its part) before its trainer goes back to the
+        factory for a later session to reuse."""
         kept = session.checkpoints is not None
         reason: SplitError = (
             SessionUnloaded(
@@ -327,8 +332,13 @@ class SessionRegistry:
             ", checkpointed" if saved else "",
             len(self._sessions),
         )
-        if self._on_close is not None:
-            self._on_close(session)
+        try:
+            if self._on_close is not None:
+                self._on_close(session)
+            if last is not None:
+                last(session)
+        finally:
+            self._parts.give_back(session.trainer)
 
     # -- the server's life -----------------------------------------------------------------------------------
 

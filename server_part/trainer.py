@@ -122,6 +122,27 @@ class ServerTrainer:
             return True
 
     @property
+    def reusable(self) -> bool:
+        """Whether a later session may take this trainer over (`reset`): not after a failed update."""
+        return self._failed is None
+
+    def reset(self, variables: Sequence[np.ndarray], optimizer: Sequence[np.ndarray]) -> None:
+        """Back to where a new session starts, keeping the traced steps: the model's `variables` (weights, seed
+        states) and the optimizer's as given (a new copy's), every metric and accumulator at zero, nothing
+        pending."""
+        self.settle()
+        with tf.device(self.device):
+            for variable, value in zip(self.model.variables, variables, strict=True):
+                variable.assign(value)
+            for variable, value in zip(self.optimizer.variables, optimizer, strict=True):
+                variable.assign(value)
+            for accumulator in self._accumulators:
+                accumulator.assign(tf.zeros_like(accumulator))
+        self.model.reset_metrics()
+        self._eval_model.reset_metrics()
+        self._metrics_before = None
+
+    @property
     def num_classes(self) -> int | None:
         """For sparse categorical losses, labels must lie in [0, num_classes)."""
         return self._num_classes

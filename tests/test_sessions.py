@@ -331,3 +331,30 @@ def test_every_session_may_hold_its_stream_and_a_call_at_once(servers: list[Spli
         for _, stream, requests in streams:
             requests.put(None)
             assert not list(stream)
+
+
+def test_a_trainer_an_ended_session_gave_back_serves_a_later_session_as_a_new_copy_would(
+    servers: list[SplitServer],
+) -> None:
+    """Ended sessions give their trainers back (server_part/parts.py), so a later session skips building and
+    tracing a part: reset to the initial weights, a fresh optimizer and zeroed metrics, it must train exactly as
+    a new copy (the metrics it reports included)."""
+    server, target = serve(servers)
+    train(target, seed=1, end=True)  # the user's model object: never handed on
+    train(target, seed=2, end=True)
+    idle = list(server.sessions._parts._idle)
+    assert len(idle) == 1
+    x, y = make_data(40, seed=103)
+    reused = SplitClient(build_bottom("plain", 3), "adam", target=target, connect_timeout=10, max_batch_size=64)
+    with reused:
+        history = reused.fit(x, y, batch_size=BATCH, epochs=2, seed=3, verbose=0)
+    assert server.session(reused.session_id).trainer is idle[0], "the session did not reuse the trainer"
+    fresh, fresh_target = serve(servers)
+    alone_client = SplitClient(
+        build_bottom("plain", 3), "adam", target=fresh_target, connect_timeout=10, max_batch_size=64
+    )
+    with alone_client:
+        expected = alone_client.fit(x, y, batch_size=BATCH, epochs=2, seed=3, verbose=0)
+    assert_same(reused.model.get_weights(), alone_client.model.get_weights(), "client part")
+    assert_same(server_part(server, reused.session_id), server_part(fresh, alone_client.session_id), "server part")
+    assert history.history == expected.history  # the running metrics started from zero, not from seed 2's run
