@@ -309,7 +309,7 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     cli.setup_process(config.cpus, config.threads)
     from client_part import summary
     from client_part.client import SplitClient
-    from client_part.privacy import GaussianNoise
+    from client_part.privacy import GaussianNoise, member_seed
     from client_part.retry import RetryPolicy
     from client_part.tensorboard_log import TensorBoardLogger
     from splitlearning import data
@@ -345,7 +345,8 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
         raise ValueError("--head, --loss and --metrics belong to --cut ushape")
     if config.noise_multiplier and config.clip_norm is None:
         raise ValueError("--noise-multiplier needs --clip-norm (the noise is scaled to the clipping norm)")
-    noise = GaussianNoise(config.clip_norm, config.noise_multiplier, config.seed) if config.clip_norm else None
+    seed = member_seed(config.seed, config.member if config.group else None)
+    noise = GaussianNoise(config.clip_norm, config.noise_multiplier, seed) if config.clip_norm else None
     client = SplitClient(
         model=load_part(config.model, "client", config.seed),
         optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),

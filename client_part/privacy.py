@@ -37,6 +37,14 @@ class GaussianNoise:
         return self.noise_multiplier * self.clip_norm
 
 
+def member_seed(seed: int, member: int | None) -> int:
+    """The noise seed of a group's member: members started with the same --seed must not add the same noise
+    (one member's noise would then tell another's); one client alone keeps --seed itself."""
+    if member is None:
+        return seed
+    return int(np.random.SeedSequence([seed, member]).generate_state(1)[0])
+
+
 def clip(iv: np.ndarray, clip_norm: float) -> np.ndarray:
     """Each sample (row of the batch) scaled down to L2 norm at most `clip_norm`; shorter ones unchanged."""
     flat = iv.reshape(len(iv), -1)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from client_part import SplitClient
 from client_part.cli import parse_args
-from client_part.privacy import GaussianNoise, NoisyLink, clip
+from client_part.privacy import GaussianNoise, NoisyLink, clip, member_seed
 from client_part.trainer import ClientTrainer
 from server_part import SplitServer
 from tests.conftest import CUT_DIM, build_bottom, build_top, make_data, make_loss
@@ -122,3 +122,13 @@ def test_noise_options_are_checked() -> None:
         GaussianNoise(clip_norm=1.0, noise_multiplier=-1.0)
     config = parse_args(["--clip-norm", "1.5", "--noise-multiplier", "0.8"])
     assert (config.clip_norm, config.noise_multiplier) == (1.5, 0.8)
+
+
+def test_members_of_a_group_started_with_one_seed_add_different_noise() -> None:
+    """Each member's noise stream is its own: the same --seed on every member must not give the same noise."""
+    iv = np.zeros((64, CUT_DIM), np.float32)
+    seeds = [member_seed(0, member) for member in (1, 2, 3)]
+    assert len(set(seeds)) == 3 and member_seed(0, None) == 0 and member_seed(0, 2) == seeds[1]
+    noised = [NoisyLink(Capture(), GaussianNoise(1.0, 1.0, seed)).privatize(iv) for seed in seeds]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not np.allclose(noised[a], noised[b]), (a, b)
