@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from splitlearning import tensorflow_setup
 
@@ -139,20 +136,8 @@ def run(config: AggregatorConfig) -> None:
         metrics_host=config.metrics_host,
     )
     port = server.start(config.address)
-    if config.metrics_port_file and server.metrics_port is not None:
-        config.metrics_port_file.write_text(f"{server.metrics_port}\n")
-    if config.port_file:
-        config.port_file.write_text(f"{port}\n")
-    stopping = threading.Event()
-
-    def shut_down(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping (grace %g s)", signal.Signals(signum).name, config.grace)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, shut_down)
-    signal.signal(signal.SIGINT, shut_down)
-    while not stopping.wait(0.5):
-        pass
+    cli.write_ports(port, config.port_file, server.metrics_port, config.metrics_port_file)
+    cli.wait_for_signal(log, config.grace)
     server.stop(grace=config.grace)
 
 

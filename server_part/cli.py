@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from splitlearning import tensorflow_setup
@@ -163,20 +161,8 @@ def run(config: ServerConfig) -> None:
 
         server.on_session_end = save_session
     port = server.start(config.address)
-    if config.metrics_port_file and server.metrics_port is not None:  # before --port-file, which says "ready"
-        config.metrics_port_file.write_text(f"{server.metrics_port}\n")
-    if config.port_file:
-        config.port_file.write_text(f"{port}\n")
-    stopping = threading.Event()
-
-    def shut_down(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping (grace %g s)", signal.Signals(signum).name, config.grace)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, shut_down)
-    signal.signal(signal.SIGINT, shut_down)
-    while not stopping.wait(0.5):  # wakes for the signal handler
-        pass
+    cli.write_ports(port, config.port_file, server.metrics_port, config.metrics_port_file)
+    cli.wait_for_signal(log, config.grace)
     server.stop(grace=config.grace)
     if config.save_weights:
         in_memory = sorted(server.sessions.sessions(), key=lambda session: session.last_used)

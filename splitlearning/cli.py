@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeAlias
 
 ENV_PREFIX = "SPLIT_"
@@ -162,6 +166,28 @@ class ProcessConfig:
     checkpoint_every: int = 100
     checkpoint_keep: int = 5
     save_weights: Path | None = None
+
+
+def write_ports(port: int, port_file: Path | None, metrics_port: int | None, metrics_port_file: Path | None) -> None:
+    """The bound ports into their files: the metrics port first, since --port-file says "ready"."""
+    if metrics_port_file and metrics_port is not None:
+        metrics_port_file.write_text(f"{metrics_port}\n")
+    if port_file:
+        port_file.write_text(f"{port}\n")
+
+
+def wait_for_signal(log: logging.Logger, grace: float) -> None:
+    """Block until SIGTERM or SIGINT (then the caller stops, giving calls `grace` seconds)."""
+    stopping = threading.Event()
+
+    def shut_down(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping (grace %g s)", signal.Signals(signum).name, grace)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    while not stopping.wait(0.5):  # wakes for the signal handler
+        pass
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:

@@ -212,3 +212,16 @@ def assert_same(actual: list[np.ndarray], expected: list[np.ndarray], what: str)
     assert len(actual) == len(expected), what
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         np.testing.assert_array_equal(a, e, err_msg=f"{what}[{i}]")
+
+
+def fedavg(parts: Sequence[Sequence[np.ndarray]], samples: Sequence[int]) -> list[np.ndarray]:
+    """docs/protocol.md's average, written out independently of the code under test: sum_k (n_k / sum n) * w_k in
+    float64, in the order given, cast back to each tensor's dtype."""
+    total = float(sum(samples))
+    averaged = []
+    for index, first in enumerate(parts[0]):
+        accumulator = np.zeros(np.shape(first), np.float64)
+        for part, n in zip(parts, samples, strict=True):
+            accumulator += (n / total) * np.asarray(part[index], np.float64)
+        averaged.append(accumulator.astype(np.asarray(first).dtype))
+    return averaged

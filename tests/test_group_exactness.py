@@ -40,6 +40,7 @@ from server_part.session import Session
 from splitlearning.groups import Membership, Scheme, Settings
 from tests.conftest import INPUT_DIM, NUM_CLASSES, build_bottom, build_pair, make_loss
 from tests.exactness_support import EPS32, ONEDNN, same_update_as_fit
+from tests.group_support import fedavg
 from tests.ushape_support import build_head, build_middle
 
 __all__ = ["same_update_as_fit"]  # a fixture, used by name
@@ -179,18 +180,6 @@ def assert_same(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], wh
             continue
         scale = float(np.max(np.abs(e))) if e.size else 0.0
         np.testing.assert_allclose(a, e, rtol=0, atol=tolerance(steps) * scale, err_msg=f"{what}[{index}]")
-
-
-def fedavg(states: Sequence[Sequence[np.ndarray]], samples: Sequence[int]) -> list[np.ndarray]:
-    """The documented average: sum_k (n_k / sum n) * w_k in float64, in member order, cast back."""
-    total = float(sum(samples))
-    averaged = []
-    for index, first in enumerate(states[0]):
-        accumulator = np.zeros(first.shape, np.float64)
-        for state, n in zip(states, samples, strict=True):
-            accumulator += (n / total) * np.asarray(state[index], np.float64)
-        averaged.append(accumulator.astype(first.dtype))
-    return averaged
 
 
 @pytest.mark.usefixtures("same_update_as_fit")

@@ -22,6 +22,7 @@ from splitlearning import codec
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, NUM_CLASSES, assert_same_snapshot, build_top, make_loss, server_snapshot
+from tests.group_support import fedavg
 
 TIMEOUT = 20.0
 GROUP = "hospitals"
@@ -116,18 +117,6 @@ def assert_same(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], wh
     for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert a.dtype == e.dtype, f"{what}[{index}]"
         np.testing.assert_array_equal(a, e, err_msg=f"{what}[{index}]")
-
-
-def fedavg(parts: Sequence[Sequence[np.ndarray]], samples: Sequence[int]) -> list[np.ndarray]:
-    """docs/protocol.md's average, written out: float64, in the order of `start`, cast back."""
-    total = float(sum(samples))
-    averaged = []
-    for index, first in enumerate(parts[0]):
-        accumulator = np.zeros(first.shape, np.float64)
-        for part, n in zip(parts, samples, strict=True):
-            accumulator += (n / total) * part[index].astype(np.float64)
-        averaged.append(accumulator.astype(first.dtype))
-    return averaged
 
 
 def contribute(
