@@ -160,3 +160,41 @@ def test_client_and_server_with_different_models_are_told_to_use_the_same_model(
     (line,) = error_lines(capfd.readouterr().err)
     assert "cut mismatch: the server part expects iv [batch, 512] float32, the client sends [batch, 64]" in line
     assert line.endswith("start both processes with the same --model (this client: --model digits-mlp)")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--rounds", "3"], "--rounds: only with --group NAME"),
+        (["--scheme", "round-robin", "--member", "2"], "--scheme, --member: only with --group NAME"),
+        (["--group", "g"], "--group needs --member K (or --shard K/N, whose K is the member)"),
+        (["--group", "g", "--member", "1", "--epochs", "3"], "--epochs: with --group, a member trains --local-epochs"),
+        (["--group", "g", "--member", "1", "--session", "abc"], "--session: not with --group"),
+        (["--group", "g", "--member", "1", "--checkpoint-dir", "ckpt"], "--checkpoint-dir: not with --group"),
+        (["--group", "g", "--member", "1", "--handover-dir", "d"], "--handover-dir: only with --scheme round-robin"),
+        (["--group", "g", "--member", "0"], "argument --member: expected an integer >= 1, got 0"),
+        (["--group", "g", "--shard", "4/3"], "argument --shard: expected K/N with 1 <= K <= N"),
+    ],
+)
+def test_group_flags_that_do_not_fit_end_in_one_line(
+    capsys: pytest.CaptureFixture[str], flags: list[str], expected: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        client_args(flags)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert err.count("error:") == 1
+
+
+def test_a_group_member_takes_its_number_from_its_shard_and_the_defaults() -> None:
+    config = client_args(["--group", "g", "--shard", "2/3"])
+    assert (config.member, config.scheme, config.rounds, config.local_epochs, config.epochs) == (2, "splitfed", 5, 1, 5)
+    assert client_args([]).epochs == 10 and client_args([]).group is None
+
+
+def test_aggregator_round_flags_that_do_not_fit_end_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        server_args(["--aggregator", "--members", "2", "--min-members", "3"])
+    assert exited.value.code == 2
+    assert "--min-members 3 is more than --members 2" in capsys.readouterr().err
