@@ -52,4 +52,5 @@ def test_ctrl_c_stops_the_demo_without_a_traceback(tmp_path: Path) -> None:
     output = log.read_text()
     assert code == 130, output[-3000:]
     assert "Traceback" not in output
-    assert "stopped on request after step" in output
+    # Ctrl-C lands in a training step or in the epoch's validation: either way the demo says where it stopped.
+    assert "stopped on request after step" in output or "stopped on request while evaluating" in output, output[-3000:]
