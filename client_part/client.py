@@ -176,7 +176,8 @@ class SplitClient:
     def connect(self) -> Agreement:
         """Wait for the server (bounded by `connect_timeout`) and agree on the cut; idempotent."""
         if self._agreement is None:
-            log.info("waiting up to %g s for the server at %s", self.connect_timeout, self.target)
+            if not self._transport.was_ready:
+                log.info("waiting up to %g s for the server at %s", self.connect_timeout, self.target)
             self._transport.wait_ready(self.connect_timeout, self._stop.is_set)
             self._agreement = retry.call(self.retry, "handshake", lambda _: self._handshake(), stop=self._stop.is_set)
             if self._agreement.encoding != self.wire_encoding:

@@ -92,6 +92,7 @@ class Transport:
         self._call: grpc.Call | None = None
         self._reader: threading.Thread | None = None
         self.session_id = ""
+        self._was_ready = False  # the channel connected once (wait_ready)
         self.bytes_sent = 0  # serialized TrainRequest bytes so far (counted by the Train call's serializer)
         self.bytes_received = 0  # serialized TrainResponse bytes so far (counted by its deserializer)
         self.encoding: codec.EncodingCode = encodings.RAW  # of the IV it sends; set by the handshake
@@ -144,6 +145,11 @@ class Transport:
         self._channel = self._open_channel()
         self._stub, self._train_call = self._stubs()
 
+    @property
+    def was_ready(self) -> bool:
+        """Whether the channel connected once (`wait_ready` returns at once from then on)."""
+        return self._was_ready
+
     def wait_ready(self, timeout: float, stop: Callable[[], bool] = lambda: False) -> None:
         """Wait up to `timeout` seconds for the channel to connect; `Stopped` as soon as `stop()` says so.
 
@@ -153,6 +159,8 @@ class Transport:
         peer closed the connection and a TLS handshake of the client's own finds one (`tls_failure.probe`), the
         wait ends with a `ConnectionError` naming the cause and the flag to check.
         """
+        if self._was_ready:  # once connected, later calls (a group's every round) retry through failures instead:
+            return  # no connectivity watch, whose polling thread races a channel closed soon after (grpc #18995)
         state = [grpc.ChannelConnectivity.IDLE]
         changed = threading.Event()  # set by gRPC's thread only (a signal handler never touches it)
 
@@ -168,6 +176,7 @@ class Transport:
                 if stop():
                     raise stopping.Stopped(f"stopped on request while waiting for the server at {self.target}")
                 if state[0] is grpc.ChannelConnectivity.READY:
+                    self._was_ready = True
                     return
                 now = time.monotonic()
                 if state[0] is grpc.ChannelConnectivity.TRANSIENT_FAILURE and now >= next_look:
