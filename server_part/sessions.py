@@ -244,7 +244,11 @@ class SessionRegistry:
         trainer = self._parts.take()
         if start is not None and membership is not None:
             optimizer = trainer.optimizer if membership.scheme.carries_optimizer else None
-            part_state.apply(start, trainer.model, optimizer)
+            try:
+                part_state.apply(start, trainer.model, optimizer)
+            except ValueError as error:  # kept by a server with another optimizer (restarted with other flags)
+                self._parts.give_back(trainer)
+                raise PreconditionFailed(f"{membership}: cannot start from {membership.start[0]}: {error}") from None
         kept = self.store is not None and membership is None  # a group's round is trained again, never resumed
         checkpoints = self.store.open(session_id, trainer) if kept and self.store is not None else None
         if checkpoints is not None:

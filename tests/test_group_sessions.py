@@ -19,6 +19,8 @@ import pytest
 from server_part import SplitServer
 from server_part.server import CONTRIBUTIONS_FOLDER
 from splitlearning import codec
+from splitlearning.groups import Membership, Scheme
+from splitlearning.part_state import PartState
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, NUM_CLASSES, assert_same_snapshot, build_top, make_loss, server_snapshot
@@ -397,3 +399,18 @@ def test_the_group_is_not_read_when_the_handshake_names_a_session(serve: Any) ->
     assert membership is not None and (membership.group, membership.round, membership.member) == (GROUP, 0, 2)
     close(stub, member, 4)
     assert held(server) == [(GROUP, 0, 2)]
+
+
+def test_a_turn_kept_with_another_optimizer_is_failed_precondition_and_changes_nothing(serve: Any) -> None:
+    """A contribution whose optimizer state does not fit this server's optimizer (kept by a server started with
+    another --optimizer) is refused with the reason, not an internal error."""
+    server, stub = serve()
+    weights = [np.array(w) for w in build_top("plain", 3).get_weights()]
+    membership = Membership(GROUP, 0, 1, Scheme.ROUND_ROBIN, ())
+    server.sessions.contributions.put(membership, 4, PartState(weights, [np.zeros((), np.int64)]))
+    before = server_snapshot(server)
+    turn = group_round(1, 2, scheme=pb.SCHEME_ROUND_ROBIN, start=[contribution(0, 1, 4)])
+    code, details = refused(lambda: handshake(stub, turn))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+    assert "cannot start from member 1 in round 0" in details and "--optimizer" in details, details
+    assert_same_snapshot(before, server_snapshot(server))
