@@ -65,7 +65,7 @@ def reference(workdir: Path, dataset: Path) -> Run:
     """The uninterrupted run (SplitFed, the aggregator inside the server)."""
     run = new_run(workdir, dataset, "reference")
     try:
-        run.start()
+        run.start(groups=(("g", ("--log-dir", str(run.base / "tb"))),))  # TensorBoard changes no weight
         run.finish()
     finally:
         run.close()
@@ -76,6 +76,32 @@ def reference(workdir: Path, dataset: Path) -> Run:
     assert len(final) == len(initial.weights)
     assert not any(np.array_equal(a, b) for a, b in zip(final, initial.weights, strict=True)), "nothing trained"
     return run
+
+
+def test_each_member_records_its_rounds_for_people_scripts_and_tensorboard(reference: Run) -> None:
+    """The summary table, --history-json and TensorBoard's round/* scalars, per member and round; every member
+    evaluates the same group model at the start of each round and at the end (SplitFed)."""
+    from splitlearning.events import read_scalars
+
+    histories = [reference.history(member_name(k)) for k in range(1, MEMBERS + 1)]
+    for k, history in enumerate(histories, start=1):
+        assert (history["group"], history["member"], history["scheme"]) == ("g", k, "splitfed")
+        assert [r["round"] for r in history["rounds"]] == list(range(ROUNDS))
+        for record in history["rounds"]:
+            assert record["samples"] == 128 and record["seconds"] > 0
+            assert set(record["start_test"]) == set(record["local_test"]) == {"loss", "accuracy"}
+        text = reference.text(member_name(k))
+        assert f"member {k} of group g: {ROUNDS} rounds trained (splitfed)" in text
+        assert text.count("\n    2 |     128 |") == 1, text[-2000:]  # the table's row of round 2
+        assert f"the group's final model: test accuracy {history['final_test']['accuracy']:.4f}" in text
+        scalars = read_scalars(reference.base / "tb" / "client" / f"g-member-{k}")
+        assert [step for step, _ in scalars["round/local_test_accuracy"]] == list(range(ROUNDS))
+        assert [step for step, _ in scalars["round/start_test_accuracy"]] == list(range(ROUNDS + 1))
+        assert scalars["round/start_test_accuracy"][-1][1] == pytest.approx(history["final_test"]["accuracy"])
+    for round_ in range(ROUNDS):
+        starts = {tuple(sorted(h["rounds"][round_]["start_test"].items())) for h in histories}
+        assert len(starts) == 1, f"round {round_}: the members evaluated different group models: {starts}"
+    assert len({tuple(sorted(h["final_test"].items())) for h in histories}) == 1
 
 
 def assert_same_result(run: Run, reference: Run) -> None:
