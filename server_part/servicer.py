@@ -48,11 +48,8 @@ class SplitLearningServicer:
 
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
         def run() -> pb.CloseSessionResponse:
-            session = self._sessions.close(request.session_id, request.client_id, request.contribute_samples)
-            if session is None:  # not in memory, checkpoints kept: closed already
-                return pb.CloseSessionResponse(steps=0, checkpointed=True)
-            checkpointed = session.checkpoints is not None and session.next_step in session.checkpoints.steps()
-            return pb.CloseSessionResponse(steps=session.next_step, checkpointed=checkpointed)
+            closed = self._sessions.close(request.session_id, request.client_id, request.contribute_samples)
+            return pb.CloseSessionResponse(steps=closed.steps, checkpointed=closed.checkpointed)
 
         return guard(context, run)
 

@@ -27,7 +27,9 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,6 +56,18 @@ from splitlearning.text import clip
 log = logging.getLogger(__name__)
 
 # Session ids name folders under --checkpoint-dir: nothing but these characters ever reaches a path.
+# Contributing closes remembered for a resend (ids are at most 128 characters).
+_CONTRIBUTED_KEPT = 1024
+
+
+@dataclass(frozen=True)
+class Closed:
+    """What CloseSession answers: the session's final step, and whether a checkpoint of it is kept."""
+
+    steps: int
+    checkpointed: bool
+
+
 _SESSION_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}")
 
 
@@ -84,6 +98,8 @@ class SessionRegistry:
         self._on_close = on_close
         self.contributions = contributions if contributions is not None else Contributions()
         self._sessions: dict[str, Session] = {}
+        # Group sessions closed with a contribution: id -> (samples, steps), so a resent close is answered again.
+        self._contributed: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._opening = 0  # sessions being built or loaded now, counted against the limit
         self._lock = threading.Lock()  # guards the dict and the count, never held while a part is built
         self._load_lock = threading.Lock()  # one load from checkpoints at a time (so one session, one copy)
@@ -261,10 +277,11 @@ class SessionRegistry:
 
     # -- leaving memory --------------------------------------------------------------------------------------
 
-    def close(self, session_id: str, client_id: str, contribute_samples: int = 0) -> Session | None:
-        """The client is done: settle and save the session, then drop it from memory. None when it was not in
-        memory but has checkpoints (closed already: closing is idempotent). With `contribute_samples`, the
-        session's part becomes its member's contribution to its group round (server_part/contributions.py)."""
+    def close(self, session_id: str, client_id: str, contribute_samples: int = 0) -> Closed:
+        """The client is done: settle and save the session, then drop it from memory. A session not in memory
+        but with checkpoints is closed already (closing is idempotent). With `contribute_samples`, the session's
+        part becomes its member's contribution to its group round (server_part/contributions.py); that close,
+        sent again after the session ended (its reply was lost), is answered again."""
         try:
             session = self.get(session_id)
         except SessionUnloaded:
@@ -273,7 +290,13 @@ class SessionRegistry:
                     f"contribute_samples: session {session_id} trains no group round (it is not in memory and has "
                     "checkpoints, which a group round's session never keeps)"
                 ) from None
-            return None
+            return Closed(0, True)
+        except SessionNotFound:
+            with self._lock:
+                done = self._contributed.get(session_id)
+            if contribute_samples and done is not None and done[0] == contribute_samples:
+                return Closed(done[1], False)
+            raise
         if session.holder not in (None, client_id) and session.idle_seconds(time.monotonic()) is None:
             raise PreconditionFailed(
                 "the session is in use by another client (its training stream is open): only the client "
@@ -291,9 +314,13 @@ class SessionRegistry:
             trainer.settle()
             optimizer = trainer.optimizer if membership.scheme.carries_optimizer else None
             self.contributions.put(membership, contribute_samples, part_state.capture(trainer.model, optimizer))
+            with self._lock:
+                self._contributed[closed.id] = (contribute_samples, closed.next_step)
+                while len(self._contributed) > _CONTRIBUTED_KEPT:
+                    self._contributed.popitem(last=False)
 
-        self._drop(session, "closed by its client", contribute if contribute_samples else None)
-        return session
+        saved = self._drop(session, "closed by its client", contribute if contribute_samples else None)
+        return Closed(session.next_step, saved)
 
     def expire_idle(self, now: float | None = None) -> list[str]:
         """Unload the sessions idle for longer than `idle_timeout` (never with 0); their ids."""
@@ -308,9 +335,9 @@ class SessionRegistry:
                 expired.append(session.id)
         return expired
 
-    def _drop(self, session: Session, why: str, last: Callable[[Session], None] | None = None) -> None:
+    def _drop(self, session: Session, why: str, last: Callable[[Session], None] | None = None) -> bool:
         """Unload `session` and forget it; `last` reads it (its part) before its trainer goes back to the
-        factory for a later session to reuse."""
+        factory for a later session to reuse. Whether a checkpoint of its last step was saved."""
         kept = session.checkpoints is not None
         reason: SplitError = (
             SessionUnloaded(
@@ -343,6 +370,7 @@ class SessionRegistry:
                 last(session)
         finally:
             self._parts.give_back(session.trainer)
+        return saved
 
     # -- the server's life -----------------------------------------------------------------------------------
 

@@ -281,6 +281,23 @@ def test_contribute_samples_in_a_session_without_a_group_is_failed_precondition(
     assert not held(server)
 
 
+def test_a_contributing_close_sent_again_after_a_lost_reply_is_answered_again(serve: Any, tmp_path: Path) -> None:
+    """The close's reply was lost, the member sends it again: the same answer, the contribution unchanged; a
+    close of the ended session naming other samples is NOT_FOUND, as any unknown session."""
+    server, stub = serve(checkpoint_dir=tmp_path)
+    session = handshake(stub, group_round(0, 1)).session_id
+    train(stub, session, 0, 3, seed=1)
+    first = close(stub, session, 12)
+    kept = [np.array(w) for w in server.sessions.contributions._held[(GROUP, 0, 1)][0].weights]
+    again = close(stub, session, 12)
+    assert (again.steps, again.checkpointed) == (first.steps, first.checkpointed) == (3, False)
+    assert_same(server.sessions.contributions._held[(GROUP, 0, 1)][0].weights, kept, "the kept contribution")
+    code, details = refused(lambda: close(stub, session, 13))
+    assert code == grpc.StatusCode.NOT_FOUND, details
+    code, details = refused(lambda: close(stub, session))  # not a contributing close: an ended session
+    assert code == grpc.StatusCode.NOT_FOUND, details
+
+
 def test_contributing_a_session_no_longer_in_memory_is_refused(serve: Any, tmp_path: Path) -> None:
     server, stub = serve(checkpoint_dir=tmp_path)
     session = handshake(stub, group_round(0, 1)).session_id

@@ -607,8 +607,10 @@ class CloseSessionRequest(_message.Message):
     """In a session opened for a group's round (HandshakeRequest.group): keep its part (weights, and optimizer
     state in round-robin) as this member's contribution to that round, weighed by this many samples; a later
     contribution of the same member to the same round replaces it. 0: no contribution. In a session opened
-    without a group a non-zero value is FAILED_PRECONDITION (the session stays open); naming a session no longer
-    in memory it is FAILED_PRECONDITION when the session has checkpoints (train the round again), else NOT_FOUND.
+    without a group a non-zero value is FAILED_PRECONDITION (the session stays open). The same contributing close
+    sent again after the session ended (its reply was lost) gets the same reply, changing nothing; naming a session
+    no longer in memory otherwise, it is FAILED_PRECONDITION when the session has checkpoints (no group round's
+    session has any), else NOT_FOUND.
     """
     def __init__(
         self,
