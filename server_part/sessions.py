@@ -352,9 +352,14 @@ class SessionRegistry:
         )
         saved = session.unload(reason)
         with self._lock:
-            if self._sessions.get(session.id) is session:
+            removed = self._sessions.get(session.id) is session
+            if removed:
                 del self._sessions[session.id]
                 self._compute_of_closed += session.compute_seconds
+        if not removed:  # dropped at the same time by another call (a close, an expiry), which does the rest
+            if last is not None:
+                raise SessionNotFound(f"session {session.id} ended meanwhile ({why} raced another end of it)")
+            return saved
         log.info(
             "session %s %s at step %d%s; %d in memory",
             session.id,

@@ -358,3 +358,19 @@ def test_a_trainer_an_ended_session_gave_back_serves_a_later_session_as_a_new_co
     assert_same(reused.model.get_weights(), alone_client.model.get_weights(), "client part")
     assert_same(server_part(server, reused.session_id), server_part(fresh, alone_client.session_id), "server part")
     assert history.history == expected.history  # the running metrics started from zero, not from seed 2's run
+
+
+def test_a_session_ended_twice_gives_its_trainer_back_once(servers: list[SplitServer]) -> None:
+    """A close racing an idle expiry (or a new session superseding it) ends one session twice: only the end that
+    removed it may give its trainer back, or a trainer a new session took would be handed out again."""
+    server, target = serve(servers)
+    train(target, seed=1, end=True)  # the user's model object's session
+    copy, _ = train(target, seed=2)
+    session = server.session(copy.session_id)
+    parts = server.sessions._parts
+    server.sessions._drop(session, "closed in a test")
+    assert parts._idle == [session.trainer]
+    reused, _ = train(target, seed=3)
+    assert server.session(reused.session_id).trainer is session.trainer and parts._idle == []
+    server.sessions._drop(session, "ended again in a test")  # the late, second end of the old session
+    assert parts._idle == [], "a trainer in use was handed back"
