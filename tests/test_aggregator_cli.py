@@ -4,7 +4,6 @@ the port file, SIGTERM, and a group's round kept in --state-dir across a kill -9
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -45,14 +44,6 @@ def model_state(arrays: list[np.ndarray]) -> pb.ModelState:
     for array in arrays:
         codec.write(array, message.weights.add())
     return message
-
-
-@pytest.fixture
-def listening() -> Iterator[int]:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        yield int(taken.getsockname()[1])
 
 
 class Aggregator:

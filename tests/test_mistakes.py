@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +16,6 @@ from server_part import cli as server_cli
 from server_part.cli import parse_args as server_args
 from splitlearning import addresses, data, models
 from tests.conftest import build_top, make_loss
-
-
-@pytest.fixture
-def listening() -> Iterator[int]:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        yield int(taken.getsockname()[1])
 
 
 @pytest.mark.parametrize(
