@@ -127,6 +127,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config = ServerConfig(**vars(parser.parse_args(argv)))
     if config.min_members > config.members:
         parser.error(f"--min-members {config.min_members} is more than --members {config.members}")
+    if config.aggregator and config.members > config.max_sessions:
+        parser.error(
+            f"--members {config.members} is more than --max-sessions {config.max_sessions}: every member of a "
+            "SplitFed round trains in a session of its own at the same time; raise --max-sessions"
+        )
     return config
 
 

@@ -183,8 +183,17 @@ def test_a_group_member_takes_its_number_from_its_shard_and_the_defaults() -> No
     assert client_args([]).epochs == 10 and client_args([]).group is None
 
 
-def test_aggregator_round_flags_that_do_not_fit_end_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--aggregator", "--members", "2", "--min-members", "3"], "--min-members 3 is more than --members 2"),
+        (["--aggregator", "--members", "5", "--max-sessions", "4"], "--members 5 is more than --max-sessions 4"),
+    ],
+)
+def test_aggregator_round_flags_that_do_not_fit_end_in_one_line(
+    capsys: pytest.CaptureFixture[str], flags: list[str], expected: str
+) -> None:
     with pytest.raises(SystemExit) as exited:
-        server_args(["--aggregator", "--members", "2", "--min-members", "3"])
+        server_args(flags)
     assert exited.value.code == 2
-    assert "--min-members 3 is more than --members 2" in capsys.readouterr().err
+    assert expected in capsys.readouterr().err
