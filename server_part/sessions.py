@@ -55,7 +55,6 @@ from splitlearning.text import clip
 
 log = logging.getLogger(__name__)
 
-# Session ids name folders under --checkpoint-dir: nothing but these characters ever reaches a path.
 # Contributing closes remembered for a resend (ids are at most 128 characters).
 _CONTRIBUTED_KEPT = 1024
 
@@ -68,6 +67,7 @@ class Closed:
     checkpointed: bool
 
 
+# Session ids name folders under --checkpoint-dir: nothing but these characters ever reaches a path.
 _SESSION_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}")
 
 
