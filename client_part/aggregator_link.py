@@ -10,8 +10,8 @@ import grpc
 
 from client_part import retry
 from client_part.retry import RetryPolicy
-from client_part.transport import RemoteError
-from splitlearning import keepalive, part_state
+from client_part.transport import RemoteError, open_channel
+from splitlearning import part_state
 from splitlearning.groups import Contribution, Settings, contributions
 from splitlearning.part_state import PartState
 from splitlearning.security import Secret, TlsConfig, auth_metadata
@@ -64,19 +64,7 @@ class AggregatorLink:
         self._policy = policy or RetryPolicy()
         self._stop = stop
         self._metadata = auth_metadata(auth_token)
-        options: list[tuple[str, int | str]] = [
-            ("grpc.max_send_message_length", MAX_STATE_BYTES),
-            ("grpc.max_receive_message_length", MAX_STATE_BYTES),
-            *keepalive.client_options(keepalive.CLIENT_PING_MS),
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-        ]
-        if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            if tls.server_name:
-                options.append(("grpc.ssl_target_name_override", tls.server_name))
-            self._channel = grpc.secure_channel(target, tls.channel_credentials(), options=options)
+        self._channel = open_channel(target, MAX_STATE_BYTES, tls)
         self._stub = pb_grpc.AggregatorServiceStub(self._channel)
 
     def join(self, initial: PartState | None) -> Answer:

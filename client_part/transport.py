@@ -48,6 +48,24 @@ TrainRequest = framing.Outgoing[pb.TrainRequest]
 TrainReply = framing.Incoming[pb.TrainResponse]
 
 
+def open_channel(
+    target: str, limit: int, tls: TlsConfig | None, keepalive_ms: int = keepalive.CLIENT_PING_MS
+) -> grpc.Channel:
+    """A channel to `target` taking messages up to `limit` bytes each way, with keepalive, a quick reconnect,
+    and TLS when `tls` is set (checking `tls.server_name` where given)."""
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        *keepalive.client_options(keepalive_ms),
+        *_RECONNECT_OPTIONS,
+    ]
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.secure_channel(target, tls.channel_credentials(), options=options)
+
+
 class RemoteError(RuntimeError):
     """The server refused a request (or could not be reached): `code` is the gRPC status."""
 
@@ -99,17 +117,7 @@ class Transport:
         self.epoch: int | None = None  # the epoch `fit` is in (from 0), named on the steps that reset the metrics
 
     def _open_channel(self) -> grpc.Channel:
-        options: list[tuple[str, int | str]] = [
-            ("grpc.max_send_message_length", self._limit),
-            ("grpc.max_receive_message_length", self._limit),
-            *keepalive.client_options(self._keepalive_ms),
-            *_RECONNECT_OPTIONS,
-        ]
-        if self._tls is None:
-            return grpc.insecure_channel(self.target, options=options)
-        if self._tls.server_name:
-            options.append(("grpc.ssl_target_name_override", self._tls.server_name))
-        return grpc.secure_channel(self.target, self._tls.channel_credentials(), options=options)
+        return open_channel(self.target, self._limit, self._tls, self._keepalive_ms)
 
     def _stubs(self) -> tuple[pb_grpc.SplitLearningServiceStub, Any]:
         """The generated stub, and the Train call with `framing`'s (de)serializers (the tensors' bytes go into
