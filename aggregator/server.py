@@ -21,8 +21,8 @@ from server_part.auth import TokenAuthInterceptor
 from server_part.health import add_health_to_server
 from server_part.prometheus import MetricsEndpoint, host_of
 from splitlearning import keepalive
-from splitlearning.addresses import check_bindable
-from splitlearning.security import Secret, TlsConfig, is_loopback
+from splitlearning.addresses import bind
+from splitlearning.security import Secret, TlsConfig, describe, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,7 @@ class AggregatorServer:
         self.aggregator.add_to(server)
         self._health = health.HealthServicer()
         add_health_to_server(self._health, server)
-        try:
-            port = server.add_secure_port(address, self.tls.server_credentials()) if self.tls else None
-            port = port if port is not None else server.add_insecure_port(address)
-        except RuntimeError:
-            port = 0
-            check_bindable(address)
-        if port == 0:
-            raise OSError(f"could not bind {address}")
+        port = bind(server, address, self.tls)
         server.start()
         self._server = server
         host, metrics_port = self._metrics_request
@@ -149,10 +142,8 @@ class AggregatorServer:
             self._metrics = MetricsEndpoint(self.aggregator.registry, host or host_of(address), metrics_port)
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        security = "mutual TLS" if self.tls and self.tls.mutual else "TLS" if self.tls else "plaintext"
-        auth = "bearer token" if self._auth_token is not None else "no authentication"
         log.info(
-            "serving %s on %s (port %d, %s, %s): %s", SERVICE_NAME, address, port, security, auth,
+            "serving %s on %s (port %d, %s): %s", SERVICE_NAME, address, port, describe(self.tls, self._auth_token),
             self.aggregator.describe(),
         )  # fmt: skip
         if self.tls is None and not is_loopback(address):

@@ -27,11 +27,11 @@ from server_part.sessions import SessionRegistry
 from server_part.telemetry import ServerTelemetry
 from server_part.trainer import ServerTrainer
 from splitlearning import encodings, keepalive
-from splitlearning.addresses import check_bindable
+from splitlearning.addresses import bind
 from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
-from splitlearning.security import Secret, TlsConfig, is_loopback
+from splitlearning.security import Secret, TlsConfig, describe, is_loopback
 from splitlearning.telemetry import learning_rate_of
 from splitlearning.v1 import split_learning_pb2 as pb
 
@@ -219,16 +219,7 @@ class SplitServer:
             self.aggregator.add_to(server)
         self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
         add_health_to_server(self._health, server)  # bytes that are no message: INVALID_ARGUMENT
-        try:
-            if self.tls is not None:
-                port = server.add_secure_port(address, self.tls.server_credentials())
-            else:
-                port = server.add_insecure_port(address)
-        except RuntimeError:  # gRPC's "Failed to bind": say why where we can
-            port = 0
-            check_bindable(address)
-        if port == 0:
-            raise OSError(f"could not bind {address}")
+        port = bind(server, address, self.tls)
         self.sessions.start()
         server.start()
         self._server = server
@@ -237,17 +228,13 @@ class SplitServer:
             self._metrics = MetricsEndpoint(self.telemetry.registry, metrics_host or host_of(address), metrics_port)
         for name in ("", SERVICE_NAME, *([AGGREGATOR_SERVICE] if self.aggregator is not None else [])):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        security = f"{self.cut.value} cut, " + (
-            "mutual TLS" if self.tls and self.tls.mutual else "TLS" if self.tls else "plaintext"
-        )
-        auth = "bearer token" if self._auth_token is not None else "no authentication"
         log.info(
-            "serving %s on %s (port %d, %s, %s), up to %d sessions%s",
+            "serving %s on %s (port %d, %s cut, %s), up to %d sessions%s",
             SERVICE_NAME,
             address,
             port,
-            security,
-            auth,
+            self.cut.value,
+            describe(self.tls, self._auth_token),
             self.sessions.max_sessions,
             f", checkpoints in {self.sessions.store.root}" if self.sessions.store is not None else "",
         )

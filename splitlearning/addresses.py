@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
+
+    from splitlearning.security import TlsConfig
 
 
 def split_host_port(address: str, flag: str = "--address") -> tuple[str, int]:
@@ -43,3 +49,16 @@ def check_bindable(address: str, flag: str = "--address") -> None:
                         f"or 0.0.0.0:{port} for every interface"
                     ) from None
                 raise OSError(f"{flag} {address}: cannot listen there: {error.strerror}") from None
+
+
+def bind(server: grpc.Server, address: str, tls: TlsConfig | None) -> int:
+    """Add `address` to `server` (TLS when `tls` is set) and return the bound port; a port that cannot be bound
+    raises OSError saying why where it can (gRPC's own error says only "Failed to bind")."""
+    try:
+        port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+        check_bindable(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return int(port)

@@ -139,6 +139,12 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def describe(tls: TlsConfig | None, token: Secret | None) -> str:
+    """How a server guards its calls, for its start-up line: 'mutual TLS, bearer token' and the like."""
+    transport = "mutual TLS" if tls and tls.mutual else "TLS" if tls else "plaintext"
+    return f"{transport}, {'bearer token' if token is not None else 'no authentication'}"
+
+
 def server_tls(cert: Path | None, key: Path | None, ca: Path | None) -> TlsConfig | None:
     """The server's TLS from its flags: None (plaintext) when no file is given."""
     if cert is None and key is None and ca is None:
