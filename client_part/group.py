@@ -100,8 +100,9 @@ class GroupMember:
     def train(self, data: Data) -> GroupResult:
         carry = self.scheme.carries_optimizer
         result = GroupResult(self.link.group, self.link.member, self.scheme.value)
-        fresh_optimizer = self.client.part_state(with_optimizer=True).optimizer  # before any step
-        offer: PartState | None = self.client.part_state(with_optimizer=carry)
+        initial = self.client.part_state(with_optimizer=True)  # before any step
+        fresh_optimizer = initial.optimizer
+        offer: PartState | None = initial if carry else PartState(initial.weights, [])
         attempts: dict[int, int] = {}
         note = ""
         while True:

@@ -31,8 +31,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from server_part.checkpoints import SessionStore
 from server_part.contributions import Contributions
 from server_part.middle_trainer import MiddleTrainer
@@ -167,8 +165,7 @@ class SessionRegistry:
         if not session_id:
             start = None
             if membership is not None:
-                initial = PartState([np.array(w) for w in self._parts.initial])
-                start = self.contributions.start_state(membership, initial)
+                start = self.contributions.start_state(membership, PartState(self._parts.initial))
             try:
                 opened = self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
             except TooManySessions:
