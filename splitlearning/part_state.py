@@ -33,10 +33,6 @@ class PartState:
     def empty(self) -> bool:
         return not self.weights and not self.optimizer
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.weights, *self.optimizer))
-
     def check_finite(self, what: str) -> None:
         """Raise InvalidRequest if a floating tensor holds NaN or Inf (one diverged member would spoil an average)."""
         for name, arrays in (("weights", self.weights), ("optimizer", self.optimizer)):
