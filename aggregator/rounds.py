@@ -26,23 +26,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 
 from aggregator.store import GroupRecord, GroupStore
 from splitlearning import groups
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SessionNotFound, SplitError
-from splitlearning.groups import Contribution, Scheme, Settings
+from splitlearning.groups import Action, Contribution, Scheme, Settings
 from splitlearning.part_state import PartState, average
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_SECONDS = 30.0
-
-
-class Action(Enum):
-    WAIT = "wait"
-    TRAIN = "train"
-    DONE = "done"
 
 
 @dataclass(frozen=True)

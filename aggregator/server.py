@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry
 
 from aggregator.rounds import Rounds
-from aggregator.servicer import SERVICE_NAME, AggregatorServicer, add_to_server
+from aggregator.servicer import AggregatorServicer, add_to_server
 from aggregator.store import GroupStore
 from aggregator.telemetry import AggregatorTelemetry
 from server_part import admission
@@ -22,12 +22,12 @@ from server_part.health import add_health_to_server
 from server_part.prometheus import MetricsEndpoint, host_of
 from splitlearning import keepalive
 from splitlearning.addresses import bind
+from splitlearning.protocol import AGGREGATOR_SERVICE, MAX_STATE_BYTES
 from splitlearning.security import Secret, TlsConfig, describe, is_loopback
 
 log = logging.getLogger(__name__)
 
 # A first part's weights travel in one message: room for large ones (the server's own limit is its batch's).
-DEFAULT_MAX_STATE_BYTES = 256 * 1024 * 1024
 _TICK_SECONDS = 0.5
 
 
@@ -47,7 +47,7 @@ class Aggregator:
         min_members: int = 1,
         state_dir: str | Path | None = None,
         registry: CollectorRegistry | None = None,
-        max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+        max_state_bytes: int = MAX_STATE_BYTES,
     ) -> None:
         self.max_state_bytes = max_state_bytes
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -140,12 +140,16 @@ class AggregatorServer:
         host, metrics_port = self._metrics_request
         if metrics_port is not None:
             self._metrics = MetricsEndpoint(self.aggregator.registry, host or host_of(address), metrics_port)
-        for name in ("", SERVICE_NAME):
+        for name in ("", AGGREGATOR_SERVICE):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving %s on %s (port %d, %s): %s", SERVICE_NAME, address, port, describe(self.tls, self._auth_token),
+            "serving %s on %s (port %d, %s): %s",
+            AGGREGATOR_SERVICE,
+            address,
+            port,
+            describe(self.tls, self._auth_token),
             self.aggregator.describe(),
-        )  # fmt: skip
+        )
         if self.tls is None and not is_loopback(address):
             log.warning(
                 "INSECURE: serving without TLS on non-loopback address %s: first-part weights cross the network in "

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import grpc
 
-from aggregator.rounds import Action, Next, Rounds
+from aggregator.rounds import Next, Rounds
 from server_part.edge import guard, lenient, refusing_undecodable
 from splitlearning import groups, part_state
-from splitlearning.contract import MAX_ID_LENGTH
 from splitlearning.errors import InvalidRequest
 from splitlearning.groups import Settings
+from splitlearning.protocol import MAX_ID_LENGTH
 from splitlearning.v1 import split_learning_pb2 as pb
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name
-
-_ACTIONS = {
-    Action.WAIT: pb.JoinRoundResponse.ACTION_WAIT,
-    Action.TRAIN: pb.JoinRoundResponse.ACTION_TRAIN,
-    Action.DONE: pb.JoinRoundResponse.ACTION_DONE,
-}
 
 
 class AggregatorServicer:
@@ -55,7 +47,7 @@ def _check_group(name: str) -> None:
 
 def _response(answer: Next, members: int) -> pb.JoinRoundResponse:
     response = pb.JoinRoundResponse(
-        action=_ACTIONS[answer.action],
+        action=answer.action.to_proto(),
         round=answer.round,
         start=[c.to_proto() for c in answer.start],
         members=members,

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitlearning.contract import PROTOCOL_VERSION
+from splitlearning.protocol import PROTOCOL_VERSION
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.halfopen_support import half_open_calls

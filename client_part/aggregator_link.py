@@ -12,31 +12,26 @@ from client_part import retry
 from client_part.retry import RetryPolicy
 from client_part.transport import RemoteError, open_channel
 from splitlearning import part_state
-from splitlearning.groups import Contribution, Settings, contributions
+from splitlearning.groups import Action, Contribution, Settings, contributions
 from splitlearning.part_state import PartState
+from splitlearning.protocol import MAX_STATE_BYTES
 from splitlearning.security import Secret, TlsConfig, auth_metadata
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_STATE_BYTES = 256 * 1024 * 1024
 WAIT_MS = 10_000  # a join waits this long on the aggregator for something to do, then asks again
-
-_ACTIONS = {
-    pb.JoinRoundResponse.ACTION_WAIT: "wait",
-    pb.JoinRoundResponse.ACTION_TRAIN: "train",
-    pb.JoinRoundResponse.ACTION_DONE: "done",
-}
 
 
 class Answer:
-    """A join's answer: `action` ('wait', 'train', 'done'), the round, the state and the server's start."""
+    """A join's answer: `action`, the round, the state and the server's start."""
 
     def __init__(self, reply: pb.JoinRoundResponse) -> None:
-        if reply.action not in _ACTIONS:
-            raise RemoteError("join answered", code=grpc.StatusCode.UNKNOWN, details=f"unknown action {reply.action}")
-        self.action = _ACTIONS[reply.action]
+        try:
+            self.action = Action.from_proto(reply.action)
+        except ValueError as error:
+            raise RemoteError("join answered", code=grpc.StatusCode.UNKNOWN, details=str(error)) from None
         self.round = int(reply.round)
         self.state: PartState = part_state.from_proto(reply.state, "state")
         self.start: tuple[Contribution, ...] = contributions(reply.start)

@@ -19,6 +19,7 @@ from splitlearning import tensorflow_setup
 tensorflow_setup.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
 
 from splitlearning import cli, security, shards  # noqa: E402
+from splitlearning.protocol import Reason  # noqa: E402
 
 log = logging.getLogger("split-client")
 
@@ -432,18 +433,16 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
 
 def connect(client: Any, config: ClientConfig) -> None:
     """Join the server; a refused cut (the two parts do not fit) names the flag that picks them."""
-    import grpc
-
     from client_part.transport import RemoteError
 
     try:
         client.connect()
     except RemoteError as error:
         client.close()
-        if error.code != grpc.StatusCode.FAILED_PRECONDITION or not error.details.startswith("cut mismatch"):
+        if error.reason is not Reason.CUT_MISMATCH:
             raise
         details = f"{error.details}; start both processes with the same --model (this client: --model {config.model})"
-        raise RemoteError("handshake refused", code=error.code, details=details) from None
+        raise RemoteError("handshake refused", code=error.code, details=details, reason=error.reason) from None
     except BaseException:
         client.close()
         raise

@@ -28,7 +28,7 @@ from client_part.client import SplitClient
 from client_part.retry import RetriesExhausted
 from client_part.transport import RemoteError
 from splitlearning import part_state
-from splitlearning.groups import Membership, Scheme
+from splitlearning.groups import Action, Membership, Scheme
 from splitlearning.part_state import PartState
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class GroupMember:
             answer = self.link.join(offer)
             result.waited_seconds += time.perf_counter() - asked  # a join waits on the aggregator for its answer
             offer = None  # the group exists now: its start is fixed
-            if answer.action == "wait":
+            if answer.action is Action.WAIT:
                 if answer.note != note:
                     log.info("group %s: waiting (%s)", self.link.group, answer.note)
                     note = answer.note
@@ -118,7 +118,7 @@ class GroupMember:
             note = ""
             state = self._start_state(answer, fresh_optimizer)
             membership = Membership(self.link.group, answer.round, self.link.member, self.scheme, answer.start)
-            if answer.action == "done":
+            if answer.action is Action.DONE:
                 result.final_round = answer.round
                 result.final_test = self._final(membership, state, data)
                 return result

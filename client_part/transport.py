@@ -16,8 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client_part import stopping, tls_failure
 from splitlearning import codec, encodings, framing, keepalive
 from splitlearning.contract import (
-    CLIENT_ID_METADATA_KEY,
-    PROTOCOL_VERSION,
     Agreement,
     CutContract,
     CutMode,
@@ -28,13 +26,19 @@ from splitlearning.contract import (
     spec_to_proto,
 )
 from splitlearning.groups import Membership
+from splitlearning.protocol import (
+    CLIENT_ID_METADATA_KEY,
+    MESSAGE_OVERHEAD,
+    PROTOCOL_VERSION,
+    REASON_METADATA_KEY,
+    Reason,
+)
 from splitlearning.security import Secret, TlsConfig, auth_metadata
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-_MESSAGE_OVERHEAD = 64 * 1024
 _TRAIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['SplitLearningService'].full_name}/Train"
 _END = None
 # While connecting: how often a failed channel's last error is read, and how long that call may take.
@@ -67,14 +71,29 @@ def open_channel(
 
 
 class RemoteError(RuntimeError):
-    """The server refused a request (or could not be reached): `code` is the gRPC status."""
+    """The server refused a request (or could not be reached): `code` is the gRPC status, `reason` the cause a
+    program tells apart by (the refusal's `split-reason` trailing metadata), None where the server gave none."""
 
     def __init__(
-        self, what: str, error: grpc.RpcError | None = None, code: grpc.StatusCode | None = None, details: str = ""
+        self,
+        what: str,
+        error: grpc.RpcError | None = None,
+        code: grpc.StatusCode | None = None,
+        details: str = "",
+        reason: Reason | None = None,
     ) -> None:
         self.code: grpc.StatusCode = error.code() if error is not None else code or grpc.StatusCode.UNKNOWN
         self.details: str = (error.details() or "") if error is not None else details
+        self.reason: Reason | None = _reason_of(error) if error is not None else reason
         super().__init__(f"{what}: {self.code.name}: {self.details}")
+
+
+def _reason_of(error: grpc.RpcError) -> Reason | None:
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == REASON_METADATA_KEY and value in Reason._value2member_map_:
+            return Reason(value)
+    return None
 
 
 class Transport:
@@ -102,7 +121,7 @@ class Transport:
         # with and without TLS and costs nothing per training step (one stream carries all steps).
         self._metadata = auth_metadata(auth_token)
         self._stream_metadata = self._metadata  # the training stream's: also the client id, once it handshook
-        self._limit = max_message_bytes + _MESSAGE_OVERHEAD
+        self._limit = max_message_bytes + MESSAGE_OVERHEAD
         self._channel = self._open_channel()
         self._stub, self._train_call = self._stubs()
         self._requests: queue.SimpleQueue[TrainRequest | None] | None = None
@@ -144,7 +163,7 @@ class Transport:
         reopened, once, when the contract needs more than the limit it was opened with.
         """
         per_sample = sum(spec.sample_bytes for spec in (contract.iv, contract.label, contract.output) if spec)
-        needed = max_batch_size * per_sample + _MESSAGE_OVERHEAD
+        needed = max_batch_size * per_sample + MESSAGE_OVERHEAD
         if needed <= self._limit:
             return
         self._close_stream()

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from splitlearning.errors import SplitError
+from splitlearning.protocol import REASON_METADATA_KEY
 from splitlearning.text import clip_message
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def guard(context: grpc.ServicerContext, run: Callable[[], T]) -> T:
     except SplitError as error:
         message = clip_message(str(error))  # it may hold a client's id: bounded in the log and the status
         log.warning("refused %s: %s", peer(context), message)
+        if error.reason is not None:
+            context.set_trailing_metadata(((REASON_METADATA_KEY, error.reason.value),))
         abort(context, getattr(grpc.StatusCode, error.status), message)
     except Exception as error:  # a bug, not a bad request: say so, keep serving
         log.exception("internal error serving %s", peer(context))

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from aggregator.servicer import SERVICE_NAME as AGGREGATOR_SERVICE
 from server_part import admission
 from server_part.auth import TokenAuthInterceptor
 from server_part.checkpoints import SessionStore
@@ -31,9 +30,9 @@ from splitlearning.addresses import bind
 from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
+from splitlearning.protocol import AGGREGATOR_SERVICE, MESSAGE_OVERHEAD, SPLIT_SERVICE
 from splitlearning.security import Secret, TlsConfig, describe, is_loopback
 from splitlearning.telemetry import learning_rate_of
-from splitlearning.v1 import split_learning_pb2 as pb
 
 if TYPE_CHECKING:
     from aggregator.server import Aggregator
@@ -42,9 +41,6 @@ log = logging.getLogger(__name__)
 
 # Under --checkpoint-dir, beside the sessions' folders (no session id has a '.').
 CONTRIBUTIONS_FOLDER = "contributions.d"
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitLearningService"].full_name
-# Room for the protobuf framing around the tensors of one request.
-_MESSAGE_OVERHEAD = 64 * 1024
 MAX_STREAMS_PER_CONNECTION = 100
 
 
@@ -166,13 +162,13 @@ class SplitServer:
         contract = self.trainer.contract
         # Requests carry IV + labels (standard cut) or IV / dLoss/d(middle outputs) (U-shape): never both.
         sample = contract.iv.sample_bytes + (_bytes(contract.label) if contract.label else _bytes(contract.output))
-        return self.sessions.limits.max_batch_size * sample + _MESSAGE_OVERHEAD
+        return self.sessions.limits.max_batch_size * sample + MESSAGE_OVERHEAD
 
     @property
     def max_reply_bytes(self) -> int:
         """Largest reply: a full batch of dLoss/dIV (Train) or of the model's outputs (Predict), plus framing."""
         per_sample = max(self.trainer.contract.iv.sample_bytes, self.trainer.output_spec.sample_bytes)
-        return self.sessions.limits.max_batch_size * per_sample + _MESSAGE_OVERHEAD
+        return self.sessions.limits.max_batch_size * per_sample + MESSAGE_OVERHEAD
 
     @property
     def admission_threads(self) -> int:
@@ -211,7 +207,7 @@ class SplitServer:
             interceptors=[
                 *([TokenAuthInterceptor(self._auth_token)] if self._auth_token is not None else []),
                 self.admission,
-                TelemetryInterceptor(SERVICE_NAME, self.telemetry, lambda: self.sessions.compute_seconds),
+                TelemetryInterceptor(SPLIT_SERVICE, self.telemetry, lambda: self.sessions.compute_seconds),
             ],
         )
         add_to_server(SplitLearningServicer(self.sessions), server)
@@ -226,11 +222,11 @@ class SplitServer:
         metrics_host, metrics_port = self._metrics_request
         if metrics_port is not None:
             self._metrics = MetricsEndpoint(self.telemetry.registry, metrics_host or host_of(address), metrics_port)
-        for name in ("", SERVICE_NAME, *([AGGREGATOR_SERVICE] if self.aggregator is not None else [])):
+        for name in ("", SPLIT_SERVICE, *([AGGREGATOR_SERVICE] if self.aggregator is not None else [])):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving %s on %s (port %d, %s cut, %s), up to %d sessions%s",
-            SERVICE_NAME,
+            SPLIT_SERVICE,
             address,
             port,
             self.cut.value,

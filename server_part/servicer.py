@@ -17,8 +17,6 @@ from server_part.sessions import SessionRegistry, check_version
 from splitlearning import codec, encodings, framing
 from splitlearning.codec import EncodingCode
 from splitlearning.contract import (
-    CLIENT_ID_METADATA_KEY,
-    MAX_ID_LENGTH,
     CutMode,
     contract_to_proto,
     mode_from_proto,
@@ -27,6 +25,7 @@ from splitlearning.contract import (
 )
 from splitlearning.errors import InvalidRequest, PreconditionFailed
 from splitlearning.groups import Membership
+from splitlearning.protocol import CLIENT_ID_METADATA_KEY, MAX_ID_LENGTH
 from splitlearning.v1 import split_learning_pb2 as pb
 
 log = logging.getLogger(__name__)

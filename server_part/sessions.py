@@ -23,7 +23,6 @@ What each operation guarantees:
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
@@ -37,8 +36,9 @@ from server_part.middle_trainer import MiddleTrainer
 from server_part.parts import PartFactory, Trainer
 from server_part.session import Limits, Session
 from splitlearning import encodings, part_state
-from splitlearning.contract import MAX_ID_LENGTH, PROTOCOL_VERSION, CutMode, Spec
+from splitlearning.contract import CutMode, Spec
 from splitlearning.errors import (
+    CutMismatch,
     InvalidRequest,
     PreconditionFailed,
     SessionNotFound,
@@ -49,6 +49,7 @@ from splitlearning.errors import (
 )
 from splitlearning.groups import Membership
 from splitlearning.part_state import PartState
+from splitlearning.protocol import ID_PATTERN, MAX_ID_LENGTH, PROTOCOL_VERSION
 from splitlearning.text import clip
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ class Closed:
 
 
 # Session ids name folders under --checkpoint-dir: nothing but these characters ever reaches a path.
-_SESSION_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}")
 
 
 class SessionRegistry:
@@ -142,7 +142,7 @@ class SessionRegistry:
                 f"{mode.describe()}; start both parts with the same --cut"
             )
         if iv != expected.iv:
-            raise PreconditionFailed(f"cut mismatch: the server part expects iv {expected.iv}, the client sends {iv}")
+            raise CutMismatch(f"cut mismatch: the server part expects iv {expected.iv}, the client sends {iv}")
         if label is not None and label != expected.label:
             raise PreconditionFailed(
                 f"label mismatch: the server part expects label {expected.label}, the client sends {label}"
@@ -419,7 +419,7 @@ def check_version(protocol_version: int) -> None:
 
 
 def _check_id(session_id: str) -> None:
-    if not _SESSION_ID.fullmatch(session_id):
+    if not ID_PATTERN.fullmatch(session_id):
         raise InvalidRequest(
             f"session_id: expected 1 to {MAX_ID_LENGTH} letters, digits, '-' or '_' (the id a handshake "
             f"returned), got '{clip(session_id, 40)}'"

@@ -1,4 +1,4 @@
-"""The contract of the cut: what one sample looks like on each side of it, and the protocol version."""
+"""The contract of the cut: what one sample looks like on each side of it (constants: splitlearning/protocol.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,6 @@ import numpy as np
 from splitlearning import codec
 from splitlearning.errors import InvalidRequest
 from splitlearning.v1 import split_learning_pb2 as pb
-
-PROTOCOL_VERSION = 1
-# Metadata of a training stream: the id of the client that opens it, as in its handshake (UTF-8 bytes). The
-# server refuses a stream whose id is not the session holder's; a stream without it is taken as the holder's.
-CLIENT_ID_METADATA_KEY = "split-client-id-bin"
-# The longest session id or client id a peer may send (characters): ids are uuid4 hex (32) on both sides.
-MAX_ID_LENGTH = 128
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from splitlearning.protocol import Reason
+
 
 class SplitError(Exception):
-    """Base of every error the server turns into a gRPC status; `status` is a `grpc.StatusCode` name."""
+    """Base of every error the server turns into a gRPC status; `status` is a `grpc.StatusCode` name, and
+    `reason`, where set, goes with it as trailing metadata for programs (splitlearning/protocol.py)."""
 
     status = "UNKNOWN"
+    reason: Reason | None = None
 
 
 class InvalidRequest(SplitError):
@@ -19,6 +23,12 @@ class PreconditionFailed(SplitError):
     """A well-formed request that does not fit the server's state (contract mismatch, step out of order)."""
 
     status = "FAILED_PRECONDITION"
+
+
+class CutMismatch(PreconditionFailed):
+    """The client's part does not fit the server's: its IV is not the one the server's part takes."""
+
+    reason = Reason.CUT_MISMATCH
 
 
 class SessionNotFound(SplitError):

@@ -7,17 +7,15 @@ docs/multi_client.md describes the schemes and the protocol.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from splitlearning.contract import MAX_ID_LENGTH
 from splitlearning.errors import InvalidRequest
+from splitlearning.protocol import ID_PATTERN, MAX_ID_LENGTH
 from splitlearning.text import clip
 from splitlearning.v1 import split_learning_pb2 as pb
 
 # Group names name folders (the aggregator's state, the server's contributions): the session ids' rule.
-_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}")
 
 
 class Scheme(enum.Enum):
@@ -43,6 +41,32 @@ class Scheme(enum.Enum):
 
 
 SCHEMES = tuple(scheme.value for scheme in Scheme)
+
+
+class Action(enum.Enum):
+    """What a member does next, as a join answers it (JoinRoundResponse.action)."""
+
+    WAIT = "wait"
+    TRAIN = "train"
+    DONE = "done"
+
+    def to_proto(self) -> pb.JoinRoundResponse.Action.ValueType:
+        return _ACTION_CODES[self]
+
+    @staticmethod
+    def from_proto(code: int) -> Action:
+        """The action a join's answer carries; ValueError for a code this version does not know."""
+        for action, known in _ACTION_CODES.items():
+            if code == known:
+                return action
+        raise ValueError(f"unknown join action {code}")
+
+
+_ACTION_CODES = {
+    Action.WAIT: pb.JoinRoundResponse.ACTION_WAIT,
+    Action.TRAIN: pb.JoinRoundResponse.ACTION_TRAIN,
+    Action.DONE: pb.JoinRoundResponse.ACTION_DONE,
+}
 
 
 @dataclass(frozen=True)
@@ -130,7 +154,7 @@ def contributions(messages: Iterable[pb.Contribution]) -> tuple[Contribution, ..
 
 
 def check_name(group: str) -> None:
-    if not _NAME.fullmatch(group):
+    if not ID_PATTERN.fullmatch(group):
         raise InvalidRequest(
             f"group: expected 1 to {MAX_ID_LENGTH} letters, digits, '-' or '_', got '{clip(group, 40)}'"
         )

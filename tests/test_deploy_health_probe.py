@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from server_part.server import SERVICE_NAME
 from splitlearning import health_probe
+from splitlearning.protocol import SPLIT_SERVICE
 from tests.conftest import StartServer
 
 _PROBE_TIMEOUT = 60.0
@@ -25,7 +25,7 @@ def test_serving_server(split_pair: StartServer, capsys: pytest.CaptureFixture[s
     split = split_pair()
     assert health_probe.main(["--target", split.target]) == 0
     assert capsys.readouterr().out.strip() == f"{split.target}: SERVING"
-    assert health_probe.main(["--target", split.target, "--service", SERVICE_NAME]) == 0
+    assert health_probe.main(["--target", split.target, "--service", SPLIT_SERVICE]) == 0
 
 
 def test_stopped_server(split_pair: StartServer, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,8 @@ from client_part.retry import RetryPolicy
 from client_part.transport import RemoteError, Transport
 from server_part import SplitServer
 from splitlearning import codec
-from splitlearning.contract import CLIENT_ID_METADATA_KEY, Spec
+from splitlearning.contract import Spec
+from splitlearning.protocol import CLIENT_ID_METADATA_KEY
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, build_pair, make_data, make_loss

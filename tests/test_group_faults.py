@@ -33,7 +33,7 @@ from client_part.aggregator_link import AggregatorLink
 from client_part.retry import RetryPolicy
 from client_part.transport import RemoteError
 from splitlearning import part_state
-from splitlearning.groups import Scheme, Settings
+from splitlearning.groups import Action, Scheme, Settings
 from splitlearning.part_state import PartState
 from tests.faults_support import free_port, make_npz, spawn, stop, wait_for
 from tests.group_support import RUN_TIMEOUT, Run, assert_same, member_name
@@ -225,7 +225,7 @@ def test_aggregator_restarted_without_state_dir_says_the_rounds_were_lost(tmp_pa
     aggregator = spawn("aggregator", args, tmp_path / "aggregator.log")
     try:
         first = link.join(PartState([np.ones((2, 2), np.float32)]))  # a member's first join starts the group
-        assert (first.action, first.round) == ("train", 0)
+        assert (first.action, first.round) == (Action.TRAIN, 0)
         assert stop(aggregator, signal.SIGKILL) == -signal.SIGKILL
         aggregator = spawn("aggregator", args, tmp_path / "aggregator.log")
         with pytest.raises(RemoteError) as refused:

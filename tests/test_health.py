@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server_part.server import SERVICE_NAME
+from splitlearning.protocol import SPLIT_SERVICE
 from tests.conftest import StartServer
 from tests.raw_support import UNDECODABLE
 
@@ -24,7 +24,7 @@ def check(channel: grpc.Channel, service: str) -> int:
 
 
 def test_service_name() -> None:
-    assert SERVICE_NAME == "splitlearning.v1.SplitLearningService"
+    assert SPLIT_SERVICE == "splitlearning.v1.SplitLearningService"
 
 
 def test_serving_after_start(split_pair: StartServer) -> None:
@@ -47,7 +47,7 @@ def test_not_serving_then_unavailable_after_stop(split_pair: StartServer) -> Non
         stub = health_pb2_grpc.HealthStub(channel)
         watches = {
             service: stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
-            for service in ("", SERVICE_NAME)
+            for service in ("", SPLIT_SERVICE)
         }
         for stream in watches.values():
             assert next(stream).status == SERVING
@@ -73,7 +73,7 @@ def test_not_serving_then_unavailable_after_stop(split_pair: StartServer) -> Non
             assert NOT_SERVING in statuses, (service, statuses)
             assert SERVING not in statuses, (service, statuses)
 
-        for service in ("", SERVICE_NAME):
+        for service in ("", SPLIT_SERVICE):
             with pytest.raises(grpc.RpcError) as info:
                 check(channel, service)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -99,7 +99,7 @@ def test_restart_after_stop_serves_again(split_pair: StartServer) -> None:
     port = split.server.start("127.0.0.1:0")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         assert check(channel, "") == SERVING
-        assert check(channel, SERVICE_NAME) == SERVING
+        assert check(channel, SPLIT_SERVICE) == SERVING
 
 
 def test_bytes_that_are_no_message_are_invalid_argument_logged_once(

@@ -12,7 +12,7 @@ import pytest
 
 from server_part import SplitServer
 from splitlearning import codec, logs
-from splitlearning.contract import CLIENT_ID_METADATA_KEY, MAX_ID_LENGTH, PROTOCOL_VERSION
+from splitlearning.protocol import CLIENT_ID_METADATA_KEY, MAX_ID_LENGTH, PROTOCOL_VERSION
 from splitlearning.text import MESSAGE_LIMIT
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aggregator.server import Aggregator, AggregatorServer
 from server_part import SplitServer
 from splitlearning import codec
-from splitlearning.contract import CLIENT_ID_METADATA_KEY
+from splitlearning.protocol import CLIENT_ID_METADATA_KEY
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, NUM_CLASSES, build_top, make_loss

@@ -11,7 +11,7 @@ import pytest
 
 from server_part import SplitServer
 from splitlearning import codec
-from splitlearning.contract import PROTOCOL_VERSION
+from splitlearning.protocol import PROTOCOL_VERSION
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, NUM_CLASSES, build_top, make_loss

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server_part import SplitServer
-from splitlearning.contract import PROTOCOL_VERSION
+from splitlearning.protocol import PROTOCOL_VERSION
 from splitlearning.security import TlsConfig
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
