@@ -16,14 +16,14 @@ from aggregator.rounds import Rounds
 from aggregator.servicer import AggregatorServicer, add_to_server
 from aggregator.store import GroupStore
 from aggregator.telemetry import AggregatorTelemetry
-from server_part import admission
-from server_part.auth import TokenAuthInterceptor
-from server_part.health import add_health_to_server
-from server_part.prometheus import MetricsEndpoint, host_of
 from splitlearning import keepalive
 from splitlearning.addresses import bind
 from splitlearning.protocol import AGGREGATOR_SERVICE, MAX_STATE_BYTES
 from splitlearning.security import Secret, TlsConfig, describe, is_loopback
+from splitlearning.serving import admission
+from splitlearning.serving.auth import TokenAuthInterceptor
+from splitlearning.serving.health import add_health_to_server
+from splitlearning.serving.prometheus import MetricsEndpoint, host_of
 
 log = logging.getLogger(__name__)
 

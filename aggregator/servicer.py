@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 
 from aggregator.rounds import Next, Rounds
-from server_part.edge import guard, lenient, refusing_undecodable
 from splitlearning import groups, part_state
 from splitlearning.errors import InvalidRequest
 from splitlearning.groups import Settings
 from splitlearning.protocol import MAX_ID_LENGTH
+from splitlearning.serving.edge import guard, lenient, refusing_undecodable
 from splitlearning.v1 import split_learning_pb2 as pb
 
 
@@ -59,7 +59,7 @@ def _response(answer: Next, members: int) -> pb.JoinRoundResponse:
 
 
 def add_to_server(servicer: AggregatorServicer, server: grpc.Server) -> None:
-    """Register the service; bytes that are no request get INVALID_ARGUMENT (server_part/edge.py)."""
+    """Register the service; bytes that are no request get INVALID_ARGUMENT (splitlearning/serving/edge.py)."""
     service = pb.DESCRIPTOR.services_by_name["AggregatorService"]
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:

@@ -5,7 +5,7 @@ Times, as medians in ms over `--rounds` calls after a warm-up, on the same seede
   benchmark's metrics and its data pipeline, a callback stamping each step's end);
 - the uncut model's bare compiled training step (`tf.function`: forward, loss, gradients, Adam);
 - the client's step, `ClientTrainer.train`, its exchange answering at once with a fixed dLoss/dIV;
-- the server's step, `ServerTrainer.train` (the reply's part), and `settle` (its update, after the reply).
+- the server's step, `LossTrainer.train` (the reply's part), and `settle` (its update, after the reply).
 
 A split step that does no exchange still runs the client's step and the server's reply in turn, so
 uncut / (client + server reply) bounds R where the server's update runs beside the client's backward pass on
@@ -44,8 +44,8 @@ def main() -> None:
 
     from benchmarks.workloads import synthetic_mnist
     from client_part.trainer import ClientTrainer
-    from server_part.trainer import ServerTrainer
     from splitlearning.models import BUILTIN
+    from splitlearning.training.loss_trainer import LossTrainer
 
     pair = BUILTIN[args.model]
     x, y = synthetic_mnist(args.batch)
@@ -62,7 +62,7 @@ def main() -> None:
             value = loss(labels, uncut(inputs, training=True))
         optimizer.apply(tape.gradient(value, uncut.trainable_variables), uncut.trainable_variables)
 
-    server = ServerTrainer(pair.server(0), pair.loss, cli.make_optimizer("adam", 1e-3), ["accuracy"])
+    server = LossTrainer(pair.server(0), pair.loss, cli.make_optimizer("adam", 1e-3), ["accuracy"])
     iv_shape = (args.batch, *server.contract.iv.shape)
     iv = np.random.default_rng(1).standard_normal(iv_shape).astype(np.float32)
     gradient = (1e-4 * np.random.default_rng(2).standard_normal(iv_shape)).astype(np.float32)

@@ -2,7 +2,7 @@
 
 Per step, on the one training stream: the IV goes out (no labels) and the middle's outputs come back; the head
 runs forward, loss and backward here (with its own optimizer), dLoss/d(middle outputs) goes out and dLoss/dIV
-comes back for the bottom. The head's math is exactly the standard server part's (`ServerTrainer`: a compiled
+comes back for the bottom. The head's math is exactly the standard server part's (`LossTrainer`: a compiled
 Keras step with Keras's own loss, loss tracker and metrics), run in this process.
 """
 
@@ -15,15 +15,15 @@ import keras
 import numpy as np
 
 from client_part.transport import Transport
-from server_part.trainer import ServerTrainer
 from splitlearning.contract import Spec
 from splitlearning.models import ModelSource
+from splitlearning.training.loss_trainer import LossTrainer
 
 
 class UShapeLink:
     """A `Link` that finishes the model locally: `transport` reaches the server's middle, `head` is local."""
 
-    def __init__(self, transport: Transport, head: ServerTrainer) -> None:
+    def __init__(self, transport: Transport, head: LossTrainer) -> None:
         self._transport = transport
         self.head = head
         # The head's update of the step in flight: a retried step (its backward exchange failed) runs the
@@ -59,9 +59,9 @@ def build_head(
     metrics: Sequence[Any] | None,
     device: str,
     label_spec: Spec | None,
-) -> ServerTrainer:
+) -> LossTrainer:
     """The head part compiled with its loss and metrics, and an optimizer of its own (a copy of `optimizer`)."""
-    return ServerTrainer(head, loss, _own_copy(optimizer), metrics, device, label_spec)
+    return LossTrainer(head, loss, _own_copy(optimizer), metrics, device, label_spec)
 
 
 def _own_copy(optimizer: Any) -> Any:

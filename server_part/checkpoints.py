@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 
 from server_part.middle_trainer import MiddleTrainer
-from server_part.trainer import ServerTrainer
 from splitlearning.checkpoint import StepCheckpoints
+from splitlearning.training.loss_trainer import LossTrainer
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class ServerCheckpoints:
     """Saves `trainer` in `directory` every `every` steps (0: only when asked) and restores any kept step."""
 
     def __init__(
-        self, directory: Path, trainer: ServerTrainer | MiddleTrainer, every: int = 1, max_to_keep: int = 5
+        self, directory: Path, trainer: LossTrainer | MiddleTrainer, every: int = 1, max_to_keep: int = 5
     ) -> None:
         if every < 0:
             raise ValueError(f"checkpoint interval must be >= 0 steps, got {every}")
@@ -72,7 +72,7 @@ class SessionStore:
         """Whether `session_id` has checkpoints here (a session to resume)."""
         return (self.root / session_id / "checkpoint").is_file()
 
-    def open(self, session_id: str, trainer: ServerTrainer | MiddleTrainer) -> ServerCheckpoints:
+    def open(self, session_id: str, trainer: LossTrainer | MiddleTrainer) -> ServerCheckpoints:
         return ServerCheckpoints(self.root / session_id, trainer, self.every, self.max_to_keep)
 
     def sessions(self) -> list[str]:

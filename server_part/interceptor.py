@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 
-from server_part.edge import Undecodable
 from server_part.telemetry import ServerTelemetry
 from splitlearning import logs
+from splitlearning.serving.edge import Undecodable
 from splitlearning.text import clip
 
 log = logging.getLogger(__name__)

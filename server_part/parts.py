@@ -15,10 +15,10 @@ import keras
 import numpy as np
 
 from server_part.middle_trainer import MiddleTrainer
-from server_part.trainer import ServerTrainer, fresh
 from splitlearning.models import ModelSource
+from splitlearning.training.loss_trainer import LossTrainer, fresh
 
-Trainer: TypeAlias = ServerTrainer | MiddleTrainer
+Trainer: TypeAlias = LossTrainer | MiddleTrainer
 
 # Trainers of ended sessions kept for later sessions (each holds a part, its optimizer and traced steps).
 IDLE_TRAINERS = 4
@@ -48,7 +48,7 @@ class PartFactory:
         self._device = device
         self._initial = [np.array(w) for w in first.model.get_weights()]
         self._template = first.model
-        if isinstance(first, ServerTrainer):
+        if isinstance(first, LossTrainer):
             self._settings: dict[str, Any] = {
                 "loss": first.loss,
                 "optimizer": first.optimizer,
@@ -94,8 +94,8 @@ class PartFactory:
             settings["metrics"] = [fresh(metric) for metric in settings["metrics"]]
         with _BUILD_LOCK:
             trainer: Trainer
-            if self._kind is ServerTrainer:
-                trainer = ServerTrainer(self._build, device=self._device, **settings)
+            if self._kind is LossTrainer:
+                trainer = LossTrainer(self._build, device=self._device, **settings)
             else:
                 trainer = MiddleTrainer(self._build, device=self._device, **settings)
         if self._fresh is None:  # as built, before any step

@@ -11,20 +11,15 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from server_part import admission
-from server_part.auth import TokenAuthInterceptor
 from server_part.checkpoints import SessionStore
 from server_part.contributions import Contributions
-from server_part.health import add_health_to_server
 from server_part.interceptor import TelemetryInterceptor
 from server_part.middle_trainer import MiddleTrainer
 from server_part.parts import PartFactory, Trainer
-from server_part.prometheus import MetricsEndpoint, host_of
 from server_part.servicer import SplitLearningServicer, add_to_server
 from server_part.session import Limits, Session
 from server_part.sessions import SessionRegistry
 from server_part.telemetry import ServerTelemetry
-from server_part.trainer import ServerTrainer
 from splitlearning import encodings, keepalive
 from splitlearning.addresses import bind
 from splitlearning.contract import CutMode, Spec
@@ -32,7 +27,12 @@ from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
 from splitlearning.protocol import AGGREGATOR_SERVICE, MESSAGE_OVERHEAD, SPLIT_SERVICE
 from splitlearning.security import Secret, TlsConfig, describe, is_loopback
+from splitlearning.serving import admission
+from splitlearning.serving.auth import TokenAuthInterceptor
+from splitlearning.serving.health import add_health_to_server
+from splitlearning.serving.prometheus import MetricsEndpoint, host_of
 from splitlearning.telemetry import learning_rate_of
+from splitlearning.training.loss_trainer import LossTrainer
 
 if TYPE_CHECKING:
     from aggregator.server import Aggregator
@@ -100,7 +100,7 @@ class SplitServer:
                 raise ValueError("a U-shaped middle takes no loss, metrics or label_spec: the client's head owns them")
             self.trainer = MiddleTrainer(model, optimizer, self.device)
         else:
-            self.trainer = ServerTrainer(model, loss, optimizer, metrics, self.device, label_spec)
+            self.trainer = LossTrainer(model, loss, optimizer, metrics, self.device, label_spec)
         store = SessionStore(Path(checkpoint_dir), checkpoint_every, checkpoint_keep) if checkpoint_dir else None
         self.telemetry = ServerTelemetry(self.trainer.metric_names, log_dir, log_every, self._learning_rate)
         self.sessions = SessionRegistry(

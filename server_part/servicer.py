@@ -11,7 +11,6 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from server_part.edge import Undecodable, abort, guard, lenient, refuse_undecodable, refusing_undecodable
 from server_part.session import HalfStep, Session
 from server_part.sessions import SessionRegistry, check_version
 from splitlearning import codec, encodings, framing
@@ -26,6 +25,7 @@ from splitlearning.contract import (
 from splitlearning.errors import InvalidRequest, PreconditionFailed
 from splitlearning.groups import Membership
 from splitlearning.protocol import CLIENT_ID_METADATA_KEY, MAX_ID_LENGTH
+from splitlearning.serving.edge import Undecodable, abort, guard, lenient, refuse_undecodable, refusing_undecodable
 from splitlearning.v1 import split_learning_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,6 @@ from server_part.checkpoints import ServerCheckpoints
 from server_part.middle_trainer import NOT_STANDARD, MiddleTrainer, PendingStep
 from server_part.parts import Trainer
 from server_part.replies import ReplyCache, StepKind
-from server_part.trainer import ServerTrainer
 from splitlearning import encodings
 from splitlearning.codec import EncodingCode
 from splitlearning.contract import CutMode
@@ -43,6 +42,7 @@ from splitlearning.errors import (
 )
 from splitlearning.groups import Membership
 from splitlearning.text import clip
+from splitlearning.training.loss_trainer import LossTrainer
 
 log = logging.getLogger(__name__)
 
@@ -472,12 +472,12 @@ class Session:
 
     def _discard_micro(self) -> None:
         """Drop the partial gradients of a pipelined step that will not be finished."""
-        if self._micro.next and isinstance(self.trainer, ServerTrainer):
+        if self._micro.next and isinstance(self.trainer, LossTrainer):
             self.trainer.discard_micro()
         self._micro = _MicroStep()
 
-    def _standard(self) -> ServerTrainer:
-        if not isinstance(self.trainer, ServerTrainer):
+    def _standard(self) -> LossTrainer:
+        if not isinstance(self.trainer, LossTrainer):
             raise PreconditionFailed(NOT_STANDARD)
         return self.trainer
 

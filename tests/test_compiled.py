@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from server_part.trainer import ServerTrainer
 from splitlearning.compiled import Compiled, aligned_empty, to_tensor
+from splitlearning.training.loss_trainer import LossTrainer
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_a_weight_without_gradient_is_left_alone_as_fit_leaves_it() -> None:
     inputs = keras.Input((5,))
     model = keras.Model(inputs, _WithSpareWeight()(inputs))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    trainer = ServerTrainer(model, loss, keras.optimizers.SGD(0.1), [])
+    trainer = LossTrainer(model, loss, keras.optimizers.SGD(0.1), [])
     iv = np.random.default_rng(0).random((4, 5)).astype("float32")
     kernel = model.layers[1].kernel.numpy()
     for _ in range(2):
@@ -139,12 +139,12 @@ def test_a_weight_without_gradient_is_left_alone_as_fit_leaves_it() -> None:
 
 @pytest.mark.filterwarnings("ignore:Gradients do not exist")
 def test_a_weight_without_gradient_is_left_alone_by_pipelined_steps_too() -> None:
-    def trainer() -> tuple[ServerTrainer, keras.Model]:
+    def trainer() -> tuple[LossTrainer, keras.Model]:
         keras.utils.set_random_seed(3)
         inputs = keras.Input((5,))
         model = keras.Model(inputs, _WithSpareWeight()(inputs))
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        return ServerTrainer(model, loss, keras.optimizers.Adam(0.1), []), model
+        return LossTrainer(model, loss, keras.optimizers.Adam(0.1), []), model
 
     iv = np.random.default_rng(0).random((4, 5)).astype("float32")
     labels = np.array([0, 1, 2, 1])

@@ -14,13 +14,13 @@ import tensorflow as tf
 
 from server_part import SplitServer
 from server_part.checkpoints import ServerCheckpoints
-from server_part.trainer import ServerTrainer
+from splitlearning.training.loss_trainer import LossTrainer
 from tests.conftest import CUT_DIM, build_top, make_loss
 from tests.test_faults_exactly_once import join, step_request, stub_for
 
 
-def _trainer(seed: int = 3) -> ServerTrainer:
-    return ServerTrainer(build_top("plain", seed), make_loss(), "adam", ["accuracy"])
+def _trainer(seed: int = 3) -> LossTrainer:
+    return LossTrainer(build_top("plain", seed), make_loss(), "adam", ["accuracy"])
 
 
 def _batch(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,7 +28,7 @@ def _batch(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.normal(size=(4, CUT_DIM)).astype("float32"), rng.integers(0, 3, 4).astype("int64")
 
 
-def _raw_iterations(trainer: ServerTrainer) -> int:
+def _raw_iterations(trainer: LossTrainer) -> int:
     return int(trainer.optimizer.iterations.numpy())  # the variable itself: no settling
 
 
@@ -77,7 +77,7 @@ def test_the_reply_does_not_wait_for_the_update_and_the_next_step_does() -> None
     server = SplitServer(build_top("plain", 5), make_loss(), "adam", ["accuracy"])
     server.bound_port = server.start("127.0.0.1:0")  # type: ignore[attr-defined]
     trainer = server.trainer
-    assert isinstance(trainer, ServerTrainer)
+    assert isinstance(trainer, LossTrainer)
     release, started = threading.Event(), threading.Event()
     apply = trainer._apply_fn
 

@@ -1,4 +1,5 @@
-"""The second part's training math: compiled TensorFlow calls, numpy in and out, no gRPC.
+"""The training math of a part that ends in the loss (the server's part of a standard cut, the U-shaped client's
+head): compiled TensorFlow calls, numpy in and out, no gRPC.
 
 The received IV is watched by the tape and `tape.gradient(loss, [*weights, iv])` yields the weight gradients
 and dLoss/dIV from one forward pass. Loss, regularisation and metrics are Keras's own (the model is compiled
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 _SPARSE_LOSSES = {"sparse_categorical_crossentropy", "SparseCategoricalCrossentropy"}
 
 
-class ServerTrainer:
+class LossTrainer:
     """Holds the second part of the model, its loss, optimizer and metrics, on one device."""
 
     def __init__(

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
-from server_part.edge import Undecodable
+from splitlearning.serving.edge import Undecodable
 from splitlearning.text import clip
 
 log = logging.getLogger(__name__)

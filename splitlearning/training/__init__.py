@@ -1,0 +1,2 @@
+"""Training classes that more than one role uses, pure TensorFlow/Keras with no gRPC: `LossTrainer` trains a
+part that ends in the loss (the server's part of a standard cut, the U-shaped client's head)."""
