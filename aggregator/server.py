@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent import futures
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry
 
 from aggregator.rounds import Rounds
 from aggregator.servicer import AggregatorServicer, add_to_server
 from aggregator.store import GroupStore
 from aggregator.telemetry import AggregatorTelemetry
-from splitlearning import keepalive
-from splitlearning.addresses import bind
 from splitlearning.protocol import AGGREGATOR_SERVICE, MAX_STATE_BYTES
-from splitlearning.security import Secret, TlsConfig, describe, is_loopback
-from splitlearning.serving import admission
-from splitlearning.serving.auth import TokenAuthInterceptor
-from splitlearning.serving.health import add_health_to_server
-from splitlearning.serving.prometheus import MetricsEndpoint, host_of
+from splitlearning.security import Secret, TlsConfig, describe
+from splitlearning.serving.host import Host, HostConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +58,21 @@ class Aggregator:
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
+    # -- a `Mount` (splitlearning/serving/host.py): served alone, or mounted in a SplitServer ---------------------
+
+    service_names = (AGGREGATOR_SERVICE,)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """A member's first part travels in one message."""
+        return self.max_state_bytes
+
     def add_to(self, server: grpc.Server) -> None:
-        """Register the service on `server` and start closing overdue rounds."""
+        """Register the service on `server`."""
         add_to_server(AggregatorServicer(self.rounds), server)
+
+    def start(self) -> None:
+        """Start closing overdue rounds."""
         if self._ticker is None:
             self._stop.clear()
             self._ticker = threading.Thread(target=self._tick, name="split-rounds", daemon=True)
@@ -105,75 +110,42 @@ class AggregatorServer:
     ) -> None:
         self.aggregator = aggregator
         self.tls = tls
-        self._auth_token = Secret(auth_token) if isinstance(auth_token, str) else auth_token
-        # Each member holds at most one call (a join that waits, or a submission), and a few spare.
-        self._max_workers = max_workers if max_workers is not None else 2 * aggregator.rounds.members + 4
-        self._metrics_request = (metrics_host, metrics_port)
-        self._metrics: MetricsEndpoint | None = None
-        self._server: grpc.Server | None = None
-        self._health = health.HealthServicer()
+        token = Secret(auth_token) if isinstance(auth_token, str) else auth_token
+        config = HostConfig(
+            "split-agg",
+            # Each member holds at most one call (a join that waits, or a submission), and a few spare.
+            max_workers if max_workers is not None else 2 * aggregator.rounds.members + 4,
+            clear_text="first-part weights",
+            tls=tls,
+            auth_token=token,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+        )
+        self.host = Host(config, [aggregator], aggregator.registry)
 
     @property
     def metrics_port(self) -> int | None:
-        return self._metrics.port if self._metrics is not None else None
+        return self.host.metrics_port
 
     def start(self, address: str = "127.0.0.1:0") -> int:
-        if self._server is not None:
-            raise RuntimeError("this aggregator is already started")
-        gate = admission.AdmissionInterceptor(self._max_workers)
-        server = grpc.server(
-            futures.ThreadPoolExecutor(self._max_workers + admission.EXTRA_THREADS, thread_name_prefix="split-agg"),
-            options=[
-                ("grpc.max_receive_message_length", self.aggregator.max_state_bytes),
-                ("grpc.max_send_message_length", self.aggregator.max_state_bytes),
-                ("grpc.so_reuseport", 0),
-                *keepalive.server_options(keepalive.SERVER_MIN_PING_MS),
-            ],
-            interceptors=[*([TokenAuthInterceptor(self._auth_token)] if self._auth_token else []), gate],
-        )
-        self.aggregator.add_to(server)
-        self._health = health.HealthServicer()
-        add_health_to_server(self._health, server)
-        port = bind(server, address, self.tls)
-        server.start()
-        self._server = server
-        host, metrics_port = self._metrics_request
-        if metrics_port is not None:
-            self._metrics = MetricsEndpoint(self.aggregator.registry, host or host_of(address), metrics_port)
-        for name in ("", AGGREGATOR_SERVICE):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        port = self.host.start(address)
         log.info(
             "serving %s on %s (port %d, %s): %s",
             AGGREGATOR_SERVICE,
             address,
             port,
-            describe(self.tls, self._auth_token),
+            describe(self.tls, self.host.config.auth_token),
             self.aggregator.describe(),
         )
-        if self.tls is None and not is_loopback(address):
-            log.warning(
-                "INSECURE: serving without TLS on non-loopback address %s: first-part weights cross the network in "
-                "clear text; pass --tls-cert/--tls-key (and --tls-ca for mutual TLS)",
-                address,
-            )
+        self.host.warn_if_insecure(address)
         return port
 
     def wait(self, timeout: float | None = None) -> bool:
-        if self._server is None:
-            raise RuntimeError("this aggregator is not started")
-        return bool(self._server.wait_for_termination(timeout))
+        return self.host.wait(timeout)
 
     def stop(self, grace: float | None = 5.0) -> None:
-        if self._server is None:
-            return
-        self._health.enter_graceful_shutdown()
-        self.aggregator.stop()
-        self._server.stop(grace).wait(None if grace is None else grace + 2.0)
-        self._server = None
-        if self._metrics is not None:
-            self._metrics.stop()
-            self._metrics = None
-        log.info("stopped")
+        if self.host.stop(grace):
+            log.info("stopped")
 
     def __enter__(self) -> AggregatorServer:
         return self

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from server_part.middle_trainer import MiddleTrainer
-from splitlearning.checkpoint import StepCheckpoints
+from splitlearning.checkpoint import StepCheckpoints, latest_step
 from splitlearning.training.loss_trainer import LossTrainer
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class SessionStore:
     def holds(self, session_id: str) -> bool:
         """Whether `session_id` has checkpoints here (a session to resume)."""
         return (self.root / session_id / "checkpoint").is_file()
+
+    def latest(self, session_id: str) -> int | None:
+        """The step of `session_id`'s latest checkpoint here (its final step, once it left memory)."""
+        return latest_step(self.root / session_id) if self.holds(session_id) else None
 
     def open(self, session_id: str, trainer: LossTrainer | MiddleTrainer) -> ServerCheckpoints:
         return ServerCheckpoints(self.root / session_id, trainer, self.every, self.max_to_keep)

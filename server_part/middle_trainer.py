@@ -20,10 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 from splitlearning.compiled import Compiled
-from splitlearning.contract import CutContract, Spec
+from splitlearning.contract import CutContract, CutMode, Spec
 from splitlearning.devices import describe_placement
 from splitlearning.errors import PreconditionFailed
 from splitlearning.models import ModelSource, materialize
+from splitlearning.training.loss_trainer import fresh
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class PendingStep:
 
 class MiddleTrainer:
     """Holds the middle part of a U-shaped model and its optimizer, on one device; it never sees a label."""
+
+    mode = CutMode.USHAPE
 
     metric_names: list[str] = []  # noqa: RUF012 (read-only: the loss and metrics live on the client)
     num_classes: int | None = None
@@ -81,6 +84,10 @@ class MiddleTrainer:
         return int(self.optimizer.iterations.numpy())
 
     reusable = True  # nothing here can break a trainer for good
+
+    def copy(self, model: ModelSource, device: str) -> MiddleTrainer:
+        """A new trainer of `model` set up as this one: a new optimizer configured as its own (none of its state)."""
+        return MiddleTrainer(model, fresh(self.optimizer), device)
 
     def reset(self, variables: Sequence[np.ndarray], optimizer: Sequence[np.ndarray]) -> None:
         """Back to where a new session starts, keeping the traced steps: the model's `variables` (weights, seed

@@ -9,14 +9,14 @@ No gRPC here.
 from __future__ import annotations
 
 import threading
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import keras
 import numpy as np
 
 from server_part.middle_trainer import MiddleTrainer
 from splitlearning.models import ModelSource
-from splitlearning.training.loss_trainer import LossTrainer, fresh
+from splitlearning.training.loss_trainer import LossTrainer
 
 Trainer: TypeAlias = LossTrainer | MiddleTrainer
 
@@ -48,16 +48,6 @@ class PartFactory:
         self._device = device
         self._initial = [np.array(w) for w in first.model.get_weights()]
         self._template = first.model
-        if isinstance(first, LossTrainer):
-            self._settings: dict[str, Any] = {
-                "loss": first.loss,
-                "optimizer": first.optimizer,
-                "metrics": first.metric_settings,
-                "label_spec": first.label_spec,
-            }
-        else:
-            self._settings = {"optimizer": first.optimizer}
-        self._kind = type(first)
         self._lock = threading.Lock()
 
     @property
@@ -89,15 +79,8 @@ class PartFactory:
                 self._idle.append(trainer)
 
     def _copy(self) -> Trainer:
-        settings = {key: fresh(value) for key, value in self._settings.items()}
-        if "metrics" in settings:
-            settings["metrics"] = [fresh(metric) for metric in settings["metrics"]]
         with _BUILD_LOCK:
-            trainer: Trainer
-            if self._kind is LossTrainer:
-                trainer = LossTrainer(self._build, device=self._device, **settings)
-            else:
-                trainer = MiddleTrainer(self._build, device=self._device, **settings)
+            trainer = self._user.copy(self._build, self._device)
         if self._fresh is None:  # as built, before any step
             self._fresh = (
                 [np.array(v.numpy()) for v in trainer.model.variables],

@@ -4,38 +4,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import grpc
-from grpc_health.v1 import health, health_pb2
+from typing import Any
 
 from server_part.checkpoints import SessionStore
 from server_part.contributions import Contributions
 from server_part.interceptor import TelemetryInterceptor
 from server_part.middle_trainer import MiddleTrainer
 from server_part.parts import PartFactory, Trainer
-from server_part.servicer import SplitLearningServicer, add_to_server
+from server_part.servicer import SessionsMount
 from server_part.session import Limits, Session
 from server_part.sessions import SessionRegistry
 from server_part.telemetry import ServerTelemetry
 from splitlearning import encodings, keepalive
-from splitlearning.addresses import bind
 from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
-from splitlearning.protocol import AGGREGATOR_SERVICE, MESSAGE_OVERHEAD, SPLIT_SERVICE
-from splitlearning.security import Secret, TlsConfig, describe, is_loopback
-from splitlearning.serving import admission
-from splitlearning.serving.auth import TokenAuthInterceptor
-from splitlearning.serving.health import add_health_to_server
-from splitlearning.serving.prometheus import MetricsEndpoint, host_of
+from splitlearning.protocol import MESSAGE_OVERHEAD, SPLIT_SERVICE
+from splitlearning.security import Secret, TlsConfig, describe
+from splitlearning.serving.host import Host, HostConfig, Mount
 from splitlearning.telemetry import learning_rate_of
 from splitlearning.training.loss_trainer import LossTrainer
-
-if TYPE_CHECKING:
-    from aggregator.server import Aggregator
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +79,11 @@ class SplitServer:
         max_sessions: int = 16,
         session_idle_timeout: float = 3600.0,
         on_session_end: Callable[[Session], None] | None = None,
-        aggregator: Aggregator | None = None,
+        aggregator: Mount | None = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.cut = CutMode(cut)
         self.trainer: Trainer
-        if self.cut is CutMode.USHAPE:
+        if CutMode(cut) is CutMode.USHAPE:
             if loss is not None or metrics or label_spec is not None:
                 raise ValueError("a U-shaped middle takes no loss, metrics or label_spec: the client's head owns them")
             self.trainer = MiddleTrainer(model, optimizer, self.device)
@@ -121,12 +109,15 @@ class SplitServer:
         self._min_ping_interval_ms = min_ping_interval_ms
         # Each training client holds its stream and at most one unary call (validation) at a time.
         self._max_workers = max_workers if max_workers is not None else 2 * max_sessions + 2
-        self._server: grpc.Server | None = None
-        self._health = health.HealthServicer()
         self._metrics_request = (metrics_host, metrics_port)
-        self._metrics: MetricsEndpoint | None = None
+        self.host: Host | None = None  # while serving, and after
         self.tls = tls
         self._auth_token = Secret(auth_token) if isinstance(auth_token, str) else auth_token
+
+    @property
+    def cut(self) -> CutMode:
+        """The cut this server's part is made for (its trainer's)."""
+        return self.trainer.mode
 
     @property
     def model(self) -> Any:
@@ -173,57 +164,43 @@ class SplitServer:
     @property
     def admission_threads(self) -> int:
         """The most threads the server's calls use: a slot each of every budget, and a few for refusals."""
-        return self._max_workers + admission.EXTRA_THREADS
+        return self._host_config().threads
 
     @property
     def metrics_port(self) -> int | None:
         """The bound port of the Prometheus endpoint while serving, else None."""
-        return self._metrics.port if self._metrics is not None else None
+        return self.host.metrics_port if self.host is not None else None
+
+    def _host_config(self) -> HostConfig:
+        metrics_host, metrics_port = self._metrics_request
+        return HostConfig(
+            "split-rpc",
+            self._max_workers,
+            clear_text="activations, gradients",
+            tls=self.tls,
+            auth_token=self._auth_token,
+            max_receive_bytes=self.max_message_bytes,
+            max_send_bytes=self.max_reply_bytes,
+            min_ping_interval_ms=self._min_ping_interval_ms,
+            # Calls one connection may have open: a client needs a few.
+            max_concurrent_streams=MAX_STREAMS_PER_CONNECTION,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+        )
 
     def start(self, address: str = "127.0.0.1:0") -> int:
         """Bind `address` and start serving; return the bound port (useful with port 0)."""
-        if self._server is not None:
+        if self.host is not None and self.host.serving:
             raise RuntimeError("this server is already started")
-        limit, reply_limit = self.max_message_bytes, self.max_reply_bytes
-        if self.aggregator is not None:  # a member's first part travels in one message
-            limit, reply_limit = (
-                max(limit, self.aggregator.max_state_bytes),
-                max(reply_limit, self.aggregator.max_state_bytes),
-            )
-        # Admission, not gRPC's `maximum_concurrent_rpcs` (which counted calls still waiting for their request,
-        # the unauthenticated ones included): a budget per kind of call, a thread per slot (admission.py).
-        self.admission = admission.AdmissionInterceptor(self._max_workers)
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.admission_threads, thread_name_prefix="split-rpc"),
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", reply_limit),
-                # Calls one connection may have open: a client needs a few; bounds what one connection holds.
-                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-                ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share its clients
-                *keepalive.server_options(self._min_ping_interval_ms),
-            ],
-            # The token check first, from the metadata: an unauthenticated call reaches nothing else.
-            interceptors=[
-                *([TokenAuthInterceptor(self._auth_token)] if self._auth_token is not None else []),
-                self.admission,
-                TelemetryInterceptor(SPLIT_SERVICE, self.telemetry, lambda: self.sessions.compute_seconds),
-            ],
+        compute_seconds = lambda: self.sessions.compute_seconds  # noqa: E731
+        self.host = Host(
+            self._host_config(),
+            # The aggregator first: it stops (no more rounds) before the sessions are unloaded.
+            [*([self.aggregator] if self.aggregator is not None else []), SessionsMount(self.sessions)],
+            self.telemetry.registry,
+            [TelemetryInterceptor(SPLIT_SERVICE, self.telemetry, compute_seconds)],
         )
-        add_to_server(SplitLearningServicer(self.sessions), server)
-        if self.aggregator is not None:
-            self.aggregator.add_to(server)
-        self._health = health.HealthServicer()  # a stopped one ignores set(): each start gets its own
-        add_health_to_server(self._health, server)  # bytes that are no message: INVALID_ARGUMENT
-        port = bind(server, address, self.tls)
-        self.sessions.start()
-        server.start()
-        self._server = server
-        metrics_host, metrics_port = self._metrics_request
-        if metrics_port is not None:
-            self._metrics = MetricsEndpoint(self.telemetry.registry, metrics_host or host_of(address), metrics_port)
-        for name in ("", SPLIT_SERVICE, *([AGGREGATOR_SERVICE] if self.aggregator is not None else [])):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        port = self.host.start(address)
         log.info(
             "serving %s on %s (port %d, %s cut, %s), up to %d sessions%s",
             SPLIT_SERVICE,
@@ -239,37 +216,20 @@ class SplitServer:
                 "aggregating multi-client rounds here too (%s): the members' first parts reach this server",
                 self.aggregator.describe(),
             )
-        if self.tls is None and not is_loopback(address):
-            log.warning(
-                "INSECURE: serving without TLS on non-loopback address %s: activations, gradients%s cross the "
-                "network in clear text; pass --tls-cert/--tls-key (and --tls-ca for mutual TLS)",
-                address,
-                " and the bearer token" if self._auth_token is not None else "",
-            )
+        self.host.warn_if_insecure(address)
         return port
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or `timeout` passes); True if it stopped."""
-        if self._server is None:
+        if self.host is None:
             raise RuntimeError("this server is not started")
-        return bool(self._server.wait_for_termination(timeout))
+        return self.host.wait(timeout)
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Stop serving: health turns NOT_SERVING, the step in flight finishes, later steps are refused
         (UNAVAILABLE: the client retries), a checkpoint is saved, then RPCs get `grace` seconds to finish."""
-        if self._server is None:
+        if self.host is None or not self.host.stop(grace):
             return
-        self._health.enter_graceful_shutdown()
-        if self.aggregator is not None:
-            self.aggregator.stop()
-        self.sessions.stop()
-        # Bounded: RPCs still open after `grace` are cancelled, and the process must not hang on a stuck one.
-        if not self._server.stop(grace).wait(None if grace is None else grace + 2.0):
-            log.warning("RPCs did not finish within %g s of the grace period; stopping anyway", grace)
-        self._server = None
-        if self._metrics is not None:
-            self._metrics.stop()
-            self._metrics = None
         self.telemetry.close()
         log.info("stopped")
 

@@ -24,7 +24,7 @@ from splitlearning.contract import (
 )
 from splitlearning.errors import InvalidRequest, PreconditionFailed
 from splitlearning.groups import Membership
-from splitlearning.protocol import CLIENT_ID_METADATA_KEY, MAX_ID_LENGTH
+from splitlearning.protocol import CLIENT_ID_METADATA_KEY, MAX_ID_LENGTH, SPLIT_SERVICE
 from splitlearning.serving.edge import Undecodable, abort, guard, lenient, refuse_undecodable, refusing_undecodable
 from splitlearning.v1 import split_learning_pb2 as pb
 
@@ -259,6 +259,28 @@ def _one_session(frames: Iterator[TrainFrame], session_id: str, context: grpc.Se
                 "names; open a stream per session",
             )
         yield frame
+
+
+class SessionsMount:
+    """The split-learning service over a session registry, as a `Host` (splitlearning/serving/host.py) serves it."""
+
+    service_names = (SPLIT_SERVICE,)
+    max_message_bytes = 0  # the server sizes its limits from the cut contract (SplitServer.max_message_bytes)
+
+    def __init__(self, sessions: SessionRegistry) -> None:
+        self.sessions = sessions
+
+    def add_to(self, server: grpc.Server) -> None:
+        add_to_server(SplitLearningServicer(self.sessions), server)
+
+    def start(self) -> None:
+        self.sessions.start()
+
+    def stop(self) -> None:
+        self.sessions.stop()
+
+    def describe(self) -> str:
+        return f"up to {self.sessions.max_sessions} sessions"
 
 
 def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:

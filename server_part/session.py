@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -123,7 +124,7 @@ class Session:
 
     @property
     def mode(self) -> CutMode:
-        return CutMode.USHAPE if isinstance(self.trainer, MiddleTrainer) else CutMode.STANDARD
+        return self.trainer.mode
 
     @property
     def holder(self) -> str | None:
@@ -472,21 +473,21 @@ class Session:
 
     def _discard_micro(self) -> None:
         """Drop the partial gradients of a pipelined step that will not be finished."""
-        if self._micro.next and isinstance(self.trainer, LossTrainer):
-            self.trainer.discard_micro()
+        if self._micro.next and self.mode is CutMode.STANDARD:
+            self._standard().discard_micro()
         self._micro = _MicroStep()
 
     def _standard(self) -> LossTrainer:
-        if not isinstance(self.trainer, LossTrainer):
+        if self.mode is not CutMode.STANDARD:
             raise PreconditionFailed(NOT_STANDARD)
-        return self.trainer
+        return cast(LossTrainer, self.trainer)
 
     def _middle(self) -> MiddleTrainer:
-        if not isinstance(self.trainer, MiddleTrainer):
+        if self.mode is not CutMode.USHAPE:
             raise PreconditionFailed(
                 "this server holds the top of a standard cut: send iv with labels, not a U-shaped step"
             )
-        return self.trainer
+        return cast(MiddleTrainer, self.trainer)
 
     def _check_iv(self, iv: np.ndarray) -> int:
         batch = self.trainer.contract.iv.check_batch(iv, "iv")

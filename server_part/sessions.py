@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 from server_part.checkpoints import SessionStore
 from server_part.contributions import Contributions
-from server_part.middle_trainer import MiddleTrainer
 from server_part.parts import PartFactory, Trainer
 from server_part.session import Limits, Session
 from splitlearning import encodings, part_state
@@ -96,8 +95,8 @@ class SessionRegistry:
         self._on_close = on_close
         self.contributions = contributions if contributions is not None else Contributions()
         self._sessions: dict[str, Session] = {}
-        # Group sessions closed with a contribution: id -> (samples, steps), so a resent close is answered again.
-        self._contributed: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # Group sessions closed with a contribution: id -> (samples, the reply), so a resent close is answered again.
+        self._contributed: OrderedDict[str, tuple[int, Closed]] = OrderedDict()
         self._opening = 0  # sessions being built or loaded now, counted against the limit
         self._lock = threading.Lock()  # guards the dict and the count, never held while a part is built
         self._load_lock = threading.Lock()  # one load from checkpoints at a time (so one session, one copy)
@@ -109,7 +108,7 @@ class SessionRegistry:
 
     @property
     def mode(self) -> CutMode:
-        return CutMode.USHAPE if isinstance(self.template, MiddleTrainer) else CutMode.STANDARD
+        return self.template.mode
 
     @property
     def compute_seconds(self) -> float:
@@ -287,12 +286,13 @@ class SessionRegistry:
                     f"contribute_samples: session {session_id} trains no group round (it is not in memory and has "
                     "checkpoints, which a group round's session never keeps)"
                 ) from None
-            return Closed(0, True)
+            assert self.store is not None  # only a store's sessions are unloaded rather than gone
+            return Closed(self.store.latest(session_id) or 0, True)
         except SessionNotFound:
             with self._lock:
                 done = self._contributed.get(session_id)
             if contribute_samples and done is not None and done[0] == contribute_samples:
-                return Closed(done[1], False)
+                return done[1]
             raise
         if session.holder not in (None, client_id) and session.idle_seconds(time.monotonic()) is None:
             raise PreconditionFailed(
@@ -312,7 +312,7 @@ class SessionRegistry:
             optimizer = trainer.optimizer if membership.scheme.carries_optimizer else None
             self.contributions.put(membership, contribute_samples, part_state.capture(trainer.model, optimizer))
             with self._lock:
-                self._contributed[closed.id] = (contribute_samples, closed.next_step)
+                self._contributed[closed.id] = (contribute_samples, Closed(closed.next_step, False))
                 while len(self._contributed) > _CONTRIBUTED_KEPT:
                     self._contributed.popitem(last=False)
 

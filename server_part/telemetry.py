@@ -233,21 +233,24 @@ class ServerTelemetry:
             series = self._series.pop(session, None)
         if series is None:
             return
-        if series.tensorboard is not None:
-            series.tensorboard.close()
+        self._end_run(series)
         for family in (self.session_steps, self.step_gauge):
             family.remove(session)
         for name in self.metric_names:
             self.metric_gauge.remove(session, name)
 
     def close(self) -> None:
+        """The server stopped: close every session's epoch and TensorBoard run. Their labelled series stay (the
+        sessions are still in memory, and a server started again goes on with them)."""
         with self._lock:
-            sessions = list(self._series)
-        for session in sessions:
-            self.close_epoch(session)
-            series = self._series[session]
-            if series.tensorboard is not None:
-                series.tensorboard.close()
+            held = list(self._series.values())
+        for series in held:
+            self.close_epoch(series.session)
+            self._end_run(series)
+
+    def _end_run(self, series: _SessionSeries) -> None:
+        if series.tensorboard is not None:
+            series.tensorboard.close()
 
     def _open_epoch(self, series: _SessionSeries, epoch: int | None) -> None:
         self.close_epoch(series.session)

@@ -27,6 +27,13 @@ _NAME = "ckpt"
 _STEP = re.compile(rf"{_NAME}-(\d+)$")
 
 
+def latest_step(directory: Path) -> int | None:
+    """The step of the latest checkpoint listed in `directory` (by `StepCheckpoints`), None if it lists none."""
+    state = tf.train.get_checkpoint_state(str(directory))
+    found = _STEP.search(state.model_checkpoint_path) if state is not None else None
+    return int(found.group(1)) if found else None
+
+
 class StepCheckpoints:
     """The last `max_to_keep` checkpoints of `variables` in `directory`, indexed by step.
 

@@ -43,7 +43,8 @@ def test_unknown_service(split_pair: StartServer, capsys: pytest.CaptureFixture[
 
 def test_not_serving(split_pair: StartServer, capsys: pytest.CaptureFixture[str]) -> None:
     split = split_pair()
-    split.server._health.set("", health_probe.health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert split.server.host is not None
+    split.server.host.health.set("", health_probe.health_pb2.HealthCheckResponse.NOT_SERVING)
     assert health_probe.main(["--target", split.target]) == 1
     assert capsys.readouterr().out.strip() == f"{split.target}: NOT_SERVING"
 

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from splitlearning.compiled import Compiled
-from splitlearning.contract import CutContract, Spec
+from splitlearning.contract import CutContract, CutMode, Spec
 from splitlearning.devices import describe_placement
 from splitlearning.models import ModelSource, materialize
 
@@ -35,6 +35,8 @@ _SPARSE_LOSSES = {"sparse_categorical_crossentropy", "SparseCategoricalCrossentr
 
 class LossTrainer:
     """Holds the second part of the model, its loss, optimizer and metrics, on one device."""
+
+    mode = CutMode.STANDARD  # served by a server, the top of a standard cut (it gets labels)
 
     def __init__(
         self,
@@ -126,6 +128,12 @@ class LossTrainer:
     def reusable(self) -> bool:
         """Whether a later session may take this trainer over (`reset`): not after a failed update."""
         return self._failed is None
+
+    def copy(self, model: ModelSource, device: str) -> LossTrainer:
+        """A new trainer of `model` set up as this one: new objects configured as its loss, optimizer and
+        metrics (none of their state), the same label contract."""
+        metrics = [fresh(metric) for metric in self.metric_settings]
+        return LossTrainer(model, fresh(self.loss), fresh(self.optimizer), metrics, device, self.label_spec)
 
     def reset(self, variables: Sequence[np.ndarray], optimizer: Sequence[np.ndarray]) -> None:
         """Back to where a new session starts, keeping the traced steps: the model's `variables` (weights, seed
