@@ -40,38 +40,11 @@ class AggregatorConfig:
     log_format: str
 
 
-def add_round_flags(parser: cli.Flags) -> None:
-    """--members, --round-deadline, --min-members: the same on `split-aggregator` and `split-server --aggregator`."""
-    cli.add(
-        parser,
-        "--members",
-        type=cli.POSITIVE_INT,
-        default=2,
-        help="members of each group: a SplitFed round waits for all of them, round-robin gives each a turn",
-    )
-    cli.add(
-        parser,
-        "--round-deadline",
-        type=cli.NON_NEGATIVE,
-        default=600.0,
-        help="seconds a round (round-robin: a turn) stays open; then it closes without the members that did not "
-        "submit, who rejoin at the next round; 0: wait for every member",
-    )
-    cli.add(
-        parser,
-        "--min-members",
-        type=cli.POSITIVE_INT,
-        default=1,
-        help="SplitFed: the fewest submissions a round closes with at its deadline (it waits on for more)",
-    )
-
-
 def parse_args(argv: list[str] | None = None) -> AggregatorConfig:
     parser = argparse.ArgumentParser(prog="split-aggregator", usage="%(prog)s [FLAG VALUE ...]", description=__doc__)
     groups = cli.groups(parser, "connection", "rounds", "checkpoints", "security", "observability")
     connection = groups["connection"]
-    cli.add(connection, "--address", default="127.0.0.1:50052", help="host:port to listen on (0.0.0.0:PORT for all)")
-    cli.add(connection, "--port-file", type=Path, default=None, help="write the bound port here once serving")
+    cli.add_listen_flags(connection, "127.0.0.1:50052")
     cli.add(
         connection,
         "--max-workers",
@@ -86,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> AggregatorConfig:
         default=256,
         help="largest message in MiB (a member's first part travels in one)",
     )
-    cli.add(connection, "--grace", type=cli.NON_NEGATIVE, default=5.0, help="seconds calls get to finish on SIGTERM")
-    add_round_flags(groups["rounds"])
+    cli.add_grace_flag(connection)
+    cli.add_round_flags(groups["rounds"])
     cli.add(
         groups["checkpoints"],
         "--state-dir",
@@ -96,19 +69,8 @@ def parse_args(argv: list[str] | None = None) -> AggregatorConfig:
         help="keep every group's rounds here, so a restarted aggregator goes on where it stopped",
     )
     security.add_server_flags(groups["security"])
-    observability = groups["observability"]
-    cli.add(
-        observability,
-        "--metrics-port",
-        type=cli.PORT,
-        default=None,
-        help="serve Prometheus metrics on this port (0: any)",
-    )
-    cli.add(observability, "--metrics-host", default=None, help="host for --metrics-port (default: that of --address)")
-    cli.add(observability, "--metrics-port-file", type=Path, default=None, help="write the bound metrics port here")
-    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
-    cli.add(observability, "--log-level", default="INFO", choices=levels, help="log level")
-    cli.add(observability, "--log-format", default="text", choices=["text", "json"], help="log line format")
+    cli.add_metrics_flags(groups["observability"])
+    cli.add_log_flags(groups["observability"])
     config = AggregatorConfig(**vars(parser.parse_args(argv)))
     if config.min_members > config.members:
         parser.error(f"--min-members {config.min_members} is more than --members {config.members}")
@@ -135,10 +97,7 @@ def run(config: AggregatorConfig) -> None:
         metrics_port=config.metrics_port,
         metrics_host=config.metrics_host,
     )
-    port = server.start(config.address)
-    cli.write_ports(port, config.port_file, server.metrics_port, config.metrics_port_file)
-    cli.wait_for_signal(log, config.grace)
-    server.stop(grace=config.grace)
+    cli.serve_until_signal(server, config.address, log, config)
 
 
 def main(argv: list[str] | None = None) -> int:

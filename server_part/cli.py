@@ -15,7 +15,6 @@ from splitlearning import tensorflow_setup
 
 tensorflow_setup.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
 
-from aggregator.cli import add_round_flags  # noqa: E402
 from splitlearning import addresses, cli, security  # noqa: E402
 
 if TYPE_CHECKING:
@@ -52,8 +51,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         parser, "connection", "model", "training", "rounds", "device", "checkpoints", "security", "observability"
     )
     connection = groups["connection"]
-    cli.add(connection, "--address", default="127.0.0.1:50051", help="host:port to listen on (0.0.0.0:PORT for all)")
-    cli.add(connection, "--port-file", type=Path, default=None, help="write the bound port here once serving")
+    cli.add_listen_flags(connection, "127.0.0.1:50051")
     cli.add(
         connection,
         "--wire-encodings",
@@ -87,13 +85,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="seconds without a request after which a session is checkpointed (with --checkpoint-dir) and "
         "dropped from memory; 0: never",
     )
-    cli.add(
-        connection,
-        "--grace",
-        type=cli.NON_NEGATIVE,
-        default=5.0,
-        help="seconds RPCs get to finish on SIGTERM (< compose's 10)",
-    )
+    cli.add_grace_flag(connection)
     cli.add_process_flags(groups, part="second")
     model = groups["model"]
     cli.add(
@@ -112,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="also keep multi-client rounds and average the members' first parts here (the model owner then "
         "sees them; run split-aggregator apart instead to keep them from it)",
     )
-    add_round_flags(groups["rounds"])
+    cli.add_round_flags(groups["rounds"])
     security.add_server_flags(groups["security"])
     cli.add_checkpoint_flags(groups["checkpoints"])
     cli.add(
@@ -136,11 +128,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 
 def add_telemetry_flags(parser: cli.Flags) -> None:
-    cli.add(
-        parser, "--metrics-port", type=cli.PORT, default=None, help="serve Prometheus metrics on this port (0: any)"
-    )
-    cli.add(parser, "--metrics-host", default=None, help="host for --metrics-port (default: the host of --address)")
-    cli.add(parser, "--metrics-port-file", type=Path, default=None, help="write the bound metrics port here")
+    cli.add_metrics_flags(parser)
     cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/server")
     cli.add(
         parser, "--log-every", type=cli.POSITIVE_INT, default=1, help="write per-step TensorBoard scalars every N steps"
@@ -165,10 +153,7 @@ def run(config: ServerConfig) -> None:
             log.info("session %s: final weights written to %s", session.id, config.save_weights)
 
         server.on_session_end = save_session
-    port = server.start(config.address)
-    cli.write_ports(port, config.port_file, server.metrics_port, config.metrics_port_file)
-    cli.wait_for_signal(log, config.grace)
-    server.stop(grace=config.grace)
+    cli.serve_until_signal(server, config.address, log, config)
     if config.save_weights:
         in_memory = sorted(server.sessions.sessions(), key=lambda session: session.last_used)
         # The session in memory used last, unless a session that ended later was written: one left behind
@@ -180,7 +165,8 @@ def run(config: ServerConfig) -> None:
 
 
 def build(config: ServerConfig) -> SplitServer:
-    """The `SplitServer` these flags describe (not started)."""
+    """The `SplitServer` these flags describe (not started). With --aggregator, the aggregator's rounds are
+    mounted in it: this is where the two roles are composed (docs/design.md, "Layers")."""
     from aggregator.server import Aggregator
     from server_part.server import SplitServer
     from splitlearning.models import BUILTIN, load_part

@@ -1,4 +1,5 @@
-"""What both command-line programs share: flags that read environment variables, logging, process set-up."""
+"""What the command-line programs share: flags that read environment variables, logging, process set-up, and
+the flags and the serving loop of the two that serve (split-server, split-aggregator)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 ENV_PREFIX = "SPLIT_"
 
@@ -128,9 +129,77 @@ def add_process_flags(groups: dict[str, Flags], part: str) -> None:
     add(parser, "--optimizer", default="adam", help="any Keras optimizer name: sgd, adam, rmsprop, ...")
     add(parser, "--learning-rate", type=positive, default=3e-3, help="the optimizer's learning rate")
     add(parser, "--seed", type=NON_NEGATIVE_INT, default=0, help="seed for weights and data order")
-    parser = groups["observability"]
+    add_log_flags(groups["observability"])
+
+
+def add_log_flags(parser: Flags) -> None:
     add(parser, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     add(parser, "--log-format", default="text", choices=["text", "json"], help="log line format")
+
+
+def add_listen_flags(parser: Flags, address: str) -> None:
+    """--address and --port-file of a program that serves (default `address`)."""
+    add(parser, "--address", default=address, help="host:port to listen on (0.0.0.0:PORT for all)")
+    add(parser, "--port-file", type=Path, default=None, help="write the bound port here once serving")
+
+
+def add_grace_flag(parser: Flags) -> None:
+    add(
+        parser, "--grace", type=NON_NEGATIVE, default=5.0, help="seconds RPCs get to finish on SIGTERM (< compose's 10)"
+    )
+
+
+def add_metrics_flags(parser: Flags) -> None:
+    """The Prometheus endpoint of a program that serves."""
+    add(parser, "--metrics-port", type=PORT, default=None, help="serve Prometheus metrics on this port (0: any)")
+    add(parser, "--metrics-host", default=None, help="host for --metrics-port (default: the host of --address)")
+    add(parser, "--metrics-port-file", type=Path, default=None, help="write the bound metrics port here")
+
+
+def add_round_flags(parser: Flags) -> None:
+    """--members, --round-deadline, --min-members: the same on `split-aggregator` and `split-server --aggregator`."""
+    add(
+        parser,
+        "--members",
+        type=POSITIVE_INT,
+        default=2,
+        help="members of each group: a SplitFed round waits for all of them, round-robin gives each a turn",
+    )
+    add(
+        parser,
+        "--round-deadline",
+        type=NON_NEGATIVE,
+        default=600.0,
+        help="seconds a round (round-robin: a turn) stays open; then it closes without the members that did not "
+        "submit, who rejoin at the next round; 0: wait for every member",
+    )
+    add(
+        parser,
+        "--min-members",
+        type=POSITIVE_INT,
+        default=1,
+        help="SplitFed: the fewest submissions a round closes with at its deadline (it waits on for more)",
+    )
+
+
+class Serving(Protocol):
+    """A server a program runs until a signal (SplitServer, AggregatorServer)."""
+
+    @property
+    def metrics_port(self) -> int | None: ...
+
+    def start(self, address: str) -> int: ...
+
+    def stop(self, grace: float | None = ...) -> None: ...
+
+
+def serve_until_signal(server: Serving, address: str, log: logging.Logger, flags: Any) -> None:
+    """Start `server` on `address`, write the bound ports to `flags`' --port-file and --metrics-port-file, serve
+    until SIGTERM or SIGINT, then stop, giving calls `flags.grace` seconds."""
+    port = server.start(address)
+    write_ports(port, flags.port_file, server.metrics_port, flags.metrics_port_file)
+    wait_for_signal(log, flags.grace)
+    server.stop(grace=flags.grace)
 
 
 def add_checkpoint_flags(parser: Flags) -> None:
