@@ -9,9 +9,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitlearning import tensorflow_setup
+from splitlearning import logs
 
-tensorflow_setup.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
+logs.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
 
 from splitlearning import addresses, cli, security  # noqa: E402
 

@@ -25,7 +25,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks.timing import median_seconds
-from splitlearning import cli
+from splitlearning import devices
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--cpus", default=None, help="cores to pin to (default: all); one TF thread per core")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0)) if args.cpus is None else None
-    cli.setup_process(args.cpus, cores if cores is not None else len(args.cpus.split(",")))
+    devices.setup_process(args.cpus, cores if cores is not None else len(args.cpus.split(",")))
 
     import keras
     import numpy as np
@@ -44,7 +44,7 @@ def main() -> None:
 
     from benchmarks.workloads import synthetic_mnist
     from client_part.trainer import ClientTrainer
-    from splitlearning.models import BUILTIN
+    from splitlearning.models import BUILTIN, make_optimizer
     from splitlearning.training.loss_trainer import LossTrainer
 
     pair = BUILTIN[args.model]
@@ -53,7 +53,7 @@ def main() -> None:
 
     uncut = keras.Sequential([pair.client(0), pair.server(0)])
     loss = keras.losses.get(pair.loss)
-    optimizer = cli.make_optimizer("adam", 1e-3)
+    optimizer = make_optimizer("adam", 1e-3)
     optimizer.build(uncut.trainable_variables)
 
     @tf.function
@@ -62,11 +62,11 @@ def main() -> None:
             value = loss(labels, uncut(inputs, training=True))
         optimizer.apply(tape.gradient(value, uncut.trainable_variables), uncut.trainable_variables)
 
-    server = LossTrainer(pair.server(0), pair.loss, cli.make_optimizer("adam", 1e-3), ["accuracy"])
+    server = LossTrainer(pair.server(0), pair.loss, make_optimizer("adam", 1e-3), ["accuracy"])
     iv_shape = (args.batch, *server.contract.iv.shape)
     iv = np.random.default_rng(1).standard_normal(iv_shape).astype(np.float32)
     gradient = (1e-4 * np.random.default_rng(2).standard_normal(iv_shape)).astype(np.float32)
-    client = ClientTrainer(pair.client(0), cli.make_optimizer("adam", 1e-3), "/CPU:0", lambda *_: gradient)
+    client = ClientTrainer(pair.client(0), make_optimizer("adam", 1e-3), "/CPU:0", lambda *_: gradient)
 
     fit_ms = _fit_step_ms(args.model, args.batch, args.rounds)
     uncut_ms = 1e3 * median_seconds(lambda: uncut_step(xt, yt), args.rounds, warmup=10)

@@ -272,14 +272,14 @@ def run_uncut(args: argparse.Namespace) -> Uncut:
     import keras
 
     from client_part.batches import epoch_order
-    from splitlearning import cli, data
+    from splitlearning import data, models
     from splitlearning.models import BUILTIN
 
     pair = BUILTIN[args.model]
     dataset = data.load("digits", seed=args.seed)
     x, y = dataset.x_train, dataset.y_train
     model = keras.Sequential([pair.client(args.seed), pair.server(args.seed)])
-    optimizer = cli.make_optimizer("adam", args.learning_rate)
+    optimizer = models.make_optimizer("adam", args.learning_rate)
     model.compile(optimizer=optimizer, loss=pair.loss, metrics=["accuracy"], jit_compile=False)
 
     def test() -> dict[str, float]:

@@ -23,7 +23,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from splitlearning import cli
+from splitlearning import devices
 
 ECHO_METHOD = "/bench.Echo/Echo"
 
@@ -100,7 +100,9 @@ def _data(spec: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _optimizer(spec: dict[str, Any]) -> Any:
-    return cli.make_optimizer("adam", spec.get("learning_rate", 1e-3))
+    from splitlearning.models import make_optimizer
+
+    return make_optimizer("adam", spec.get("learning_rate", 1e-3))
 
 
 def uncut(spec: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +323,7 @@ ROLES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 def main(argv: list[str]) -> int:
     role, spec = argv[0], json.loads(argv[1])
-    cli.setup_process(spec.get("cpus"), spec.get("threads"))
+    devices.setup_process(spec.get("cpus"), spec.get("threads"))
     result = ROLES[role](spec)
     Path(spec["out"]).write_text(json.dumps(result))
     return 0

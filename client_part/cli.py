@@ -14,11 +14,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from splitlearning import tensorflow_setup
+from splitlearning import logs, tensorflow_setup
 
-tensorflow_setup.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
+logs.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
 
-from splitlearning import cli, security, shards  # noqa: E402
+from splitlearning import cli, devices, security, shards  # noqa: E402
 from splitlearning.protocol import Reason  # noqa: E402
 
 log = logging.getLogger("split-client")
@@ -307,14 +307,14 @@ class Interrupts:
 
 def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str, float]:
     cli.setup_logging(config.log_level, config.log_format)
-    cli.setup_process(config.cpus, config.threads)
+    devices.setup_process(config.cpus, config.threads)
     from client_part import summary
     from client_part.client import SplitClient
     from client_part.privacy import GaussianNoise, member_seed
     from client_part.retry import RetryPolicy
     from client_part.tensorboard_log import TensorBoardLogger
     from splitlearning import data
-    from splitlearning.models import BUILTIN, input_mismatch, load_part
+    from splitlearning.models import BUILTIN, input_mismatch, load_part, make_optimizer
 
     dataset = data.load(config.dataset, seed=config.seed)
     x_train, y_train = dataset.x_train, dataset.y_train
@@ -350,7 +350,7 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     noise = GaussianNoise(config.clip_norm, config.noise_multiplier, seed) if config.clip_norm else None
     client = SplitClient(
         model=load_part(config.model, "client", config.seed),
-        optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),
+        optimizer=make_optimizer(config.optimizer, config.learning_rate),
         target=config.target,
         device=config.device,
         max_batch_size=max(config.batch_size, 1),

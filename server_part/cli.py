@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from splitlearning import tensorflow_setup
+from splitlearning import logs, tensorflow_setup
 
-tensorflow_setup.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
+logs.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
 
-from splitlearning import addresses, cli, security  # noqa: E402
+from splitlearning import addresses, cli, devices, security  # noqa: E402
 
 if TYPE_CHECKING:
     from server_part.server import SplitServer
@@ -137,7 +137,7 @@ def add_telemetry_flags(parser: cli.Flags) -> None:
 
 def run(config: ServerConfig) -> None:
     cli.setup_logging(config.log_level, config.log_format)
-    cli.setup_process(config.cpus, config.threads)
+    devices.setup_process(config.cpus, config.threads)
     addresses.check_bindable(config.address)  # before the model is built: a mistake shows at once
     server = build(config)
     saved: list[float] = []  # when each session that ended was written (time.monotonic)
@@ -169,7 +169,7 @@ def build(config: ServerConfig) -> SplitServer:
     mounted in it: this is where the two roles are composed (docs/design.md, "Layers")."""
     from aggregator.server import Aggregator
     from server_part.server import SplitServer
-    from splitlearning.models import BUILTIN, load_part
+    from splitlearning.models import BUILTIN, load_part, make_optimizer
 
     pair = BUILTIN.get(config.model)
     ushape = config.cut == "ushape"
@@ -179,7 +179,7 @@ def build(config: ServerConfig) -> SplitServer:
     server = SplitServer(
         model=load_part(config.model, "middle" if ushape else "server", config.seed),
         loss=None if ushape else config.loss or (pair.loss if pair else None),
-        optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),
+        optimizer=make_optimizer(config.optimizer, config.learning_rate),
         metrics=None if ushape else metrics,
         cut=config.cut,
         device=config.device,

@@ -265,22 +265,3 @@ def setup_logging(level: str, fmt: str = "text") -> None:
 
     logs.configure(level, fmt)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def setup_process(cpus: str | None, threads: int | None) -> None:
-    """Core pinning and thread pools: must run before TensorFlow executes anything."""
-    from splitlearning.devices import configure_threads, parse_cpus, pin_cpus
-
-    if cpus:
-        pin_cpus(parse_cpus(cpus))
-    if threads:
-        configure_threads(threads, threads)  # inter-op 1 would serialise independent ops: about 2x slower steps
-
-
-def make_optimizer(name: str, learning_rate: float) -> Any:
-    import keras
-
-    try:
-        return keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate}})
-    except ValueError as error:
-        raise ValueError(f"--optimizer {name!r}: {error}") from None

@@ -69,3 +69,11 @@ def describe_placement(variables: Iterable[object]) -> str:
         device = getattr(v, "device", "") or "unplaced"
         counts[device] = counts.get(device, 0) + 1
     return ", ".join(f"{d}: {n} variables" for d, n in sorted(counts.items())) or "no variables"
+
+
+def setup_process(cpus: str | None, threads: int | None) -> None:
+    """Core pinning and thread pools: must run before TensorFlow executes anything."""
+    if cpus:
+        pin_cpus(parse_cpus(cpus))
+    if threads:
+        configure_threads(threads, threads)  # inter-op 1 would serialise independent ops: about 2x slower steps

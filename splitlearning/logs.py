@@ -13,6 +13,8 @@ import contextlib
 import contextvars
 import json
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -102,3 +104,18 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     # save: not this project's news. Shown at DEBUG only.
     absl = logging.getLogger("absl")
     absl.setLevel(logging.NOTSET if logging.getLogger().level <= logging.DEBUG else logging.WARNING)
+
+
+def quiet_grpc(argv: list[str]) -> None:
+    """Keep gRPC's C core from logging each failed connection attempt (a TLS handshake refused, say: the
+    client's own one-line error says it) unless `--log-level DEBUG`. gRPC reads GRPC_VERBOSITY once, as it is
+    imported, so a program calls this first thing, with its command line; a value already set is kept."""
+    if "grpc" in sys.modules:
+        return
+    level = os.environ.get("SPLIT_LOG_LEVEL", "")
+    for index, arg in enumerate(argv):
+        if arg == "--log-level" and index + 1 < len(argv):
+            level = argv[index + 1]
+        elif arg.startswith("--log-level="):
+            level = arg.split("=", 1)[1]
+    os.environ.setdefault("GRPC_VERBOSITY", "INFO" if level.upper() == "DEBUG" else "ERROR")

@@ -196,3 +196,11 @@ def load_part(spec: str, side: str, seed: int) -> Callable[[], Any]:
             return function()
 
     return build
+
+
+def make_optimizer(name: str, learning_rate: float) -> Any:
+    """The Keras optimizer `name` (sgd, adam, ...) at `learning_rate`; ValueError naming --optimizer if unknown."""
+    try:
+        return keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate}})
+    except ValueError as error:
+        raise ValueError(f"--optimizer {name!r}: {error}") from None

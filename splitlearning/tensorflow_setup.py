@@ -46,18 +46,3 @@ def load(verbose: bool) -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-
-
-def quiet_grpc(argv: list[str]) -> None:
-    """Keep gRPC's C core from logging each failed connection attempt (a TLS handshake refused, say: the
-    client's own one-line error says it) unless `--log-level DEBUG`. gRPC reads GRPC_VERBOSITY once, as it is
-    imported, so a program calls this first thing, with its command line; a value already set is kept."""
-    if "grpc" in sys.modules:
-        return
-    level = os.environ.get("SPLIT_LOG_LEVEL", "")
-    for index, arg in enumerate(argv):
-        if arg == "--log-level" and index + 1 < len(argv):
-            level = argv[index + 1]
-        elif arg.startswith("--log-level="):
-            level = arg.split("=", 1)[1]
-    os.environ.setdefault("GRPC_VERBOSITY", "INFO" if level.upper() == "DEBUG" else "ERROR")
