@@ -39,6 +39,7 @@ class ServerConfig(cli.ProcessConfig):
     max_workers: int | None = None
     max_sessions: int = 16
     session_idle_timeout: float = 3600.0
+    session_unused_timeout: float = 60.0
     aggregator: bool = False
     members: int = 2
     round_deadline: float = 600.0
@@ -75,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--max-sessions",
         type=cli.POSITIVE_INT,
         default=16,
-        help="sessions held in memory at once (one per training run); a new one beyond it is refused",
+        help="sessions held in memory at once (one per training run); a new one beyond it evicts an idle one "
+        "(checkpointed first with --checkpoint-dir), and is refused only while every one has a training stream open",
     )
     cli.add(
         connection,
@@ -84,6 +86,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=3600.0,
         help="seconds without a request after which a session is checkpointed (with --checkpoint-dir) and "
         "dropped from memory; 0: never",
+    )
+    cli.add(
+        connection,
+        "--session-unused-timeout",
+        type=cli.NON_NEGATIVE,
+        default=60.0,
+        help="seconds without a request after which a session that a handshake opened new and that applied no "
+        "training step is dropped from memory (it holds nothing a new session lacks); 0: never",
     )
     cli.add_grace_flag(connection)
     cli.add_process_flags(groups, part="second")
@@ -197,6 +207,7 @@ def build(config: ServerConfig) -> SplitServer:
         checkpoint_keep=config.checkpoint_keep,
         max_sessions=config.max_sessions,
         session_idle_timeout=config.session_idle_timeout,
+        session_unused_timeout=config.session_unused_timeout,
     )
     if config.aggregator:
         state = config.checkpoint_dir / "aggregator.d" if config.checkpoint_dir else None

@@ -78,6 +78,7 @@ class SplitServer:
         min_ping_interval_ms: int = keepalive.SERVER_MIN_PING_MS,
         max_sessions: int = 16,
         session_idle_timeout: float = 3600.0,
+        session_unused_timeout: float = 60.0,
         on_session_end: Callable[[Session], None] | None = None,
         aggregator: Mount | None = None,
     ) -> None:
@@ -98,6 +99,7 @@ class SplitServer:
             store,
             max_sessions=max_sessions,
             idle_timeout=session_idle_timeout,
+            unused_timeout=session_unused_timeout,
             on_close=self._session_closed,
             contributions=Contributions(Path(checkpoint_dir) / CONTRIBUTIONS_FOLDER if checkpoint_dir else None),
         )

@@ -101,9 +101,12 @@ class Session:
         limits: Limits,
         checkpoints: ServerCheckpoints | None = None,
         membership: Membership | None = None,
+        resumed: bool = False,
     ) -> None:
         self.id = session_id
         self.membership = membership  # the group round it trains, for a session opened for one
+        self.resumed = resumed  # loaded from its checkpoints, rather than opened new by a handshake naming none
+        self.steps_applied = 0  # training steps applied since it came into memory
         self.trainer = trainer
         self.limits = limits
         self.checkpoints = checkpoints
@@ -133,6 +136,16 @@ class Session:
     def idle_seconds(self, now: float) -> float | None:
         """Seconds since the last request; None while a training stream is open (the session is in use)."""
         return None if self._streams else now - self.last_used
+
+    @property
+    def in_use(self) -> bool:
+        """A training stream is open in it."""
+        return self._streams > 0
+
+    @property
+    def unused(self) -> bool:
+        """Opened new by a handshake and no training step applied since: it holds nothing a new session lacks."""
+        return not self.resumed and not self.steps_applied
 
     # -- joining ---------------------------------------------------------------------------------------------
 
@@ -423,6 +436,15 @@ class Session:
                 self.checkpoints.save(self.next_step)
             return self.next_step in self.checkpoints.steps()
 
+    def claim_idle(self, reason: SplitError) -> bool:
+        """Refuse every later request with `reason` if no training stream is open, atomically with `stream`
+        (a stream cannot open in between); whether it was claimed. `unload` must follow a claim."""
+        with self._lock:
+            if self._streams or self._gone is not None:
+                return False
+            self._gone = reason
+            return True
+
     def reload(self) -> None:
         """Accept requests again (a server stopped and started anew in the same process)."""
         with self._lock:
@@ -464,6 +486,7 @@ class Session:
         )
 
     def _after_step(self) -> None:
+        self.steps_applied += 1
         if self.checkpoints is not None:
             self.checkpoints.after_step(self.next_step)
 

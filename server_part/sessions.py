@@ -3,21 +3,29 @@
 A handshake that names no session opens a new one, with a second part of its own (server_part/parts.py); one
 that names a session joins it, loading it from its checkpoints when it is not in memory (after a restart, an
 idle expiry or a close). Requests name their session and are routed to it; each session serialises its own
-requests, so sessions train at the same time. Limits: `max_sessions` in memory at once (a new one beyond it is
-RESOURCE_EXHAUSTED), and `idle_timeout` seconds without a request (and no training stream open), after which a
-session is checkpointed, when checkpoints are on, and dropped from memory. A session opened for a group's round
+requests, so sessions train at the same time. Limits: `max_sessions` in memory at once (a session opened or
+loaded beyond it evicts an idle one, see `eviction_order`; only when every one is in use is it
+RESOURCE_EXHAUSTED), `idle_timeout` seconds without a request (and no training stream open), after which a
+session is checkpointed, when checkpoints are on, and dropped from memory, and `unused_timeout`, the same for a
+session that a handshake opened new and that has applied no training step (it holds nothing a new session
+lacks: a handshake that never trains does not hold a slot for an hour). A session opened for a group's round
 keeps no checkpoints: the round is the unit of recovery (docs/multi_client.md), so after a restart its member
 trains the round again in a new session, and what outlives the session is its contribution.
 
 What each operation guarantees:
-- `open("")` MUST return a new session at step 0 whose part has the initial weights, or raise TooManySessions
-  without changing anything.
-- `open(id)` MUST return the session in memory, else the one its checkpoints hold (at its latest step), else
-  raise SessionNotFound; a malformed id MUST raise InvalidRequest before it reaches a path.
+- `open("")` MUST return a new session at step 0 whose part has the initial weights. With `max_sessions` in
+  memory it MUST first make room: drop the sessions its group member left behind, else evict the first session
+  of `eviction_order` (unloaded as by idle expiry: checkpointed first when checkpoints are on). Only when no
+  session is idle (each has a training stream open, or is being opened) MUST it raise TooManySessions, saying so.
+- `open(id)` MUST return the session in memory, else the one its checkpoints hold (at its latest step), making
+  room as `open("")` does, else raise SessionNotFound; a malformed id MUST raise InvalidRequest before it
+  reaches a path.
 - `get(id)` MUST return the session in memory; a session that is not in memory but has checkpoints MUST raise
   SessionUnloaded (ABORTED: handshake again to resume it), any other SessionNotFound.
 - `close(id)` and idle expiry MUST settle the session's last update and save its step (with checkpoints)
   before it leaves memory; requests still holding it get SessionUnloaded or SessionNotFound.
+- Idle expiry, unused expiry and eviction MUST never unload a session with a training stream open, nor one whose
+  stream opens meanwhile (the check and the unloading are one step under the session's lock).
 """
 
 from __future__ import annotations
@@ -81,17 +89,21 @@ class SessionRegistry:
         idle_timeout: float = 3600.0,
         on_close: Callable[[Session], None] | None = None,
         contributions: Contributions | None = None,
+        unused_timeout: float = 60.0,
     ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         if idle_timeout < 0:
             raise ValueError(f"idle_timeout must be >= 0 seconds (0: never), got {idle_timeout:g}")
+        if unused_timeout < 0:
+            raise ValueError(f"unused_timeout must be >= 0 seconds (0: never), got {unused_timeout:g}")
         self._parts = parts
         self.template = template  # the first part built: what every session's part looks like
         self.limits = limits
         self.store = store
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
+        self.unused_timeout = unused_timeout
         self._on_close = on_close
         self.contributions = contributions if contributions is not None else Contributions()
         self._sessions: dict[str, Session] = {}
@@ -165,12 +177,7 @@ class SessionRegistry:
             start = None
             if membership is not None:
                 start = self.contributions.start_state(membership, PartState(self._parts.initial))
-            try:
-                opened = self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
-            except TooManySessions:
-                if membership is None or not self._drop_superseded(membership):
-                    raise
-                opened = self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
+            opened = self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
             if membership is not None:  # only now: a refused handshake changes nothing
                 self.contributions.opened(membership)
                 self._drop_superseded(membership, opened)
@@ -216,23 +223,15 @@ class SessionRegistry:
             return session
         if self.store is not None and self.store.holds(session_id):
             raise SessionUnloaded(
-                f"session {session_id} is not loaded (it was closed, idle, or the server restarted): handshake "
-                "again naming it to resume it from its checkpoints"
+                f"session {session_id} is not loaded (it was closed, expired idle or unused, evicted from a full "
+                "server, or the server restarted): handshake again naming it to resume it from its checkpoints"
             )
         raise SessionNotFound(_unknown(session_id, self.store is not None))
 
     def _admit(
         self, session_id: str, load: bool, membership: Membership | None = None, start: PartState | None = None
     ) -> Session:
-        with self._lock:
-            self._check_running()
-            if len(self._sessions) + self._opening >= self.max_sessions:
-                raise TooManySessions(
-                    f"this server holds its limit of {self.max_sessions} sessions: close finished ones "
-                    "(split-client does at the end of a run) or wait until idle ones expire"
-                    + (f" ({self.idle_timeout:g} s without a request)" if self.idle_timeout else "")
-                )
-            self._opening += 1
+        self._reserve(membership)
         try:
             session = self._build(session_id, load, membership, start)
         finally:
@@ -252,6 +251,47 @@ class SessionRegistry:
         )
         return session
 
+    def _reserve(self, membership: Membership | None) -> None:
+        """Count a session being opened against `max_sessions`, making room when the server is full: first by
+        dropping the sessions `membership`'s member left behind, else by evicting an idle session."""
+        for _ in range(self.max_sessions + 1):  # each pass frees a slot, unless another handshake takes it first
+            with self._lock:
+                self._check_running()
+                if len(self._sessions) + self._opening < self.max_sessions:
+                    self._opening += 1
+                    return
+                opening = self._opening
+            if membership is not None and self._drop_superseded(membership):
+                continue
+            if not self._evict_one():
+                break
+        in_use = sum(1 for session in self.sessions() if session.in_use)
+        raise TooManySessions(
+            f"this server holds its limit of {self.max_sessions} sessions and none is idle to evict for a new one "
+            f"({in_use} with a training stream open, {opening} being opened): retry when a run ends, or raise "
+            "--max-sessions"
+        )
+
+    def eviction_order(self, now: float) -> list[Session]:
+        """The idle sessions (no training stream open), in the order a full server evicts them: first those that
+        trained nothing (`Session.unused`), then those its checkpoints keep, last those whose training would be
+        lost (no checkpoints: a group round's session, or any on a server without --checkpoint-dir); the least
+        recently used first within each."""
+        idle = [session for session in self.sessions() if session.idle_seconds(now) is not None]
+        return sorted(idle, key=lambda session: (_eviction_cost(session), session.last_used))
+
+    def _evict_one(self) -> bool:
+        """Unload the first session of `eviction_order` that is still idle; whether one was."""
+        why = f"evicted for a new session: the server held its limit of {self.max_sessions}, and this one was idle"
+        return any(self._evict(session, why) for session in self.eviction_order(time.monotonic()))
+
+    def _evict(self, session: Session, why: str) -> bool:
+        """Unload `session` unless a training stream is open in it (checked and claimed at once); whether it was."""
+        if not session.claim_idle(_ended(session, why)):
+            return False
+        self._drop(session, why)
+        return True
+
     def _build(self, session_id: str, load: bool, membership: Membership | None, start: PartState | None) -> Session:
         trainer = self._parts.take()
         if start is not None and membership is not None:
@@ -269,7 +309,7 @@ class SessionRegistry:
                 checkpoints.restore(latest)
             elif not load:
                 checkpoints.save(trainer.iterations)  # the starting point is a step to resume from too
-        return Session(session_id, trainer, self.limits, checkpoints, membership)
+        return Session(session_id, trainer, self.limits, checkpoints, membership, resumed=load)
 
     # -- leaving memory --------------------------------------------------------------------------------------
 
@@ -320,34 +360,31 @@ class SessionRegistry:
         return Closed(session.next_step, saved)
 
     def expire_idle(self, now: float | None = None) -> list[str]:
-        """Unload the sessions idle for longer than `idle_timeout` (never with 0); their ids."""
-        if not self.idle_timeout:
+        """Unload the sessions idle for longer than `idle_timeout`, and the unused ones (`Session.unused`) idle
+        for longer than `unused_timeout` (0: never, for each); their ids. `now` is on `time.monotonic`'s clock."""
+        if not self.idle_timeout and not self.unused_timeout:
             return []
         now = time.monotonic() if now is None else now
         expired = []
         for session in self.sessions():
             idle = session.idle_seconds(now)
-            if idle is not None and idle > self.idle_timeout:
-                self._drop(session, f"idle for {idle:.0f} s")
+            if idle is None:
+                continue
+            if self.idle_timeout and idle > self.idle_timeout:
+                why = f"idle for {idle:.0f} s"
+            elif self.unused_timeout and session.unused and idle > self.unused_timeout:
+                why = f"unused: no training step applied and no request for {idle:.0f} s"
+            else:
+                continue
+            if self._evict(session, why):
                 expired.append(session.id)
         return expired
 
     def _drop(self, session: Session, why: str, last: Callable[[Session], None] | None = None) -> bool:
         """Unload `session` and forget it; `last` reads it (its part) before its trainer goes back to the
         factory for a later session to reuse. Whether a checkpoint of its last step was saved."""
-        kept = session.checkpoints is not None
-        reason: SplitError = (
-            SessionUnloaded(
-                f"session {session.id} was unloaded ({why}): handshake again naming it to resume it from its "
-                "checkpoints"
-            )
-            if kept
-            else SessionNotFound(
-                f"session {session.id} has ended ({why}) and this server keeps no checkpoints, so its state is "
-                "gone: open a new session (a handshake naming none)"
-            )
-        )
-        saved = session.unload(reason)
+        # An unused session's step is saved already (a new session saves its starting point): nothing to add.
+        saved = session.unload(_ended(session, why), save=not session.unused)
         with self._lock:
             removed = self._sessions.get(session.id) is session
             if removed:
@@ -383,7 +420,7 @@ class SessionRegistry:
             sessions = list(self._sessions.values())
         for session in sessions:
             session.reload()
-        if self.idle_timeout and self._reaper is None:
+        if (self.idle_timeout or self.unused_timeout) and self._reaper is None:
             self._reaper_stop.clear()
             self._reaper = threading.Thread(target=self._reap, name="split-session-reaper", daemon=True)
             self._reaper.start()
@@ -401,7 +438,8 @@ class SessionRegistry:
             session.unload(ShuttingDown("the server is shutting down; retry when it is back"))
 
     def _reap(self) -> None:
-        interval = min(1.0, max(0.05, self.idle_timeout / 4))
+        shortest = min(timeout for timeout in (self.idle_timeout, self.unused_timeout) if timeout)
+        interval = min(1.0, max(0.05, shortest / 4))
         while not self._reaper_stop.wait(interval):
             try:
                 self.expire_idle()
@@ -426,9 +464,29 @@ def _check_id(session_id: str) -> None:
         )
 
 
+def _ended(session: Session, why: str) -> SplitError:
+    """What the requests of a session that left memory get: ABORTED to resume it, with checkpoints; else NOT_FOUND."""
+    if session.checkpoints is not None:
+        return SessionUnloaded(
+            f"session {session.id} was unloaded ({why}): handshake again naming it to resume it from its checkpoints"
+        )
+    return SessionNotFound(
+        f"session {session.id} has ended ({why}) and this server keeps no checkpoints, so its state is gone: open a "
+        "new session (a handshake naming none)"
+    )
+
+
+def _eviction_cost(session: Session) -> int:
+    """0: it trained nothing; 1: its checkpoints keep it (saved as it leaves); 2: its training would be lost."""
+    if session.unused:
+        return 0
+    return 1 if session.checkpoints is not None else 2
+
+
 def _unknown(session_id: str, checkpoints: bool) -> str:
     where = "in memory or in its checkpoints" if checkpoints else "(it keeps no checkpoints)"
     return (
         f"unknown session {session_id!r}: this server holds no such session {where}; it may have been closed, "
-        "expired, or lost in a restart: open a new session (a handshake naming none)"
+        "expired (idle, or unused since its handshake), evicted from a full server, or lost in a restart: open a new "
+        "session (a handshake naming none)"
     )

@@ -78,6 +78,7 @@ SERVER: dict[str, dict[str, Any]] = {
         "--max-workers": 3,
         "--max-sessions": 4,
         "--session-idle-timeout": 5.5,
+        "--session-unused-timeout": 6.5,
         "--grace": 1.5,
     },
     "model": {"--model": "digits-cnn", "--cut": "ushape", "--loss": "mse", "--metrics": "mae"},

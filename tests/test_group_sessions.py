@@ -25,6 +25,7 @@ from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, NUM_CLASSES, assert_same_snapshot, build_top, make_loss, server_snapshot
 from tests.group_support import fedavg
+from tests.test_sessions import training
 
 TIMEOUT = 20.0
 GROUP = "hospitals"
@@ -223,8 +224,10 @@ def test_a_members_new_session_supersedes_the_one_it_left_behind(serve: Any) -> 
     assert sorted(s.id for s in server.sessions.sessions()) == sorted([other, again])
     code, details = refused(lambda: train(stub, left, 1, 1, seed=1))
     assert code == grpc.StatusCode.NOT_FOUND, details
-    code, _ = refused(lambda: handshake(stub, group_round(0, 3)))  # a third member: no session of its own to drop
+    with training(stub, other), training(stub, again):  # in use: a full server evicts neither
+        code, _ = refused(lambda: handshake(stub, group_round(0, 3)))  # a third member: no session of its own to drop
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert sorted(s.id for s in server.sessions.sessions()) == sorted([other, again])
 
 
 def test_a_group_session_keeps_no_checkpoints_on_a_server_that_keeps_them(serve: Any, tmp_path: Path) -> None:
@@ -348,10 +351,11 @@ def test_a_group_handshake_refused_for_the_session_limit_forgets_no_contribution
     files = sorted(p.name for p in folder.iterdir())
     assert files == ["round-0-member-1.npz", "round-1-member-1.npz"]
     blocker = handshake(stub).session_id
-    before = server_snapshot(server)
-    code, _ = refused(lambda: handshake(stub, group_round(2, 1, start=[contribution(1, 1, 4)])))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert_same_snapshot(before, server_snapshot(server))
+    with training(stub, blocker):  # in use: a full server cannot evict it
+        before = server_snapshot(server)
+        code, _ = refused(lambda: handshake(stub, group_round(2, 1, start=[contribution(1, 1, 4)])))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert_same_snapshot(before, server_snapshot(server))
     assert held(server) == [(GROUP, 0, 1), (GROUP, 1, 1)]
     assert sorted(p.name for p in folder.iterdir()) == files
     close(stub, blocker)

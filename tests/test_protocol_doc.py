@@ -295,8 +295,12 @@ def case_in_use(peer: Peer) -> None:
 
 
 def case_full(peer: Peer) -> None:
-    peer.handshake()
-    peer.handshake()
+    session = peer.handshake().session_id
+    end = peer.open_stream(step(session, 0))  # in use: a full server evicts only idle sessions
+    try:
+        peer.handshake()
+    finally:
+        end()
 
 
 def case_id(peer: Peer) -> None:

@@ -8,8 +8,10 @@ nothing may differ (concurrent sessions run their steps on other threads, which 
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,18 +146,40 @@ def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     return error.code(), error.details() or ""
 
 
-def test_max_sessions_refuses_a_new_session_until_one_is_closed(servers: list[SplitServer]) -> None:
+@contextmanager
+def training(stub: pb_grpc.SplitLearningServiceStub, session: str, first: int = 0) -> Iterator[None]:
+    """A Train stream open in `session` for the block (its step `first` applied): the session is in use."""
+    done = threading.Event()
+
+    def requests() -> Iterator[pb.TrainRequest]:
+        yield step(session, first)
+        done.wait(10)
+
+    replies = stub.Train(requests(), timeout=10)
+    assert next(replies).step == first
+    try:
+        yield
+    finally:
+        done.set()
+        list(replies)
+
+
+def test_max_sessions_refuses_a_new_session_while_all_are_in_use_until_one_is_closed(
+    servers: list[SplitServer],
+) -> None:
+    """Sessions with a training stream open are never evicted for a new one (tests/test_sessions_slots.py)."""
     server, target = serve(servers, max_sessions=2)
     channel, stub = stub_of(target)
     with channel:
-        first, _ = handshake(stub).session_id, handshake(stub).session_id
-        code, details = code_of(lambda: handshake(stub))
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2 sessions" in details
-        assert handshake(stub, first).session_id == first  # joining one it holds is no new session
-        closed = stub.CloseSession(pb.CloseSessionRequest(session_id=first, client_id="c"), timeout=10)
-        assert closed.steps == 0 and not closed.checkpointed
-        assert handshake(stub).session_id not in (first, "")
-        assert len(server.sessions.sessions()) == 2
+        first, second = handshake(stub).session_id, handshake(stub).session_id
+        with training(stub, first), training(stub, second):
+            code, details = code_of(lambda: handshake(stub))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2 sessions" in details
+            assert handshake(stub, first).session_id == first  # joining one it holds is no new session
+            closed = stub.CloseSession(pb.CloseSessionRequest(session_id=first, client_id="c"), timeout=10)
+            assert closed.steps == 1 and not closed.checkpointed
+            assert handshake(stub).session_id not in (first, second, "")
+            assert len(server.sessions.sessions()) == 2 and server.sessions.find(second) is not None
 
 
 def test_a_closed_session_without_checkpoints_is_gone(servers: list[SplitServer]) -> None:
