@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from splitlearning import logs, tensorflow_setup
 
@@ -122,8 +122,16 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--save-weights",
         type=Path,
         default=None,
-        help="write the final weights here (.npz) whenever a session ends (closed by its client, idle, or "
-        "in memory when the server stops): the session that ended last",
+        help="write the final weights here (.npz) whenever a session that trained ends (closed by its client, "
+        "idle, or in memory when the server stops): the session that ended last",
+    )
+    cli.add(
+        groups["checkpoints"],
+        "--save-model",
+        type=cli.keras_file,
+        default=None,
+        help="write the trained part here as a Keras file (.keras), when --save-weights writes its weights; "
+        "split-join joins it with the client's",
     )
     add_telemetry_flags(groups["observability"])
     config = ServerConfig(**vars(parser.parse_args(argv)))
@@ -151,27 +159,38 @@ def run(config: ServerConfig) -> None:
     addresses.check_bindable(config.address)  # before the model is built: a mistake shows at once
     server = build(config)
     saved: list[float] = []  # when each session that ended was written (time.monotonic)
-    if config.save_weights:
-        from splitlearning.checkpoint import save_weights
+    writing = threading.Lock()  # sessions may end on several threads at once
 
-        writing = threading.Lock()  # sessions may end on several threads at once
+    def save_part(model: Any, optimizer: Any, what: str) -> None:
+        from splitlearning.checkpoint import save_model, save_weights
 
-        def save_session(session: Session) -> None:
-            with writing:
-                save_weights(config.save_weights, session.trainer.model, session.trainer.optimizer)  # type: ignore[arg-type]
-                saved.append(time.monotonic())
-            log.info("session %s: final weights written to %s", session.id, config.save_weights)
+        with writing:
+            if config.save_weights:
+                save_weights(config.save_weights, model, optimizer)
+            if config.save_model:
+                save_model(config.save_model, model)
+            saved.append(time.monotonic())
+        written = " and ".join(str(path) for path in (config.save_weights, config.save_model) if path)
+        log.info("%s written to %s", what, written)
 
+    def save_session(session: Session) -> None:
+        # A session that never trained (a handshake reclaimed or evicted unused) must not overwrite a trained part.
+        if not session.unused:
+            session.trainer.settle()
+            save_part(session.trainer.model, session.trainer.optimizer, f"session {session.id}: final part")
+
+    if config.save_weights or config.save_model:
         server.on_session_end = save_session
     cli.serve_until_signal(server, config.address, log, config)
-    if config.save_weights:
-        in_memory = sorted(server.sessions.sessions(), key=lambda session: session.last_used)
+    if config.save_weights or config.save_model:
+        trained = [session for session in server.sessions.sessions() if not session.unused]
+        in_memory = sorted(trained, key=lambda session: session.last_used)
         # The session in memory used last, unless a session that ended later was written: one left behind
         # (a group member killed mid-round trains its round again in a new session) must not overwrite it.
         if in_memory and (not saved or in_memory[-1].last_used > saved[-1]):
             save_session(in_memory[-1])
-        elif not saved:  # no session was opened: the part as it started
-            save_weights(config.save_weights, server.model, server.trainer.optimizer)
+        elif not saved:  # no session trained: the part as it started
+            save_part(server.model, server.trainer.optimizer, "the part as it started (no session trained)")
 
 
 def build(config: ServerConfig) -> SplitServer:

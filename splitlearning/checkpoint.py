@@ -122,6 +122,16 @@ class StepCheckpoints:
         write_text_atomic(self.directory / "checkpoint", text_format.MessageToString(kept))
 
 
+def save_model(path: Path, model: Any) -> None:
+    """The model as a `.keras` file (`keras.saving`): architecture, weights, and when compiled its loss, metrics
+    and optimizer state; written beside and renamed over `path`, so a reader never sees half a file."""
+    if path.suffix != ".keras":
+        raise ValueError(f"{path}: a Keras model file must end in .keras")
+    temporary = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(temporary)
+    os.replace(temporary, path)
+
+
 def save_weights(path: Path, model: Any, optimizer: Any) -> None:
     """The model's weights (w0, w1, ... as `get_weights()` orders them) and the optimizer's step count, as .npz."""
     import numpy as np

@@ -202,6 +202,13 @@ def serve_until_signal(server: Serving, address: str, log: logging.Logger, flags
     server.stop(grace=flags.grace)
 
 
+def keras_file(text: str) -> Path:
+    """An argparse `type`: a path ending in .keras (the format `keras.saving` writes and loads)."""
+    if not text.endswith(".keras"):
+        raise argparse.ArgumentTypeError(f"expected a path ending in .keras, got {text!r}")
+    return Path(text)
+
+
 def add_checkpoint_flags(parser: Flags) -> None:
     """Checkpoint flags, the same on both processes (each saves its own part)."""
     add(parser, "--checkpoint-dir", type=Path, default=None, help="save and resume from checkpoints here")
@@ -235,6 +242,7 @@ class ProcessConfig:
     checkpoint_every: int = 100
     checkpoint_keep: int = 5
     save_weights: Path | None = None
+    save_model: Path | None = None
 
 
 def write_ports(port: int, port_file: Path | None, metrics_port: int | None, metrics_port_file: Path | None) -> None:

@@ -166,11 +166,15 @@ def input_mismatch(model: Any, sample_shape: tuple[int, ...], spec: str, dataset
 
 def load_part(spec: str, side: str, seed: int) -> Callable[[], Any]:
     """A function building one part: a built-in pair's `side` ('client', 'server'; for the U-shape 'middle',
-    'head'), or `module:function`.
+    'head'), `module:function`, or a `.keras` file (a trained part, as --save-model writes it: its weights, and
+    the loss and metrics it was compiled with; the optimizer starts afresh, so continue a run exactly from
+    checkpoints instead).
 
     A user's function is called with no arguments, or with `seed=` if it takes one. Its module is imported
     from the current folder first, then from the installed packages, as `python -m` does.
     """
+    if spec.endswith(".keras"):
+        return _keras_file(spec)
     if spec in BUILTIN:
         builtin = getattr(BUILTIN[spec], side)
         if builtin is None:
@@ -204,3 +208,17 @@ def make_optimizer(name: str, learning_rate: float) -> Any:
         return keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate}})
     except ValueError as error:
         raise ValueError(f"--optimizer {name!r}: {error}") from None
+
+
+def _keras_file(spec: str) -> Callable[[], Any]:
+    path = os.path.abspath(spec)
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {spec}: no such file")
+
+    def load() -> Any:
+        try:
+            return keras.saving.load_model(path)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--model {spec}: not a Keras model file: {error}") from None
+
+    return load
