@@ -90,6 +90,7 @@ SERVER: dict[str, dict[str, Any]] = {
         "--checkpoint-every": 11,
         "--checkpoint-keep": 3,
         "--save-weights": Path("w.npz"),
+        "--save-model": Path("m.keras"),
     },
     "security": {
         "--tls-cert": Path("s.crt"),
