@@ -8,9 +8,11 @@ same kernels on the same shapes (a part's forward is the uncut forward's slice; 
 dLoss/dIV through its tape, which is the uncut tape's back half), Keras's own loss, metrics and optimizer
 update. Two things can change the order of the additions, and the tests pin both down:
 
-- The server applies its optimizer update as one XLA-compiled function (docs/performance.md), which may fuse
-  and contract the update's arithmetic (a fused multiply-add rounds once where `fit` rounds twice).
-  `same_update_as_fit` makes the server apply it as a plain graph, as `fit` does (`jit_compile=False`).
+- By default the server (and a U-shaped client's head) applies its optimizer update as one XLA-compiled
+  function (docs/performance.md), which may fuse and contract the update's arithmetic (a fused multiply-add
+  rounds once where `fit` rounds twice). `split-server --exact` (`SplitServer(exact=True)`) applies it as a
+  plain graph, as `fit` does; `same_update_as_fit` does the same for every part built in the test, the
+  U-shaped head included (`jit_compile=False`).
 - oneDNN (TensorFlow's default CPU kernels on x86-64) picks its blocking, and so the order in which a sum is
   accumulated, from the CPU model and the surrounding graph; the uncut graph and the split's two graphs may
   be fused differently (batch normalization, convolutions). `TF_ENABLE_ONEDNN_OPTS=0` turns it off (TensorFlow

@@ -2,9 +2,9 @@
 they start with no flags (the digits-mlp pair, Adam at 3e-3, seed 0) on the bundled digits, one epoch.
 
 `split-server --exact` applies the server's updates as `fit` does (a plain graph): bit for bit without oneDNN,
-within float32 round-off with it. The default, XLA-compiled update is within float32 round-off only (it was 1
-ulp off after the second step, 6e-8 after this epoch, without oneDNN). What each claim means and how the
-tolerance is derived: tests/exactness_support.py.
+within float32 round-off with it. The default, XLA-compiled update is within float32 round-off only (without
+oneDNN it differs from the second step on: 1.5e-8 after it, 6e-8 after this epoch). What each claim means
+and how the tolerance is derived: tests/exactness_support.py.
 """
 
 from __future__ import annotations
