@@ -5,7 +5,8 @@ returns its outputs with the pending step (tape, IV, outputs); `backward(pending
 from the client, back-propagates through that same recorded forward (`tape.gradient(outputs, [*weights, iv],
 output_gradients=grad)`), applies the update and returns dLoss/dIV. The forward runs once per step, as a
 compiled `tf.function` recorded by an eager tape, so layers with state (BatchNormalization's moving statistics,
-dropout masks) see exactly one training forward, as in `keras.Model.fit`. No gRPC here.
+dropout masks) see exactly one training forward, as in `keras.Model.fit`. The update is XLA-compiled unless
+`exact` (a plain graph, as `fit` runs it: see `LossTrainer`). No gRPC here.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class MiddleTrainer:
     metric_names: list[str] = []  # noqa: RUF012 (read-only: the loss and metrics live on the client)
     num_classes: int | None = None
 
-    def __init__(self, model: ModelSource, optimizer: Any, device: str = "/CPU:0") -> None:
+    def __init__(self, model: ModelSource, optimizer: Any, device: str = "/CPU:0", exact: bool = False) -> None:
         self.device = device
+        self.exact = exact
         with tf.device(device):
             self.model: keras.Model = materialize(model)
             if not self.model.inputs or not self.model.outputs:
@@ -68,8 +70,9 @@ class MiddleTrainer:
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             self._forward_fn = Compiled(lambda iv: self.model(iv, training=True), input_signature=[iv_sig])
             self._predict_fn = Compiled(lambda iv: self.model(iv, training=False), input_signature=[iv_sig])
-            # Compiled: an eager Adam update is several times slower than the whole rest of the step.
-            self._apply_fn = Compiled(self._apply, open_batch=False, jit_compile=True)
+            # Compiled: an eager Adam update is several times slower than the whole rest of the step. XLA fuses
+            # it further unless `exact` (then it runs as a plain graph, as in `fit`).
+            self._apply_fn = Compiled(self._apply, open_batch=False, jit_compile=not exact)
         variables = [getattr(v, "value", v) for h in (self.model, self.optimizer) for v in h.variables]
         log.info("middle part on %s: %s", device, describe_placement(variables))
 
@@ -86,8 +89,9 @@ class MiddleTrainer:
     reusable = True  # nothing here can break a trainer for good
 
     def copy(self, model: ModelSource, device: str) -> MiddleTrainer:
-        """A new trainer of `model` set up as this one: a new optimizer configured as its own (none of its state)."""
-        return MiddleTrainer(model, fresh(self.optimizer), device)
+        """A new trainer of `model` set up as this one: a new optimizer configured as its own (none of its state),
+        updates applied alike."""
+        return MiddleTrainer(model, fresh(self.optimizer), device, exact=self.exact)
 
     def reset(self, variables: Sequence[np.ndarray], optimizer: Sequence[np.ndarray]) -> None:
         """Back to where a new session starts, keeping the traced steps: the model's `variables` (weights, seed

@@ -52,6 +52,11 @@ class SplitServer:
 
     `wire_encodings` are the encodings of the IV and its gradient a client may choose ('raw', 'float16',
     'bfloat16', 'int8'); raw is always allowed, and is all that is allowed by default.
+
+    `exact=True` applies the optimizer's updates as a plain graph, as `keras.Model.fit` does on a CPU, so the
+    split equals `fit` bit for bit where the kernels are the same (TF_ENABLE_ONEDNN_OPTS=0); by default they
+    are XLA-compiled (faster for large parts), which keeps the weights within float32 round-off of `fit`'s
+    but not bit for bit (docs/design.md, "Exactness").
     """
 
     def __init__(
@@ -81,15 +86,16 @@ class SplitServer:
         session_unused_timeout: float = 60.0,
         on_session_end: Callable[[Session], None] | None = None,
         aggregator: Mount | None = None,
+        exact: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.trainer: Trainer
         if CutMode(cut) is CutMode.USHAPE:
             if loss is not None or metrics or label_spec is not None:
                 raise ValueError("a U-shaped middle takes no loss, metrics or label_spec: the client's head owns them")
-            self.trainer = MiddleTrainer(model, optimizer, self.device)
+            self.trainer = MiddleTrainer(model, optimizer, self.device, exact=exact)
         else:
-            self.trainer = LossTrainer(model, loss, optimizer, metrics, self.device, label_spec)
+            self.trainer = LossTrainer(model, loss, optimizer, metrics, self.device, label_spec, exact=exact)
         store = SessionStore(Path(checkpoint_dir), checkpoint_every, checkpoint_keep) if checkpoint_dir else None
         self.telemetry = ServerTelemetry(self.trainer.metric_names, log_dir, log_every, self._learning_rate)
         self.sessions = SessionRegistry(

@@ -144,7 +144,7 @@ def _count(names: set[str], prefix: str) -> int:
 
 
 def average(states: Sequence[PartState], samples: Sequence[int]) -> PartState:
-    """FedAvg: the sample-weighted mean of the states' weights, sum(n_k * w_k) / sum(n_k).
+    """FedAvg: the sample-weighted mean of the states' weights, sum_k (n_k / N) w_k with N = sum_k n_k.
 
     Floating weights are summed in float64 in the order given (so the result is a fixed function of its
     inputs, bit for bit) and cast back to their dtype; other weights (integer counters) are the first state's.

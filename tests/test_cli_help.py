@@ -82,7 +82,7 @@ SERVER: dict[str, dict[str, Any]] = {
         "--grace": 1.5,
     },
     "model": {"--model": "digits-cnn", "--cut": "ushape", "--loss": "mse", "--metrics": "mae"},
-    "training": {"--optimizer": "sgd", "--learning-rate": 0.5, "--seed": 7},
+    "training": {"--optimizer": "sgd", "--learning-rate": 0.5, "--seed": 7, "--exact": True},
     "rounds": {"--aggregator": True, "--members": 4, "--round-deadline": 30.5, "--min-members": 3},
     "device": {"--device": "/CPU:1", "--cpus": "0-1", "--threads": 2},
     "checkpoints": {

@@ -3,7 +3,7 @@
 - Round-robin: N members with disjoint shards, one local epoch per turn, no shuffling, equal ONE uncut model and
   ONE optimizer trained with `fit(shard_k, epochs=1, shuffle=False)` for k = 1..N, round after round; with every
   shard a multiple of the batch size, that is one `fit` on the shards concatenated in member order.
-- SplitFed v1: a round equals the sample-weighted average (sum_k n_k w_k / sum_k n_k, in float64, in member
+- SplitFed v1: a round equals the sample-weighted average (sum_k (n_k / N) w_k, N = sum_k n_k, in float64, in member
   order, cast back to float32) of N uncut models, each trained with `fit` on its shard from the round's start
   with a fresh optimizer; the next round starts from that average.
 

@@ -36,3 +36,16 @@ def test_the_links_resolve() -> None:
     for link in links:
         if not link.startswith("http"):
             assert (README.parent / link).exists(), link
+
+
+def test_the_exactness_rerun_is_the_same_in_the_readme_and_in_ci() -> None:
+    """The README's `TF_ENABLE_ONEDNN_OPTS=0` test command names the same test modules as `.ci/run`'s."""
+    ci = (README.parent / ".ci" / "run").read_text()
+
+    def modules(text: str) -> list[str]:
+        command = re.search(r"^TF_ENABLE_ONEDNN_OPTS=0 .*?pytest(.*?)(?<!\\)$", text, re.MULTILINE | re.DOTALL)
+        assert command, "no TF_ENABLE_ONEDNN_OPTS=0 pytest command"
+        return re.findall(r"tests/\S+\.py", command.group(1))
+
+    assert modules(README.read_text()) == modules(ci)
+    assert "tests/test_cli_default_exactness.py" in modules(ci)

@@ -9,6 +9,11 @@ Reply first, update after: `train` returns dLoss/dIV as soon as the gradients ar
 optimizer's update pending; `settle` applies it (the servicer calls it once the reply is on its way, so the
 update runs while the client back-propagates). Every method that reads or writes the weights settles first,
 so nothing ever sees a step half applied; the update itself is the same one `fit` makes.
+
+The update (and a pipelined step's accumulated one) is XLA-compiled unless `exact`: XLA fuses it into one pass
+per weight (docs/performance.md) but may contract and reorder its arithmetic, so the weights can differ from
+`fit`'s in the last bits from the first steps on. With `exact=True` it runs as a plain graph, as `fit` runs it
+on a CPU: the same ops in the same order (docs/design.md, "Exactness").
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ class LossTrainer:
         metrics: Sequence[Any] | None = None,
         device: str = "/CPU:0",
         label_spec: Spec | None = None,
+        exact: bool = False,
     ) -> None:
         self.device = device
+        self.exact = exact
         with tf.device(device):
             self.model: keras.Model = materialize(model)
             if not self.model.inputs:
@@ -70,14 +77,15 @@ class LossTrainer:
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)
             self._train_fn = Compiled(self._train_step, input_signature=[iv_sig, label_sig])
-            self._apply_fn: Callable[..., object] = Compiled(self._apply_step, open_batch=False, jit_compile=True)
+            xla = not exact  # the optimizer's updates: XLA-fused, or a plain graph as in `fit`
+            self._apply_fn: Callable[..., object] = Compiled(self._apply_step, open_batch=False, jit_compile=xla)
             # Micro-batch pipelining: gradients of a step's micro-batches add up here until the last one.
             self._accumulators = [
                 tf.Variable(tf.zeros_like(w), trainable=False) for w in self.model.trainable_variables
             ]
             micro_sig = [iv_sig, label_sig, tf.TensorSpec([], tf.float32)]
             self._micro_fn = Compiled(self._micro_step, input_signature=micro_sig)
-            self._apply_accumulated_fn = Compiled(self._apply_accumulated, input_signature=[], jit_compile=True)
+            self._apply_accumulated_fn = Compiled(self._apply_accumulated, input_signature=[], jit_compile=xla)
             self._test_fn = Compiled(self._test_step, input_signature=[iv_sig, label_sig])
             self._predict_fn = Compiled(self._predict_step, input_signature=[iv_sig])
             self.metric_names = self._build_metrics(self.model)
@@ -131,9 +139,11 @@ class LossTrainer:
 
     def copy(self, model: ModelSource, device: str) -> LossTrainer:
         """A new trainer of `model` set up as this one: new objects configured as its loss, optimizer and
-        metrics (none of their state), the same label contract."""
+        metrics (none of their state), the same label contract, its updates applied alike (`exact`)."""
         metrics = [fresh(metric) for metric in self.metric_settings]
-        return LossTrainer(model, fresh(self.loss), fresh(self.optimizer), metrics, device, self.label_spec)
+        return LossTrainer(
+            model, fresh(self.loss), fresh(self.optimizer), metrics, device, self.label_spec, exact=self.exact
+        )
 
     def reset(self, variables: Sequence[np.ndarray], optimizer: Sequence[np.ndarray]) -> None:
         """Back to where a new session starts, keeping the traced steps: the model's `variables` (weights, seed
