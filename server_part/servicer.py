@@ -24,6 +24,7 @@ from splitlearning.contract import (
 )
 from splitlearning.errors import InvalidRequest, PreconditionFailed
 from splitlearning.groups import Membership
+from splitlearning.optimizers import OptimizerSettings
 from splitlearning.protocol import CLIENT_ID_METADATA_KEY, MAX_ID_LENGTH, SPLIT_SERVICE
 from splitlearning.serving.edge import Undecodable, abort, guard, lenient, refuse_undecodable, refusing_undecodable
 from splitlearning.v1 import split_learning_pb2 as pb
@@ -136,7 +137,9 @@ class SplitLearningServicer:
         has_label = request.contract.HasField("label")
         label = spec_from_proto(request.contract.label, "contract.label") if has_label else None
         sessions = self._sessions
-        sessions.check_offer(request.protocol_version, iv, label, request.max_batch_size, mode_from_proto(request.mode))
+        optimizer = OptimizerSettings.from_proto(request.optimizer) if request.HasField("optimizer") else None
+        mode = mode_from_proto(request.mode)
+        sessions.check_offer(request.protocol_version, iv, label, request.max_batch_size, mode, optimizer)
         encoding = sessions.negotiate(request.encodings)
         has_group = request.HasField("group") and not request.session_id  # rejoining: the session has its round
         membership = Membership.from_proto(request.group) if has_group else None

@@ -55,6 +55,7 @@ from splitlearning.errors import (
     TooManySessions,
 )
 from splitlearning.groups import Membership
+from splitlearning.optimizers import OptimizerSettings
 from splitlearning.part_state import PartState
 from splitlearning.protocol import ID_PATTERN, MAX_ID_LENGTH, PROTOCOL_VERSION
 from splitlearning.text import clip
@@ -99,6 +100,7 @@ class SessionRegistry:
             raise ValueError(f"unused_timeout must be >= 0 seconds (0: never), got {unused_timeout:g}")
         self._parts = parts
         self.template = template  # the first part built: what every session's part looks like
+        self.optimizer = OptimizerSettings.of(template.optimizer)  # every session's part trains with its copy
         self.limits = limits
         self.store = store
         self.max_sessions = max_sessions
@@ -142,9 +144,16 @@ class SessionRegistry:
     # -- the handshake ---------------------------------------------------------------------------------------
 
     def check_offer(
-        self, protocol_version: int, iv: Spec, label: Spec | None, max_batch_size: int, mode: CutMode
+        self,
+        protocol_version: int,
+        iv: Spec,
+        label: Spec | None,
+        max_batch_size: int,
+        mode: CutMode,
+        optimizer: OptimizerSettings | None = None,
     ) -> None:
-        """Refuse a handshake whose client cannot train with this server's part (before any session is touched)."""
+        """Refuse a handshake whose client cannot train with this server's part (before any session is touched):
+        another protocol, cut, label, a batch over the limit, or another optimizer (when the client states it)."""
         expected = self.template.contract
         check_version(protocol_version)
         if mode is not self.mode:
@@ -161,6 +170,12 @@ class SessionRegistry:
         if max_batch_size > self.limits.max_batch_size:
             raise PreconditionFailed(
                 f"batch size {max_batch_size} is over this server's limit of {self.limits.max_batch_size} samples"
+            )
+        differences = optimizer.differences(self.optimizer) if optimizer is not None else []
+        if differences:
+            raise PreconditionFailed(
+                f"optimizer mismatch: {'; '.join(differences)}; start both processes with the same --optimizer and "
+                "--learning-rate (the split trains the uncut model only when both parts' optimizers agree)"
             )
 
     def negotiate(self, preferred: Sequence[int]) -> encodings.EncodingCode:

@@ -271,6 +271,7 @@ class HandshakeRequest(_message.Message):
     RESTORABLE_STEPS_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Version of this protocol the client speaks: 1. Any other value is FAILED_PRECONDITION."""
     session_id: _builtins.str
@@ -319,6 +320,13 @@ class HandshakeRequest(_message.Message):
         than it was contributed with, is FAILED_PRECONDITION; a malformed group is INVALID_ARGUMENT.
         """
 
+    @_builtins.property
+    def optimizer(self) -> Global___OptimizerSettings:
+        """The client's optimizer, for the server to check that both parts train with the same one (the split equals
+        the uncut model only then). Absent: not checked. The server compares it with its own part's optimizer: a
+        different name, or a hyperparameter both state with different values, is FAILED_PRECONDITION naming both.
+        """
+
     def __init__(
         self,
         *,
@@ -331,14 +339,45 @@ class HandshakeRequest(_message.Message):
         restorable_steps: _abc.Iterable[_builtins.int] | None = ...,
         client_id: _builtins.str = ...,
         group: Global___GroupRound | None = ...,
+        optimizer: Global___OptimizerSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "group", b"group"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "group", b"group", "optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "contract", b"contract", "encodings", b"encodings", "group", b"group", "max_batch_size", b"max_batch_size", "mode", b"mode", "protocol_version", b"protocol_version", "restorable_steps", b"restorable_steps", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "contract", b"contract", "encodings", b"encodings", "group", b"group", "max_batch_size", b"max_batch_size", "mode", b"mode", "optimizer", b"optimizer", "protocol_version", b"protocol_version", "restorable_steps", b"restorable_steps", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HandshakeRequest: _TypeAlias = HandshakeRequest  # noqa: Y015
+
+@_typing.final
+class OptimizerSettings(_message.Message):
+    """An optimizer as both sides must agree on it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONFIG_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The Keras class name, as `keras.optimizers.get` takes it, any case: "adam", "SGD"."""
+    config_json: _builtins.str
+    """Its hyperparameters as a JSON object, as Keras serializes them (`keras.optimizers.serialize(o)["config"]`:
+    "learning_rate", "beta_1", "momentum", ...; a learning-rate schedule is an object of its own). Numbers are
+    compared as float32 (the precision optimizers hold them in); "name" and keys only one side states are not
+    compared.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        config_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_json", b"config_json", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OptimizerSettings: _TypeAlias = OptimizerSettings  # noqa: Y015
 
 @_typing.final
 class Contribution(_message.Message):
