@@ -21,7 +21,7 @@ from splitlearning import keepalive
 from splitlearning.addresses import bind
 from splitlearning.security import Secret, TlsConfig, is_loopback
 from splitlearning.serving import admission
-from splitlearning.serving.auth import TokenAuthInterceptor
+from splitlearning.serving.auth import TokenAuthInterceptor, unauthenticated_requests
 from splitlearning.serving.health import add_health_to_server
 from splitlearning.serving.pool import IdleEndingThreadPool
 from splitlearning.serving.prometheus import MetricsEndpoint, host_of
@@ -97,6 +97,7 @@ class Host:
         self.config = config
         self.mounts = list(mounts)
         self.registry = registry
+        self.unauthenticated = unauthenticated_requests(registry)  # calls the token check refused, by method
         self.admission = admission.AdmissionInterceptor(config.max_workers)
         self._interceptors = list(interceptors)
         self._server: grpc.Server | None = None
@@ -138,7 +139,11 @@ class Host:
             ],
             # The token check first, from the metadata: an unauthenticated call reaches nothing else.
             interceptors=[
-                *([TokenAuthInterceptor(config.auth_token)] if config.auth_token is not None else []),
+                *(
+                    [TokenAuthInterceptor(config.auth_token, self.unauthenticated)]
+                    if config.auth_token is not None
+                    else []
+                ),
                 self.admission,
                 *self._interceptors,
             ],
