@@ -30,6 +30,8 @@ from typing import Any
 
 import grpc
 
+from splitlearning.serving.edge import abort
+
 log = logging.getLogger(__name__)
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -131,7 +133,7 @@ def refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     before any message arrives); its response kind is `handler`'s."""
 
     def refuse(_requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
+        abort(context, code, message)
 
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse)
@@ -145,19 +147,19 @@ def _admitted(handler: grpc.RpcMethodHandler, budget: Budget, method: str) -> gr
     def admit(context: grpc.ServicerContext) -> _Slot:
         slot = budget.admit(context)
         if slot is None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, budget.refusal())
-            raise AssertionError("unreachable: context.abort raises")
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, budget.refusal())
         return slot
 
     def first(requests: Iterator[Any], slot: _Slot, context: grpc.ServicerContext) -> Any:
-        """The one request of a unary call, or _NOTHING (the call was cancelled, or sent none)."""
+        """The one request of a unary call; the call ends here (aborted, never returned from: gRPC would try to
+        serialize a None response, and log a traceback) when it was cancelled or sent none."""
         try:
             request = next(requests, _NOTHING)
-        except grpc.RpcError:  # cancelled: by its peer, or here to take its slot back
-            return _NOTHING
+        except grpc.RpcError:  # cancelled: by its peer, or here to take its slot back; no status reaches anyone
+            abort(context, grpc.StatusCode.CANCELLED, f"{method} was cancelled before its request arrived")
         budget.received(slot)
-        if request is _NOTHING and context.is_active():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message, got none")
+        if request is _NOTHING:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message, got none")
         return request
 
     def marked(requests: Iterator[Any], slot: _Slot) -> Iterator[Any]:
@@ -172,8 +174,7 @@ def _admitted(handler: grpc.RpcMethodHandler, budget: Budget, method: str) -> gr
         def unary_unary_call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             slot = admit(context)
             try:
-                request = first(requests, slot, context)
-                return None if request is _NOTHING else unary_unary(request, context)
+                return unary_unary(first(requests, slot, context), context)
             finally:
                 budget.release(slot)
 
@@ -184,9 +185,7 @@ def _admitted(handler: grpc.RpcMethodHandler, budget: Budget, method: str) -> gr
         def unary_stream_call(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             slot = admit(context)
             try:
-                request = first(requests, slot, context)
-                if request is not _NOTHING:
-                    yield from unary_stream(request, context)
+                yield from unary_stream(first(requests, slot, context), context)
             finally:
                 budget.release(slot)
 

@@ -10,8 +10,6 @@ an `Undecodable` (see servicer.py) and the handler refuses it.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,14 +18,12 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from splitlearning.serving.edge import Undecodable
+from splitlearning.serving.ratelimit import LOG_INTERVAL_S, OncePerPeer
 from splitlearning.text import clip
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LOG_INTERVAL_S = 60.0
-# Peers whose last logged refusal is remembered; past it, those logged over a minute ago are forgotten.
-_PEERS_REMEMBERED = 1024
 
 
 def add_health_to_server(servicer: health.HealthServicer, server: grpc.Server) -> None:
@@ -46,29 +42,6 @@ def add_health_to_server(servicer: health.HealthServicer, server: grpc.Server) -
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
-
-
-class OncePerPeer:
-    """True for a peer's first event, then False until `interval` seconds have passed (per host, any port)."""
-
-    def __init__(self, interval: float = LOG_INTERVAL_S) -> None:
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, peer: str) -> bool:
-        host = peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(host)
-            if last is not None and now - last < self._interval:
-                return False
-            if len(self._last) >= _PEERS_REMEMBERED:
-                self._last = {h: t for h, t in self._last.items() if now - t < self._interval}
-                if len(self._last) >= _PEERS_REMEMBERED:  # that many peers within a minute: log none of the new
-                    return False
-            self._last[host] = now
-            return True
 
 
 def _lenient(parse: Callable[[bytes], T]) -> Callable[[bytes], T | Undecodable]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,8 +21,9 @@ from splitlearning import keepalive
 from splitlearning.addresses import bind
 from splitlearning.security import Secret, TlsConfig, is_loopback
 from splitlearning.serving import admission
-from splitlearning.serving.auth import TokenAuthInterceptor
+from splitlearning.serving.auth import TokenAuthInterceptor, unauthenticated_requests
 from splitlearning.serving.health import add_health_to_server
+from splitlearning.serving.pool import IdleEndingThreadPool
 from splitlearning.serving.prometheus import MetricsEndpoint, host_of
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,11 @@ class Host:
         self.config = config
         self.mounts = list(mounts)
         self.registry = registry
+        self.unauthenticated = unauthenticated_requests(registry)  # calls the token check refused, by method
         self.admission = admission.AdmissionInterceptor(config.max_workers)
         self._interceptors = list(interceptors)
         self._server: grpc.Server | None = None
+        self._pool: IdleEndingThreadPool | None = None
         self.health = health.HealthServicer()
         self._metrics: MetricsEndpoint | None = None
 
@@ -123,8 +125,10 @@ class Host:
         # the unauthenticated ones included): a budget per kind of call, a thread per slot (admission.py).
         self.admission = admission.AdmissionInterceptor(config.max_workers)
         streams = [] if config.max_concurrent_streams is None else [config.max_concurrent_streams]
+        # Its threads end once idle: after a burst of calls the process is back to the threads it had (pool.py).
+        self._pool = IdleEndingThreadPool(config.threads, config.name)
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=config.name),
+            self._pool,
             options=[
                 ("grpc.max_receive_message_length", receive),
                 ("grpc.max_send_message_length", send),
@@ -135,7 +139,11 @@ class Host:
             ],
             # The token check first, from the metadata: an unauthenticated call reaches nothing else.
             interceptors=[
-                *([TokenAuthInterceptor(config.auth_token)] if config.auth_token is not None else []),
+                *(
+                    [TokenAuthInterceptor(config.auth_token, self.unauthenticated)]
+                    if config.auth_token is not None
+                    else []
+                ),
                 self.admission,
                 *self._interceptors,
             ],
@@ -185,6 +193,9 @@ class Host:
         if not self._server.stop(grace).wait(None if grace is None else grace + 2.0):
             log.warning("RPCs did not finish within %g s of the grace period; stopping anyway", grace)
         self._server = None
+        if self._pool is not None:  # gRPC leaves its pool as it is: idle threads end now, busy ones when done
+            self._pool.shutdown(wait=False)
+            self._pool = None
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None
