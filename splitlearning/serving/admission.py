@@ -128,18 +128,6 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         return _admitted(handler, self.budget(handler_call_details.method), handler_call_details.method)
 
 
-def refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler that refuses with `code` without reading the request (gRPC calls request-streaming handlers
-    before any message arrives); its response kind is `handler`'s."""
-
-    def refuse(_requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        abort(context, code, message)
-
-    if handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    return grpc.stream_unary_rpc_method_handler(refuse)
-
-
 def _admitted(handler: grpc.RpcMethodHandler, budget: Budget, method: str) -> grpc.RpcMethodHandler:
     """`handler`, request-streaming, run in a slot of `budget` (refused when there is none), telling `budget`
     when its request has come."""
