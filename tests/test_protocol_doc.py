@@ -272,6 +272,14 @@ def case_contract(peer: Peer) -> None:
     peer.handshake(contract=pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM + 1], dtype=pb.DTYPE_FLOAT32)))
 
 
+def case_optimizer(peer: Peer) -> None:
+    peer.handshake(optimizer=pb.OptimizerSettings(name="sgd", config_json='{"learning_rate": 0.2}'))
+
+
+def case_optimizer_config(peer: Peer) -> None:
+    peer.handshake(optimizer=pb.OptimizerSettings(name="sgd", config_json="[0.1]"))
+
+
 def case_spec(peer: Peer) -> None:
     peer.handshake(contract=pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=77)))  # type: ignore[arg-type]
 
@@ -509,6 +517,8 @@ CASES: dict[str, tuple[Callable[[Peer], None], dict[str, Any]]] = {
     "version": (case_version, {}),
     "mode": (case_mode, {}),
     "contract": (case_contract, {}),
+    "optimizer": (case_optimizer, {}),
+    "optimizer-config": (case_optimizer_config, {}),
     "spec": (case_spec, {}),
     "batch-limit": (case_batch_limit, {}),
     "inquiry-session": (case_inquiry_session, {}),
