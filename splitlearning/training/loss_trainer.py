@@ -19,7 +19,6 @@ on a CPU: the same ops in the same order (docs/design.md, "Exactness").
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,11 +30,10 @@ from splitlearning.compiled import Compiled
 from splitlearning.contract import CutContract, CutMode, Spec
 from splitlearning.devices import describe_placement
 from splitlearning.models import ModelSource, materialize
+from splitlearning.training import keras_setup
+from splitlearning.training.deferred import DeferredUpdate
 
 log = logging.getLogger(__name__)
-
-
-_SPARSE_LOSSES = {"sparse_categorical_crossentropy", "SparseCategoricalCrossentropy"}
 
 
 class LossTrainer:
@@ -70,10 +68,10 @@ class LossTrainer:
             self.loss, self.metric_settings = loss, list(metrics or [])
             self.optimizer: keras.optimizers.Optimizer = self.model.optimizer
             self.optimizer.build(self.model.trainable_variables)
-            self.label_spec: Spec = label_spec or self._label_spec(loss)
-            self.output_spec = _spec(self.model.outputs[0], "output")
+            self.label_spec: Spec = label_spec or keras_setup.label_spec(self.model.outputs[0], loss)
+            self.output_spec = keras_setup.spec(self.model.outputs[0], "server part's output")
             self.contract = CutContract(self._iv_spec(), self.label_spec, self.output_spec)
-            self._num_classes = self._sparse_classes(loss)
+            self._num_classes = keras_setup.sparse_classes(self.model.outputs[0], loss)
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)
             self._train_fn = Compiled(self._train_step, input_signature=[iv_sig, label_sig])
@@ -98,10 +96,9 @@ class LossTrainer:
                 raise AssertionError("evaluation's metrics are named unlike training's")
         self._metrics_before: list[tf.Tensor] | None = None  # running metrics before an unfinished step
         self._no_gradient: set[int] = set()  # indices of weights the loss does not reach (set when tracing)
-        self._pending: Callable[[], object] | None = None  # the last step's update, not yet applied
-        self._pending_lock = threading.Lock()
-        self._failed: str | None = None  # why a pending update could not be applied
-        log.info("server part on %s: %s", device, describe_placement(_tf_variables(self.model, self.optimizer)))
+        self._updates = DeferredUpdate(device)  # the last step's update, not yet applied
+        placement = describe_placement(keras_setup.tf_variables(self.model, self.optimizer))
+        log.info("server part on %s: %s", device, placement)
 
     @property
     def iterations(self) -> int:
@@ -115,27 +112,12 @@ class LossTrainer:
         An update that fails leaves this trainer refusing every later call: the client already holds that
         step's reply, so training on would silently diverge from `fit`; restart from a checkpoint instead.
         """
-        with self._pending_lock:
-            if self._failed is not None:
-                raise RuntimeError(self._failed)
-            pending, self._pending = self._pending, None
-            if pending is None:
-                return False
-            try:
-                with tf.device(self.device):
-                    pending()
-            except Exception as error:
-                self._failed = (
-                    f"the optimizer update of an answered step failed ({type(error).__name__}: {error}); this "
-                    "server's weights no longer follow the client's steps: restart it from a checkpoint"
-                )
-                raise RuntimeError(self._failed) from error
-            return True
+        return self._updates.settle()
 
     @property
     def reusable(self) -> bool:
         """Whether a later session may take this trainer over (`reset`): not after a failed update."""
-        return self._failed is None
+        return self._updates.failed is None
 
     def copy(self, model: ModelSource, device: str) -> LossTrainer:
         """A new trainer of `model` set up as this one: new objects configured as its loss, optimizer and
@@ -197,8 +179,7 @@ class LossTrainer:
         return grad.numpy(), [float(v) for v in values]
 
     def _defer(self, update: Callable[[], object]) -> None:
-        with self._pending_lock:
-            self._pending = update
+        self._updates.defer(update)
 
     def discard_micro(self) -> None:
         """Forget an unfinished step: the gradients accumulated for it, and what its micro-batches added to the
@@ -283,30 +264,10 @@ class LossTrainer:
 
     def _build_metrics(self, model: keras.Model) -> list[str]:
         """Run the metrics once on zeros (no update) so their names are known before the first request."""
-        zeros_iv = np.zeros((1, *self.contract.iv.shape), self.contract.iv.dtype)
-        zeros_label = np.zeros((1, *self.label_spec.shape), self.label_spec.dtype)
-        y_pred = model(zeros_iv, training=False)
-        model.compute_loss(x=zeros_iv, y=zeros_label, y_pred=y_pred, training=False)
-        names = list(model.compute_metrics(zeros_iv, zeros_label, y_pred))
-        model.reset_metrics()
-        return sorted(names, key=lambda n: n != "loss")
+        return keras_setup.metric_names(model, keras_setup.zeros(self.contract.iv), keras_setup.zeros(self.label_spec))
 
     def _iv_spec(self) -> Spec:
-        return _spec(self.model.inputs[0], "input")
-
-    def _label_spec(self, loss: Any) -> Spec:
-        out = self.model.outputs[0].shape
-        if self._is_sparse(loss):
-            return Spec(tuple(int(d) for d in out[1:-1]), np.dtype("int64"))
-        return Spec(tuple(int(d) for d in out[1:]), np.dtype(self.model.outputs[0].dtype))
-
-    def _sparse_classes(self, loss: Any) -> int | None:
-        return int(self.model.outputs[0].shape[-1]) if self._is_sparse(loss) else None
-
-    @staticmethod
-    def _is_sparse(loss: Any) -> bool:
-        name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
-        return name in _SPARSE_LOSSES
+        return keras_setup.spec(self.model.inputs[0], "server part's input")
 
 
 def fresh(setting: Any) -> Any:
@@ -317,13 +278,3 @@ def fresh(setting: Any) -> Any:
     if isinstance(setting, keras.optimizers.Optimizer):
         return keras.optimizers.deserialize(keras.optimizers.serialize(setting))
     return type(setting).from_config(setting.get_config())
-
-
-def _tf_variables(*holders: Any) -> list[Any]:
-    return [getattr(v, "value", v) for h in holders for v in h.variables]
-
-
-def _spec(tensor: Any, what: str) -> Spec:
-    if any(d is None for d in tensor.shape[1:]):
-        raise ValueError(f"the server part's {what} shape must be fully known after the batch, got {tensor.shape}")
-    return Spec(tuple(int(d) for d in tensor.shape[1:]), np.dtype(tensor.dtype))
