@@ -45,6 +45,7 @@ class ServerConfig(cli.ProcessConfig):
     round_deadline: float = 600.0
     min_members: int = 1
     exact: bool = False
+    serve_only: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -134,6 +135,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=None,
         help="write the final weights here (.npz) whenever a session that trained ends (closed by its client, "
         "idle, or in memory when the server stops): the session that ended last",
+    )
+    cli.add(
+        groups["model"],
+        "--serve-only",
+        action="store_true",
+        help="serve the part for predictions only (a trained part: --model PART.keras, or a session resumed from "
+        "--checkpoint-dir): Evaluate and Predict are answered, training is refused",
     )
     cli.add(
         groups["checkpoints"],
@@ -238,6 +246,7 @@ def build(config: ServerConfig) -> SplitServer:
         session_idle_timeout=config.session_idle_timeout,
         session_unused_timeout=config.session_unused_timeout,
         exact=config.exact,
+        serve_only=config.serve_only,
     )
     if config.aggregator:
         state = config.checkpoint_dir / "aggregator.d" if config.checkpoint_dir else None

@@ -57,6 +57,9 @@ class SplitServer:
     split equals `fit` bit for bit where the kernels are the same (TF_ENABLE_ONEDNN_OPTS=0); by default they
     are XLA-compiled (faster for large parts), which keeps the weights within float32 round-off of `fit`'s
     but not bit for bit (docs/design.md, "Exactness").
+
+    `serve_only=True` serves a trained part (a `.keras` file, say): handshakes, `Evaluate` and `Predict` are
+    answered, a training stream is refused (FAILED_PRECONDITION), so no client can change the part.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class SplitServer:
         on_session_end: Callable[[Session], None] | None = None,
         aggregator: Mount | None = None,
         exact: bool = False,
+        serve_only: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.trainer: Trainer
@@ -101,7 +105,7 @@ class SplitServer:
         self.sessions = SessionRegistry(
             PartFactory(model, self.trainer, self.device),
             self.trainer,
-            Limits(max_batch_size, (encodings.RAW, *encodings.parse_list(wire_encodings))),
+            Limits(max_batch_size, (encodings.RAW, *encodings.parse_list(wire_encodings)), trains=not serve_only),
             store,
             max_sessions=max_sessions,
             idle_timeout=session_idle_timeout,

@@ -74,10 +74,12 @@ class HalfStep:
 
 @dataclass(frozen=True)
 class Limits:
-    """What every session of a server allows: the batch size and the wire encodings a client may choose."""
+    """What every session of a server allows: the batch size, the wire encodings a client may choose, and
+    whether it trains at all (a server that only serves predictions does not)."""
 
     max_batch_size: int
     wire_encodings: tuple[EncodingCode, ...] = (encodings.RAW,)
+    trains: bool = True
 
 
 @dataclass
@@ -205,6 +207,11 @@ class Session:
         """Count a training stream as open while the block runs (the session is in use meanwhile); yields the
         client the stream trains for. A stream that names a client other than the one whose handshake holds
         the session is refused (SessionBusy); one that names none (`None`) is taken as the holder's."""
+        if not self.limits.trains:
+            raise PreconditionFailed(
+                "this server serves predictions only (split-server --serve-only): it trains no step; "
+                "Evaluate and Predict are answered"
+            )
         with self._lock:
             self._check_live()
             if self._holder is None:

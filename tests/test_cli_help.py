@@ -81,7 +81,7 @@ SERVER: dict[str, dict[str, Any]] = {
         "--session-unused-timeout": 6.5,
         "--grace": 1.5,
     },
-    "model": {"--model": "digits-cnn", "--cut": "ushape", "--loss": "mse", "--metrics": "mae"},
+    "model": {"--model": "digits-cnn", "--cut": "ushape", "--loss": "mse", "--metrics": "mae", "--serve-only": True},
     "training": {"--optimizer": "sgd", "--learning-rate": 0.5, "--seed": 7, "--exact": True},
     "rounds": {"--aggregator": True, "--members": 4, "--round-deadline": 30.5, "--min-members": 3},
     "device": {"--device": "/CPU:1", "--cpus": "0-1", "--threads": 2},

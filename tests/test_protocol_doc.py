@@ -280,6 +280,12 @@ def case_optimizer_config(peer: Peer) -> None:
     peer.handshake(optimizer=pb.OptimizerSettings(name="sgd", config_json="[0.1]"))
 
 
+def case_serve_only(peer: Peer) -> None:
+    session = peer.handshake().session_id
+    assert peer.predict(session_id=session, iv=iv()).outputs.content  # predictions are served
+    peer.train(step(session, 0))
+
+
 def case_spec(peer: Peer) -> None:
     peer.handshake(contract=pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=77)))  # type: ignore[arg-type]
 
@@ -520,6 +526,7 @@ CASES: dict[str, tuple[Callable[[Peer], None], dict[str, Any]]] = {
     "optimizer": (case_optimizer, {}),
     "optimizer-config": (case_optimizer_config, {}),
     "spec": (case_spec, {}),
+    "serve-only": (case_serve_only, {"serve_only": True}),
     "batch-limit": (case_batch_limit, {}),
     "inquiry-session": (case_inquiry_session, {}),
     "in-use": (case_in_use, {}),
