@@ -146,8 +146,10 @@ class Session:
 
     @property
     def unused(self) -> bool:
-        """Opened new by a handshake and no training step applied since: it holds nothing a new session lacks."""
-        return not self.resumed and not self.steps_applied
+        """Opened new by a handshake at the initial part (no checkpoint, no group round's start) and no training
+        step applied since: it holds nothing a new session lacks."""
+        started = self.membership is not None and bool(self.membership.start)
+        return not self.resumed and not self.steps_applied and not started
 
     # -- joining ---------------------------------------------------------------------------------------------
 
