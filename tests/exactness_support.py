@@ -40,7 +40,7 @@ double-applied update) is a difference of order the learning rate times a gradie
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,22 +71,43 @@ def same_update_as_fit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def assert_close(actual: Any, expected: Any, what: str, exact: bool) -> None:
-    """Bit for bit if `exact`, else within `ROUNDOFF` of the expected values' largest magnitude."""
+def assert_within(actual: Any, expected: Any, what: str, roundoff: float | None = None) -> None:
+    """Bit for bit if `roundoff` is None, else within `roundoff` times the expected values' largest magnitude."""
     actual, expected = np.asarray(actual), np.asarray(expected)
-    if exact:
+    if roundoff is None:
         np.testing.assert_array_equal(actual, expected, err_msg=f"{what}: not bit for bit")
         return
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     np.testing.assert_allclose(
-        actual, expected, rtol=0, atol=ROUNDOFF * scale, err_msg=f"{what}: beyond float32 round-off"
+        actual, expected, rtol=0, atol=roundoff * scale, err_msg=f"{what}: beyond float32 round-off"
     )
 
 
-def assert_weights_equal(actual: list[np.ndarray], expected: list[np.ndarray], what: str, exact: bool) -> None:
+def assert_close(actual: Any, expected: Any, what: str, exact: bool) -> None:
+    """Bit for bit if `exact`, else within `ROUNDOFF` of the expected values' largest magnitude."""
+    assert_within(actual, expected, what, None if exact else ROUNDOFF)
+
+
+def assert_same(
+    actual: Sequence[Any],
+    expected: Sequence[Any],
+    what: str,
+    roundoff: float | None = None,
+    same_dtype: bool = False,
+) -> None:
+    """Weights (or any list of tensors) tensor by tensor, as many as expected: bit for bit, or given `roundoff`,
+    each within `roundoff` times its expected values' largest magnitude (`assert_within`); `same_dtype`: each
+    tensor's dtype must be the expected one's too."""
     assert len(actual) == len(expected), what
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        assert_close(a, e, f"{what}[{i}]", exact)
+        if same_dtype:
+            assert np.asarray(a).dtype == np.asarray(e).dtype, f"{what}[{i}]"
+        assert_within(a, e, f"{what}[{i}]", roundoff)
+
+
+def assert_weights_equal(actual: list[np.ndarray], expected: list[np.ndarray], what: str, exact: bool) -> None:
+    """`assert_same`: bit for bit if `exact`, else within `ROUNDOFF`."""
+    assert_same(actual, expected, what, None if exact else ROUNDOFF)
 
 
 def assert_logs_equal(actual: dict[str, Any], expected: dict[str, Any], exact: bool, sum_of_means: bool) -> None:

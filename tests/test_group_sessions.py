@@ -25,6 +25,7 @@ from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests import raw_support as raw
 from tests.conftest import assert_same_snapshot, build_top, make_loss, server_snapshot
+from tests.exactness_support import assert_same
 from tests.group_support import fedavg
 from tests.raw_support import refused
 
@@ -87,13 +88,6 @@ def optimizer_of(server: SplitServer, session: str) -> list[np.ndarray]:
     return [np.array(v.numpy()) for v in trainer.optimizer.variables]
 
 
-def assert_same(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], what: str) -> None:
-    assert len(actual) == len(expected), what
-    for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        assert a.dtype == e.dtype, f"{what}[{index}]"
-        np.testing.assert_array_equal(a, e, err_msg=f"{what}[{index}]")
-
-
 def contribute(
     server: SplitServer,
     stub: pb_grpc.SplitLearningServiceStub,
@@ -126,7 +120,9 @@ def test_splitfed_rounds_start_from_the_sample_weighted_average_with_a_fresh_opt
     assert first.next_step == 0 and first.session_id
     session = server.session(first.session_id)
     assert session.membership is not None and session.membership.member == 1
-    assert_same(weights_of(server, first.session_id), initial, "round 0 starts from the initial weights")
+    assert_same(
+        weights_of(server, first.session_id), initial, "round 0 starts from the initial weights", same_dtype=True
+    )
     train_steps(stub, first.session_id, 0, 3, seed=1)
     one = weights_of(server, first.session_id)
     assert close(stub, first.session_id, 12).steps == 3
@@ -138,7 +134,7 @@ def test_splitfed_rounds_start_from_the_sample_weighted_average_with_a_fresh_opt
     reply = handshake(stub, group=group_round(1, 1, start=start))
     assert reply.next_step == 0
     expected = fedavg([one, two], [12, 8])
-    assert_same(weights_of(server, reply.session_id), expected, "round 1's start")
+    assert_same(weights_of(server, reply.session_id), expected, "round 1's start", same_dtype=True)
     textbook = [(12 * a.astype(np.float64) + 8 * b.astype(np.float64)) / 20 for a, b in zip(one, two, strict=True)]
     for actual, exact in zip(weights_of(server, reply.session_id), textbook, strict=True):
         np.testing.assert_allclose(actual, exact, rtol=1e-6, atol=1e-7)  # sum(n_k w_k) / sum(n_k), to float32
@@ -148,9 +144,11 @@ def test_splitfed_rounds_start_from_the_sample_weighted_average_with_a_fresh_opt
         assert not np.any(variable.numpy()), f"{variable.path} is not fresh"
     # The other member starts round 1 from the same point; the order of `start` is the order of the sum.
     other = handshake(stub, group=group_round(1, 2, start=start))
-    assert_same(weights_of(server, other.session_id), expected, "member 2's round 1 start")
+    assert_same(weights_of(server, other.session_id), expected, "member 2's round 1 start", same_dtype=True)
     swapped = handshake(stub, group=group_round(1, 2, start=start[::-1]))
-    assert_same(weights_of(server, swapped.session_id), fedavg([two, one], [8, 12]), "start in the other order")
+    assert_same(
+        weights_of(server, swapped.session_id), fedavg([two, one], [8, 12]), "start in the other order", same_dtype=True
+    )
 
 
 def test_a_later_contribution_of_the_same_member_to_the_same_round_replaces_the_earlier(serve: Any) -> None:
@@ -160,7 +158,9 @@ def test_a_later_contribution_of_the_same_member_to_the_same_round_replaces_the_
     code, details = refused(lambda: handshake(stub, group=group_round(1, 1, start=[contribution(0, 1, 4)])))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "8 samples" in details
     reply = handshake(stub, group=group_round(1, 1, start=[contribution(0, 1, 8)]))
-    assert_same(weights_of(server, reply.session_id), fedavg([again], [8]), "the replacing contribution")
+    assert_same(
+        weights_of(server, reply.session_id), fedavg([again], [8]), "the replacing contribution", same_dtype=True
+    )
 
 
 # -- round-robin ---------------------------------------------------------------------------------------------
@@ -173,8 +173,8 @@ def test_round_robin_takes_over_weights_optimizer_state_and_step_count(serve: An
     reply = handshake(stub, group=group_round(1, 2, ROUND_ROBIN, start=[contribution(0, 1, 12)]))
     assert reply.next_step == 3, "the turn goes on counting the contributed steps"
     assert server.session(reply.session_id).next_step == 3
-    assert_same(weights_of(server, reply.session_id), weights, "weights")
-    assert_same(optimizer_of(server, reply.session_id), optimizer, "optimizer variables")
+    assert_same(weights_of(server, reply.session_id), weights, "weights", same_dtype=True)
+    assert_same(optimizer_of(server, reply.session_id), optimizer, "optimizer variables", same_dtype=True)
     train_steps(stub, reply.session_id, 3, 1, seed=2)  # step 3 is the next one
     close(stub, reply.session_id, 4)
 
@@ -265,7 +265,9 @@ def test_a_contributing_close_sent_again_after_a_lost_reply_is_answered_again(se
     kept = [np.array(w) for w in server.sessions.contributions._held[(GROUP, 0, 1)][0].weights]
     again = close(stub, session, 12)
     assert (again.steps, again.checkpointed) == (first.steps, first.checkpointed) == (3, False)
-    assert_same(server.sessions.contributions._held[(GROUP, 0, 1)][0].weights, kept, "the kept contribution")
+    assert_same(
+        server.sessions.contributions._held[(GROUP, 0, 1)][0].weights, kept, "the kept contribution", same_dtype=True
+    )
     code, details = refused(lambda: close(stub, session, 13))
     assert code == grpc.StatusCode.NOT_FOUND, details
     code, details = refused(lambda: close(stub, session))  # not a contributing close: an ended session
@@ -348,7 +350,7 @@ def test_contributions_survive_a_restart_and_older_rounds_are_forgotten(serve: A
     start = [contribution(0, 1, 8), contribution(0, 2, 4)]
     reply = handshake(stub, group=group_round(1, 1, start=start))
     averaged = fedavg([one, two], [8, 4])
-    assert_same(weights_of(restarted, reply.session_id), averaged, "round 1 after a restart")
+    assert_same(weights_of(restarted, reply.session_id), averaged, "round 1 after a restart", same_dtype=True)
     close(stub, reply.session_id, 8)
     other = handshake(stub, group=group_round(1, 2, start=start)).session_id
     close(stub, other, 4)
@@ -379,7 +381,7 @@ def test_the_group_is_not_read_when_the_handshake_names_a_session(serve: Any) ->
     reply = handshake(stub, group=bad, session_id=plain)
     assert (reply.session_id, reply.next_step) == (plain, 1)
     assert server.session(plain).membership is None
-    assert_same(weights_of(server, plain), weights, "a rejoin loads no start")
+    assert_same(weights_of(server, plain), weights, "a rejoin loads no start", same_dtype=True)
     code, _ = refused(lambda: close(stub, plain, 4))
     assert code == grpc.StatusCode.FAILED_PRECONDITION  # still no group session
 

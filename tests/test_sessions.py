@@ -23,6 +23,7 @@ from server_part import SplitServer
 from splitlearning.v1 import split_learning_pb2 as pb
 from tests import raw_support as raw
 from tests.conftest import build_bottom, build_top, make_data, make_loss
+from tests.exactness_support import assert_same
 from tests.raw_support import connect, refused, train_request
 from tests.ushape_support import build_head, build_middle
 
@@ -64,12 +65,6 @@ def server_part(server: SplitServer, session_id: str) -> list[np.ndarray]:
     session = server.session(session_id)
     session.settle()
     return [np.array(w) for w in session.trainer.model.get_weights()]
-
-
-def assert_same(actual: list[np.ndarray], expected: list[np.ndarray], what: str) -> None:
-    assert len(actual) == len(expected), what
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        np.testing.assert_array_equal(a, e, err_msg=f"{what}[{i}]")
 
 
 def alone(started: list[SplitServer], seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
