@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -114,13 +113,6 @@ def engine() -> Engine:
     if answer.returncode != 0:
         unavailable(f"the Docker engine at {environment.get('DOCKER_HOST')} does not answer: {answer.stderr.strip()}")
     return found
-
-
-def free_port() -> int:
-    """A host port nothing listens on now (the engine publishes the server's port there)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def pip_ca_bundle() -> str | None:

@@ -42,7 +42,7 @@ double-applied update) is a difference of order the learning rate times a gradie
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,11 +78,10 @@ def roundoff(batch: int, steps: int) -> float:
     return 2 * batch * steps * EPS32
 
 
-def assert_close(actual: Any, expected: Any, what: str, exact: bool, tolerance: float = ROUNDOFF) -> None:
-    """Bit for bit if `exact`, else within `tolerance` (default `ROUNDOFF`) of the expected values' largest
-    magnitude."""
+def assert_within(actual: Any, expected: Any, what: str, tolerance: float | None = None) -> None:
+    """Bit for bit if `tolerance` is None, else within `tolerance` times the expected values' largest magnitude."""
     actual, expected = np.asarray(actual), np.asarray(expected)
-    if exact:
+    if tolerance is None:
         np.testing.assert_array_equal(actual, expected, err_msg=f"{what}: not bit for bit")
         return
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
@@ -91,12 +90,34 @@ def assert_close(actual: Any, expected: Any, what: str, exact: bool, tolerance: 
     )
 
 
+def assert_close(actual: Any, expected: Any, what: str, exact: bool, tolerance: float = ROUNDOFF) -> None:
+    """Bit for bit if `exact`, else within `tolerance` (default `ROUNDOFF`) of the expected values' largest
+    magnitude."""
+    assert_within(actual, expected, what, None if exact else tolerance)
+
+
+def assert_same(
+    actual: Sequence[Any],
+    expected: Sequence[Any],
+    what: str,
+    tolerance: float | None = None,
+    same_dtype: bool = False,
+) -> None:
+    """Weights (or any list of tensors) tensor by tensor, as many as expected: bit for bit, or given `tolerance`,
+    each within `tolerance` times its expected values' largest magnitude (`assert_within`); `same_dtype`: each
+    tensor's dtype must be the expected one's too."""
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        if same_dtype:
+            assert np.asarray(a).dtype == np.asarray(e).dtype, f"{what}[{i}]"
+        assert_within(a, e, f"{what}[{i}]", tolerance)
+
+
 def assert_weights_equal(
     actual: list[np.ndarray], expected: list[np.ndarray], what: str, exact: bool, tolerance: float = ROUNDOFF
 ) -> None:
-    assert len(actual) == len(expected), what
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        assert_close(a, e, f"{what}[{i}]", exact, tolerance)
+    """`assert_same`: bit for bit if `exact`, else within `tolerance` (default `ROUNDOFF`)."""
+    assert_same(actual, expected, what, None if exact else tolerance)
 
 
 def assert_logs_equal(actual: dict[str, Any], expected: dict[str, Any], exact: bool, sum_of_means: bool) -> None:

@@ -14,22 +14,60 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
-    """Poll `condition` until true; fail the test (not hang it) after `timeout` seconds."""
+def wait_for(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    interval: float = 0.02,
+    process: subprocess.Popen[Any] | None = None,
+    output: Callable[[], str] = lambda: "",
+) -> None:
+    """Poll `condition` until true; fail the test (not hang it) after `timeout` seconds, or at once where `process`
+    is given and exits first. Either failure's message ends with `output()` (what the process wrote, say)."""
     deadline = time.monotonic() + timeout
     while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process exited ({process.returncode}) before {what}{output()}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{output()}")
         time.sleep(interval)
 
 
+def wait_for_text(log: Path, text: str, process: subprocess.Popen[Any], timeout: float) -> None:
+    """Wait until `process` has written `text` to `log`; fail, with the log's tail, if it exits first or after
+    `timeout` seconds."""
+    wait_for(
+        lambda: text in log.read_text(), timeout, repr(text), 0.1, process, lambda: f":\n{log.read_text()[-3000:]}"
+    )
+
+
+def wait_for_port_file(path: Path, process: subprocess.Popen[Any], timeout: float) -> int:
+    """The port `process` writes to `path` (its --port-file), once there; fail if it exits first (with what it
+    wrote to its pipes) or after `timeout` seconds."""
+
+    def exited_output() -> str:
+        return f": {process.communicate()}" if process.poll() is not None else ""
+
+    wait_for(
+        lambda: path.exists() and bool(path.read_text().strip()),
+        timeout,
+        f"a port in {path}",
+        0.1,
+        process,
+        exited_output,
+    )
+    return int(path.read_text())
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (free until someone binds it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

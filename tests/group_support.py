@@ -207,13 +207,6 @@ def member_name(k: int, group: str = "g") -> str:
     return f"member-{k}" if group == "g" else f"{group}-member-{k}"
 
 
-def assert_same(actual: list[np.ndarray], expected: list[np.ndarray], what: str) -> None:
-    """Bit for bit."""
-    assert len(actual) == len(expected), what
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        np.testing.assert_array_equal(a, e, err_msg=f"{what}[{i}]")
-
-
 def fedavg(parts: Sequence[Sequence[np.ndarray]], samples: Sequence[int]) -> list[np.ndarray]:
     """docs/protocol.md's average, written out independently of the code under test: sum_k (n_k / sum n) * w_k in
     float64, in the order given, cast back to each tensor's dtype."""

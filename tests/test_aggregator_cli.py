@@ -18,6 +18,7 @@ from splitlearning import codec
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.faults_support import ROOT, spawn, stop, wait_for
+from tests.raw_support import model_state
 
 TIMEOUT = 10.0
 SETTINGS = pb.GroupSettings(scheme=pb.SCHEME_SPLITFED, rounds=3, local_epochs=1)
@@ -37,13 +38,6 @@ def error_lines(text: str) -> list[str]:
 def weights(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(2,)).astype(np.float32)]
-
-
-def model_state(arrays: list[np.ndarray]) -> pb.ModelState:
-    message = pb.ModelState()
-    for array in arrays:
-        codec.write(array, message.weights.add())
-    return message
 
 
 class Aggregator:

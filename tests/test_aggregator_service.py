@@ -19,7 +19,7 @@ from splitlearning import codec
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.observability_support import scrape, value
-from tests.raw_support import UNDECODABLE
+from tests.raw_support import UNDECODABLE, model_state
 
 TIMEOUT = 10.0
 SERVICE = "/splitlearning.v1.AggregatorService/"
@@ -32,13 +32,6 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 def weights(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)]
-
-
-def model_state(arrays: list[np.ndarray]) -> pb.ModelState:
-    message = pb.ModelState()
-    for array in arrays:
-        codec.write(array, message.weights.add())
-    return message
 
 
 def decoded(message: pb.ModelState) -> list[np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ from splitlearning import codec
 from splitlearning.protocol import PROTOCOL_VERSION
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
+from tests import raw_support as raw
 from tests.conftest import (
     CUT_DIM,
     NUM_CLASSES,
@@ -25,11 +27,14 @@ from tests.conftest import (
     make_loss,
     server_snapshot,
 )
-from tests.raw_support import UNDECODABLE, send_raw
+from tests.raw_support import UNDECODABLE, connect, cut_contract, handshake, send_raw
 
 MAX_BATCH = 8
 TIMEOUT = 20.0
 Code = grpc.StatusCode
+
+# Every Train stream here: its requests on one stream, every reply, within TIMEOUT.
+train = partial(raw.train, timeout=TIMEOUT)
 
 
 def ivs(n: int, seed: int = 0, dtype: str = "float32") -> np.ndarray:
@@ -38,17 +43,6 @@ def ivs(n: int, seed: int = 0, dtype: str = "float32") -> np.ndarray:
 
 def labels(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, NUM_CLASSES, size=n).astype("int64")
-
-
-def iv_contract(shape: tuple[int, ...] = (CUT_DIM,), dtype: Any = pb.DTYPE_FLOAT32) -> pb.CutContract:
-    return pb.CutContract(
-        iv=pb.TensorSpec(shape=shape, dtype=dtype), label=pb.TensorSpec(shape=[], dtype=pb.DTYPE_INT64)
-    )
-
-
-def train(stub: pb_grpc.SplitLearningServiceStub, *requests: pb.TrainRequest) -> list[pb.TrainResponse]:
-    """Send `requests` on one Train stream; errors surface as grpc.RpcError while iterating."""
-    return list(stub.Train(iter(requests), timeout=TIMEOUT))
 
 
 @dataclass
@@ -90,13 +84,9 @@ class Served:
 
 
 def open_session(port: int) -> tuple[grpc.Channel, pb_grpc.SplitLearningServiceStub, str]:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.SplitLearningServiceStub(channel)
-    reply = stub.Handshake(
-        pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, contract=iv_contract(), max_batch_size=MAX_BATCH),
-        timeout=TIMEOUT,
-    )
-    return channel, stub, reply.session_id
+    """A channel to the server on `port`, a stub, and the id of a new session opened there."""
+    channel, stub = connect(f"127.0.0.1:{port}")
+    return channel, stub, handshake(stub, contract=cut_contract(), max_batch_size=MAX_BATCH, timeout=TIMEOUT).session_id
 
 
 @pytest.fixture(scope="module")
@@ -129,18 +119,17 @@ def served() -> Iterator[Served]:
 # -- Handshake ---------------------------------------------------------------------------------------------
 
 
-def handshake(served: Served, **fields: Any) -> Callable[[], object]:
-    fields.setdefault("protocol_version", PROTOCOL_VERSION)
-    fields.setdefault("contract", iv_contract())
+def handshake_call(served: Served, **fields: Any) -> Callable[[], object]:
+    """A call of `handshake` on the served stub for `Served.refused`: the full contract (label included; None: no
+    contract) and this server's batch limit unless `fields` say otherwise."""
+    fields.setdefault("contract", cut_contract())
     fields.setdefault("max_batch_size", MAX_BATCH)
-    if fields["contract"] is None:
-        del fields["contract"]
-    return lambda: served.stub.Handshake(pb.HandshakeRequest(**fields), timeout=TIMEOUT)
+    return lambda: handshake(served.stub, timeout=TIMEOUT, **fields)
 
 
 def test_good_handshake_reports_the_session(served: Served) -> None:
     before = server_snapshot(served.server)
-    reply = handshake(served, session_id=served.session, max_batch_size=4)()
+    reply = handshake_call(served, session_id=served.session, max_batch_size=4)()
     assert isinstance(reply, pb.HandshakeResponse)
     assert reply.protocol_version == PROTOCOL_VERSION
     assert reply.session_id == served.session
@@ -148,7 +137,7 @@ def test_good_handshake_reports_the_session(served: Served) -> None:
     assert reply.max_batch_size == MAX_BATCH
     assert reply.metric_names[0] == "loss"
     assert "accuracy" in reply.metric_names
-    expected = iv_contract()  # what the client states, plus the output the server states for Predict
+    expected = cut_contract()  # what the client states, plus the output the server states for Predict
     expected.output.CopyFrom(pb.TensorSpec(shape=[*served.server.model.outputs[0].shape[1:]], dtype=pb.DTYPE_FLOAT32))
     assert reply.contract == expected
     assert_same_snapshot(before, server_snapshot(served.server))
@@ -157,7 +146,7 @@ def test_good_handshake_reports_the_session(served: Served) -> None:
 @pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1, 99])
 def test_handshake_wrong_protocol_version(served: Served, version: int) -> None:
     served.refused(
-        handshake(served, protocol_version=version),
+        handshake_call(served, protocol_version=version),
         Code.FAILED_PRECONDITION,
         f"protocol version {version}",
         f"expected {PROTOCOL_VERSION}",
@@ -173,9 +162,9 @@ def test_handshake_wrong_protocol_version(served: Served, version: int) -> None:
         ((CUT_DIM,), pb.DTYPE_FLOAT16, f"[batch, {CUT_DIM}] float16"),
     ],
 )
-def test_handshake_wrong_iv_contract(served: Served, shape: tuple[int, ...], dtype: Any, got: str) -> None:
+def test_handshake_wrong_cut_contract(served: Served, shape: tuple[int, ...], dtype: Any, got: str) -> None:
     served.refused(
-        handshake(served, contract=iv_contract(shape, dtype)),
+        handshake_call(served, contract=cut_contract(shape, dtype)),
         Code.FAILED_PRECONDITION,
         f"expects iv [batch, {CUT_DIM}] float32",
         f"sends {got}",
@@ -183,10 +172,10 @@ def test_handshake_wrong_iv_contract(served: Served, shape: tuple[int, ...], dty
 
 
 def test_handshake_wrong_label_contract(served: Served) -> None:
-    contract = iv_contract()
+    contract = cut_contract()
     contract.label.dtype = pb.DTYPE_INT32
     served.refused(
-        handshake(served, contract=contract),
+        handshake_call(served, contract=contract),
         Code.FAILED_PRECONDITION,
         "expects label [batch] int64",
         "sends [batch] int32",
@@ -194,7 +183,7 @@ def test_handshake_wrong_label_contract(served: Served) -> None:
 
 
 def test_handshake_without_label_spec_is_accepted(served: Served) -> None:
-    reply: Any = handshake(served, contract=pb.CutContract(iv=iv_contract().iv))()
+    reply: Any = handshake_call(served, contract=pb.CutContract(iv=cut_contract().iv))()
     assert reply.contract.label == pb.TensorSpec(shape=[], dtype=pb.DTYPE_INT64)
 
 
@@ -202,7 +191,7 @@ def test_handshake_without_label_spec_is_accepted(served: Served) -> None:
     "request_fields",
     [
         {},
-        {"contract": pb.CutContract(label=iv_contract().label)},
+        {"contract": pb.CutContract(label=cut_contract().label)},
         {"contract": pb.CutContract(iv=pb.TensorSpec())},
         {"contract": pb.CutContract(), "encodings": [pb.ENCODING_INT8], "max_batch_size": 10**6},
     ],
@@ -215,7 +204,7 @@ def test_handshake_without_iv_spec_answers_the_contract_and_opens_no_session(
     before = server_snapshot(served.server)
     request = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, **request_fields)
     reply = served.stub.Handshake(request, timeout=TIMEOUT)
-    expected = iv_contract()
+    expected = cut_contract()
     expected.output.CopyFrom(pb.TensorSpec(shape=[NUM_CLASSES], dtype=pb.DTYPE_FLOAT32))
     assert reply.contract == expected
     assert (reply.session_id, reply.next_step) == ("", 0)
@@ -228,12 +217,12 @@ def test_handshake_without_iv_spec_answers_the_contract_and_opens_no_session(
 
 
 def test_inquiry_checks_the_protocol_version(served: Served) -> None:
-    served.refused(handshake(served, protocol_version=9, contract=None), Code.FAILED_PRECONDITION, "version 9")
+    served.refused(handshake_call(served, protocol_version=9, contract=None), Code.FAILED_PRECONDITION, "version 9")
 
 
 def test_inquiry_naming_a_session_is_refused(served: Served) -> None:
     served.refused(
-        handshake(served, contract=None, session_id=served.session),
+        handshake_call(served, contract=None, session_id=served.session),
         Code.INVALID_ARGUMENT,
         "contract.iv is required to join a session",
     )
@@ -249,12 +238,12 @@ def test_inquiry_naming_a_session_is_refused(served: Served) -> None:
     ],
 )
 def test_handshake_malformed_iv_spec(served: Served, shape: tuple[int, ...], dtype: Any, fragment: str) -> None:
-    served.refused(handshake(served, contract=iv_contract(shape, dtype)), Code.INVALID_ARGUMENT, fragment)
+    served.refused(handshake_call(served, contract=cut_contract(shape, dtype)), Code.INVALID_ARGUMENT, fragment)
 
 
 def test_handshake_batch_over_max(served: Served) -> None:
     served.refused(
-        handshake(served, max_batch_size=MAX_BATCH + 1),
+        handshake_call(served, max_batch_size=MAX_BATCH + 1),
         Code.FAILED_PRECONDITION,
         f"batch size {MAX_BATCH + 1}",
         f"limit of {MAX_BATCH}",
@@ -262,7 +251,7 @@ def test_handshake_batch_over_max(served: Served) -> None:
 
 
 def test_handshake_unknown_session(served: Served) -> None:
-    details = served.refused(handshake(served, session_id="nope"), Code.NOT_FOUND, "'nope'", "open a new session")
+    details = served.refused(handshake_call(served, session_id="nope"), Code.NOT_FOUND, "'nope'", "open a new session")
     assert served.session not in details, "the refusal names the held session: that id lets a client in"
 
 
@@ -564,10 +553,7 @@ def test_session_goes_on_after_refusals(split_pair: StartServer) -> None:
     split = split_pair("plain", 0, optimizer=keras.optimizers.SGD(0.1), max_batch_size=MAX_BATCH)
     with grpc.insecure_channel(split.target) as channel:
         stub = pb_grpc.SplitLearningServiceStub(channel)
-        session = stub.Handshake(
-            pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, contract=iv_contract(), max_batch_size=MAX_BATCH),
-            timeout=TIMEOUT,
-        ).session_id
+        session = handshake(stub, contract=cut_contract(), max_batch_size=MAX_BATCH, timeout=TIMEOUT).session_id
 
         def request(step: int, iv: np.ndarray | None = None) -> pb.TrainRequest:
             return pb.TrainRequest(

@@ -16,7 +16,7 @@ from server_part import SplitServer
 from server_part.checkpoints import ServerCheckpoints
 from splitlearning.training.loss_trainer import LossTrainer
 from tests.conftest import CUT_DIM, build_top, make_loss
-from tests.test_faults_exactly_once import join, step_request, stub_for
+from tests.raw_support import connect, handshake, train_request
 
 
 def _trainer(seed: int = 3) -> LossTrainer:
@@ -75,7 +75,7 @@ def test_every_reader_of_the_weights_settles_first(tmp_path: Path) -> None:
 
 def test_the_reply_does_not_wait_for_the_update_and_the_next_step_does() -> None:
     server = SplitServer(build_top("plain", 5), make_loss(), "adam", ["accuracy"])
-    server.bound_port = server.start("127.0.0.1:0")  # type: ignore[attr-defined]
+    port = server.start("127.0.0.1:0")
     trainer = server.trainer
     assert isinstance(trainer, LossTrainer)
     release, started = threading.Event(), threading.Event()
@@ -88,17 +88,17 @@ def test_the_reply_does_not_wait_for_the_update_and_the_next_step_does() -> None
 
     trainer._apply_fn = held_apply
     try:
-        channel, stub = stub_for(server)
+        channel, stub = connect(f"127.0.0.1:{port}")
         with channel:
-            session = join(stub).session_id
+            session = handshake(stub, client_id="a").session_id
             requests: queue.SimpleQueue[object] = queue.SimpleQueue()
             replies = stub.Train(iter(requests.get, None), timeout=30)
-            requests.put(step_request(session, 0, seed=0))
+            requests.put(train_request(session, 0, seed=0))
             first = next(replies)  # arrives although step 0's update is held
             assert first.step == 0
             assert started.wait(timeout=10)
             assert _raw_iterations(trainer) == 0
-            requests.put(step_request(session, 1, seed=1))
+            requests.put(train_request(session, 1, seed=1))
             second: list[object] = []
             reader = threading.Thread(target=lambda: second.append(next(replies)))
             reader.start()

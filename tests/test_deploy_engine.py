@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from tests.deploy_compose import MULTI_COMPOSE_FILE, resolved, services
-from tests.engine_support import COMPOSE_TIMEOUT, Engine, build_image, engine, free_port, volume_files, volume_path
+from tests.engine_support import COMPOSE_TIMEOUT, Engine, build_image, engine, volume_files, volume_path
+from tests.faults_support import free_port
 
 MIN_ACCURACY = 0.9  # the demo (digits-mlp, 10 epochs) reaches about 0.96; chance is 0.1
 # docker-compose.multi.yml's IID group (digits-mlp, 5 rounds of 2 local epochs on thirds of the digits) reaches
@@ -83,7 +84,7 @@ def container(engine: Engine, project: str, service: str) -> dict[str, Any]:
 def test_compose_trains_resumes_finished_and_cleans_up(image: Image) -> None:
     found = image.engine
     project = f"splitci{os.getpid()}"
-    extra = {"SPLIT_IMAGE": image.tag, "SPLIT_PORT": str(free_port())}
+    extra = {"SPLIT_IMAGE": image.tag, "SPLIT_PORT": str(free_port())}  # the engine publishes the server's port there
     timings: dict[str, float] = {"build": image.build_seconds}
     try:
         # compose's `--build` finds every layer of the image in the cache.

@@ -21,6 +21,7 @@ from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, build_pair, make_data, make_loss
 from tests.faults_support import CuttingProxy, assert_weights_close
+from tests.raw_support import connect, handshake, send_once, train_request
 
 FAST_RETRY = RetryPolicy(timeout=30.0, initial=0.01, maximum=0.2)
 
@@ -35,40 +36,19 @@ def server() -> Iterator[SplitServer]:
 
 
 def stub_for(server: SplitServer) -> tuple[grpc.Channel, pb_grpc.SplitLearningServiceStub]:
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.bound_port}")  # type: ignore[attr-defined]
-    return channel, pb_grpc.SplitLearningServiceStub(channel)
-
-
-def join(stub: pb_grpc.SplitLearningServiceStub, client_id: str = "a", session: str = "") -> pb.HandshakeResponse:
-    """A handshake; naming no `session` opens a new one."""
-    contract = pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=pb.DTYPE_FLOAT32))
-    request = pb.HandshakeRequest(
-        protocol_version=1, contract=contract, max_batch_size=8, client_id=client_id, session_id=session
-    )
-    return stub.Handshake(request, timeout=10)
-
-
-def step_request(session: str, step: int, seed: int) -> pb.TrainRequest:
-    rng = np.random.default_rng(seed)
-    iv = rng.normal(size=(4, CUT_DIM)).astype("float32")
-    labels = rng.integers(0, 3, 4).astype("int64")
-    return pb.TrainRequest(session_id=session, step=step, iv=codec.to_proto(iv), labels=codec.to_proto(labels))
-
-
-def send_once(stub: pb_grpc.SplitLearningServiceStub, request: pb.TrainRequest) -> pb.TrainResponse:
-    """One request on a fresh stream (as a client does after losing a reply)."""
-    return next(iter(stub.Train(iter([request]), timeout=10)))
+    """A channel and a stub to the `server` fixture's port."""
+    return connect(f"127.0.0.1:{server.bound_port}")  # type: ignore[attr-defined]
 
 
 def test_resent_step_is_answered_without_a_second_update(server: SplitServer) -> None:
     channel, stub = stub_for(server)
     with channel:
-        session = join(stub).session_id
+        session = handshake(stub, client_id="a").session_id
         for step in range(3):
-            first = send_once(stub, step_request(session, step, step))
+            first = send_once(stub, train_request(session, step, step))
             weights = server.model.get_weights()
             for _ in range(2):  # the reply was lost twice: the same request comes again
-                again = send_once(stub, step_request(session, step, step))
+                again = send_once(stub, train_request(session, step, step))
                 assert again == first
             for before, after in zip(weights, server.model.get_weights(), strict=True):
                 np.testing.assert_array_equal(before, after)
@@ -77,11 +57,11 @@ def test_resent_step_is_answered_without_a_second_update(server: SplitServer) ->
         assert server.session().resent == 6
         for step, detail in ((1, "already applied"), (5, "gap")):
             with pytest.raises(grpc.RpcError) as refused:
-                send_once(stub, step_request(session, step, 0))
+                send_once(stub, train_request(session, step, 0))
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert detail in (refused.value.details() or "")
         with pytest.raises(grpc.RpcError) as unknown:
-            send_once(stub, step_request("not-a-session", 3, 0))
+            send_once(stub, train_request("not-a-session", 3, 0))
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         assert server.trainer.iterations == 3
 
@@ -89,20 +69,20 @@ def test_resent_step_is_answered_without_a_second_update(server: SplitServer) ->
 def test_second_client_is_refused_while_the_first_trains(server: SplitServer) -> None:
     channel, stub = stub_for(server)
     with channel:
-        session = join(stub, "first").session_id
+        session = handshake(stub, client_id="first").session_id
         requests: queue.SimpleQueue[pb.TrainRequest | None] = queue.SimpleQueue()
-        requests.put(step_request(session, 0, 0))
+        requests.put(train_request(session, 0, 0))
         stream = stub.Train(iter(requests.get, None), timeout=30)
         next(stream)  # the first client's stream is open until it sends None (ends its requests)
         with pytest.raises(grpc.RpcError) as refused:
-            join(stub, "second", session)
+            handshake(stub, session, client_id="second")
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "in use by another client" in (refused.value.details() or "")
-        assert join(stub, "first", session).session_id == session  # the holder itself may rejoin
-        assert join(stub, "second").session_id != session  # naming no session, it opens its own
+        assert handshake(stub, session, client_id="first").session_id == session  # the holder itself may rejoin
+        assert handshake(stub, client_id="second").session_id != session  # naming no session, it opens its own
         requests.put(None)
         list(stream)  # the stream ends
-        assert join(stub, "second", session).session_id == session  # once it is closed, another may join
+        assert handshake(stub, session, client_id="second").session_id == session  # once it is closed, another may join
 
 
 def test_a_stream_from_a_client_that_no_longer_holds_the_session_is_refused(server: SplitServer) -> None:
@@ -111,13 +91,14 @@ def test_a_stream_from_a_client_that_no_longer_holds_the_session_is_refused(serv
     def stream_as(client_id: str | None, step: int) -> pb.TrainResponse:
         metadata = [(CLIENT_ID_METADATA_KEY, client_id.encode())] if client_id is not None else []
         # The whole stream, to its end: the server counts it as open until then.
-        (reply,) = stub.Train(iter([step_request(session, step, step)]), timeout=10, metadata=metadata)
+        (reply,) = stub.Train(iter([train_request(session, step, step)]), timeout=10, metadata=metadata)
         return reply
 
     with channel:
-        session = join(stub, "first").session_id
+        session = handshake(stub, client_id="first").session_id
         assert stream_as("first", 0).step == 0
-        assert join(stub, "second", session).session_id == session  # "first" had no stream open: "second" holds it
+        # "first" had no stream open: "second" holds it.
+        assert handshake(stub, session, client_id="second").session_id == session
         weights = server.model.get_weights()
         with pytest.raises(grpc.RpcError) as refused:
             stream_as("first", 1)  # "first" did not handshake again: its steps must not mix with "second"'s
@@ -144,8 +125,9 @@ def test_a_client_whose_session_was_taken_between_its_handshake_and_its_first_st
     channel, stub = stub_for(server)
     try:
         transport.handshake(Spec((CUT_DIM,), np.dtype("float32")), None, 8, client_id="first")
-        join(stub, "second", transport.session_id)  # before "first" opened its stream: "second" holds it now
-        request = step_request(transport.session_id, 0, 0)
+        # Before "first" opened its stream: "second" holds it now.
+        handshake(stub, transport.session_id, client_id="second")
+        request = train_request(transport.session_id, 0, 0)
         iv, labels = codec.from_proto(request.iv, "iv"), codec.from_proto(request.labels, "labels")
         with pytest.raises(RemoteError, match="held by another client") as refused:
             transport.train(0, iv, labels, True)  # its stream names "first" (the transport's own metadata)
@@ -213,27 +195,17 @@ def test_a_refused_handshake_leaves_the_holders_wire_encoding_alone() -> None:
     _, top = build_pair("plain", 5)
     server = SplitServer(top, make_loss(), "adam", wire_encodings=["int8"])
     port = server.start("127.0.0.1:0")
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.SplitLearningServiceStub(channel)
+    channel, stub = connect(f"127.0.0.1:{port}")
     try:
-        session = join(stub, "holder").session_id  # asks for nothing narrower: raw
+        session = handshake(stub, client_id="holder").session_id  # asks for nothing narrower: raw
         requests: queue.SimpleQueue[pb.TrainRequest | None] = queue.SimpleQueue()
-        requests.put(step_request(session, 0, 0))
+        requests.put(train_request(session, 0, 0))
         stream = stub.Train(iter(requests.get, None), timeout=30)
         assert next(stream).iv_gradient.encoding == pb.ENCODING_RAW
-        contract = pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=pb.DTYPE_FLOAT32))
-        intruder = pb.HandshakeRequest(
-            protocol_version=1,
-            contract=contract,
-            max_batch_size=8,
-            client_id="other",
-            encodings=[pb.ENCODING_INT8],
-            session_id=session,
-        )
         with pytest.raises(grpc.RpcError) as refused:
-            stub.Handshake(intruder, timeout=10)
+            handshake(stub, session, client_id="other", encodings=[pb.ENCODING_INT8])
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        requests.put(step_request(session, 1, 1))
+        requests.put(train_request(session, 1, 1))
         assert next(stream).iv_gradient.encoding == pb.ENCODING_RAW, "the refused client re-encoded the session"
         requests.put(None)
         list(stream)

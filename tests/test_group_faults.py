@@ -35,8 +35,9 @@ from client_part.transport import RemoteError
 from splitlearning import part_state
 from splitlearning.groups import Action, Scheme, Settings
 from splitlearning.part_state import PartState
+from tests.exactness_support import assert_same
 from tests.faults_support import free_port, make_npz, spawn, stop, wait_for
-from tests.group_support import RUN_TIMEOUT, Run, assert_same, member_name
+from tests.group_support import RUN_TIMEOUT, Run, member_name
 
 MEMBERS, ROUNDS = 2, 3
 DEADLINE = 300.0  # no round closes at its deadline here: every member trains every round

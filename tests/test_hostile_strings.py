@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -12,11 +13,12 @@ import pytest
 
 from server_part import SplitServer
 from splitlearning import codec, logs
-from splitlearning.protocol import CLIENT_ID_METADATA_KEY, MAX_ID_LENGTH, PROTOCOL_VERSION
+from splitlearning.protocol import CLIENT_ID_METADATA_KEY, MAX_ID_LENGTH
 from splitlearning.text import MESSAGE_LIMIT
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, build_top, make_loss
+from tests.raw_support import handshake
 
 TIMEOUT = 20.0
 HUGE = "S" * 50_000  # under this tiny model's message limit (64 KB)
@@ -79,27 +81,14 @@ def step_request(session_id: str) -> pb.TrainRequest:
     return pb.TrainRequest(session_id=session_id, step=0, iv=codec.to_proto(iv), labels=codec.to_proto(labels))
 
 
-def handshake(
-    stub: pb_grpc.SplitLearningServiceStub, session_id: str = "", client_id: str = ""
-) -> pb.HandshakeResponse:
-    contract = pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=pb.DTYPE_FLOAT32))
-    request = pb.HandshakeRequest(
-        protocol_version=PROTOCOL_VERSION,
-        contract=contract,
-        max_batch_size=8,
-        session_id=session_id,
-        client_id=client_id,
-    )
-    return stub.Handshake(request, timeout=TIMEOUT)
-
-
 @pytest.mark.parametrize("field", ["session_id", "client_id"])
 def test_handshake_refuses_an_id_over_the_limit(
     server: tuple[SplitServer, pb_grpc.SplitLearningServiceStub], field: str
 ) -> None:
     _, stub = server
+    too_long: dict[str, Any] = {field: "x" * (MAX_ID_LENGTH + 1)}
     with pytest.raises(grpc.RpcError) as info:
-        handshake(stub, **{field: "x" * (MAX_ID_LENGTH + 1)})
+        handshake(stub, timeout=TIMEOUT, **too_long)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = info.value.details() or ""
     assert field in details and f"at most {MAX_ID_LENGTH}" in details and f"got {MAX_ID_LENGTH + 1}" in details
@@ -108,7 +97,7 @@ def test_handshake_refuses_an_id_over_the_limit(
 
 def test_handshake_takes_an_id_at_the_limit(server: tuple[SplitServer, pb_grpc.SplitLearningServiceStub]) -> None:
     _, stub = server
-    assert handshake(stub, client_id="c" * MAX_ID_LENGTH).session_id
+    assert handshake(stub, client_id="c" * MAX_ID_LENGTH, timeout=TIMEOUT).session_id
 
 
 def test_a_huge_session_id_is_clipped_in_the_refusal_and_the_logs(

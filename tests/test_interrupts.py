@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,16 +22,11 @@ from client_part import SplitClient
 from client_part.cli import Interrupts
 from client_part.stopping import Stopped
 from tests.conftest import StartServer, make_data
+from tests.faults_support import free_port, wait_for_text
 
 START_TIMEOUT = 120.0  # loading TensorFlow on a busy machine
 # Far below --connect-timeout and --retry-timeout (both 300 s below): the client did not wait them out.
 STOP_WITHIN = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
@@ -60,14 +54,6 @@ def start_client(target: str, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "client_part", *flags], stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_for(log: Path, text: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while text not in log.read_text():
-        assert process.poll() is None, f"the client exited early:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {text!r} in the client's output:\n{log.read_text()[-3000:]}"
-        time.sleep(0.1)
-
-
 def interrupt(process: subprocess.Popen[bytes], signum: int) -> int:
     process.send_signal(signum)
     try:
@@ -82,7 +68,7 @@ def interrupt(process: subprocess.Popen[bytes], signum: int) -> int:
 def test_a_signal_stops_the_client_waiting_for_an_absent_server(tmp_path: Path, signum: int) -> None:
     log = tmp_path / "client.log"
     process = start_client(f"127.0.0.1:{free_port()}", log)
-    wait_for(log, "waiting up to 300 s for the server", process)
+    wait_for_text(log, "waiting up to 300 s for the server", process, START_TIMEOUT)
     time.sleep(0.5)  # inside the wait
     assert interrupt(process, signum) == 128 + signum
     output = log.read_text()
@@ -93,7 +79,7 @@ def test_a_signal_stops_the_client_waiting_for_an_absent_server(tmp_path: Path, 
 def test_sigint_stops_the_client_while_it_retries(tmp_path: Path, unavailable_server: int) -> None:
     log = tmp_path / "client.log"
     process = start_client(f"127.0.0.1:{unavailable_server}", log)
-    wait_for(log, "retry 2 in", process)
+    wait_for_text(log, "retry 2 in", process, START_TIMEOUT)
     assert interrupt(process, signal.SIGINT) == 130
     output = log.read_text()
     assert "stopped on request while retrying handshake" in output

@@ -7,12 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from splitlearning.events import read_scalars
+from tests.faults_support import wait_for_port_file
 from tests.observability_support import scrape, value
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,15 +27,6 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
-def wait_for(path: Path, process: subprocess.Popen[str]) -> int:
-    deadline = time.monotonic() + START_TIMEOUT
-    while not (path.exists() and path.read_text().strip()):
-        assert process.poll() is None, f"split-server exited: {process.communicate()}"
-        assert time.monotonic() < deadline, "split-server did not start in time"
-        time.sleep(0.1)
-    return int(path.read_text())
-
-
 def test_two_processes_report_the_same_training(tmp_path: Path) -> None:
     logs, files = tmp_path / "logs", tmp_path / "files"
     files.mkdir()
@@ -45,7 +36,7 @@ def test_two_processes_report_the_same_training(tmp_path: Path) -> None:
         env=env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        port = wait_for(files / "port", server)
+        port = wait_for_port_file(files / "port", server, START_TIMEOUT)
         metrics_port = int((files / "metrics").read_text())
         assert value(scrape(metrics_port), "split_server_steps_total") == 0
         client = subprocess.run(

@@ -6,13 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from splitlearning import subprocesses
+from tests.faults_support import wait_for_port_file
 
 START_TIMEOUT = 120.0
 
@@ -32,12 +32,7 @@ def server(tmp_path: Path) -> Iterator[int]:
         text=True,
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (port_file.exists() and port_file.read_text().strip()):
-            assert process.poll() is None, f"split-server exited: {process.communicate()[1][-2000:]}"
-            assert time.monotonic() < deadline, "split-server did not start"
-            time.sleep(0.1)
-        yield int(port_file.read_text())
+        yield wait_for_port_file(port_file, process, START_TIMEOUT)
     finally:
         subprocesses.stop(process, timeout=20)
     assert process.returncode == 0, f"split-server exited with {process.returncode} on SIGTERM"

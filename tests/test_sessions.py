@@ -8,10 +8,9 @@ nothing may differ (concurrent sessions run their steps on other threads, which 
 from __future__ import annotations
 
 import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,11 @@ import pytest
 
 from client_part import SplitClient
 from server_part import SplitServer
-from splitlearning import codec
 from splitlearning.v1 import split_learning_pb2 as pb
-from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
-from tests.conftest import CUT_DIM, build_bottom, build_top, make_data, make_loss
+from tests import raw_support as raw
+from tests.conftest import build_bottom, build_top, make_data, make_loss
+from tests.exactness_support import assert_same
+from tests.raw_support import connect, refused, train_request, training
 from tests.ushape_support import build_head, build_middle
 
 BATCH = 10
@@ -67,12 +67,6 @@ def server_part(server: SplitServer, session_id: str) -> list[np.ndarray]:
     return [np.array(w) for w in session.trainer.model.get_weights()]
 
 
-def assert_same(actual: list[np.ndarray], expected: list[np.ndarray], what: str) -> None:
-    assert len(actual) == len(expected), what
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        np.testing.assert_array_equal(a, e, err_msg=f"{what}[{i}]")
-
-
 def alone(started: list[SplitServer], seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The run of client `seed` against a fresh server of its own: (client part, server part)."""
     server, target = serve(started)
@@ -112,56 +106,8 @@ def test_a_fresh_client_after_another_ones_first_step_gets_a_session_of_its_own(
 
 # -- the registry's limits, over raw calls ----------------------------------------------------------------
 
-
-def stub_of(target: str) -> tuple[grpc.Channel, pb_grpc.SplitLearningServiceStub]:
-    channel = grpc.insecure_channel(target)
-    return channel, pb_grpc.SplitLearningServiceStub(channel)
-
-
-def handshake(stub: pb_grpc.SplitLearningServiceStub, session: str = "", **fields: Any) -> pb.HandshakeResponse:
-    contract = pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=pb.DTYPE_FLOAT32))
-    request = pb.HandshakeRequest(
-        protocol_version=1, contract=contract, max_batch_size=8, session_id=session, client_id="c", **fields
-    )
-    return stub.Handshake(request, timeout=10)
-
-
-def step(session: str, number: int, seed: int = 0, encoding: Any = pb.ENCODING_RAW) -> pb.TrainRequest:
-    rng = np.random.default_rng(seed)
-    iv = rng.normal(size=(4, CUT_DIM)).astype("float32")
-    labels = rng.integers(0, 3, 4).astype("int64")
-    return pb.TrainRequest(
-        session_id=session, step=number, iv=codec.to_proto(iv, encoding), labels=codec.to_proto(labels)
-    )
-
-
-def send(stub: pb_grpc.SplitLearningServiceStub, *requests: pb.TrainRequest) -> list[pb.TrainResponse]:
-    return list(stub.Train(iter(requests), timeout=10))
-
-
-def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    error: Any = info.value
-    return error.code(), error.details() or ""
-
-
-@contextmanager
-def training(stub: pb_grpc.SplitLearningServiceStub, session: str, first: int = 0) -> Iterator[None]:
-    """A Train stream open in `session` for the block (its step `first` applied): the session is in use."""
-    done = threading.Event()
-
-    def requests() -> Iterator[pb.TrainRequest]:
-        yield step(session, first)
-        done.wait(10)
-
-    replies = stub.Train(requests(), timeout=10)
-    assert next(replies).step == first
-    try:
-        yield
-    finally:
-        done.set()
-        list(replies)
+# Client "c"'s handshake (its CloseSession requests name it too).
+handshake = partial(raw.handshake, client_id="c")
 
 
 def test_max_sessions_refuses_a_new_session_while_all_are_in_use_until_one_is_closed(
@@ -169,11 +115,11 @@ def test_max_sessions_refuses_a_new_session_while_all_are_in_use_until_one_is_cl
 ) -> None:
     """Sessions with a training stream open are never evicted for a new one (tests/test_sessions_slots.py)."""
     server, target = serve(servers, max_sessions=2)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         first, second = handshake(stub).session_id, handshake(stub).session_id
         with training(stub, first), training(stub, second):
-            code, details = code_of(lambda: handshake(stub))
+            code, details = refused(lambda: handshake(stub))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2 sessions" in details
             assert handshake(stub, first).session_id == first  # joining one it holds is no new session
             closed = stub.CloseSession(pb.CloseSessionRequest(session_id=first, client_id="c"), timeout=10)
@@ -184,26 +130,26 @@ def test_max_sessions_refuses_a_new_session_while_all_are_in_use_until_one_is_cl
 
 def test_a_closed_session_without_checkpoints_is_gone(servers: list[SplitServer]) -> None:
     _, target = serve(servers)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         session = handshake(stub).session_id
-        assert [r.step for r in send(stub, step(session, 0), step(session, 1, 1))] == [0, 1]
+        assert [r.step for r in raw.train(stub, train_request(session, 0), train_request(session, 1, 1))] == [0, 1]
         closed = stub.CloseSession(pb.CloseSessionRequest(session_id=session, client_id="c"), timeout=10)
         assert (closed.steps, closed.checkpointed) == (2, False)
-        for call in (lambda: send(stub, step(session, 2)), lambda: handshake(stub, session)):
-            code, details = code_of(call)
+        for call in (lambda: raw.train(stub, train_request(session, 2)), lambda: handshake(stub, session)):
+            code, details = refused(call)
             assert code == grpc.StatusCode.NOT_FOUND and session in details
 
 
 def test_an_unknown_or_malformed_session_is_refused(servers: list[SplitServer]) -> None:
     _, target = serve(servers)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
-        code, details = code_of(lambda: handshake(stub, "f" * 32))
+        code, details = refused(lambda: handshake(stub, "f" * 32))
         assert code == grpc.StatusCode.NOT_FOUND and "open a new session" in details
-        code, details = code_of(lambda: handshake(stub, "../../etc"))
+        code, details = refused(lambda: handshake(stub, "../../etc"))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "letters, digits" in details
-        code, _ = code_of(lambda: send(stub, step("", 0)))
+        code, _ = refused(lambda: raw.train(stub, train_request("", 0)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -211,64 +157,64 @@ def test_an_idle_session_is_checkpointed_unloaded_and_resumed_where_it_was(
     servers: list[SplitServer], tmp_path: Path
 ) -> None:
     server, target = serve(servers, checkpoint_dir=tmp_path, checkpoint_every=0, session_idle_timeout=0.3)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         session = handshake(stub).session_id
-        send(stub, step(session, 0), step(session, 1, 1))
+        raw.train(stub, train_request(session, 0), train_request(session, 1, 1))
         weights = server_part(server, session)
         deadline = time.monotonic() + 20
         while server.sessions.sessions() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not server.sessions.sessions(), "the idle session was not unloaded"
         assert (tmp_path / session / "checkpoint").is_file()
-        code, details = code_of(lambda: send(stub, step(session, 2, 2)))
+        code, details = refused(lambda: raw.train(stub, train_request(session, 2, 2)))
         assert code == grpc.StatusCode.ABORTED and "handshake again" in details
         resumed = handshake(stub, session)
         assert (resumed.session_id, resumed.next_step) == (session, 2)
         assert_same(server_part(server, session), weights, "the resumed part")
-        assert [r.step for r in send(stub, step(session, 2, 2))] == [2]
+        assert [r.step for r in raw.train(stub, train_request(session, 2, 2))] == [2]
 
 
 def test_an_idle_session_without_checkpoints_expires(servers: list[SplitServer]) -> None:
     server, target = serve(servers, session_idle_timeout=0.2)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         session = handshake(stub).session_id
         deadline = time.monotonic() + 20
         while server.sessions.sessions() and time.monotonic() < deadline:
             time.sleep(0.05)
-        code, details = code_of(lambda: send(stub, step(session, 0)))
+        code, details = refused(lambda: raw.train(stub, train_request(session, 0)))
         assert code == grpc.StatusCode.NOT_FOUND and "keeps no checkpoints" in details
 
 
 def test_a_resend_is_answered_only_when_it_repeats_the_step(servers: list[SplitServer]) -> None:
     server, target = serve(servers)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         session = handshake(stub).session_id
-        (first,) = send(stub, step(session, 0))
-        (again,) = send(stub, step(session, 0))  # its reply was lost: the same request again
+        (first,) = raw.train(stub, train_request(session, 0))
+        (again,) = raw.train(stub, train_request(session, 0))  # its reply was lost: the same request again
         assert again.iv_gradient.content == first.iv_gradient.content
         assert server.session().resent == 1
-        code, details = code_of(lambda: send(stub, step(session, 0, seed=9)))  # another request as step 0
+        code, details = refused(lambda: raw.train(stub, train_request(session, 0, seed=9)))  # another request as step 0
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "repeat the step exactly" in details
         metadata = [("split-client-id-bin", b"someone-else")]
-        code, _ = code_of(lambda: list(stub.Train(iter([step(session, 0)]), timeout=10, metadata=metadata)))
+        code, _ = refused(lambda: list(stub.Train(iter([train_request(session, 0)]), timeout=10, metadata=metadata)))
         assert code == grpc.StatusCode.FAILED_PRECONDITION
         assert server.session().next_step == 1 and server.session().resent == 1
 
 
 def test_an_encoding_the_session_did_not_agree_on_is_refused(servers: list[SplitServer]) -> None:
     server, target = serve(servers, wire_encodings=["raw", "float16", "int8"])
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         session = handshake(stub).session_id  # asks for nothing narrower: raw
         for encoding in (pb.ENCODING_FLOAT16, pb.ENCODING_INT8):
-            code, details = code_of(lambda e=encoding: send(stub, step(session, 0, encoding=e)))  # type: ignore[misc]
+            code, details = refused(lambda e=encoding: raw.train(stub, train_request(session, 0, encoding=e)))  # type: ignore[misc]
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "agreed on raw" in details
         assert server.session().next_step == 0
         narrow = handshake(stub, session, encodings=[pb.ENCODING_INT8]).session_id
-        assert [r.step for r in send(stub, step(narrow, 0, encoding=pb.ENCODING_INT8))] == [0]
+        assert [r.step for r in raw.train(stub, train_request(narrow, 0, encoding=pb.ENCODING_INT8))] == [0]
 
 
 def make_client(target: str, **kwargs: Any) -> SplitClient:
@@ -338,18 +284,18 @@ def test_every_session_may_hold_its_stream_and_a_call_at_once(servers: list[Spli
     while it validates (a unary call), so a full server must have room for both per session."""
     max_sessions = 10  # more than the service's 8 slots of before
     _, target = serve(servers, max_sessions=max_sessions)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     streams = []
     with channel:
         for index in range(max_sessions):
             session = handshake(stub).session_id
             requests: queue.SimpleQueue[pb.TrainRequest | None] = queue.SimpleQueue()
-            requests.put(step(session, 0, index))
+            requests.put(train_request(session, 0, index))
             stream = stub.Train(iter(requests.get, None), timeout=30)
             assert next(stream).step == 0  # the stream stays open: its requests have not ended
             streams.append((session, stream, requests))
         for session, _, _ in streams:
-            request = step(session, 0)
+            request = train_request(session, 0)
             evaluate = pb.EvaluateRequest(session_id=session, iv=request.iv, labels=request.labels, reset_metrics=True)
             assert len(stub.Evaluate(evaluate, timeout=10).metrics) == 2
         for _, stream, requests in streams:

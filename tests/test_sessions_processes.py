@@ -19,6 +19,7 @@ import pytest
 from server_part import cli as server_cli
 from server_part.server import SplitServer
 from server_part.session import Session
+from tests.exactness_support import assert_same
 from tests.faults_support import free_port, latest_step, load_weights, make_npz, spawn, stop, wait_for
 
 SEEDS = (1, 2, 3, 4)
@@ -99,12 +100,6 @@ def wait_all(processes: dict[int, subprocess.Popen[bytes]], logs: dict[int, Path
 def result(out: Path) -> tuple[list[np.ndarray], str]:
     weights, _ = load_weights(out / "client.npz")
     return weights, json.loads((out / "history.json").read_text())["session"]
-
-
-def assert_same(actual: list[np.ndarray], expected: list[np.ndarray], what: str) -> None:
-    assert len(actual) == len(expected), what
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        np.testing.assert_array_equal(a, e, err_msg=f"{what}[{i}]")
 
 
 def test_four_client_processes_at_once_each_train_as_if_alone(

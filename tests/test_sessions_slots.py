@@ -20,20 +20,10 @@ from server_part import SplitServer
 from server_part.cli import parse_args
 from splitlearning.v1 import split_learning_pb2 as pb
 from tests.conftest import build_bottom, make_data
-from tests.test_sessions import (
-    BATCH,
-    alone,
-    assert_same,
-    code_of,
-    handshake,
-    send,
-    serve,
-    server_part,
-    step,
-    stub_of,
-    train,
-    training,
-)
+from tests.exactness_support import assert_same
+from tests.raw_support import connect, refused, train_request, training
+from tests.raw_support import train as send
+from tests.test_sessions import BATCH, alone, handshake, serve, server_part, train
 
 TIMEOUT = 20.0
 
@@ -56,13 +46,13 @@ def in_memory(server: SplitServer) -> set[str]:
 def test_handshakes_that_never_train_do_not_keep_an_honest_client_from_training(servers: list[SplitServer]) -> None:
     """The hostile run of issue 26: max_sessions handshakes, no step. The unused timeout is off: eviction alone."""
     server, target = serve(servers, max_sessions=3, session_unused_timeout=0)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         hostile = [handshake(stub).session_id for _ in range(3)]
         client, weights = train(target, seed=1)
         assert client.step == 8
         assert in_memory(server) == {*hostile[1:], client.session_id}, "not the least recently used one evicted"
-        code, details = code_of(lambda: send(stub, step(hostile[0], 0)))
+        code, details = refused(lambda: send(stub, train_request(hostile[0], 0)))
         assert code == grpc.StatusCode.NOT_FOUND and "evicted" in details and "open a new session" in details
     # The honest run is the run of a fresh server: the evicted session's part was reset before it was reused.
     expected_client, expected_server = alone(servers, seed=1)
@@ -74,13 +64,13 @@ def test_a_full_server_evicts_unused_sessions_first_then_checkpointed_ones_then_
     servers: list[SplitServer], tmp_path: Path
 ) -> None:
     server, target = serve(servers, max_sessions=4, checkpoint_dir=tmp_path, checkpoint_every=0)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     group = pb.GroupRound(group="g", round=0, member=1, scheme=pb.SCHEME_SPLITFED)
     with channel:
         grouped = handshake(stub, group=group).session_id  # keeps no checkpoints: its round's work would be lost
-        send(stub, step(grouped, 0))
+        send(stub, train_request(grouped, 0))
         kept = handshake(stub).session_id
-        send(stub, step(kept, 0))
+        send(stub, train_request(kept, 0))
         unused = handshake(stub).session_id  # the most recently used, yet the first to go
         busy = handshake(stub).session_id
         with training(stub, busy):
@@ -88,9 +78,9 @@ def test_a_full_server_evicts_unused_sessions_first_then_checkpointed_ones_then_
             assert order == [unused, kept, grouped], "busy has a stream open: never evicted"
             newcomer = handshake(stub).session_id
             assert in_memory(server) == {grouped, kept, busy, newcomer}
-            code, details = code_of(lambda: send(stub, step(unused, 0)))
+            code, details = refused(lambda: send(stub, train_request(unused, 0)))
             assert code == grpc.StatusCode.ABORTED and "evicted" in details and "handshake again" in details
-            send(stub, step(newcomer, 0))  # now a checkpointed session used after `kept`
+            send(stub, train_request(newcomer, 0))  # now a checkpointed session used after `kept`
             last = handshake(stub).session_id
             assert in_memory(server) == {grouped, busy, newcomer, last}, "the group round's session went first"
 
@@ -99,24 +89,24 @@ def test_with_checkpoints_the_evicted_session_is_checkpointed_and_resumed_at_its
     servers: list[SplitServer], tmp_path: Path
 ) -> None:
     server, target = serve(servers, max_sessions=2, checkpoint_dir=tmp_path, checkpoint_every=0)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         first = handshake(stub).session_id
-        send(stub, step(first, 0), step(first, 1, 1))
+        send(stub, train_request(first, 0), train_request(first, 1, 1))
         weights = server_part(server, first)
         second = handshake(stub).session_id
-        send(stub, step(second, 0))
+        send(stub, train_request(second, 0))
         assert server.sessions.store is not None and server.sessions.store.latest(first) == 0
         third = handshake(stub).session_id  # evicts `first`, the least recently used
         assert in_memory(server) == {second, third}
         assert server.sessions.store.latest(first) == 2, "the evicted session was not checkpointed at its step"
-        code, details = code_of(lambda: send(stub, step(first, 2, 2)))
+        code, details = refused(lambda: send(stub, train_request(first, 2, 2)))
         assert code == grpc.StatusCode.ABORTED and "evicted" in details and "handshake again" in details
         resumed = handshake(stub, first)  # the server is full again: `third`, which trained nothing, makes room
         assert (resumed.session_id, resumed.next_step) == (first, 2)
         assert in_memory(server) == {first, second}
         assert_same(server_part(server, first), weights, "the resumed part")
-        assert [reply.step for reply in send(stub, step(first, 2, 2))] == [2]
+        assert [reply.step for reply in send(stub, train_request(first, 2, 2))] == [2]
 
 
 def test_a_split_client_whose_session_was_evicted_resumes_it_at_its_step(
@@ -142,10 +132,10 @@ def test_a_split_client_whose_session_was_evicted_resumes_it_at_its_step(
     session = first.session_id
     assert first.step == 4
     weights = server_part(server, session)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         other = handshake(stub).session_id
-        send(stub, step(other, 0))
+        send(stub, train_request(other, 0))
         handshake(stub)  # evicts the client's session: idle, and used before `other`
         assert session not in in_memory(server)
         assert server.sessions.store is not None and server.sessions.store.latest(session) == 4
@@ -164,13 +154,13 @@ def test_a_new_session_is_refused_only_while_every_session_has_a_training_stream
     servers: list[SplitServer],
 ) -> None:
     server, target = serve(servers, max_sessions=2)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         first, second = handshake(stub).session_id, handshake(stub).session_id
         with training(stub, first):
             with training(stub, second):
                 before = {s.id: s.next_step for s in server.sessions.sessions()}
-                code, details = code_of(lambda: handshake(stub))
+                code, details = refused(lambda: handshake(stub))
                 assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "limit of 2 sessions" in details and "2 with a training stream open" in details
                 assert "--max-sessions" in details
@@ -186,14 +176,14 @@ def test_unused_sessions_leave_memory_after_the_unused_timeout_and_an_honest_cli
     servers: list[SplitServer],
 ) -> None:
     server, target = serve(servers, max_sessions=2, session_unused_timeout=60)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         hostile = [handshake(stub).session_id for _ in range(2)]
         now = time.monotonic()
         assert server.sessions.expire_idle(now + 59) == []
         assert sorted(server.sessions.expire_idle(now + 61)) == sorted(hostile)
         assert not server.sessions.sessions(), "reclaimed, not left for eviction"
-        code, details = code_of(lambda: send(stub, step(hostile[0], 0)))
+        code, details = refused(lambda: send(stub, train_request(hostile[0], 0)))
         assert code == grpc.StatusCode.NOT_FOUND and "unused" in details
     client, _ = train(target, seed=1)
     assert client.step == 8 and in_memory(server) == {client.session_id}
@@ -202,24 +192,24 @@ def test_unused_sessions_leave_memory_after_the_unused_timeout_and_an_honest_cli
 def test_only_sessions_opened_new_that_applied_no_step_are_unused(servers: list[SplitServer], tmp_path: Path) -> None:
     """A trained session, or one resumed from its checkpoints, waits for the idle timeout; 0 turns reclaim off."""
     server, target = serve(servers, checkpoint_dir=tmp_path, session_unused_timeout=60)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         trained = handshake(stub).session_id
-        send(stub, step(trained, 0))
+        send(stub, train_request(trained, 0))
         resumed = handshake(stub).session_id
-        send(stub, step(resumed, 0))
+        send(stub, train_request(resumed, 0))
         stub.CloseSession(pb.CloseSessionRequest(session_id=resumed, client_id="c"), timeout=TIMEOUT)
         assert handshake(stub, resumed).next_step == 1
         unused = handshake(stub).session_id
         assert [s.unused for s in server.sessions.sessions()] == [False, False, True]
         assert server.sessions.expire_idle(time.monotonic() + 61) == [unused]
         assert in_memory(server) == {trained, resumed}
-        code, details = code_of(lambda: send(stub, step(unused, 0)))
+        code, details = refused(lambda: send(stub, train_request(unused, 0)))
         assert code == grpc.StatusCode.ABORTED and "unused" in details  # its step 0 is checkpointed: it resumes
         assert server.sessions.expire_idle(time.monotonic() + 3601) != []  # the idle timeout still applies
 
     off, target = serve(servers, session_unused_timeout=0)
-    channel, stub = stub_of(target)
+    channel, stub = connect(target)
     with channel:
         kept = handshake(stub).session_id
         assert off.sessions.expire_idle(time.monotonic() + 3599) == []
