@@ -58,78 +58,94 @@ class ClientConfig(cli.ProcessConfig):
     handover_dir: Path | None = None
 
 
+_GROUPS = ("connection", "model", "data", "training", "rounds", "device", "checkpoints", "security", "observability")
+
+
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
     parser = argparse.ArgumentParser(prog="split-client", usage="%(prog)s [FLAG VALUE ...]", description=__doc__)
-    groups = cli.groups(
+    groups = cli.groups(parser, *_GROUPS)
+    add_connection_flags(groups["connection"])
+    cli.add_process_flags(groups, part="first")  # --model, --device, --optimizer, --log-level, ... first in theirs
+    add_model_flags(groups["model"])
+    add_data_flags(groups["data"])
+    add_training_flags(groups["training"])
+    add_round_flags(groups["rounds"])
+    add_security_flags(groups["security"])
+    cli.add_checkpoint_flags(groups["checkpoints"])
+    cli.add(
+        groups["checkpoints"], "--save-weights", type=Path, default=None, help="write the final weights here (.npz)"
+    )
+    add_observability_flags(groups["observability"])
+    flags = vars(parser.parse_args(argv))
+    check_shard_flags(parser, flags)
+    check_round_flags(parser, flags)
+    return ClientConfig(**flags)
+
+
+def add_connection_flags(parser: cli.Flags) -> None:
+    """Where the server is, how long to wait for it, and which session and wire encoding to ask for."""
+    cli.add(parser, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
+    cli.add(
+        parser, "--connect-timeout", type=cli.positive, default=60.0, help="seconds to wait for the server at start"
+    )
+    cli.add(
         parser,
-        "connection",
-        "model",
-        "data",
-        "training",
-        "rounds",
-        "device",
-        "checkpoints",
-        "security",
-        "observability",
-    )
-    connection = groups["connection"]
-    cli.add(connection, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
-    cli.add(
-        connection, "--connect-timeout", type=cli.positive, default=60.0, help="seconds to wait for the server at start"
-    )
-    cli.add(
-        connection,
         "--rpc-timeout",
         type=cli.positive,
         default=60.0,
         help="deadline of every call (each step) in seconds",
     )
     cli.add(
-        connection,
+        parser,
         "--retry-timeout",
         type=cli.NON_NEGATIVE,
         default=120.0,
         help="seconds to keep retrying a failed call",
     )
     cli.add(
-        connection,
+        parser,
         "--session",
         default="",
         help="train in this session (the id a run printed) to resume it; default: the one in --checkpoint-dir, "
         "else a new session",
     )
     cli.add(
-        connection,
+        parser,
         "--wire-encoding",
         default="raw",
         choices=["raw", "float16", "bfloat16", "int8"],
         help="encoding of the IV and its gradient on the wire; the server must allow it (--wire-encodings)",
     )
-    cli.add_process_flags(groups, part="first")
-    model = groups["model"]
+
+
+def add_model_flags(parser: cli.Flags) -> None:
+    """The cut, and the U-shape's head, loss and metrics."""
     cli.add(
-        model,
+        parser,
         "--cut",
         default="standard",
         choices=["standard", "ushape"],
         help="ushape: this client also holds the head and the loss, so labels never leave it",
     )
-    cli.add(model, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
-    cli.add(model, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
-    cli.add(model, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
-    data = groups["data"]
-    cli.add(data, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
+    cli.add(parser, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
+    cli.add(parser, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
+    cli.add(parser, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
+
+
+def add_data_flags(parser: cli.Flags) -> None:
+    """The data set, its validation split, its order and this data holder's shard of it."""
+    cli.add(parser, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
     cli.add(
-        data,
+        parser,
         "--validation-split",
         type=cli.number(float, 0, 1, high_open=True),
         default=0.1,
         help="validate each epoch on this last fraction of the training data (0: no validation); "
         "the test split is only used for the final evaluation",
     )
-    cli.add(data, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
+    cli.add(parser, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
     cli.add(
-        data,
+        parser,
         "--shard",
         type=shards.parse,
         default=None,
@@ -138,66 +154,72 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
         "(default: all of it)",
     )
     cli.add(
-        data,
+        parser,
         "--shard-by",
         choices=shards.BY,
         default=None,  # None: not given, so that --shard-by without --shard is refused
         help="how the training split is cut into shards: random (IID) or by label (non-IID: each shard holds a few "
         "classes); needs --shard (default: random)",
     )
-    training = groups["training"]
-    cli.add(training, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
+
+
+def add_training_flags(parser: cli.Flags) -> None:
+    """Batch size, epochs and micro-batch pipelining."""
+    cli.add(parser, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
     cli.add(
-        training,
+        parser,
         "--epochs",
         type=cli.POSITIVE_INT,
         default=None,
         help="passes over the training data (default: 10; with --group: --rounds and --local-epochs)",
     )
     cli.add(
-        training,
+        parser,
         "--micro-batches",
         type=cli.POSITIVE_INT,
         default=1,
         help="pipeline each step in this many micro-batches (forward, transfer and server work overlap)",
     )
-    add_round_flags(groups["rounds"])
-    security.add_client_flags(groups["security"])
+
+
+def add_security_flags(parser: cli.Flags) -> None:
+    """TLS and the token (as every client takes them), then the IV's clipping and noise."""
+    security.add_client_flags(parser)
     cli.add(
-        groups["security"],
+        parser,
         "--clip-norm",
         type=cli.positive,
         default=None,
         help="clip each sample's IV to this L2 norm when sent",
     )
     cli.add(
-        groups["security"],
+        parser,
         "--noise-multiplier",
         type=cli.NON_NEGATIVE,
         default=0.0,
         help="add Gaussian noise of stddev MULTIPLIER * --clip-norm to every IV sent (needs --clip-norm)",
     )
-    cli.add_checkpoint_flags(groups["checkpoints"])
+
+
+def add_observability_flags(parser: cli.Flags) -> None:
+    """TensorBoard scalars, the history as JSON, and the curves as a PNG."""
+    cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
     cli.add(
-        groups["checkpoints"], "--save-weights", type=Path, default=None, help="write the final weights here (.npz)"
-    )
-    observability = groups["observability"]
-    cli.add(observability, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
-    cli.add(
-        observability,
+        parser,
         "--log-every",
         type=cli.POSITIVE_INT,
         default=1,
         help="write per-step TensorBoard scalars every N steps",
     )
-    cli.add(observability, "--history-json", type=Path, default=None, help="write the training history here as JSON")
-    cli.add(observability, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
-    flags = vars(parser.parse_args(argv))
+    cli.add(parser, "--history-json", type=Path, default=None, help="write the training history here as JSON")
+    cli.add(parser, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
+
+
+def check_shard_flags(parser: argparse.ArgumentParser, flags: dict[str, Any]) -> None:
+    """--shard-by needs --shard, or one line says so; fills in its default."""
     if flags["shard_by"] is not None and flags["shard"] is None:
         parser.error(f"--shard-by {flags['shard_by']} needs --shard K/N (which of the N parts to train on)")
     flags["shard_by"] = flags["shard_by"] or "random"
-    check_round_flags(parser, flags)
-    return ClientConfig(**flags)
 
 
 _ROUND_FLAGS = ("scheme", "rounds", "local_epochs", "member", "aggregator", "handover_dir")
