@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitlearning import tensorflow_setup
 
@@ -20,6 +20,13 @@ tensorflow_setup.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, thr
 
 from splitlearning import cli, security, shards  # noqa: E402
 from splitlearning.protocol import Reason  # noqa: E402
+
+if TYPE_CHECKING:
+    import keras
+
+    from client_part.client import SplitClient
+    from client_part.privacy import GaussianNoise
+    from splitlearning.data import Dataset
 
 log = logging.getLogger("split-client")
 
@@ -327,16 +334,51 @@ class Interrupts:
         self.client.request_stop()
 
 
+@dataclass(frozen=True)
+class Data:
+    """This client's data: the training split it holds (its shard's, less the validation), the validation held out
+    of it (None: none), and the test split, from `dataset`."""
+
+    dataset: Dataset
+    train: tuple[Any, Any]
+    validation: tuple[Any, Any] | None
+
+    @property
+    def test(self) -> tuple[Any, Any]:
+        return self.dataset.x_test, self.dataset.y_test
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one training run gives to report: its history, the test scores, its time and its steps."""
+
+    history: keras.callbacks.History
+    test: dict[str, float]
+    elapsed: float
+    session: str
+    start_step: int
+
+
 def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str, float]:
     cli.setup_logging(config.log_level, config.log_format)
     cli.setup_process(config.cpus, config.threads)
-    from client_part import summary
-    from client_part.client import SplitClient
-    from client_part.privacy import GaussianNoise, member_seed
-    from client_part.retry import RetryPolicy
-    from client_part.tensorboard_log import TensorBoardLogger
+    data = load_data(config)
+    client = build_client(config, data.dataset)
+    if interrupts is not None:
+        interrupts.client = client
+    if config.group is not None:
+        from client_part.group_cli import run_member
+
+        return run_member(config, client, data.train, data.validation, data.test)
+    connect(client, config)
+    outcome = train_and_test(client, config, data)
+    report(client, config, outcome)
+    return outcome.test
+
+
+def load_data(config: ClientConfig) -> Data:
+    """The data set, this client's shard of its training split, and the validation held out of that."""
     from splitlearning import data
-    from splitlearning.models import BUILTIN, input_mismatch, load_part
 
     dataset = data.load(config.dataset, seed=config.seed)
     x_train, y_train = dataset.x_train, dataset.y_train
@@ -356,20 +398,17 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     else:
         held = f", {held_by}{part} to train on" if part else ""
     log.info("data: %s%s", dataset, held)
-    head: dict[str, Any] = {}
-    if config.cut == "ushape":
-        pair = BUILTIN.get(config.model)
-        head = {
-            "head": load_part(config.head or config.model, "head", config.seed),
-            "loss": config.loss or (pair.loss if pair else None),
-            "metrics": config.metrics.split(",") if config.metrics else list(pair.metrics) if pair else None,
-        }
-    elif config.head or config.loss or config.metrics:
-        raise ValueError("--head, --loss and --metrics belong to --cut ushape")
-    if config.noise_multiplier and config.clip_norm is None:
-        raise ValueError("--noise-multiplier needs --clip-norm (the noise is scaled to the clipping norm)")
-    seed = member_seed(config.seed, config.member if config.group else None)
-    noise = GaussianNoise(config.clip_norm, config.noise_multiplier, seed) if config.clip_norm else None
+    return Data(dataset, (x_train, y_train), validation)
+
+
+def build_client(config: ClientConfig, dataset: Dataset) -> SplitClient:
+    """The `SplitClient` the flags describe, its first part checked against the data's inputs."""
+    from client_part.client import SplitClient
+    from client_part.retry import RetryPolicy
+    from splitlearning.models import input_mismatch, load_part
+
+    head = head_arguments(config)
+    noise = noise_of(config)
     client = SplitClient(
         model=load_part(config.model, "client", config.seed),
         optimizer=cli.make_optimizer(config.optimizer, config.learning_rate),
@@ -396,30 +435,55 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     if mismatch:
         client.close()
         raise ValueError(mismatch)
-    if interrupts is not None:
-        interrupts.client = client
-    if config.group is not None:
-        from client_part.group_cli import run_member
+    return client
 
-        return run_member(config, client, (x_train, y_train), validation, (dataset.x_test, dataset.y_test))
-    connect(client, config)
+
+def head_arguments(config: ClientConfig) -> dict[str, Any]:
+    """`SplitClient`'s head, loss and metrics for --cut ushape (none for the standard cut)."""
+    from splitlearning.models import BUILTIN, load_part
+
+    if config.cut == "ushape":
+        pair = BUILTIN.get(config.model)
+        return {
+            "head": load_part(config.head or config.model, "head", config.seed),
+            "loss": config.loss or (pair.loss if pair else None),
+            "metrics": config.metrics.split(",") if config.metrics else list(pair.metrics) if pair else None,
+        }
+    if config.head or config.loss or config.metrics:
+        raise ValueError("--head, --loss and --metrics belong to --cut ushape")
+    return {}
+
+
+def noise_of(config: ClientConfig) -> GaussianNoise | None:
+    """The IV's clipping and noise (`GaussianNoise`), None without --clip-norm; a group's member noises its own."""
+    from client_part.privacy import GaussianNoise, member_seed
+
+    if config.noise_multiplier and config.clip_norm is None:
+        raise ValueError("--noise-multiplier needs --clip-norm (the noise is scaled to the clipping norm)")
+    seed = member_seed(config.seed, config.member if config.group else None)
+    return GaussianNoise(config.clip_norm, config.noise_multiplier, seed) if config.clip_norm else None
+
+
+def train_and_test(client: SplitClient, config: ClientConfig, data: Data) -> Outcome:
+    """Train, evaluate on the test split, write the weights (--save-weights) and end the session."""
+    from client_part.tensorboard_log import TensorBoardLogger
+
     start_step = client.step  # after a resume, the step the session was at
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:
         started = time.perf_counter()
         history = client.fit(
-            x_train,
-            y_train,
+            *data.train,
             batch_size=config.batch_size,
             epochs=config.epochs,
             shuffle=not config.no_shuffle,
-            validation_data=validation,
+            validation_data=data.validation,
             seed=config.seed,
             verbose=1 if sys.stdout.isatty() else 2,
             callbacks=[tensorboard] if tensorboard else None,
         )
         elapsed = time.perf_counter() - started
-        test = client.evaluate(dataset.x_test, dataset.y_test, batch_size=config.batch_size)
+        test = client.evaluate(*data.test, batch_size=config.batch_size)
         if config.save_weights:
             from splitlearning.checkpoint import save_weights
 
@@ -428,9 +492,17 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
         client.end_session()
     if tensorboard:
         tensorboard.close()
+    return Outcome(history, test, elapsed, session, start_step)
+
+
+def report(client: SplitClient, config: ClientConfig, outcome: Outcome) -> None:
+    """Print the summary, and write the history (--history-json) and the curves (--plot)."""
+    from client_part import summary
+
+    history, test, session = outcome.history, outcome.test, outcome.session
     totals = client.meter.totals
     result = summary.summarize(
-        history.history, test, totals, history.epoch, elapsed, config.epochs, client.step, start_step
+        history.history, test, totals, history.epoch, outcome.elapsed, config.epochs, client.step, outcome.start_step
     )
     print("\n" + summary.headline(result))
     print(f"session {session} (ended on the server)")
@@ -442,7 +514,7 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
             "test": test,
             "steps": client.step,
             "session": session,
-            "seconds": elapsed,
+            "seconds": outcome.elapsed,
             "summary": result,
         }
         config.history_json.write_text(json.dumps(payload, indent=2))
@@ -450,7 +522,6 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
         from client_part.plot import write_plot
 
         log.info("curves drawn to %s", write_plot(history.history, config.plot))
-    return test
 
 
 def connect(client: Any, config: ClientConfig) -> None:
