@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import numpy as np
 import tensorflow as tf
 
+from splitlearning.contract import Spec
+
 Batch = tuple[Any, Any]
 T = TypeVar("T")
 U = TypeVar("U")
@@ -53,6 +55,24 @@ def iterate(x: Any, y: Any, batch_size: int, order: np.ndarray | None = None, st
         else:
             index = order[begin : begin + batch_size]
             yield x[index], (y[index] if y is not None else None)
+
+
+def labels(y: Any, spec: Spec | None) -> np.ndarray:
+    """`y` as the agreed label `spec` takes it: sparse labels as a column (as Keras takes them) become a vector,
+    and the dtype becomes the spec's where it casts safely (else a `TypeError`)."""
+    if spec is None:
+        raise RuntimeError("the agreed contract names no label")
+    values = np.asarray(y)
+    if values.ndim == len(spec.shape) + 2 and values.shape[-1] == 1:
+        values = values.reshape(values.shape[:-1])
+    if values.dtype != spec.dtype:
+        if not np.can_cast(values.dtype, spec.dtype, casting="same_kind"):
+            raise TypeError(
+                f"labels of dtype {values.dtype.name} cannot become {spec.dtype.name}, "
+                f"the server's label dtype ({spec})"
+            )
+        values = values.astype(spec.dtype)
+    return values
 
 
 def iterate_inputs(x: Any, batch_size: int) -> Iterator[Any]:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitlearning import logs, tensorflow_setup
 
@@ -20,6 +20,13 @@ logs.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through securit
 
 from splitlearning import cli, devices, security, shards  # noqa: E402
 from splitlearning.protocol import Reason  # noqa: E402
+
+if TYPE_CHECKING:
+    import keras
+
+    from client_part.client import SplitClient
+    from client_part.privacy import GaussianNoise
+    from splitlearning.data import Dataset
 
 log = logging.getLogger("split-client")
 
@@ -58,78 +65,94 @@ class ClientConfig(cli.ProcessConfig):
     handover_dir: Path | None = None
 
 
+_GROUPS = ("connection", "model", "data", "training", "rounds", "device", "checkpoints", "security", "observability")
+
+
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
     parser = argparse.ArgumentParser(prog="split-client", usage="%(prog)s [FLAG VALUE ...]", description=__doc__)
-    groups = cli.groups(
+    groups = cli.groups(parser, *_GROUPS)
+    add_connection_flags(groups["connection"])
+    cli.add_process_flags(groups, part="first")  # --model, --device, --optimizer, --log-level, ... first in theirs
+    add_model_flags(groups["model"])
+    add_data_flags(groups["data"])
+    add_training_flags(groups["training"])
+    add_round_flags(groups["rounds"])
+    add_security_flags(groups["security"])
+    cli.add_checkpoint_flags(groups["checkpoints"])
+    cli.add(
+        groups["checkpoints"], "--save-weights", type=Path, default=None, help="write the final weights here (.npz)"
+    )
+    add_observability_flags(groups["observability"])
+    flags = vars(parser.parse_args(argv))
+    check_shard_flags(parser, flags)
+    check_round_flags(parser, flags)
+    return ClientConfig(**flags)
+
+
+def add_connection_flags(parser: cli.Flags) -> None:
+    """Where the server is, how long to wait for it, and which session and wire encoding to ask for."""
+    cli.add(parser, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
+    cli.add(
+        parser, "--connect-timeout", type=cli.positive, default=60.0, help="seconds to wait for the server at start"
+    )
+    cli.add(
         parser,
-        "connection",
-        "model",
-        "data",
-        "training",
-        "rounds",
-        "device",
-        "checkpoints",
-        "security",
-        "observability",
-    )
-    connection = groups["connection"]
-    cli.add(connection, "--target", default="127.0.0.1:50051", help="the split-server's host:port")
-    cli.add(
-        connection, "--connect-timeout", type=cli.positive, default=60.0, help="seconds to wait for the server at start"
-    )
-    cli.add(
-        connection,
         "--rpc-timeout",
         type=cli.positive,
         default=60.0,
         help="deadline of every call (each step) in seconds",
     )
     cli.add(
-        connection,
+        parser,
         "--retry-timeout",
         type=cli.NON_NEGATIVE,
         default=120.0,
         help="seconds to keep retrying a failed call",
     )
     cli.add(
-        connection,
+        parser,
         "--session",
         default="",
         help="train in this session (the id a run printed) to resume it; default: the one in --checkpoint-dir, "
         "else a new session",
     )
     cli.add(
-        connection,
+        parser,
         "--wire-encoding",
         default="raw",
         choices=["raw", "float16", "bfloat16", "int8"],
         help="encoding of the IV and its gradient on the wire; the server must allow it (--wire-encodings)",
     )
-    cli.add_process_flags(groups, part="first")
-    model = groups["model"]
+
+
+def add_model_flags(parser: cli.Flags) -> None:
+    """The cut, and the U-shape's head, loss and metrics."""
     cli.add(
-        model,
+        parser,
         "--cut",
         default="standard",
         choices=["standard", "ushape"],
         help="ushape: this client also holds the head and the loss, so labels never leave it",
     )
-    cli.add(model, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
-    cli.add(model, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
-    cli.add(model, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
-    data = groups["data"]
-    cli.add(data, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
+    cli.add(parser, "--head", default=None, help="--cut ushape: the head part (default: --model's head)")
+    cli.add(parser, "--loss", default=None, help="--cut ushape: Keras loss name (default: the model pair's)")
+    cli.add(parser, "--metrics", default=None, help="--cut ushape: comma-separated metric names (default: accuracy)")
+
+
+def add_data_flags(parser: cli.Flags) -> None:
+    """The data set, its validation split, its order and this data holder's shard of it."""
+    cli.add(parser, "--dataset", default="digits", help="'digits' (bundled) or an .npz with x_train, y_train, ...")
     cli.add(
-        data,
+        parser,
         "--validation-split",
         type=cli.number(float, 0, 1, high_open=True),
         default=0.1,
         help="validate each epoch on this last fraction of the training data (0: no validation); "
         "the test split is only used for the final evaluation",
     )
-    cli.add(data, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
+    cli.add(parser, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
     cli.add(
-        data,
+        parser,
         "--shard",
         type=shards.parse,
         default=None,
@@ -138,66 +161,72 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
         "(default: all of it)",
     )
     cli.add(
-        data,
+        parser,
         "--shard-by",
         choices=shards.BY,
         default=None,  # None: not given, so that --shard-by without --shard is refused
         help="how the training split is cut into shards: random (IID) or by label (non-IID: each shard holds a few "
         "classes); needs --shard (default: random)",
     )
-    training = groups["training"]
-    cli.add(training, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
+
+
+def add_training_flags(parser: cli.Flags) -> None:
+    """Batch size, epochs and micro-batch pipelining."""
+    cli.add(parser, "--batch-size", type=cli.POSITIVE_INT, default=64, help="samples per training step")
     cli.add(
-        training,
+        parser,
         "--epochs",
         type=cli.POSITIVE_INT,
         default=None,
         help="passes over the training data (default: 10; with --group: --rounds and --local-epochs)",
     )
     cli.add(
-        training,
+        parser,
         "--micro-batches",
         type=cli.POSITIVE_INT,
         default=1,
         help="pipeline each step in this many micro-batches (forward, transfer and server work overlap)",
     )
-    add_round_flags(groups["rounds"])
-    security.add_client_flags(groups["security"])
+
+
+def add_security_flags(parser: cli.Flags) -> None:
+    """TLS and the token (as every client takes them), then the IV's clipping and noise."""
+    security.add_client_flags(parser)
     cli.add(
-        groups["security"],
+        parser,
         "--clip-norm",
         type=cli.positive,
         default=None,
         help="clip each sample's IV to this L2 norm when sent",
     )
     cli.add(
-        groups["security"],
+        parser,
         "--noise-multiplier",
         type=cli.NON_NEGATIVE,
         default=0.0,
         help="add Gaussian noise of stddev MULTIPLIER * --clip-norm to every IV sent (needs --clip-norm)",
     )
-    cli.add_checkpoint_flags(groups["checkpoints"])
+
+
+def add_observability_flags(parser: cli.Flags) -> None:
+    """TensorBoard scalars, the history as JSON, and the curves as a PNG."""
+    cli.add(parser, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
     cli.add(
-        groups["checkpoints"], "--save-weights", type=Path, default=None, help="write the final weights here (.npz)"
-    )
-    observability = groups["observability"]
-    cli.add(observability, "--log-dir", type=Path, default=None, help="write TensorBoard scalars under DIR/client")
-    cli.add(
-        observability,
+        parser,
         "--log-every",
         type=cli.POSITIVE_INT,
         default=1,
         help="write per-step TensorBoard scalars every N steps",
     )
-    cli.add(observability, "--history-json", type=Path, default=None, help="write the training history here as JSON")
-    cli.add(observability, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
-    flags = vars(parser.parse_args(argv))
+    cli.add(parser, "--history-json", type=Path, default=None, help="write the training history here as JSON")
+    cli.add(parser, "--plot", type=Path, default=None, help="draw the training/validation curves to this PNG")
+
+
+def check_shard_flags(parser: argparse.ArgumentParser, flags: dict[str, Any]) -> None:
+    """--shard-by needs --shard, or one line says so; fills in its default."""
     if flags["shard_by"] is not None and flags["shard"] is None:
         parser.error(f"--shard-by {flags['shard_by']} needs --shard K/N (which of the N parts to train on)")
     flags["shard_by"] = flags["shard_by"] or "random"
-    check_round_flags(parser, flags)
-    return ClientConfig(**flags)
 
 
 _ROUND_FLAGS = ("scheme", "rounds", "local_epochs", "member", "aggregator", "handover_dir")
@@ -305,16 +334,51 @@ class Interrupts:
         self.client.request_stop()
 
 
+@dataclass(frozen=True)
+class Data:
+    """This client's data: the training split it holds (its shard's, less the validation), the validation held out
+    of it (None: none), and the test split, from `dataset`."""
+
+    dataset: Dataset
+    train: tuple[Any, Any]
+    validation: tuple[Any, Any] | None
+
+    @property
+    def test(self) -> tuple[Any, Any]:
+        return self.dataset.x_test, self.dataset.y_test
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one training run gives to report: its history, the test scores, its time and its steps."""
+
+    history: keras.callbacks.History
+    test: dict[str, float]
+    elapsed: float
+    session: str
+    start_step: int
+
+
 def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str, float]:
     cli.setup_logging(config.log_level, config.log_format)
     devices.setup_process(config.cpus, config.threads)
-    from client_part import summary
-    from client_part.client import SplitClient
-    from client_part.privacy import GaussianNoise, member_seed
-    from client_part.retry import RetryPolicy
-    from client_part.tensorboard_log import TensorBoardLogger
+    data = load_data(config)
+    client = build_client(config, data.dataset)
+    if interrupts is not None:
+        interrupts.client = client
+    if config.group is not None:
+        from client_part.group_cli import run_member
+
+        return run_member(config, client, data.train, data.validation, data.test)
+    connect(client, config)
+    outcome = train_and_test(client, config, data)
+    report(client, config, outcome)
+    return outcome.test
+
+
+def load_data(config: ClientConfig) -> Data:
+    """The data set, this client's shard of its training split, and the validation held out of that."""
     from splitlearning import data
-    from splitlearning.models import BUILTIN, input_mismatch, load_part, make_optimizer
 
     dataset = data.load(config.dataset, seed=config.seed)
     x_train, y_train = dataset.x_train, dataset.y_train
@@ -334,20 +398,17 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     else:
         held = f", {held_by}{part} to train on" if part else ""
     log.info("data: %s%s", dataset, held)
-    head: dict[str, Any] = {}
-    if config.cut == "ushape":
-        pair = BUILTIN.get(config.model)
-        head = {
-            "head": load_part(config.head or config.model, "head", config.seed),
-            "loss": config.loss or (pair.loss if pair else None),
-            "metrics": config.metrics.split(",") if config.metrics else list(pair.metrics) if pair else None,
-        }
-    elif config.head or config.loss or config.metrics:
-        raise ValueError("--head, --loss and --metrics belong to --cut ushape")
-    if config.noise_multiplier and config.clip_norm is None:
-        raise ValueError("--noise-multiplier needs --clip-norm (the noise is scaled to the clipping norm)")
-    seed = member_seed(config.seed, config.member if config.group else None)
-    noise = GaussianNoise(config.clip_norm, config.noise_multiplier, seed) if config.clip_norm else None
+    return Data(dataset, (x_train, y_train), validation)
+
+
+def build_client(config: ClientConfig, dataset: Dataset) -> SplitClient:
+    """The `SplitClient` the flags describe, its first part checked against the data's inputs."""
+    from client_part.client import SplitClient
+    from client_part.retry import RetryPolicy
+    from splitlearning.models import input_mismatch, load_part, make_optimizer
+
+    head = head_arguments(config)
+    noise = noise_of(config)
     client = SplitClient(
         model=load_part(config.model, "client", config.seed),
         optimizer=make_optimizer(config.optimizer, config.learning_rate),
@@ -374,30 +435,55 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     if mismatch:
         client.close()
         raise ValueError(mismatch)
-    if interrupts is not None:
-        interrupts.client = client
-    if config.group is not None:
-        from client_part.group_cli import run_member
+    return client
 
-        return run_member(config, client, (x_train, y_train), validation, (dataset.x_test, dataset.y_test))
-    connect(client, config)
+
+def head_arguments(config: ClientConfig) -> dict[str, Any]:
+    """`SplitClient`'s head, loss and metrics for --cut ushape (none for the standard cut)."""
+    from splitlearning.models import BUILTIN, load_part
+
+    if config.cut == "ushape":
+        pair = BUILTIN.get(config.model)
+        return {
+            "head": load_part(config.head or config.model, "head", config.seed),
+            "loss": config.loss or (pair.loss if pair else None),
+            "metrics": config.metrics.split(",") if config.metrics else list(pair.metrics) if pair else None,
+        }
+    if config.head or config.loss or config.metrics:
+        raise ValueError("--head, --loss and --metrics belong to --cut ushape")
+    return {}
+
+
+def noise_of(config: ClientConfig) -> GaussianNoise | None:
+    """The IV's clipping and noise (`GaussianNoise`), None without --clip-norm; a group's member noises its own."""
+    from client_part.privacy import GaussianNoise, member_seed
+
+    if config.noise_multiplier and config.clip_norm is None:
+        raise ValueError("--noise-multiplier needs --clip-norm (the noise is scaled to the clipping norm)")
+    seed = member_seed(config.seed, config.member if config.group else None)
+    return GaussianNoise(config.clip_norm, config.noise_multiplier, seed) if config.clip_norm else None
+
+
+def train_and_test(client: SplitClient, config: ClientConfig, data: Data) -> Outcome:
+    """Train, evaluate on the test split, write the weights (--save-weights) and end the session."""
+    from client_part.tensorboard_log import TensorBoardLogger
+
     start_step = client.step  # after a resume, the step the session was at
     tensorboard = TensorBoardLogger(client, config.log_dir, config.log_every) if config.log_dir else None
     with client:
         started = time.perf_counter()
         history = client.fit(
-            x_train,
-            y_train,
+            *data.train,
             batch_size=config.batch_size,
             epochs=config.epochs,
             shuffle=not config.no_shuffle,
-            validation_data=validation,
+            validation_data=data.validation,
             seed=config.seed,
             verbose=1 if sys.stdout.isatty() else 2,
             callbacks=[tensorboard] if tensorboard else None,
         )
         elapsed = time.perf_counter() - started
-        test = client.evaluate(dataset.x_test, dataset.y_test, batch_size=config.batch_size)
+        test = client.evaluate(*data.test, batch_size=config.batch_size)
         if config.save_weights:
             from splitlearning.checkpoint import save_weights
 
@@ -406,9 +492,17 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
         client.end_session()
     if tensorboard:
         tensorboard.close()
+    return Outcome(history, test, elapsed, session, start_step)
+
+
+def report(client: SplitClient, config: ClientConfig, outcome: Outcome) -> None:
+    """Print the summary, and write the history (--history-json) and the curves (--plot)."""
+    from client_part import summary
+
+    history, test, session = outcome.history, outcome.test, outcome.session
     totals = client.meter.totals
     result = summary.summarize(
-        history.history, test, totals, history.epoch, elapsed, config.epochs, client.step, start_step
+        history.history, test, totals, history.epoch, outcome.elapsed, config.epochs, client.step, outcome.start_step
     )
     print("\n" + summary.headline(result))
     print(f"session {session} (ended on the server)")
@@ -420,7 +514,7 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
             "test": test,
             "steps": client.step,
             "session": session,
-            "seconds": elapsed,
+            "seconds": outcome.elapsed,
             "summary": result,
         }
         config.history_json.write_text(json.dumps(payload, indent=2))
@@ -428,7 +522,6 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
         from client_part.plot import write_plot
 
         log.info("curves drawn to %s", write_plot(history.history, config.plot))
-    return test
 
 
 def connect(client: Any, config: ClientConfig) -> None:

@@ -92,7 +92,7 @@ class EpochLog(keras.callbacks.Callback):
 
     def _extra(self) -> dict[str, Any]:
         client = self._client
-        return {"session": client.agreement.session_id, "step": client.step, "peer": client.target}
+        return {"session": client.session_id, "step": client.step, "peer": client.target}
 
 
 def _format(logs: dict[str, Any] | None) -> str:

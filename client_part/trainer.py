@@ -42,11 +42,18 @@ class ClientTrainer:
     """Holds the first part of the model and its optimizer on one device."""
 
     def __init__(
-        self, model: ModelSource, optimizer: Any, device: str, exchange: Exchange, pipeline: Pipeline | None = None
+        self,
+        model: ModelSource,
+        optimizer: Any,
+        device: str,
+        exchange: Exchange | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.device = device
-        self._exchange = exchange
-        self.pipeline = pipeline if pipeline is not None and pipeline.micro_batches > 1 else None
+        self._exchange: Exchange = _unbound
+        self.pipeline: Pipeline | None = None
+        if exchange is not None:
+            self.exchange_with(exchange, pipeline)
         self._error: BaseException | None = None
         with tf.device(device):
             self.model: keras.Model = materialize(model)
@@ -60,6 +67,13 @@ class ClientTrainer:
         self._forward_fn = Compiled(self._forward)
         variables = [getattr(v, "value", v) for h in (self.model, self.optimizer) for v in h.variables]
         log.info("client part on %s: %s", device, describe_placement(variables))
+
+    def exchange_with(self, exchange: Exchange, pipeline: Pipeline | None = None) -> None:
+        """Set what each step calls across the cut (before the first step): `exchange`, or `pipeline`'s
+        send and receive when it has more than one micro-batch. A `SplitClient` sets its `StepExchange`'s here,
+        which needs this trainer's cut (`iv_spec`) to be made."""
+        self._exchange = exchange
+        self.pipeline = pipeline if pipeline is not None and pipeline.micro_batches > 1 else None
 
     @property
     def iterations(self) -> int:
@@ -141,6 +155,10 @@ class ClientTrainer:
 
     def _forward(self, x: tf.Tensor) -> tf.Tensor:
         return self.model(x, training=False)
+
+
+def _unbound(iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    raise RuntimeError("this trainer has no exchange: give it one (ClientTrainer.exchange_with) before training")
 
 
 def _spec(tensor: Any) -> Spec:

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -96,6 +97,19 @@ def _reason_of(error: grpc.RpcError) -> Reason | None:
     return None
 
 
+@dataclass
+class Joined:
+    """The session a transport's requests name, held once: its id and the wire encoding of the IV (both set by the
+    last handshake), and the epoch `fit` is in (from 0; None before), which the steps that reset the metrics name.
+
+    A `Session` (client_part/session.py) names here the session to join and the epoch, and asks it for the id and
+    the encoding; the transport reads it on every request."""
+
+    session_id: str = ""
+    encoding: codec.EncodingCode = encodings.RAW
+    epoch: int | None = None
+
+
 class Transport:
     """One channel to the server; `train` reuses one bidirectional stream for every step.
 
@@ -128,12 +142,19 @@ class Transport:
         self._responses: queue.SimpleQueue[TrainReply | BaseException] | None = None
         self._call: grpc.Call | None = None
         self._reader: threading.Thread | None = None
-        self.session_id = ""
+        self.joined = Joined()  # the session its requests name; its handshake sets it
         self._was_ready = False  # the channel connected once (wait_ready)
         self.bytes_sent = 0  # serialized TrainRequest bytes so far (counted by the Train call's serializer)
         self.bytes_received = 0  # serialized TrainResponse bytes so far (counted by its deserializer)
-        self.encoding: codec.EncodingCode = encodings.RAW  # of the IV it sends; set by the handshake
-        self.epoch: int | None = None  # the epoch `fit` is in (from 0), named on the steps that reset the metrics
+
+    @property
+    def session_id(self) -> str:
+        """The session its requests name (`joined`'s)."""
+        return self.joined.session_id
+
+    @session_id.setter
+    def session_id(self, session_id: str) -> None:
+        self.joined.session_id = session_id
 
     def _open_channel(self) -> grpc.Channel:
         return open_channel(self.target, self._limit, self._tls, self._keepalive_ms)
@@ -281,8 +302,8 @@ class Transport:
             reply = self._stub.Handshake(request, timeout=self.rpc_timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise RemoteError("handshake refused", error) from None
-        self.session_id = reply.session_id
-        self.encoding = encodings.parse(reply.encoding)
+        self.joined.session_id = reply.session_id
+        self.joined.encoding = encodings.parse(reply.encoding)
         identity = ((CLIENT_ID_METADATA_KEY, client_id.encode("utf-8")),) if client_id else ()
         self._stream_metadata = (*self._metadata, *identity)
         server_mode = mode_from_proto(reply.mode)
@@ -300,7 +321,7 @@ class Transport:
             max_batch_size=reply.max_batch_size,
             metric_names=list(reply.metric_names),
             mode=mode,
-            encoding=self.encoding,
+            encoding=self.joined.encoding,
         )
 
     def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:
@@ -319,13 +340,14 @@ class Transport:
         step_samples: int = 0,
     ) -> None:
         """Queue one request on the training stream without waiting for its answer (see `receive`)."""
-        request = pb.TrainRequest(session_id=self.session_id, step=step, reset_metrics=reset)
-        if reset and self.epoch is not None:
-            request.epoch = self.epoch
+        joined = self.joined
+        request = pb.TrainRequest(session_id=joined.session_id, step=step, reset_metrics=reset)
+        if reset and joined.epoch is not None:
+            request.epoch = joined.epoch
         if micro_batches > 1:
             request.micro_batches, request.micro_batch, request.step_samples = micro_batches, micro_batch, step_samples
         # The arrays' bytes are sent from where they are (views): nothing may change them before they are sent.
-        tensors = {"iv": codec.encode(iv, self.encoding), "labels": codec.encode(labels)}
+        tensors = {"iv": codec.encode(iv, joined.encoding), "labels": codec.encode(labels)}
         self._send(framing.Outgoing(request, tensors))
 
     def receive(self, step: int) -> tuple[np.ndarray, list[float]]:
@@ -335,13 +357,15 @@ class Transport:
 
     def train_forward(self, step: int, iv: np.ndarray) -> np.ndarray:
         """U-shape, first exchange of a step (no labels): the IV out, the middle's outputs back."""
-        request = framing.Outgoing(pb.TrainRequest(session_id=self.session_id, step=step), {"iv": codec.encode(iv)})
+        request = framing.Outgoing(
+            pb.TrainRequest(session_id=self.joined.session_id, step=step), {"iv": codec.encode(iv)}
+        )
         return _tensor(self._exchange(request, f"step {step} (forward)"), "outputs")
 
     def train_backward(self, step: int, output_gradient: np.ndarray) -> np.ndarray:
         """U-shape, second exchange of a step: dLoss/d(middle outputs) out, dLoss/dIV back."""
         tensors = {"output_gradient": codec.encode(output_gradient)}
-        request = framing.Outgoing(pb.TrainRequest(session_id=self.session_id, step=step), tensors)
+        request = framing.Outgoing(pb.TrainRequest(session_id=self.joined.session_id, step=step), tensors)
         return _tensor(self._exchange(request, f"step {step} (backward)"), "iv_gradient")
 
     def _exchange(self, request: TrainRequest, what: str) -> TrainReply:
@@ -375,8 +399,8 @@ class Transport:
     def evaluate(self, iv: np.ndarray, labels: np.ndarray, reset: bool, step: int | None = None) -> list[float]:
         """`step`: this client's, for the server to check that both parts are at it (None: not checked)."""
         request = pb.EvaluateRequest(
-            session_id=self.session_id,
-            iv=codec.to_proto(iv, self.encoding),
+            session_id=self.joined.session_id,
+            iv=codec.to_proto(iv, self.joined.encoding),
             labels=codec.to_proto(labels),
             reset_metrics=reset,
             step=step,
@@ -387,7 +411,9 @@ class Transport:
             raise RemoteError("evaluate refused", error) from None
 
     def predict(self, iv: np.ndarray, step: int | None = None) -> np.ndarray:
-        request = pb.PredictRequest(session_id=self.session_id, iv=codec.to_proto(iv, self.encoding), step=step)
+        request = pb.PredictRequest(
+            session_id=self.joined.session_id, iv=codec.to_proto(iv, self.joined.encoding), step=step
+        )
         try:
             reply = self._stub.Predict(request, timeout=self.rpc_timeout, metadata=self._metadata)
         except grpc.RpcError as error:
@@ -399,7 +425,7 @@ class Transport:
         `contribute_samples`: keep its part as this member's contribution to its group round."""
         self._close_stream()
         request = pb.CloseSessionRequest(
-            session_id=self.session_id, client_id=client_id, contribute_samples=contribute_samples
+            session_id=self.joined.session_id, client_id=client_id, contribute_samples=contribute_samples
         )
         try:
             reply = self._stub.CloseSession(request, timeout=self.rpc_timeout, metadata=self._metadata)

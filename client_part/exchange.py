@@ -1,0 +1,126 @@
+"""The training step across the cut, called from inside the compiled step (client_part/trainer.py).
+
+`StepExchange` sends one step whole (`train`) or in micro-batches (`send` each as its forward pass is done, then
+`receive` each answer), retrying after a rejoin of the session, and does the end-of-step bookkeeping once for both
+paths: the step's time and bytes into the meter, the running metrics kept, the step counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from client_part import retry
+from client_part.link import Link
+from client_part.position import Position
+from client_part.retry import RetryPolicy
+from client_part.session import Session
+from client_part.telemetry import ClientMeter
+from client_part.trainer import Pipeline
+from client_part.transport import Transport
+from splitlearning.contract import Spec
+
+Started = tuple[int, int, float]  # bytes sent, bytes received and the time when a step's first part went out
+
+
+class StepExchange:
+    """Steps of `session` over `link` (the pipelined path sends on `transport` itself: standard cut, no noise).
+
+    `micro_batches` > 1 pipelines each step; `iv` is the cut's spec (a part of a batch smaller than
+    `micro_batches` is empty, and so is its answer)."""
+
+    def __init__(
+        self,
+        session: Session,
+        link: Link,
+        transport: Transport,
+        position: Position,
+        meter: ClientMeter,
+        policy: RetryPolicy,
+        stop: Callable[[], bool],
+        micro_batches: int,
+        iv: Spec,
+    ) -> None:
+        self.micro_batches = micro_batches
+        self.last_metrics: list[float] = []  # the running metrics after the last step (loss first)
+        self._session = session
+        self._link = link
+        self._transport = transport
+        self._position = position
+        self._meter = meter
+        self._policy = policy
+        self._stop = stop
+        self._iv = iv
+        self._sent: list[bool] = []  # per micro-batch of the step in flight: was it sent (not empty)?
+        self._parts: list[tuple[Any, ...]] = []  # the step in flight's sent micro-batches: `Transport.send`'s args
+        self._started: Started = (0, 0, 0.0)  # of the step in flight
+
+    def pipeline(self) -> Pipeline:
+        """The pipelined step's calls, for the trainer."""
+        return Pipeline(self.micro_batches, self.send, self.receive)
+
+    def train(self, iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """One whole step: dLoss/dIV for `iv`."""
+        transport, session, position = self._transport, self._session, self._position
+        started = (transport.bytes_sent, transport.bytes_received, time.perf_counter())
+        step = position.step
+
+        def attempt(retrying: bool) -> tuple[np.ndarray, list[float]]:
+            session.rejoin_if_stale(step)
+            return session.guarded(self._link.train, step, iv, labels, position.reset_metrics)
+
+        grad, metrics = retry.call(self._policy, f"step {step}", attempt, stop=self._stop)
+        self._done(started, metrics)
+        return grad
+
+    def send(self, index: np.ndarray, iv: np.ndarray, labels: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Send micro-batch `index` of a step of `size` samples, without waiting for its answer."""
+        transport = self._transport
+        if int(index) == 0:
+            self._sent, self._parts = [], []
+            self._started = (transport.bytes_sent, transport.bytes_received, time.perf_counter())
+        batch = int(size)
+        self._sent.append(len(iv) > 0)  # a batch smaller than micro_batches leaves some parts empty
+        if len(iv):
+            parts = min(self.micro_batches, batch)
+            part = sum(self._sent) - 1
+            # The arrays are views of the step's tensors, alive until the step ends: kept to send again.
+            self._parts.append((iv, labels, self._position.reset_metrics and part == 0, part, parts, batch))
+            transport.send(self._position.step, *self._parts[-1])
+        return np.zeros((), np.int64)
+
+    def receive(self, index: np.ndarray) -> np.ndarray:
+        """The answer to micro-batch `index`: its dLoss/dIV. After a failure the whole step goes again, on a new
+        stream, and the answers already used are dropped."""
+        k = int(index)
+        if not self._sent[k]:
+            return np.zeros((0, *self._iv.shape), self._iv.dtype)
+        transport, session, step = self._transport, self._session, self._position.step
+        answered = sum(self._sent[:k])  # micro-batches of this step answered so far
+
+        def attempt(retrying: bool) -> tuple[np.ndarray, list[float]]:
+            if retrying:
+                session.rejoin_if_stale(step)
+                for part in self._parts:
+                    transport.send(step, *part)
+                for _ in range(answered):
+                    session.guarded(transport.receive, step)
+            return session.guarded(transport.receive, step)
+
+        grad, metrics = retry.call(self._policy, f"step {step}, micro-batch {answered}", attempt, stop=self._stop)
+        if k == max(i for i, sent in enumerate(self._sent) if sent):  # the step's last answer
+            self._done(self._started, metrics)
+        return grad
+
+    def _done(self, started: Started, metrics: list[float]) -> None:
+        """The end of a step, whole or pipelined: its time and bytes measured, its metrics kept, the step counted."""
+        transport = self._transport
+        sent, received, began = started
+        seconds = time.perf_counter() - began
+        self._meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
+        self.last_metrics = metrics
+        self._position.reset_metrics = False
+        self._position.step += 1
