@@ -321,7 +321,7 @@ class SplitClient:
         return history
 
     def _settle(self) -> None:
-        """Apply the U-shape head's deferred update (see `ServerTrainer.settle`): the head's last step is
+        """Apply the U-shape head's deferred update (see `LossTrainer.settle`): the head's last step is
         otherwise applied only when something next reads it, and `head.get_weights()` after `fit` lagged."""
         if self.head is not None:
             self.head.settle()

@@ -38,7 +38,7 @@ class Rollback(RuntimeError):
 
 
 class Head(Protocol):
-    """The U-shape's head as the handshake checks it against the server's middle (a `ServerTrainer` is one)."""
+    """The U-shape's head as the handshake checks it against the server's middle (a `LossTrainer` is one)."""
 
     @property
     def contract(self) -> CutContract: ...
