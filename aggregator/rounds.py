@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from aggregator.store import GroupRecord, GroupStore
 from splitlearning import groups
-from splitlearning.aggregation import FEDAVG, Aggregation
+from splitlearning.aggregation import FEDAVG, Aggregation, Rule
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SessionNotFound, SplitError
 from splitlearning.groups import Action, Contribution, Scheme, Settings
 from splitlearning.part_state import PartState
@@ -134,6 +134,12 @@ class Rounds:
         self.deadline = deadline
         self.min_members = min_members
         self.aggregation = aggregation
+        if aggregation.rule is Rule.TRIMMED_MEAN and aggregation.trimmed(members) == 0:
+            log.warning(
+                "%s of %d members trims nothing (floor(%g x %d) = 0): it is the plain unweighted mean; a fraction "
+                "of at least %.3g trims one member from each end",
+                aggregation, members, aggregation.trim, members, 1 / members,
+            )  # fmt: skip
         self._store = store
         self._clock = clock
         self._on_close = on_close

@@ -676,3 +676,13 @@ def test_norm_bounded_measures_updates_from_the_rounds_start_also_after_a_restar
     assert final.action is Action.DONE and final.state is not None
     expected = norm_bounded([state(11), state(12)], [10, 10], start_1, 0.5)
     assert_arrays_equal(final.state.weights, expected.weights, "the final state")
+
+
+def test_a_trimmed_mean_that_trims_nothing_for_the_member_count_is_named_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        Rounds(4, aggregation=Aggregation(Rule.TRIMMED_MEAN, 0.25))
+        assert not caplog.records
+        Rounds(3, aggregation=Aggregation(Rule.TRIMMED_MEAN, 0.25))
+    assert "trims nothing (floor(0.25 x 3) = 0)" in caplog.text and "at least 0.333" in caplog.text
