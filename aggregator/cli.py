@@ -25,6 +25,9 @@ class AggregatorConfig:
     members: int
     round_deadline: float
     min_members: int
+    aggregation: str
+    trim_fraction: float
+    norm_bound: float
     state_dir: Path | None
     max_workers: int | None
     max_state_mb: int
@@ -74,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> AggregatorConfig:
     config = AggregatorConfig(**vars(parser.parse_args(argv)))
     if config.min_members > config.members:
         parser.error(f"--min-members {config.min_members} is more than --members {config.members}")
+    try:
+        cli.aggregation(config)
+    except ValueError as error:
+        parser.error(str(error))
     return config
 
 
@@ -88,6 +95,7 @@ def run(config: AggregatorConfig) -> None:
         config.min_members,
         config.state_dir,
         max_state_bytes=config.max_state_mb * 1024 * 1024,
+        aggregation=cli.aggregation(config),
     )
     server = AggregatorServer(
         aggregator,

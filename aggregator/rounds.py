@@ -2,7 +2,8 @@
 
 SplitFed: round r is open to every member at once; each trains from the round's start and submits its first
 part; the round closes when all members have submitted, or at the deadline with those that did (at least
-`min_members`), and the next round starts from their sample-weighted average (FedAvg). Round-robin: a round is
+`min_members`), and the next round starts from their combination: the sample-weighted average (FedAvg), or the
+robust rule the aggregator was started with (splitlearning/aggregation.py). Round-robin: a round is
 one turn of each member, in member order; turn t is member (t mod N) + 1's, starts from what turn t-1 ended
 with (weights and optimizer state), and closes when that member submits, or is skipped at the deadline (the
 next turn starts where this one started).
@@ -29,9 +30,10 @@ from dataclasses import dataclass, field
 
 from aggregator.store import GroupRecord, GroupStore
 from splitlearning import groups
+from splitlearning.aggregation import FEDAVG, Aggregation, Rule
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SessionNotFound, SplitError
 from splitlearning.groups import Action, Contribution, Scheme, Settings
-from splitlearning.part_state import PartState, average
+from splitlearning.part_state import PartState
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class Rounds:
         on_close: Callable[[str, Closed], None] | None = None,
         on_submit: Callable[[str, int, int], None] | None = None,
         on_open: Callable[[str, int], None] | None = None,
+        aggregation: Aggregation = FEDAVG,
     ) -> None:
         if members < 1:
             raise ValueError(f"members must be at least 1, got {members}")
@@ -130,6 +133,13 @@ class Rounds:
         self.members = members
         self.deadline = deadline
         self.min_members = min_members
+        self.aggregation = aggregation
+        if aggregation.rule is Rule.TRIMMED_MEAN and aggregation.trimmed(members) == 0:
+            log.warning(
+                "%s of %d members trims nothing (floor(%g x %d) = 0): it is the plain unweighted mean; a fraction "
+                "of at least %.3g trims one member from each end",
+                aggregation, members, aggregation.trim, members, 1 / members,
+            )  # fmt: skip
         self._store = store
         self._clock = clock
         self._on_close = on_close
@@ -245,7 +255,7 @@ class Rounds:
             if self._store is not None:
                 self._store.create(name, initial, group.record())
             self._groups[name] = group
-            log.info("group %s: %d members train %s", name, self.members, settings)
+            log.info("group %s: %d members train %s, combined by %s", name, self.members, settings, self.aggregation)
             self._opened(group)
         if settings != group.settings:
             raise PreconditionFailed(
@@ -318,7 +328,10 @@ class Rounds:
         samples = [group.submitted[m][1] for m in members]
         if members:
             states = [group.submitted[m][0] for m in members]
-            group.start = states[0] if scheme is Scheme.ROUND_ROBIN else average(states, samples)
+            if scheme is Scheme.ROUND_ROBIN:
+                group.start = states[0]
+            else:
+                group.start = self.aggregation.combine(states, samples, group.start)
             group.start_refs = tuple(Contribution(index, m, n) for m, n in zip(members, samples, strict=True))
         seconds = self._clock() - group.opened_at
         closed = Closed(index, members, missed, sum(samples), seconds)

@@ -14,6 +14,7 @@ from aggregator.rounds import Rounds
 from aggregator.servicer import AggregatorServicer, add_to_server
 from aggregator.store import GroupStore
 from aggregator.telemetry import AggregatorTelemetry
+from splitlearning.aggregation import FEDAVG, Aggregation
 from splitlearning.protocol import AGGREGATOR_SERVICE, MAX_STATE_BYTES
 from splitlearning.security import Secret, TlsConfig, describe
 from splitlearning.serving.host import Host, HostConfig
@@ -30,7 +31,9 @@ class Aggregator:
     `members`: how many members each group has (a SplitFed round waits for all of them); `deadline`: seconds
     a round (round-robin: a turn) may stay open, after which it closes without the members that did not submit
     (0: wait for ever); `min_members`: the fewest submissions a SplitFed round closes with at its deadline;
-    `state_dir`: keep every group's state there, so a restarted aggregator goes on where it stopped.
+    `state_dir`: keep every group's state there, so a restarted aggregator goes on where it stopped;
+    `aggregation`: how a SplitFed round's first parts are combined (the server's second parts must be combined
+    by the same rule: it refuses a member's handshake otherwise).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class Aggregator:
         state_dir: str | Path | None = None,
         registry: CollectorRegistry | None = None,
         max_state_bytes: int = MAX_STATE_BYTES,
+        aggregation: Aggregation = FEDAVG,
     ) -> None:
         self.max_state_bytes = max_state_bytes
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -54,6 +58,7 @@ class Aggregator:
             on_close=self.telemetry.round_closed,
             on_submit=self.telemetry.submitted,
             on_open=self.telemetry.round_opened,
+            aggregation=aggregation,
         )
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None

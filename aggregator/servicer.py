@@ -6,6 +6,7 @@ import grpc
 
 from aggregator.rounds import Next, Rounds
 from splitlearning import groups, part_state
+from splitlearning.aggregation import Aggregation
 from splitlearning.errors import InvalidRequest
 from splitlearning.groups import Settings
 from splitlearning.protocol import MAX_ID_LENGTH
@@ -23,7 +24,7 @@ class AggregatorServicer:
             settings = Settings.from_proto(request.settings)
             initial = part_state.from_proto(request.initial, "initial") if request.HasField("initial") else None
             answer = self._rounds.join(request.group, request.member, settings, initial, request.wait_ms / 1000.0)
-            return _response(answer, self._rounds.members)
+            return _response(answer, self._rounds.members, self._rounds.aggregation)
 
         return guard(context, run)
 
@@ -45,13 +46,14 @@ def _check_group(name: str) -> None:
     groups.check_name(name)
 
 
-def _response(answer: Next, members: int) -> pb.JoinRoundResponse:
+def _response(answer: Next, members: int, aggregation: Aggregation) -> pb.JoinRoundResponse:
     response = pb.JoinRoundResponse(
         action=answer.action.to_proto(),
         round=answer.round,
         start=[c.to_proto() for c in answer.start],
         members=members,
         note=answer.note,
+        aggregation=aggregation.to_proto(),
     )
     if answer.state is not None:
         part_state.to_proto(answer.state, response.state)

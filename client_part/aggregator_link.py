@@ -12,6 +12,8 @@ from client_part import retry
 from client_part.retry import RetryPolicy
 from client_part.transport import RemoteError, open_channel
 from splitlearning import part_state
+from splitlearning.aggregation import Aggregation
+from splitlearning.errors import InvalidRequest
 from splitlearning.groups import Action, Contribution, Settings, contributions
 from splitlearning.part_state import PartState
 from splitlearning.protocol import MAX_STATE_BYTES
@@ -25,7 +27,8 @@ WAIT_MS = 10_000  # a join waits this long on the aggregator for something to do
 
 
 class Answer:
-    """A join's answer: `action`, the round, the state and the server's start."""
+    """A join's answer: `action`, the round, the state, the server's start and the aggregator's rule (which the
+    member passes on to the server)."""
 
     def __init__(self, reply: pb.JoinRoundResponse) -> None:
         try:
@@ -35,6 +38,10 @@ class Answer:
         self.round = int(reply.round)
         self.state: PartState = part_state.from_proto(reply.state, "state")
         self.start: tuple[Contribution, ...] = contributions(reply.start)
+        try:
+            self.aggregation = Aggregation.from_proto(reply.aggregation)
+        except InvalidRequest as error:
+            raise RemoteError("join answered", code=grpc.StatusCode.UNKNOWN, details=str(error)) from None
         self.members = int(reply.members)
         self.note = reply.note
 

@@ -117,7 +117,9 @@ class GroupMember:
                 continue
             note = ""
             state = self._start_state(answer, fresh_optimizer)
-            membership = Membership(self.link.group, answer.round, self.link.member, self.scheme, answer.start)
+            membership = Membership(
+                self.link.group, answer.round, self.link.member, self.scheme, answer.start, answer.aggregation
+            )
             if answer.action is Action.DONE:
                 result.final_round = answer.round
                 result.final_test = self._final(membership, state, data)

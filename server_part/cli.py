@@ -44,6 +44,9 @@ class ServerConfig(cli.ProcessConfig):
     members: int = 2
     round_deadline: float = 600.0
     min_members: int = 1
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.25
+    norm_bound: float = 0.0
     exact: bool = False
     serve_only: bool = False
 
@@ -155,6 +158,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config = ServerConfig(**vars(parser.parse_args(argv)))
     if config.min_members > config.members:
         parser.error(f"--min-members {config.min_members} is more than --members {config.members}")
+    try:
+        cli.aggregation(config)
+    except ValueError as error:
+        parser.error(str(error))
     if config.aggregator and config.members > config.max_sessions:
         parser.error(
             f"--members {config.members} is more than --max-sessions {config.max_sessions}: every member of a "
@@ -247,11 +254,17 @@ def build(config: ServerConfig) -> SplitServer:
         session_unused_timeout=config.session_unused_timeout,
         exact=config.exact,
         serve_only=config.serve_only,
+        aggregation=cli.aggregation(config),
     )
     if config.aggregator:
         state = config.checkpoint_dir / "aggregator.d" if config.checkpoint_dir else None
         server.aggregator = Aggregator(
-            config.members, config.round_deadline, config.min_members, state, registry=server.telemetry.registry
+            config.members,
+            config.round_deadline,
+            config.min_members,
+            state,
+            registry=server.telemetry.registry,
+            aggregation=cli.aggregation(config),
         )
     return server
 

@@ -17,6 +17,7 @@ from server_part.session import Limits, Session
 from server_part.sessions import SessionRegistry
 from server_part.telemetry import ServerTelemetry
 from splitlearning import encodings, keepalive
+from splitlearning.aggregation import FEDAVG, Aggregation
 from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.models import ModelSource
@@ -60,6 +61,9 @@ class SplitServer:
 
     `serve_only=True` serves a trained part (a `.keras` file, say): handshakes, `Evaluate` and `Predict` are
     answered, a training stream is refused (FAILED_PRECONDITION), so no client can change the part.
+
+    `aggregation` combines a SplitFed round's second parts (docs/multi_client.md, "Robust averaging"); a member's
+    handshake stating another rule (the aggregator's) is refused (FAILED_PRECONDITION, naming both).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class SplitServer:
         aggregator: Mount | None = None,
         exact: bool = False,
         serve_only: bool = False,
+        aggregation: Aggregation = FEDAVG,
     ) -> None:
         self.device = resolve_device(device)
         self.trainer: Trainer
@@ -111,7 +116,9 @@ class SplitServer:
             idle_timeout=session_idle_timeout,
             unused_timeout=session_unused_timeout,
             on_close=self._session_closed,
-            contributions=Contributions(Path(checkpoint_dir) / CONTRIBUTIONS_FOLDER if checkpoint_dir else None),
+            contributions=Contributions(
+                Path(checkpoint_dir) / CONTRIBUTIONS_FOLDER if checkpoint_dir else None, aggregation
+            ),
         )
         # Multi-client training's rounds served here too (docs/multi_client.md): the model owner then sees the
         # members' first parts. Its metrics join the server's.

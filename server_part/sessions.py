@@ -194,7 +194,7 @@ class SessionRegistry:
                 start = self.contributions.start_state(membership, PartState(self._parts.initial))
             opened = self._admit(uuid.uuid4().hex, load=False, membership=membership, start=start)
             if membership is not None:  # only now: a refused handshake changes nothing
-                self.contributions.opened(membership)
+                self.contributions.opened(membership, start)
                 self._drop_superseded(membership, opened)
             return opened
         _check_id(session_id)

@@ -15,6 +15,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, TypeAlias
 
+from splitlearning.aggregation import DEFAULT_TRIM, RULES, Aggregation, Rule
+from splitlearning.errors import InvalidRequest
+
 ENV_PREFIX = "SPLIT_"
 
 Flags: TypeAlias = "argparse.ArgumentParser | argparse._ArgumentGroup"  # where `add` puts a flag
@@ -157,7 +160,9 @@ def add_metrics_flags(parser: Flags) -> None:
 
 
 def add_round_flags(parser: Flags) -> None:
-    """--members, --round-deadline, --min-members: the same on `split-aggregator` and `split-server --aggregator`."""
+    """--members, --round-deadline, --min-members and the SplitFed rule (--aggregation, --trim-fraction,
+    --norm-bound): the same on `split-aggregator` and `split-server` (whose rule combines the second parts, with
+    or without --aggregator)."""
     add(
         parser,
         "--members",
@@ -180,6 +185,40 @@ def add_round_flags(parser: Flags) -> None:
         default=1,
         help="SplitFed: the fewest submissions a round closes with at its deadline (it waits on for more)",
     )
+    add(
+        parser,
+        "--aggregation",
+        default="fedavg",
+        choices=RULES,
+        help="SplitFed: how a round's parts are combined: fedavg (sample-weighted mean), or robust to a hostile "
+        "member: median (coordinate-wise), trimmed-mean, norm-bounded (FedAvg of clipped updates); the server's and "
+        "the aggregator's must agree (a member's handshake with another is refused)",
+    )
+    add(
+        parser,
+        "--trim-fraction",
+        type=number(float, 0, 0.5, high_open=True),
+        default=DEFAULT_TRIM,
+        help="--aggregation trimmed-mean: the fraction of members dropped from each end of each coordinate, "
+        "floor(fraction x members) (0.25: 1 of 4, none of 3)",
+    )
+    add(
+        parser,
+        "--norm-bound",
+        type=NON_NEGATIVE,
+        default=0.0,
+        help="--aggregation norm-bounded: the L2 bound on each member's update (its part less the round's start); "
+        "0: the median of the round's update norms",
+    )
+
+
+def aggregation(flags: Any) -> Aggregation:
+    """The `splitlearning.aggregation.Aggregation` that --aggregation, --trim-fraction, --norm-bound state
+    (ValueError for a trimmed mean with fraction 0)."""
+    try:
+        return Aggregation(Rule(flags.aggregation), flags.trim_fraction, flags.norm_bound)
+    except InvalidRequest as error:
+        raise ValueError(str(error).replace("aggregation: ", "--aggregation: ", 1)) from None
 
 
 class Serving(Protocol):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from splitlearning.aggregation import FEDAVG, Aggregation
 from splitlearning.errors import InvalidRequest
 from splitlearning.protocol import ID_PATTERN, MAX_ID_LENGTH
 from splitlearning.text import clip
@@ -116,13 +117,15 @@ class Contribution:
 
 @dataclass(frozen=True)
 class Membership:
-    """The group round a session trains (HandshakeRequest.group), checked."""
+    """The group round a session trains (HandshakeRequest.group), checked; `aggregation` is the rule the
+    aggregator combined the first parts with (SplitFed), which the server's own must equal."""
 
     group: str
     round: int
     member: int
     scheme: Scheme
     start: tuple[Contribution, ...]
+    aggregation: Aggregation = field(default=FEDAVG)
 
     def __str__(self) -> str:
         return f"group {self.group}, {self.scheme.value} round {self.round}, member {self.member}"
@@ -134,6 +137,7 @@ class Membership:
             member=self.member,
             scheme=self.scheme.to_proto(),
             start=[c.to_proto() for c in self.start],
+            aggregation=self.aggregation.to_proto(),
         )
 
     @staticmethod
@@ -146,7 +150,8 @@ class Membership:
         scheme = Scheme.from_proto(message.scheme, "group.scheme")
         start = contributions(message.start)
         check_start(start, scheme)
-        return Membership(message.group, message.round, message.member, scheme, start)
+        aggregation = Aggregation.from_proto(message.aggregation, "group.aggregation")
+        return Membership(message.group, message.round, message.member, scheme, start, aggregation)
 
 
 def contributions(messages: Iterable[pb.Contribution]) -> tuple[Contribution, ...]:

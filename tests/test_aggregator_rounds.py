@@ -15,6 +15,7 @@ import pytest
 
 from aggregator.rounds import Action, Closed, Next, Rounds
 from aggregator.store import GroupRecord, GroupStore
+from splitlearning.aggregation import FEDAVG, Aggregation, Rule, norm_bounded
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SessionNotFound
 from splitlearning.groups import Contribution, Scheme, Settings
 from splitlearning.part_state import PartState
@@ -622,3 +623,66 @@ def test_kept_groups_are_loaded_at_start_so_their_deadlines_run_without_a_reques
     again.tick()  # no join, no submit since the restart: the round still closes at its deadline
     assert [(c.round, c.members, c.missed) for _, c in closes.seen] == [(0, (1,), (2,))]
     assert opened == [("g", 0), ("g", 1)]
+
+
+@pytest.mark.parametrize("attack", ["scaled", "sign-flipped"])
+def test_a_robust_rule_closes_the_round_near_the_honest_members_where_fedavg_follows_the_hostile_one(
+    attack: str,
+) -> None:
+    initial = state(0)
+    honest = {m: PartState([w + 0.01 * (m + 1) for w in initial.weights]) for m in (1, 2, 3)}
+    trained = honest[1].weights
+    hostile = (
+        [100 * w for w in trained]
+        if attack == "scaled"
+        else [s - 10 * (w - s) for w, s in zip(trained, initial.weights, strict=True)]
+    )
+    reference = weighted_average(list(honest.values()), [10, 10, 10])
+    distances = {}
+    for rule in (
+        FEDAVG,
+        Aggregation(Rule.MEDIAN),
+        Aggregation(Rule.TRIMMED_MEAN, 0.25),
+        Aggregation(Rule.NORM_BOUNDED),
+    ):
+        rounds = Rounds(4, aggregation=rule)
+        assert rounds.join("g", 1, SPLITFED, initial).action is Action.TRAIN
+        for member, submitted in (*honest.items(), (4, PartState(hostile))):
+            rounds.submit("g", member, 0, submitted, 10)
+        start = rounds.join("g", 1, SPLITFED, None).state
+        assert start is not None and start.optimizer == []
+        distances[rule.rule] = max(
+            float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(start.weights, reference, strict=True)
+        )
+    for robust in (Rule.MEDIAN, Rule.TRIMMED_MEAN, Rule.NORM_BOUNDED):
+        assert distances[robust] < distances[Rule.FEDAVG] / 2, distances  # clipping bounds it; the others drop it
+
+
+def test_norm_bounded_measures_updates_from_the_rounds_start_also_after_a_restart(tmp_path: Path) -> None:
+    rule = Aggregation(Rule.NORM_BOUNDED, bound=0.5)
+    initial = state(0)
+    rounds = Rounds(2, store=GroupStore(tmp_path), aggregation=rule)
+    rounds.join("g", 1, SPLITFED, initial)
+    for member in (1, 2):
+        rounds.submit("g", member, 0, state(member), 10)
+    start_1 = rounds.join("g", 1, SPLITFED, None).state
+    assert start_1 is not None
+    expected = norm_bounded([state(1), state(2)], [10, 10], PartState(initial.weights), 0.5)
+    assert_arrays_equal(start_1.weights, expected.weights, "round 1's start")
+    again = Rounds(2, store=GroupStore(tmp_path), aggregation=rule)  # restarted: round 1 from the stored start
+    for member in (1, 2):
+        again.submit("g", member, 1, state(10 + member), 10)
+    final = again.join("g", 1, SPLITFED, None)
+    assert final.action is Action.DONE and final.state is not None
+    expected = norm_bounded([state(11), state(12)], [10, 10], start_1, 0.5)
+    assert_arrays_equal(final.state.weights, expected.weights, "the final state")
+
+
+def test_a_trimmed_mean_that_trims_nothing_for_the_member_count_is_named_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        Rounds(4, aggregation=Aggregation(Rule.TRIMMED_MEAN, 0.25))
+        assert not caplog.records
+        Rounds(3, aggregation=Aggregation(Rule.TRIMMED_MEAN, 0.25))
+    assert "trims nothing (floor(0.25 x 3) = 0)" in caplog.text and "at least 0.333" in caplog.text

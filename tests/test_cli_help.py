@@ -14,6 +14,7 @@ from aggregator.cli import parse_args as aggregator_args
 from client_part.cli import parse_args as client_args
 from server_part.cli import parse_args as server_args
 from splitlearning import cli
+from splitlearning.aggregation import Aggregation, Rule
 from splitlearning.shards import Shard
 
 # The groups, in --help's order, and a value for each flag: parsed all at once, each must come back.
@@ -83,7 +84,15 @@ SERVER: dict[str, dict[str, Any]] = {
     },
     "model": {"--model": "digits-cnn", "--cut": "ushape", "--loss": "mse", "--metrics": "mae", "--serve-only": True},
     "training": {"--optimizer": "sgd", "--learning-rate": 0.5, "--seed": 7, "--exact": True},
-    "rounds": {"--aggregator": True, "--members": 4, "--round-deadline": 30.5, "--min-members": 3},
+    "rounds": {
+        "--aggregator": True,
+        "--members": 4,
+        "--round-deadline": 30.5,
+        "--min-members": 3,
+        "--aggregation": "trimmed-mean",
+        "--trim-fraction": 0.2,
+        "--norm-bound": 2.5,
+    },
     "device": {"--device": "/CPU:1", "--cpus": "0-1", "--threads": 2},
     "checkpoints": {
         "--checkpoint-dir": Path("c"),
@@ -128,7 +137,14 @@ AGGREGATOR: dict[str, dict[str, Any]] = {
         "--max-state-mb": 64,
         "--grace": 1.5,
     },
-    "rounds": {"--members": 4, "--round-deadline": 30.5, "--min-members": 3},
+    "rounds": {
+        "--members": 4,
+        "--round-deadline": 30.5,
+        "--min-members": 3,
+        "--aggregation": "norm-bounded",
+        "--trim-fraction": 0.3,
+        "--norm-bound": 2.5,
+    },
     "checkpoints": {"--state-dir": Path("state")},
     "security": {
         "--tls-cert": Path("s.crt"),
@@ -213,3 +229,18 @@ def test_every_flag_reads_its_environment_variable(
     config = parse_args([])
     for flag, value in values.items():
         assert getattr(config, flag[2:].replace("-", "_")) == value, flag
+
+
+@pytest.mark.parametrize("parse_args", [server_args, aggregator_args], ids=["split-server", "split-aggregator"])
+def test_the_aggregation_flags_state_one_rule_and_a_trimmed_mean_that_trims_nothing_is_refused(
+    parse_args: Callable[[list[str]], Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.aggregation(parse_args([])) == Aggregation()  # FedAvg by default
+    rule = cli.aggregation(parse_args(["--aggregation", "trimmed-mean", "--norm-bound", "3"]))
+    assert rule == Aggregation(Rule.TRIMMED_MEAN, 0.25)  # the default fraction; the bound is another rule's
+    assert cli.aggregation(parse_args(["--aggregation", "norm-bounded"])) == Aggregation(Rule.NORM_BOUNDED, 0, 0)
+    with pytest.raises(SystemExit):
+        parse_args(["--aggregation", "trimmed-mean", "--trim-fraction", "0"])
+    assert "--aggregation: the trimmed mean's fraction must lie in (0, 0.5), got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--aggregation", "krum"])

@@ -441,6 +441,15 @@ def case_no_contribution(peer: Peer) -> None:
     peer.handshake(group=group_round([pb.Contribution(round=0, member=1, samples=5)], round=1))
 
 
+def case_aggregation(peer: Peer) -> None:
+    median = pb.Aggregation(rule=pb.AGGREGATION_RULE_MEDIAN)  # the aggregator's rule; the server's is FedAvg
+    try:
+        peer.handshake(group=group_round(aggregation=median))
+    except grpc.RpcError as error:
+        assert "median" in error.details() and "fedavg" in error.details(), error.details()  # naming both
+        raise
+
+
 def case_contribute_no_group(peer: Peer) -> None:
     session = peer.handshake().session_id
     peer.close(session_id=session, contribute_samples=4)
@@ -554,6 +563,7 @@ CASES: dict[str, tuple[Callable[[Peer], None], dict[str, Any]]] = {
     "group": (case_group, {}),
     "group-start": (case_group_start, {}),
     "no-contribution": (case_no_contribution, {}),
+    "aggregation": (case_aggregation, {}),
     "contribute-no-group": (case_contribute_no_group, {}),
     "contribute-unloaded": (case_contribute_unloaded, {}),
     "group-name": (case_group_name, {"rounds": ROUNDS}),

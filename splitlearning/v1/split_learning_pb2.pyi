@@ -150,6 +150,40 @@ sample-weighted average (FedAvg) of the members' parts. Optimizer state starts a
 """
 Global___Scheme: _TypeAlias = Scheme  # noqa: Y015
 
+class _AggregationRule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AggregationRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AggregationRule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGGREGATION_RULE_UNSPECIFIED: _AggregationRule.ValueType  # 0
+    """FedAvg, as AGGREGATION_RULE_FEDAVG: what a peer that predates this field means."""
+    AGGREGATION_RULE_FEDAVG: _AggregationRule.ValueType  # 1
+    """The sample-weighted mean of the members' weights."""
+    AGGREGATION_RULE_MEDIAN: _AggregationRule.ValueType  # 2
+    """The coordinate-wise median of the members' weights (sample counts do not weigh in)."""
+    AGGREGATION_RULE_TRIMMED_MEAN: _AggregationRule.ValueType  # 3
+    """Per coordinate, the mean of the members' weights less the floor(trim_fraction x members) lowest and highest."""
+    AGGREGATION_RULE_NORM_BOUNDED: _AggregationRule.ValueType  # 4
+    """FedAvg of the members' updates (their weights less the round's start), each clipped to an L2 norm bound."""
+
+class AggregationRule(_AggregationRule, metaclass=_AggregationRuleEnumTypeWrapper):
+    """How a SplitFed round combines its members' parts (docs/multi_client.md, "Robust averaging"; docs/protocol.md,
+    "The average, exactly" and "Robust rules").
+    """
+
+AGGREGATION_RULE_UNSPECIFIED: AggregationRule.ValueType  # 0
+"""FedAvg, as AGGREGATION_RULE_FEDAVG: what a peer that predates this field means."""
+AGGREGATION_RULE_FEDAVG: AggregationRule.ValueType  # 1
+"""The sample-weighted mean of the members' weights."""
+AGGREGATION_RULE_MEDIAN: AggregationRule.ValueType  # 2
+"""The coordinate-wise median of the members' weights (sample counts do not weigh in)."""
+AGGREGATION_RULE_TRIMMED_MEAN: AggregationRule.ValueType  # 3
+"""Per coordinate, the mean of the members' weights less the floor(trim_fraction x members) lowest and highest."""
+AGGREGATION_RULE_NORM_BOUNDED: AggregationRule.ValueType  # 4
+"""FedAvg of the members' updates (their weights less the round's start), each clipped to an L2 norm bound."""
+Global___AggregationRule: _TypeAlias = AggregationRule  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """A dense tensor: element type, shape and the raw bytes of its values."""
@@ -380,6 +414,37 @@ class OptimizerSettings(_message.Message):
 Global___OptimizerSettings: _TypeAlias = OptimizerSettings  # noqa: Y015
 
 @_typing.final
+class Aggregation(_message.Message):
+    """The rule and its parameters; parameters of other rules are 0."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    TRIM_FRACTION_FIELD_NUMBER: _builtins.int
+    NORM_BOUND_FIELD_NUMBER: _builtins.int
+    rule: Global___AggregationRule.ValueType
+    trim_fraction: _builtins.float
+    """AGGREGATION_RULE_TRIMMED_MEAN: the fraction of members trimmed from each end, per coordinate, in (0, 0.5)."""
+    norm_bound: _builtins.float
+    """AGGREGATION_RULE_NORM_BOUNDED: the bound on each member's update's L2 norm (over all its floating weights),
+    > 0; 0: the median of the round's update norms.
+    """
+    def __init__(
+        self,
+        *,
+        rule: Global___AggregationRule.ValueType = ...,
+        trim_fraction: _builtins.float = ...,
+        norm_bound: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["norm_bound", b"norm_bound", "rule", b"rule", "trim_fraction", b"trim_fraction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Aggregation: _TypeAlias = Aggregation  # noqa: Y015
+
+@_typing.final
 class Contribution(_message.Message):
     """One member's part at the end of one round (round-robin: one turn), weighed by the samples it trained on."""
 
@@ -420,6 +485,7 @@ class GroupRound(_message.Message):
     MEMBER_FIELD_NUMBER: _builtins.int
     SCHEME_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
     group: _builtins.str
     """The group: 1 to 128 of [A-Za-z0-9_-]."""
     round: _builtins.int
@@ -438,6 +504,13 @@ class GroupRound(_message.Message):
         contributions to rounds before the earliest one named here.
         """
 
+    @_builtins.property
+    def aggregation(self) -> Global___Aggregation:
+        """SplitFed: the rule the aggregator combined the first parts with (JoinRoundResponse.aggregation); the server
+        combines `start` with its own rule (split-server --aggregation) and refuses the handshake
+        (FAILED_PRECONDITION, naming both) unless the two are equal. Unset: FedAvg. Round-robin: not read.
+        """
+
     def __init__(
         self,
         *,
@@ -446,10 +519,11 @@ class GroupRound(_message.Message):
         member: _builtins.int = ...,
         scheme: Global___Scheme.ValueType = ...,
         start: _abc.Iterable[Global___Contribution] | None = ...,
+        aggregation: Global___Aggregation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "member", b"member", "round", b"round", "scheme", b"scheme", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "group", b"group", "member", b"member", "round", b"round", "scheme", b"scheme", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -964,6 +1038,7 @@ class JoinRoundResponse(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
     action: Global___JoinRoundResponse.Action.ValueType
     round: _builtins.int
     """ACTION_TRAIN: the round (round-robin: the turn) to train; ACTION_WAIT: the round now open; ACTION_DONE: the
@@ -984,6 +1059,12 @@ class JoinRoundResponse(_message.Message):
     def start(self) -> _containers.RepeatedCompositeFieldContainer[Global___Contribution]:
         """The contributions the server's part starts from: HandshakeRequest.group.start."""
 
+    @_builtins.property
+    def aggregation(self) -> Global___Aggregation:
+        """SplitFed: the rule this aggregator combines the members' first parts with; the member passes it on in
+        HandshakeRequest.group.aggregation, so the server combines the second parts by the same rule or refuses.
+        """
+
     def __init__(
         self,
         *,
@@ -993,10 +1074,11 @@ class JoinRoundResponse(_message.Message):
         start: _abc.Iterable[Global___Contribution] | None = ...,
         members: _builtins.int = ...,
         note: _builtins.str = ...,
+        aggregation: Global___Aggregation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "members", b"members", "note", b"note", "round", b"round", "start", b"start", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "aggregation", b"aggregation", "members", b"members", "note", b"note", "round", b"round", "start", b"start", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
