@@ -30,6 +30,7 @@ from splitlearning.contract import Agreement, CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.groups import Membership
 from splitlearning.models import ModelSource
+from splitlearning.optimizers import OptimizerSettings
 from splitlearning.part_state import PartState
 from splitlearning.security import Secret, TlsConfig
 
@@ -132,6 +133,7 @@ class SplitClient:
             mode,
             wanted_encoding,
             self.head,
+            OptimizerSettings.of(self.trainer.optimizer),
         )
         self._session = Session(
             self._transport,

@@ -23,6 +23,7 @@ from client_part.transport import RemoteError, Transport
 from splitlearning import codec, encodings
 from splitlearning.contract import Agreement, CutContract, CutMode, Spec
 from splitlearning.groups import Membership
+from splitlearning.optimizers import OptimizerSettings
 
 log = logging.getLogger("client_part.client")  # the client's log lines, under one logger name as before
 
@@ -61,6 +62,7 @@ class Offer:
     mode: CutMode
     wire_encoding: codec.EncodingCode
     head: Head | None = None
+    optimizer: OptimizerSettings | None = None  # its first part's: the server checks that it trains with the same
 
 
 class Session:
@@ -291,6 +293,7 @@ class Session:
             restorable_steps=[self._position.step, *(self.checkpoints.steps() if self.checkpoints else [])],
             client_id=self._client_id,
             group=self._membership if not asked else None,
+            optimizer=offer.optimizer,
         )
         if agreement.session_id != asked and self.checkpoints is not None:  # the transport now names the new one
             self.checkpoints.record(agreement.session_id, self._client_id)

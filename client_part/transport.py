@@ -27,6 +27,7 @@ from splitlearning.contract import (
     spec_to_proto,
 )
 from splitlearning.groups import Membership
+from splitlearning.optimizers import OptimizerSettings
 from splitlearning.protocol import (
     CLIENT_ID_METADATA_KEY,
     MESSAGE_OVERHEAD,
@@ -285,8 +286,10 @@ class Transport:
         restorable_steps: Sequence[int] = (),
         client_id: str = "",
         group: Membership | None = None,
+        optimizer: OptimizerSettings | None = None,
     ) -> Agreement:
-        """Agree on the cut and the session; `preferred_encodings` (most preferred first) may narrow the wire."""
+        """Agree on the cut and the session; `preferred_encodings` (most preferred first) may narrow the wire;
+        `optimizer`, where given, is checked by the server against its own."""
         request = pb.HandshakeRequest(
             protocol_version=PROTOCOL_VERSION,
             contract=pb.CutContract(iv=spec_to_proto(iv), label=spec_to_proto(label) if label else None),
@@ -297,6 +300,7 @@ class Transport:
             restorable_steps=sorted(set(restorable_steps)),
             client_id=client_id,
             group=group.to_proto() if group is not None else None,
+            optimizer=optimizer.to_proto() if optimizer is not None else None,
         )
         try:
             reply = self._stub.Handshake(request, timeout=self.rpc_timeout, metadata=self._metadata)
