@@ -63,6 +63,9 @@ class ClientConfig(cli.ProcessConfig):
     member: int | None = None
     aggregator: str | None = None
     handover_dir: Path | None = None
+    save_head: Path | None = None
+    predict: Path | None = None
+    predictions: Path | None = None
 
 
 _GROUPS = ("connection", "model", "data", "training", "rounds", "device", "checkpoints", "security", "observability")
@@ -79,14 +82,59 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     add_round_flags(groups["rounds"])
     add_security_flags(groups["security"])
     cli.add_checkpoint_flags(groups["checkpoints"])
-    cli.add(
-        groups["checkpoints"], "--save-weights", type=Path, default=None, help="write the final weights here (.npz)"
-    )
+    add_save_flags(groups["checkpoints"])
     add_observability_flags(groups["observability"])
     flags = vars(parser.parse_args(argv))
     check_shard_flags(parser, flags)
+    check_predict_flags(parser, flags)  # before the round flags' check, which gives --epochs its default
     check_round_flags(parser, flags)
     return ClientConfig(**flags)
+
+
+def add_save_flags(parser: cli.Flags) -> None:
+    """What the run writes of its trained part at the end."""
+    cli.add(parser, "--save-weights", type=Path, default=None, help="write the final weights here (.npz)")
+    cli.add(
+        parser,
+        "--save-model",
+        type=cli.keras_file,
+        default=None,
+        help="write the trained first part here as a Keras file (.keras): --model takes it back, to train on or "
+        "to predict; split-join joins it with the server's",
+    )
+    cli.add(
+        parser,
+        "--save-head",
+        type=cli.keras_file,
+        default=None,
+        help="--cut ushape: write the trained head here as a Keras file (.keras); --head takes it back",
+    )
+
+
+def check_predict_flags(parser: argparse.ArgumentParser, flags: dict[str, Any]) -> None:
+    """--predict and --predictions go together, and exclude training's own flags."""
+    if (flags["predict"] is None) != (flags["predictions"] is None):
+        parser.error("--predict FILE and --predictions FILE go together (the inputs, and where their outputs go)")
+    if flags["predict"] is None:
+        return
+    training = [
+        flag
+        for flag, given in (
+            ("--epochs", flags["epochs"] is not None),
+            ("--group", flags["group"] is not None),
+            ("--save-weights", flags["save_weights"] is not None),
+            ("--save-model", flags["save_model"] is not None),
+            ("--save-head", flags["save_head"] is not None),
+            ("--checkpoint-dir", flags["checkpoint_dir"] is not None),
+        )
+        if given
+    ]
+    if training:
+        parser.error(f"--predict trains nothing: drop {', '.join(training)}")
+    for flag in ("predict", "predictions"):
+        if flags[flag].suffix not in (".npy", ".csv") + ((".npz",) if flag == "predict" else ()):
+            kinds = ".npz, .npy or .csv" if flag == "predict" else ".npy or .csv"
+            parser.error(f"--{flag} {flags[flag]}: expected a {kinds} file")
 
 
 def add_connection_flags(parser: cli.Flags) -> None:
@@ -151,6 +199,22 @@ def add_data_flags(parser: cli.Flags) -> None:
         "the test split is only used for the final evaluation",
     )
     cli.add(parser, "--no-shuffle", action="store_true", help="keep the data order (default: reshuffle each epoch)")
+    cli.add(
+        parser,
+        "--predict",
+        type=Path,
+        default=None,
+        help="train nothing: predict on this file's inputs with the trained parts (--model PART.keras here, the "
+        "server's part there): .npz (its x, else x_test), .npy, or .csv (a header row, then one row of numbers "
+        "per sample); needs --predictions",
+    )
+    cli.add(
+        parser,
+        "--predictions",
+        type=Path,
+        default=None,
+        help="with --predict: write the model's outputs here, one row per input sample (.npy, or .csv with a header)",
+    )
     cli.add(
         parser,
         "--shard",
@@ -362,8 +426,10 @@ class Outcome:
 def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str, float]:
     cli.setup_logging(config.log_level, config.log_format)
     devices.setup_process(config.cpus, config.threads)
+    if config.predict is not None:
+        return predict(config, interrupts)
     data = load_data(config)
-    client = build_client(config, data.dataset)
+    client = build_client(config, data.dataset.x_train.shape[1:], config.dataset)
     if interrupts is not None:
         interrupts.client = client
     if config.group is not None:
@@ -401,8 +467,9 @@ def load_data(config: ClientConfig) -> Data:
     return Data(dataset, (x_train, y_train), validation)
 
 
-def build_client(config: ClientConfig, dataset: Dataset) -> SplitClient:
-    """The `SplitClient` the flags describe, its first part checked against the data's inputs."""
+def build_client(config: ClientConfig, sample_shape: tuple[int, ...] | None, data_name: str) -> SplitClient:
+    """The `SplitClient` the flags describe, its first part checked against the data's samples (`sample_shape`,
+    unless None; `data_name`, the flag's value naming them, for the message)."""
     from client_part.client import SplitClient
     from client_part.retry import RetryPolicy
     from splitlearning.models import input_mismatch, load_part, make_optimizer
@@ -431,7 +498,7 @@ def build_client(config: ClientConfig, dataset: Dataset) -> SplitClient:
         retry=RetryPolicy(timeout=config.retry_timeout),
         session_id=config.session,
     )
-    mismatch = input_mismatch(client.model, dataset.x_train.shape[1:], config.model, config.dataset)
+    mismatch = input_mismatch(client.model, sample_shape, config.model, data_name) if sample_shape else None
     if mismatch:
         client.close()
         raise ValueError(mismatch)
@@ -484,15 +551,60 @@ def train_and_test(client: SplitClient, config: ClientConfig, data: Data) -> Out
         )
         elapsed = time.perf_counter() - started
         test = client.evaluate(*data.test, batch_size=config.batch_size)
-        if config.save_weights:
-            from splitlearning.checkpoint import save_weights
-
-            save_weights(config.save_weights, client.model, client.trainer.optimizer)
+        save_parts(client, config)
         session = client.session_id
         client.end_session()
     if tensorboard:
         tensorboard.close()
     return Outcome(history, test, elapsed, session, start_step)
+
+
+def save_parts(client: SplitClient, config: ClientConfig) -> None:
+    """--save-weights, --save-model, --save-head: the trained parts, as the run ends."""
+    from splitlearning.checkpoint import save_model, save_weights
+
+    if config.save_weights:
+        save_weights(config.save_weights, client.model, client.trainer.optimizer)
+    if config.save_model:
+        save_model(config.save_model, client.model)
+        log.info("first part written to %s", config.save_model)
+    if config.save_head:
+        if client.head is None:
+            raise ValueError("--save-head: this client holds no head (only with --cut ushape)")
+        save_model(config.save_head, client.head.model)
+        log.info("head written to %s", config.save_head)
+
+
+def predict(config: ClientConfig, interrupts: Interrupts | None) -> dict[str, float]:
+    """--predict: the trained model's outputs for the file's inputs, over the cut, written to --predictions."""
+    import numpy as np
+
+    from splitlearning.data import read_inputs, write_outputs
+    from splitlearning.models import input_mismatch
+
+    assert config.predict is not None and config.predictions is not None
+    x = read_inputs(config.predict)
+    client = build_client(config, None, str(config.predict))
+    takes = tuple(client.model.input_shape[1:])
+    if x.ndim == 2 and len(takes) > 1 and None not in takes and x.shape[1] == int(np.prod(takes)):
+        x = x.reshape(len(x), *takes)  # a table's rows, one flattened sample each
+    mismatch = input_mismatch(client.model, x.shape[1:], config.model, str(config.predict))
+    if mismatch:
+        client.close()
+        raise ValueError(mismatch.replace("--dataset", "--predict"))
+    if interrupts is not None:
+        interrupts.client = client
+    connect(client, config)
+    with client:
+        started = time.perf_counter()
+        outputs = client.predict(x, batch_size=config.batch_size, verbose=1 if sys.stdout.isatty() else 0)
+        seconds = time.perf_counter() - started
+        client.end_session()
+    write_outputs(config.predictions, outputs)
+    rate = len(x) / max(seconds, 1e-9)
+    print(f"predicted {len(x):,} samples in {seconds:.2f} s ({rate:,.0f} samples/s); outputs {list(outputs.shape)}")
+    print(f"written to {config.predictions}")
+    return {"samples": float(len(x)), "seconds": seconds, "samples_per_second": rate}
 
 
 def report(client: SplitClient, config: ClientConfig, outcome: Outcome) -> None:

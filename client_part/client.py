@@ -351,12 +351,19 @@ class SplitClient:
         return logs_of(agreement.metric_names, values, self.trainer.penalty())
 
     def predict(self, x: Any, batch_size: int = 32, verbose: int = 0) -> np.ndarray:
-        """Outputs of the whole (uncut) model for `x`."""
+        """Outputs of the whole (uncut) model for `x`; `verbose` 1 shows a progress bar, as Keras's does."""
         self.connect()
         self._check_batch_size(batch_size)
-        outputs = self._session.after_rollbacks(
-            lambda: [self._predict_one(xb) for xb in batches.iterate_inputs(x, batch_size)]
-        )
+        progress = keras.utils.Progbar(batches.num_batches(x, batch_size), verbose=verbose)
+
+        def run() -> list[np.ndarray]:
+            outputs = []
+            for index, xb in enumerate(batches.iterate_inputs(x, batch_size)):
+                outputs.append(self._predict_one(xb))
+                progress.update(index + 1)
+            return outputs
+
+        outputs = self._session.after_rollbacks(run)
         if not outputs:
             raise ValueError("predict got no data")
         return np.concatenate(outputs)

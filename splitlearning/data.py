@@ -95,3 +95,43 @@ def hold_out(
             f"{split_at} to train on and {len(x) - split_at} to validate on; choose a fraction that leaves both"
         )
     return x[:split_at], y[:split_at], (x[split_at:], y[split_at:])
+
+
+def read_inputs(path: Path) -> np.ndarray:
+    """The inputs to predict on (`split-client --predict`): an `.npz`'s `x` (else its `x_test`), an `.npy` array,
+    or a `.csv` file (a header row, then one row of numbers per sample). Images are prepared as `from_npz`
+    prepares them: integers scaled to [0, 1], a channel axis added to 3-d arrays; float32."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--predict: no such file {str(path)!r}")
+    if path.suffix == ".csv":
+        try:
+            x = np.loadtxt(path, delimiter=",", skiprows=1, dtype="float32", ndmin=2)
+        except ValueError as error:
+            raise ValueError(f"--predict {path}: expected a header row, then rows of numbers: {error}") from None
+    elif path.suffix == ".npy":
+        x = np.load(path, allow_pickle=False)
+    else:
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"--predict {path}: not an .npz archive (numpy.savez makes one)")
+        with np.load(path, allow_pickle=False) as archive:
+            name = next((key for key in ("x", "x_test") if key in archive.files), None)
+            if name is None:
+                raise ValueError(f"--predict {path}: expected an array x (or x_test); found {sorted(archive.files)}")
+            x = archive[name]
+    if x.ndim < 2 or len(x) == 0:
+        raise ValueError(f"--predict {path}: expected samples along the first axis, got shape {list(x.shape)}")
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype("float32") / float(np.iinfo(x.dtype).max)
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.astype("float32", copy=False)
+
+
+def write_outputs(path: Path, outputs: np.ndarray) -> None:
+    """The model's outputs, one row per sample: `.npy`, or `.csv` with a header (output_0, output_1, ...)."""
+    rows = outputs.reshape(len(outputs), -1)
+    if path.suffix == ".csv":
+        header = ",".join(f"output_{i}" for i in range(rows.shape[1]))
+        np.savetxt(path, rows, delimiter=",", header=header, comments="", fmt="%.9g")
+    else:
+        np.save(path, outputs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitlearning import aggregation
+from splitlearning import aggregation, robust
 from splitlearning.aggregation import FEDAVG, Aggregation, Rule
 from splitlearning.errors import InvalidRequest
 from splitlearning.part_state import PartState, average
@@ -21,22 +21,22 @@ def state(*values: float, counter: int = 0) -> PartState:
 
 def test_median_is_the_middle_value_per_coordinate_and_the_mean_of_the_two_middle_ones_for_even_counts() -> None:
     states = [state(1, 40, -3, counter=7), state(2, 10, 5, counter=8), state(100, 20, 0, counter=9)]
-    combined = aggregation.median(states)
+    combined = robust.median(states)
     np.testing.assert_array_equal(combined.weights[0], np.array([2, 20, 0], np.float32))
     assert combined.weights[1] == 7 and combined.weights[1].dtype == np.int64  # a counter: the first state's
     assert combined.weights[0].dtype == np.float32 and not combined.optimizer
-    even = aggregation.median([*states, state(3, 30, 1)])
+    even = robust.median([*states, state(3, 30, 1)])
     np.testing.assert_array_equal(even.weights[0], np.array([2.5, 25, 0.5], np.float32))
 
 
 def test_trimmed_mean_drops_floor_beta_k_from_each_end_per_coordinate() -> None:
     states = [state(1, -50), state(2, 4), state(3, 6), state(1000, 8)]
-    combined = aggregation.trimmed_mean(states, 0.25)  # floor(0.25 x 4) = 1 from each end
+    combined = robust.trimmed_mean(states, 0.25)  # floor(0.25 x 4) = 1 from each end
     np.testing.assert_array_equal(combined.weights[0], np.array([2.5, 5], np.float32))
     five = [*states, state(4, 10)]  # floor(0.25 x 5) = 1: the mean of the middle three
-    np.testing.assert_allclose(aggregation.trimmed_mean(five, 0.25).weights[0], [3, 6])
+    np.testing.assert_allclose(robust.trimmed_mean(five, 0.25).weights[0], [3, 6])
     three = states[:3]  # floor(0.25 x 3) = 0: the plain unweighted mean
-    np.testing.assert_allclose(aggregation.trimmed_mean(three, 0.25).weights[0], [2, -40 / 3], rtol=1e-6)
+    np.testing.assert_allclose(robust.trimmed_mean(three, 0.25).weights[0], [2, -40 / 3], rtol=1e-6)
     assert [aggregation.trim_count(k, 0.25) for k in range(1, 9)] == [0, 0, 0, 1, 1, 1, 1, 2]
     assert aggregation.trim_count(10, 0.3) == 3 and aggregation.trim_count(3, 0.49) == 1
 
@@ -44,15 +44,15 @@ def test_trimmed_mean_drops_floor_beta_k_from_each_end_per_coordinate() -> None:
 def test_norm_bounded_clips_each_update_to_the_bound_then_takes_the_sample_weighted_mean() -> None:
     start = state(1, 1)
     states = [state(4, 5), state(1, 2), state(-29, -39)]  # updates (3, 4), (0, 1), (-30, -40): norms 5, 1, 50
-    assert aggregation.update_norms(states, start) == [5.0, 1.0, 50.0]
-    combined = aggregation.norm_bounded(states, [1, 1, 2], start, bound=2.0)
+    assert robust.update_norms(states, start) == [5.0, 1.0, 50.0]
+    combined = robust.norm_bounded(states, [1, 1, 2], start, bound=2.0)
     # clipped: (1.2, 1.6), (0, 1), (-1.2, -1.6); weighted 1/4, 1/4, 2/4
     expected = np.array([1 + 0.25 * 1.2 - 0.5 * 1.2, 1 + 0.25 * 1.6 + 0.25 * 1 - 0.5 * 1.6], np.float32)
     np.testing.assert_allclose(combined.weights[0], expected, rtol=1e-6)
-    median_bound = aggregation.norm_bounded(states, [1, 1, 2], start, bound=0.0)  # B = median(5, 1, 50) = 5
+    median_bound = robust.norm_bounded(states, [1, 1, 2], start, bound=0.0)  # B = median(5, 1, 50) = 5
     expected = np.array([1 + 0.25 * 3 - 0.5 * 3, 1 + 0.25 * 4 + 0.25 * 1 - 0.5 * 4], np.float32)
     np.testing.assert_allclose(median_bound.weights[0], expected, rtol=1e-6)
-    assert aggregation.clip_factors([5.0, 1.0, 50.0], 0.0) == (5.0, [1.0, 1.0, 0.1])
+    assert robust.clip_factors([5.0, 1.0, 50.0], 0.0) == (5.0, [1.0, 1.0, 0.1])
 
 
 def test_fedavg_is_part_state_average_bit_for_bit() -> None:

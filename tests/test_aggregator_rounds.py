@@ -15,10 +15,11 @@ import pytest
 
 from aggregator.rounds import Action, Closed, Next, Rounds
 from aggregator.store import GroupRecord, GroupStore
-from splitlearning.aggregation import FEDAVG, Aggregation, Rule, norm_bounded
+from splitlearning.aggregation import FEDAVG, Aggregation, Rule
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SessionNotFound
 from splitlearning.groups import Contribution, Scheme, Settings
 from splitlearning.part_state import PartState
+from splitlearning.robust import norm_bounded
 
 SPLITFED = Settings(Scheme.SPLITFED, 2, 1)
 ROBIN = Settings(Scheme.ROUND_ROBIN, 2, 1)

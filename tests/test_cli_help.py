@@ -50,6 +50,8 @@ CLIENT: dict[str, dict[str, Any]] = {
         "--checkpoint-every": 11,
         "--checkpoint-keep": 3,
         "--save-weights": Path("w.npz"),
+        "--save-model": Path("m.keras"),
+        "--save-head": Path("h.keras"),
     },
     "security": {
         "--tls": True,
@@ -129,6 +131,12 @@ MEMBER: dict[str, dict[str, Any]] = {
         "--handover-dir": Path("h"),
     },
 }
+# --predict trains nothing: it parses without --epochs and the flags that save or checkpoint a trained part.
+PREDICT = {"--predict": Path("x.npz"), "--predictions": Path("p.csv")}
+PREDICTOR: dict[str, dict[str, Any]] = {
+    "data": {"--predict": PREDICT["--predict"], "--predictions": PREDICT["--predictions"]},
+    "training": {"--batch-size": 256},
+}
 AGGREGATOR: dict[str, dict[str, Any]] = {
     "connection": {
         "--address": "0.0.0.0:1",
@@ -161,7 +169,9 @@ AGGREGATOR: dict[str, dict[str, Any]] = {
     },
 }
 CASES = [
-    pytest.param(client_args, {**CLIENT, "rounds": MEMBER["rounds"]}, id="split-client"),
+    pytest.param(
+        client_args, {**CLIENT, "data": {**CLIENT["data"], **PREDICT}, "rounds": MEMBER["rounds"]}, id="split-client"
+    ),
     pytest.param(server_args, SERVER, id="split-server"),
     pytest.param(aggregator_args, AGGREGATOR, id="split-aggregator"),
 ]
@@ -169,6 +179,7 @@ CASES = [
 PARSED = [
     pytest.param(client_args, CLIENT, id="split-client"),
     pytest.param(client_args, MEMBER, id="split-client-member"),
+    pytest.param(client_args, PREDICTOR, id="split-client-predictor"),
     pytest.param(server_args, SERVER, id="split-server"),
     pytest.param(aggregator_args, AGGREGATOR, id="split-aggregator"),
 ]

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from server_part.contributions import Contributions
-from splitlearning.aggregation import FEDAVG, Aggregation, Rule, median, norm_bounded
+from splitlearning.aggregation import FEDAVG, Aggregation, Rule
 from splitlearning.errors import PreconditionFailed
 from splitlearning.groups import Contribution, Membership, Scheme
 from splitlearning.part_state import PartState
+from splitlearning.robust import median, norm_bounded
 
 BOUNDED = Aggregation(Rule.NORM_BOUNDED, bound=0.5)
 

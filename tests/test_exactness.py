@@ -115,8 +115,8 @@ def test_split_fit_with_the_compiled_update_is_within_roundoff(
 def test_regularizer_penalty_is_in_the_loss(split_pair: StartServer) -> None:
     """The client's kernel_regularizer must count: without it the loss (and the weights) would differ."""
     x, y = make_data()
-    plain = split_pair("plain", 7)
-    regularized = split_pair("regularized", 7)
+    plain = split_pair("plain", 7, optimizer=OPTIMIZERS["sgd"]())
+    regularized = split_pair("regularized", 7, optimizer=OPTIMIZERS["sgd"]())
     losses = []
     for split in (plain, regularized):
         with SplitClient(split.bottom, OPTIMIZERS["sgd"](), target=split.target, connect_timeout=10) as client:

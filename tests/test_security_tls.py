@@ -21,7 +21,7 @@ from client_part.stopping import Stopped
 from client_part.transport import Transport
 from splitlearning import data
 from splitlearning.contract import Spec
-from splitlearning.models import load_part
+from splitlearning.models import load_part, make_optimizer
 from splitlearning.security import TlsConfig
 from tests.security_support import Pki, ServerProcess, make_pki, run_client, start_server, write_token
 
@@ -86,8 +86,9 @@ def test_mtls_client_with_certificate_and_token_is_served(
     mtls_server: ServerProcess, pki: Pki, digits: data.Dataset
 ) -> None:
     bottom = load_part("digits-mlp", "client", 0)
+    optimizer = make_optimizer("adam", 3e-3)  # the server's, as split-server's defaults make it
     with SplitClient(
-        bottom, target=mtls_server.target, tls=good_tls(pki), auth_token=TOKEN, connect_timeout=30
+        bottom, optimizer, target=mtls_server.target, tls=good_tls(pki), auth_token=TOKEN, connect_timeout=30
     ) as client:
         assert client.agreement.contract.iv == DIGITS_IV
         result = client.evaluate(digits.x_test[:64], digits.y_test[:64], batch_size=32)
@@ -200,7 +201,8 @@ def test_the_client_cli_trains_over_mtls_with_a_token(
 def test_tls_server_trains_a_client_that_checks_it(pki: Pki, tmp_path: Path, digits: data.Dataset) -> None:
     server = start_server(
         tmp_path,
-        *("--model", "digits-mlp", "--optimizer", "sgd", "--tls-cert", str(pki.server.cert)),
+        *("--model", "digits-mlp", "--optimizer", "sgd", "--learning-rate", "0.01"),
+        *("--tls-cert", str(pki.server.cert)),
         *("--tls-key", str(pki.server.key)),
     )
     try:

@@ -13,7 +13,9 @@ from tests.security_support import ServerProcess, run_client, start_server
 
 @pytest.fixture(scope="module")
 def middle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_server(tmp_path_factory.mktemp("ushape"), "--cut", "ushape", "--model", "digits-mlp")
+    server = start_server(
+        tmp_path_factory.mktemp("ushape"), "--cut", "ushape", "--model", "digits-mlp", "--learning-rate", "0.01"
+    )
     yield server
     server.stop()
 
