@@ -49,3 +49,28 @@ def test_the_exactness_rerun_is_the_same_in_the_readme_and_in_ci() -> None:
 
     assert modules(README.read_text()) == modules(ci)
     assert "tests/test_cli_default_exactness.py" in modules(ci)
+
+
+def test_the_after_training_commands_parse_with_the_programs_parsers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each `split-*` line of "After training" is a command its program takes (a renamed flag fails here)."""
+    import shlex
+
+    from client_part.cli import parse_args as client_args
+    from server_part.cli import parse_args as server_args
+    from splitlearning.joined import parse_args as join_args
+
+    parsers = {"split-server": server_args, "split-client": client_args}
+    blocks = re.findall(r"```bash\n(.*?)```", section("After training: use the model"), re.S)
+    lines = [line.split("#", 1)[0].strip() for block in blocks for line in block.splitlines()]
+    commands = [shlex.split(line) for line in lines if line.startswith("split-")]
+    assert {words[0] for words in commands} == {"split-server", "split-client", "split-join"}
+    monkeypatch.chdir(tmp_path)  # split-join's parser checks that the parts' files exist
+    for name in ("client.keras", "server.keras"):
+        (tmp_path / name).touch()
+    for words in commands:
+        if words[0] == "split-join":
+            assert [str(part) for part in join_args(words[1:]).parts] == ["client.keras", "server.keras"]
+        else:
+            parsers[words[0]](words[1:])
