@@ -168,10 +168,18 @@ def run_group(
     return [r for r in results if isinstance(r, GroupResult)], clients, started
 
 
-def tolerance(steps: int) -> float | None:
+def tolerance(steps: int, rewritten: bool = False) -> float | None:
     """How far (times a tensor's largest magnitude) the split may be from the reference after `steps` steps:
-    nothing (bit for bit, None) with oneDNN off; with it on, the round-off of reordered sums over the batch."""
-    return 2 * BATCH * steps * EPS32 + 2 * EPS32 if ONEDNN else None
+    nothing (bit for bit, None) with oneDNN off; with it on, or where Grappler rewrites the two graphs apart
+    (`rewritten`), the round-off of reordered sums over the batch."""
+    return 2 * BATCH * steps * EPS32 + 2 * EPS32 if ONEDNN or rewritten else None
+
+
+# SplitFed with batch normalization and SGD: Grappler's arithmetic optimizer (with its dependency optimizer)
+# rewrites `fit`'s graph and the parts' graphs apart on some machines (seen on an AMD EPYC VM, 2026-12-06: 2 of
+# the server kernel's 40 entries 1 ulp from the reference after round 0; with either optimizer off, bit for bit),
+# so that case is held to the round-off tolerance even without oneDNN (docs/design.md, "Exactness").
+REWRITTEN = {("batchnorm", "sgd")}
 
 
 @pytest.mark.usefixtures("same_update_as_fit")
@@ -197,12 +205,14 @@ def test_splitfed_rounds_equal_the_weighted_average_of_uncut_fits(kind: str, opt
         start = fedavg(ends, samples)
         n_bottom = len(reference.layers[0].get_weights())
         # The server's sessions of the next round start from the average of the second parts.
-        assert_same(started[round_ + 1], start[n_bottom:], f"server part after round {round_}", tolerance(steps))
+        within = tolerance(steps, (kind, optimizer) in REWRITTEN)
+        assert_same(started[round_ + 1], start[n_bottom:], f"server part after round {round_}", within)
     n_bottom = len(reference.layers[0].get_weights())
     for member, (client, result) in enumerate(zip(clients, results, strict=True), start=1):
         assert result.final_round == rounds
         assert [r.round for r in result.rounds] == list(range(rounds)), member
-        assert_same(client.model.get_weights(), start[:n_bottom], f"member {member}'s first part", tolerance(steps))
+        within = tolerance(steps, (kind, optimizer) in REWRITTEN)
+        assert_same(client.model.get_weights(), start[:n_bottom], f"member {member}'s first part", within)
     # Every member evaluated the same group model at the end.
     finals = {tuple(sorted(result.final_test.items())) for result in results}
     assert len(finals) == 1, finals
