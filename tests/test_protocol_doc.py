@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aggregator.server import Aggregator, AggregatorServer
 from server_part import SplitServer
 from splitlearning import codec
-from splitlearning.protocol import CLIENT_ID_METADATA_KEY
+from splitlearning.protocol import CLIENT_ID_METADATA_KEY, REASON_METADATA_KEY, Reason
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import CUT_DIM, NUM_CLASSES, build_top, make_loss
@@ -684,3 +684,14 @@ def test_a_server_with_the_aggregator_mounted_serves_both_and_takes_first_parts_
     for service in ("", *(name.strip("/") for name in SERVICES.values())):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+def test_a_cut_mismatch_carries_its_reason_in_trailing_metadata(serve: Callable[..., Peer]) -> None:
+    """docs/protocol.md, Statuses: `split-reason: CUT_MISMATCH` on the contract row, and no reason elsewhere."""
+    peer = serve()
+    with pytest.raises(grpc.RpcError) as refused:
+        case_contract(peer)
+    assert (REASON_METADATA_KEY, Reason.CUT_MISMATCH.value) in tuple(refused.value.trailing_metadata() or ())
+    with pytest.raises(grpc.RpcError) as other:
+        case_version(peer)
+    assert REASON_METADATA_KEY not in dict(other.value.trailing_metadata() or ())
