@@ -74,9 +74,6 @@ class Closed:
     checkpointed: bool
 
 
-# Session ids name folders under --checkpoint-dir: nothing but these characters ever reaches a path.
-
-
 class SessionRegistry:
     """The sessions of one server, by id."""
 

@@ -16,8 +16,6 @@ from splitlearning.protocol import ID_PATTERN, MAX_ID_LENGTH
 from splitlearning.text import clip
 from splitlearning.v1 import split_learning_pb2 as pb
 
-# Group names name folders (the aggregator's state, the server's contributions): the session ids' rule.
-
 
 class Scheme(enum.Enum):
     ROUND_ROBIN = "round-robin"

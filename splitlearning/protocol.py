@@ -18,7 +18,8 @@ AGGREGATOR_SERVICE = pb.DESCRIPTOR.services_by_name["AggregatorService"].full_na
 CLIENT_ID_METADATA_KEY = "split-client-id-bin"
 
 # The longest session id, client id or group name a peer may send (characters): ids are uuid4 hex (32) on both
-# sides. Ids and group names are 1 to MAX_ID_LENGTH letters, digits, '-' or '_'.
+# sides. Ids and group names are 1 to MAX_ID_LENGTH letters, digits, '-' or '_': they name folders (a session's
+# checkpoints, a group's state), so nothing but these characters ever reaches a path.
 MAX_ID_LENGTH = 128
 ID_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}")
 

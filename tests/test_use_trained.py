@@ -5,6 +5,7 @@ outputs over the cut, and `split-join` makes one uncut model whose outputs are t
 from __future__ import annotations
 
 import signal
+import subprocess
 from pathlib import Path
 
 import keras
@@ -18,7 +19,8 @@ START_TIMEOUT = 120.0
 FLAGS = ["--model", "digits-mlp", "--optimizer", "adam", "--learning-rate", "0.01"]
 
 
-def serve(tmp_path: Path, name: str, *flags: str) -> tuple[object, int]:
+def serve(tmp_path: Path, name: str, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`split-server FLAGS` in a process of its own on a free loopback port: the process and its port."""
     port_file = tmp_path / f"{name}.port"
     process = spawn(
         "server_part", ["--address", "127.0.0.1:0", "--port-file", str(port_file), *flags], tmp_path / f"{name}.log"
@@ -38,7 +40,7 @@ def test_train_save_serve_predict_and_join(tmp_path: Path, capsys: pytest.Captur
         client_flags = ["--target", f"127.0.0.1:{port}", *FLAGS, "--dataset", str(data), "--epochs", "2"]
         assert client_cli.main([*client_flags, "--batch-size", "16", "--save-model", str(first)]) == 0
     finally:
-        assert stop(trainer, signal.SIGTERM) == 0  # type: ignore[arg-type]
+        assert stop(trainer, signal.SIGTERM) == 0
     assert first.is_file() and second.is_file()
 
     server, port = serve(tmp_path, "serve", "--model", str(second), "--serve-only", "--optimizer", "adam",
@@ -62,7 +64,7 @@ def test_train_save_serve_predict_and_join(tmp_path: Path, capsys: pytest.Captur
         assert client_cli.main([*target, "--dataset", str(data), "--epochs", "1"]) == 1
         assert "serves predictions only" in capsys.readouterr().err
     finally:
-        assert stop(server, signal.SIGTERM) == 0  # type: ignore[arg-type]
+        assert stop(server, signal.SIGTERM) == 0
 
     split = np.load(tmp_path / "p.npy")
     assert split.shape == (40, 10)

@@ -20,7 +20,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from splitlearning.security import AUTH_METADATA_KEY, AUTH_SCHEME, Secret
-from splitlearning.serving.edge import abort
+from splitlearning.serving.edge import abort, peer
 from splitlearning.serving.ratelimit import LOG_INTERVAL_S, OncePerPeer
 from splitlearning.text import clip
 
@@ -92,12 +92,12 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str, once: OncePerPeer) ->
     """
 
     def refuse(_requests: Any, context: grpc.ServicerContext) -> Any:
-        peer = _peer(context)
-        if once(peer):
+        caller = peer(context)
+        if once(caller):
             log.warning(
                 "refused %s: %s: missing or invalid bearer token (more from this peer within %g s are not logged; "
                 "%s_total counts them all)",
-                clip(peer),
+                clip(caller),
                 clip(method),
                 LOG_INTERVAL_S,
                 UNAUTHENTICATED_SERIES,
@@ -107,10 +107,3 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str, once: OncePerPeer) ->
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse)
     return grpc.stream_unary_rpc_method_handler(refuse)
-
-
-def _peer(context: grpc.ServicerContext) -> str:
-    try:
-        return context.peer()
-    except Exception:
-        return "unknown peer"

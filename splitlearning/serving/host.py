@@ -98,7 +98,6 @@ class Host:
         self.mounts = list(mounts)
         self.registry = registry
         self.unauthenticated = unauthenticated_requests(registry)  # calls the token check refused, by method
-        self.admission = admission.AdmissionInterceptor(config.max_workers)
         self._interceptors = list(interceptors)
         self._server: grpc.Server | None = None
         self._pool: IdleEndingThreadPool | None = None
@@ -123,7 +122,8 @@ class Host:
         send = max([config.max_send_bytes, *(mount.max_message_bytes for mount in self.mounts)])
         # Admission, not gRPC's `maximum_concurrent_rpcs` (which counted calls still waiting for their request,
         # the unauthenticated ones included): a budget per kind of call, a thread per slot (admission.py).
-        self.admission = admission.AdmissionInterceptor(config.max_workers)
+        gate = admission.AdmissionInterceptor(config.max_workers)
+        # Calls one connection may have open: bounds what one connection holds.
         streams = [] if config.max_concurrent_streams is None else [config.max_concurrent_streams]
         # Its threads end once idle: after a burst of calls the process is back to the threads it had (pool.py).
         self._pool = IdleEndingThreadPool(config.threads, config.name)
@@ -132,7 +132,6 @@ class Host:
             options=[
                 ("grpc.max_receive_message_length", receive),
                 ("grpc.max_send_message_length", send),
-                # Calls one connection may have open: bounds what one connection holds.
                 *(("grpc.max_concurrent_streams", limit) for limit in streams),
                 ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share its clients
                 *keepalive.server_options(config.min_ping_interval_ms),
@@ -144,7 +143,7 @@ class Host:
                     if config.auth_token is not None
                     else []
                 ),
-                self.admission,
+                gate,
                 *self._interceptors,
             ],
         )
