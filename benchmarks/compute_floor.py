@@ -43,8 +43,8 @@ def main() -> None:
     import tensorflow as tf
 
     from benchmarks.workloads import synthetic_mnist
-    from client_part.trainer import ClientTrainer
     from splitlearning.models import BUILTIN, make_optimizer
+    from splitlearning.training.first_part import ClientTrainer
     from splitlearning.training.loss_trainer import LossTrainer
 
     pair = BUILTIN[args.model]

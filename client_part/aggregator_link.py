@@ -10,9 +10,10 @@ import grpc
 
 from client_part import retry
 from client_part.retry import RetryPolicy
-from client_part.transport import RemoteError, open_channel
+from client_part.transport import RemoteError
 from splitlearning import part_state
 from splitlearning.aggregation import Aggregation
+from splitlearning.channels import open_channel
 from splitlearning.errors import InvalidRequest
 from splitlearning.groups import Action, Contribution, Settings, contributions
 from splitlearning.part_state import PartState

@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from client_part.trainer import ClientTrainer
 from splitlearning.checkpoint import StepCheckpoints
 from splitlearning.files import read_json, write_json_atomic
+from splitlearning.training.first_part import ClientTrainer
 
 
 class ClientCheckpoints:

@@ -22,7 +22,6 @@ from client_part.retry import RetryPolicy
 from client_part.session import Offer, Rollback, Session
 from client_part.stopping import Stopped
 from client_part.telemetry import ClientMeter, EpochLog
-from client_part.trainer import ClientTrainer
 from client_part.transport import RemoteError, Transport
 from client_part.ushape import UShapeLink, build_head
 from splitlearning import codec, encodings, keepalive, part_state
@@ -33,6 +32,7 @@ from splitlearning.models import ModelSource
 from splitlearning.optimizers import OptimizerSettings
 from splitlearning.part_state import PartState
 from splitlearning.security import Secret, TlsConfig
+from splitlearning.training.first_part import ClientTrainer
 
 __all__ = ["RemoteError", "Rollback", "SplitClient"]
 

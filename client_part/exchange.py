@@ -1,4 +1,4 @@
-"""The training step across the cut, called from inside the compiled step (client_part/trainer.py).
+"""The training step across the cut, called from inside the compiled step (splitlearning/training/first_part.py).
 
 `StepExchange` sends one step whole (`train`) or in micro-batches (`send` each as its forward pass is done, then
 `receive` each answer), retrying after a rejoin of the session, and does the end-of-step bookkeeping once for both
@@ -19,9 +19,9 @@ from client_part.position import Position
 from client_part.retry import RetryPolicy
 from client_part.session import Session
 from client_part.telemetry import ClientMeter
-from client_part.trainer import Pipeline
 from client_part.transport import Transport
 from splitlearning.contract import Spec
+from splitlearning.training.first_part import Pipeline
 
 Started = tuple[int, int, float]  # bytes sent, bytes received and the time when a step's first part went out
 

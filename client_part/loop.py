@@ -24,7 +24,7 @@ from client_part.position import Position
 from client_part.session import Session
 from client_part.stopping import Stopped
 from client_part.telemetry import ClientMeter
-from client_part.trainer import ClientTrainer
+from splitlearning.training.first_part import ClientTrainer
 
 
 @dataclass(frozen=True)

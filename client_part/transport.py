@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_part import stopping, tls_failure
 from splitlearning import codec, encodings, framing, keepalive
+from splitlearning.channels import open_channel
 from splitlearning.contract import (
     Agreement,
     CutContract,
@@ -47,29 +48,10 @@ _END = None
 _LOOK_INTERVAL = 0.5
 _LOOK_TIMEOUT = 2.0
 # Reconnect quickly once a restarted server is back (gRPC's default backoff grows to two minutes).
-_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 # The training stream's messages, as `framing` writes and reads them.
 TrainRequest = framing.Outgoing[pb.TrainRequest]
 TrainReply = framing.Incoming[pb.TrainResponse]
-
-
-def open_channel(
-    target: str, limit: int, tls: TlsConfig | None, keepalive_ms: int = keepalive.CLIENT_PING_MS
-) -> grpc.Channel:
-    """A channel to `target` taking messages up to `limit` bytes each way, with keepalive, a quick reconnect,
-    and TLS when `tls` is set (checking `tls.server_name` where given)."""
-    options: list[tuple[str, int | str]] = [
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
-        *keepalive.client_options(keepalive_ms),
-        *_RECONNECT_OPTIONS,
-    ]
-    if tls is None:
-        return grpc.insecure_channel(target, options=options)
-    if tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.secure_channel(target, tls.channel_credentials(), options=options)
 
 
 class RemoteError(RuntimeError):

@@ -54,6 +54,26 @@ def _dense_top(cut: int, hidden: int, name: str, classes: int | None = 10) -> Ca
     return build
 
 
+def dense_bottom(features: int, width: int, hidden: int, seed: int, name: str = "bottom") -> Any:
+    """A vertical party's built-in bottom: its columns -> Dense(hidden, relu) -> Dense(width, relu), the IV."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((features,), name="columns"),
+            keras.layers.Dense(hidden, activation="relu"),
+            keras.layers.Dense(width, activation="relu"),
+        ],
+        name=name,
+    )
+
+
+def dense_top(hidden: int, outputs: int, seed: int, name: str = "top") -> Any:
+    """A label party's built-in top, without its input: it is given the fused vector's width when the feature
+    parties have joined; Dense(hidden, relu) -> Dense(outputs) logits."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.layers.Dense(hidden, activation="relu"), keras.layers.Dense(outputs)], name=name)
+
+
 def _digits_mlp_client(seed: int) -> Any:
     keras.utils.set_random_seed(seed)
     return keras.Sequential(

@@ -12,6 +12,7 @@ PROTOCOL_VERSION = 1
 # The full names of the services, as health checking and reflection name them.
 SPLIT_SERVICE = pb.DESCRIPTOR.services_by_name["SplitLearningService"].full_name
 AGGREGATOR_SERVICE = pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name
+VERTICAL_SERVICE = pb.DESCRIPTOR.services_by_name["VerticalService"].full_name
 
 # Metadata of a training stream: the id of the client that opens it, as in its handshake (UTF-8 bytes). The
 # server refuses a stream whose id is not the session holder's; a stream without it is taken as the holder's.

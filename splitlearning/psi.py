@@ -208,6 +208,10 @@ class Member(Generic[IdT]):
     def intersection(self, positions: Positions) -> list[IdT]:
         """Step 5: this party's ids at the hub's `positions` (of its request), in the positions' order: the
         ids every party holds, in the order common to all."""
+        return [self._ids[row] for row in self.rows(positions)]
+
+    def rows(self, positions: Positions) -> list[int]:
+        """The same as indices into this party's `ids` (its table's rows)."""
         count = len(self._order)
         values = positions.positions
         if not values:
@@ -217,7 +221,7 @@ class Member(Generic[IdT]):
         for value in values:
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count:
                 raise BadMessage(f"{self.name}: position {value!r} is outside the request's 0..{count - 1}")
-        return [self._ids[self._order[value]] for value in values]
+        return [self._order[value] for value in values]
 
 
 @dataclass
@@ -316,6 +320,10 @@ class Hub(Generic[IdT]):
     def intersection(self) -> list[IdT]:
         """This party's ids that every party holds, in the common order (the members' results' order)."""
         return [self._ids[index] for index in self._common_order()]
+
+    def intersection_rows(self) -> list[int]:
+        """The same, as indices into this party's `ids` (its table's rows)."""
+        return list(self._common_order())
 
 
 @dataclass(frozen=True)

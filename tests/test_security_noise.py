@@ -10,8 +10,8 @@ import tensorflow as tf
 from client_part import SplitClient
 from client_part.cli import parse_args
 from client_part.privacy import GaussianNoise, NoisyLink, clip, member_seed
-from client_part.trainer import ClientTrainer
 from server_part import SplitServer
+from splitlearning.training.first_part import ClientTrainer
 from tests.conftest import CUT_DIM, build_bottom, build_top, make_data, make_loss
 
 

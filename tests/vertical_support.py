@@ -1,8 +1,8 @@
 """Vertical split learning in one process: tiny seeded parties, the feature parties' side of a step, and the
 uncut model of the same parties (tests/test_vertical_exactness.py).
 
-The feature parties' step mirrors `client_part.trainer.ClientTrainer._train_step` line for line: the forward
-under a tape, dLoss/dIV from the label party through `tf.numpy_function`, `tape.gradient(iv, weights,
+The feature parties' step mirrors `splitlearning.training.first_part.ClientTrainer._train_step` line for line:
+the forward under a tape, dLoss/dIV from the label party through `tf.numpy_function`, `tape.gradient(iv, weights,
 output_gradients=g)`, `optimizer.apply` (each party its own optimizer), in one compiled call. It runs all k
 parties in that one call because k `ClientTrainer` steps in one process cannot wait for each other: each
 blocks a thread of TensorFlow's inter-op pool (as many threads as cores) inside its compiled call until its

@@ -248,7 +248,8 @@ class FuseTrainer:
 
     def _join(self) -> keras.Model:
         """The label party's part as one functional model: own bottom, fuse, top."""
-        if len(self.top.inputs) != 1 or len(self.top.outputs) != 1:
+        unbuilt = isinstance(self.top, keras.Sequential) and not self.top.built  # no Input: takes the fused width
+        if not unbuilt and (len(self.top.inputs) != 1 or len(self.top.outputs) != 1):
             raise ValueError("the top model takes the fused vector and gives one output: start it with keras.Input")
         inputs = [keras.Input(s.shape, dtype=s.dtype.name, name=f"party_{i}_iv") for i, s in enumerate(self.iv_specs)]
         parts: list[Any] = list(inputs)
@@ -266,7 +267,7 @@ class FuseTrainer:
             if len(set(shapes.values())) > 1:
                 raise ValueError(f"fuse={self.fuse.value} needs equal IV shapes, got {shapes}")
         fused = parts[0] if len(parts) == 1 else self.fuse.layer()(parts)
-        expected = tuple(self.top.inputs[0].shape[1:])
+        expected = tuple(fused.shape[1:]) if unbuilt else tuple(self.top.inputs[0].shape[1:])
         if tuple(fused.shape[1:]) != expected:
             raise ValueError(
                 f"the fused vector ({self.fuse.value} of {', '.join(named)}) is shaped {list(fused.shape[1:])}, "

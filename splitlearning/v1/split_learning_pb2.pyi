@@ -1147,3 +1147,327 @@ class SubmitRoundResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitRoundResponse: _TypeAlias = SubmitRoundResponse  # noqa: Y015
+
+@_typing.final
+class AlignRequest(_message.Message):
+    """---- Vertical split learning (docs/vertical.md) ----------------------------------------------------------------
+    The same people, their columns in several places. One label party serves VerticalService; each of its k
+    feature parties (named on the label party's command line, in party order) calls it. In order: Align and Match
+    (the private set intersection of their ids), Join (agree the settings and where training stands; every party
+    waits for all), then Step per training step and Evaluate per held-out batch. Every call but Align and Match
+    carries the ticket Join gave: it binds the call to the party's slot and to the current membership.
+
+    PSI steps 1 and 2: a feature party's blinded ids; the answer is the label party's blinded ids.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    PARTY_FIELD_NUMBER: _builtins.int
+    BLINDED_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    """Version of this protocol the party speaks: 1. Any other value is FAILED_PRECONDITION."""
+    party: _builtins.str
+    """The party's name, one of those the label party waits for (its slot; with per-party tokens, the token's)."""
+    @_builtins.property
+    def blinded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """x(b·H(id)) for each of the party's ids, 32 bytes each, in an order the party keeps."""
+
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        party: _builtins.str = ...,
+        blinded: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blinded", b"blinded", "party", b"party", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlignRequest: _TypeAlias = AlignRequest  # noqa: Y015
+
+@_typing.final
+class AlignResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def offer(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """x(a·H(id)) for each of the label party's ids, 32 bytes each, in an order the label party keeps; the same for
+        every party.
+        """
+
+    def __init__(
+        self,
+        *,
+        offer: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer", b"offer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlignResponse: _TypeAlias = AlignResponse  # noqa: Y015
+
+@_typing.final
+class MatchRequest(_message.Message):
+    """PSI step 3: the offer blinded again by the party's secret, in the offer's order. The answer comes once every
+    party has matched (or the label party's deadline passes: DEADLINE_EXCEEDED, naming the parties missing).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_FIELD_NUMBER: _builtins.int
+    REBLINDED_FIELD_NUMBER: _builtins.int
+    party: _builtins.str
+    @_builtins.property
+    def reblinded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        party: _builtins.str = ...,
+        reblinded: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party", b"party", "reblinded", b"reblinded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MatchRequest: _TypeAlias = MatchRequest  # noqa: Y015
+
+@_typing.final
+class MatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    ALIGNMENT_FIELD_NUMBER: _builtins.int
+    alignment: _builtins.str
+    """Names this alignment (random, hex); Join states it, so a party never trains on rows of another alignment."""
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Positions in the party's AlignRequest.blinded of the ids every party holds, in the common order: row k of
+        the aligned table is the same person at every party.
+        """
+
+    def __init__(
+        self,
+        *,
+        positions: _abc.Iterable[_builtins.int] | None = ...,
+        alignment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "positions", b"positions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MatchResponse: _TypeAlias = MatchResponse  # noqa: Y015
+
+@_typing.final
+class JoinRequest(_message.Message):
+    """What a feature party states before training; the label party answers once all k parties have joined."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    PARTY_FIELD_NUMBER: _builtins.int
+    ALIGNMENT_FIELD_NUMBER: _builtins.int
+    IV_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    FUSE_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    RESTORABLE_STEPS_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    party: _builtins.str
+    alignment: _builtins.str
+    """MatchResponse.alignment of the party's rows."""
+    seed: _builtins.int
+    """The seed of the batch order; unset: the label party's. Set and different: FAILED_PRECONDITION."""
+    fuse: _builtins.str
+    """"concat", "sum" or "mean"; empty: the label party's. Different: FAILED_PRECONDITION."""
+    batch_size: _builtins.int
+    """Rows per batch; 0: the label party's. Different: FAILED_PRECONDITION."""
+    @_builtins.property
+    def iv(self) -> Global___TensorSpec:
+        """The IV one sample of the party's rows gives (without the batch dimension)."""
+
+    @_builtins.property
+    def restorable_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The steps the party can resume from (its checkpoints and the step it holds in memory)."""
+
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        party: _builtins.str = ...,
+        alignment: _builtins.str = ...,
+        iv: Global___TensorSpec | None = ...,
+        seed: _builtins.int | None = ...,
+        fuse: _builtins.str = ...,
+        batch_size: _builtins.int = ...,
+        restorable_steps: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "iv", b"iv", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "alignment", b"alignment", "batch_size", b"batch_size", "fuse", b"fuse", "iv", b"iv", "party", b"party", "protocol_version", b"protocol_version", "restorable_steps", b"restorable_steps", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___JoinRequest: _TypeAlias = JoinRequest  # noqa: Y015
+
+@_typing.final
+class JoinResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    PARTY_INDEX_FIELD_NUMBER: _builtins.int
+    PARTIES_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TRAIN_ROWS_FIELD_NUMBER: _builtins.int
+    TEST_ROWS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    FUSE_FIELD_NUMBER: _builtins.int
+    ticket: _builtins.str
+    """Carried by every later call of this party; valid until the membership changes (a party joins again)."""
+    party_index: _builtins.int
+    """The party's index in the fuse order (0-based) and the number of feature parties."""
+    parties: _builtins.int
+    step: _builtins.int
+    """Where training stands: the party restores the state after `step` steps and sends step `step` next."""
+    train_rows: _builtins.int
+    """The aligned rows: the first `train_rows` train, the next `test_rows` are held out."""
+    test_rows: _builtins.int
+    batch_size: _builtins.int
+    epochs: _builtins.int
+    seed: _builtins.int
+    fuse: _builtins.str
+    def __init__(
+        self,
+        *,
+        ticket: _builtins.str = ...,
+        party_index: _builtins.int = ...,
+        parties: _builtins.int = ...,
+        step: _builtins.int = ...,
+        train_rows: _builtins.int = ...,
+        test_rows: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        epochs: _builtins.int = ...,
+        seed: _builtins.int = ...,
+        fuse: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "epochs", b"epochs", "fuse", b"fuse", "parties", b"parties", "party_index", b"party_index", "seed", b"seed", "step", b"step", "test_rows", b"test_rows", "ticket", b"ticket", "train_rows", b"train_rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinResponse: _TypeAlias = JoinResponse  # noqa: Y015
+
+@_typing.final
+class VerticalStepRequest(_message.Message):
+    """One training step: the IV of the party's rows of step `step`'s batch (docs/vertical.md, "Batch order")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    IV_FIELD_NUMBER: _builtins.int
+    ticket: _builtins.str
+    step: _builtins.int
+    @_builtins.property
+    def iv(self) -> Global___Tensor: ...
+    def __init__(
+        self,
+        *,
+        ticket: _builtins.str = ...,
+        step: _builtins.int = ...,
+        iv: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv", "step", b"step", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerticalStepRequest: _TypeAlias = VerticalStepRequest  # noqa: Y015
+
+@_typing.final
+class VerticalStepResponse(_message.Message):
+    """dLoss/dIV of the party's own IV only, once every party's IV of the step has come."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    GRADIENT_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    @_builtins.property
+    def gradient(self) -> Global___Tensor: ...
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        gradient: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerticalStepResponse: _TypeAlias = VerticalStepResponse  # noqa: Y015
+
+@_typing.final
+class VerticalEvaluateRequest(_message.Message):
+    """One held-out batch of an evaluation of the model after `step` steps; the label party keeps the metrics and
+    the predictions. The answer is empty: nothing about labels or outputs reaches a feature party.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    IV_FIELD_NUMBER: _builtins.int
+    ticket: _builtins.str
+    step: _builtins.int
+    batch: _builtins.int
+    @_builtins.property
+    def iv(self) -> Global___Tensor: ...
+    def __init__(
+        self,
+        *,
+        ticket: _builtins.str = ...,
+        step: _builtins.int = ...,
+        batch: _builtins.int = ...,
+        iv: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["iv", b"iv"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "iv", b"iv", "step", b"step", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerticalEvaluateRequest: _TypeAlias = VerticalEvaluateRequest  # noqa: Y015
+
+@_typing.final
+class VerticalEvaluateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerticalEvaluateResponse: _TypeAlias = VerticalEvaluateResponse  # noqa: Y015

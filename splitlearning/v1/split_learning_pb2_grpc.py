@@ -412,3 +412,252 @@ class AggregatorService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class VerticalServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Align = channel.unary_unary(
+                '/splitlearning.v1.VerticalService/Align',
+                request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.AlignRequest.SerializeToString,
+                response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.AlignResponse.FromString,
+                _registered_method=True)
+        self.Match = channel.unary_unary(
+                '/splitlearning.v1.VerticalService/Match',
+                request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.MatchRequest.SerializeToString,
+                response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.MatchResponse.FromString,
+                _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/splitlearning.v1.VerticalService/Join',
+                request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.JoinRequest.SerializeToString,
+                response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/splitlearning.v1.VerticalService/Step',
+                request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.VerticalStepRequest.SerializeToString,
+                response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.VerticalStepResponse.FromString,
+                _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/splitlearning.v1.VerticalService/Evaluate',
+                request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.VerticalEvaluateRequest.SerializeToString,
+                response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.VerticalEvaluateResponse.FromString,
+                _registered_method=True)
+
+
+class VerticalServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Align(self, request, context):
+        """PSI steps 1-2: the party's blinded ids for the label party's (answered at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Match(self, request, context):
+        """PSI steps 3-5: the party's reblinded offer for its rows of the intersection (answered when all have matched).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Join(self, request, context):
+        """Agree settings and the step to resume from (answered when all k parties have joined).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request, context):
+        """One training step (answered when every party's IV of the step has come, with the party's own gradient).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evaluate(self, request, context):
+        """One held-out batch (answered when every party's IV of it has come).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_VerticalServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Align': grpc.unary_unary_rpc_method_handler(
+                    servicer.Align,
+                    request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.AlignRequest.FromString,
+                    response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.AlignResponse.SerializeToString,
+            ),
+            'Match': grpc.unary_unary_rpc_method_handler(
+                    servicer.Match,
+                    request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.MatchRequest.FromString,
+                    response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.MatchResponse.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.JoinRequest.FromString,
+                    response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.JoinResponse.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.VerticalStepRequest.FromString,
+                    response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.VerticalStepResponse.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.VerticalEvaluateRequest.FromString,
+                    response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.VerticalEvaluateResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'splitlearning.v1.VerticalService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('splitlearning.v1.VerticalService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class VerticalService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Align(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlearning.v1.VerticalService/Align',
+            splitlearning_dot_v1_dot_split__learning__pb2.AlignRequest.SerializeToString,
+            splitlearning_dot_v1_dot_split__learning__pb2.AlignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Match(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlearning.v1.VerticalService/Match',
+            splitlearning_dot_v1_dot_split__learning__pb2.MatchRequest.SerializeToString,
+            splitlearning_dot_v1_dot_split__learning__pb2.MatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlearning.v1.VerticalService/Join',
+            splitlearning_dot_v1_dot_split__learning__pb2.JoinRequest.SerializeToString,
+            splitlearning_dot_v1_dot_split__learning__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlearning.v1.VerticalService/Step',
+            splitlearning_dot_v1_dot_split__learning__pb2.VerticalStepRequest.SerializeToString,
+            splitlearning_dot_v1_dot_split__learning__pb2.VerticalStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlearning.v1.VerticalService/Evaluate',
+            splitlearning_dot_v1_dot_split__learning__pb2.VerticalEvaluateRequest.SerializeToString,
+            splitlearning_dot_v1_dot_split__learning__pb2.VerticalEvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

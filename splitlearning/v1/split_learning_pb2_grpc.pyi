@@ -197,3 +197,76 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_AggregatorServiceServicer_to_server(servicer: AggregatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class VerticalServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> VerticalServiceAsyncStub: ...
+    Align: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.AlignRequest, _split_learning_pb2.AlignResponse]
+    """PSI steps 1-2: the party's blinded ids for the label party's (answered at once)."""
+    Match: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.MatchRequest, _split_learning_pb2.MatchResponse]
+    """PSI steps 3-5: the party's reblinded offer for its rows of the intersection (answered when all have matched)."""
+    Join: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.JoinRequest, _split_learning_pb2.JoinResponse]
+    """Agree settings and the step to resume from (answered when all k parties have joined)."""
+    Step: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.VerticalStepRequest, _split_learning_pb2.VerticalStepResponse]
+    """One training step (answered when every party's IV of the step has come, with the party's own gradient)."""
+    Evaluate: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.VerticalEvaluateRequest, _split_learning_pb2.VerticalEvaluateResponse]
+    """One held-out batch (answered when every party's IV of it has come)."""
+
+@_typing.type_check_only
+class VerticalServiceAsyncStub(VerticalServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Align: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.AlignRequest, _split_learning_pb2.AlignResponse]  # type: ignore[assignment]
+    """PSI steps 1-2: the party's blinded ids for the label party's (answered at once)."""
+    Match: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.MatchRequest, _split_learning_pb2.MatchResponse]  # type: ignore[assignment]
+    """PSI steps 3-5: the party's reblinded offer for its rows of the intersection (answered when all have matched)."""
+    Join: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.JoinRequest, _split_learning_pb2.JoinResponse]  # type: ignore[assignment]
+    """Agree settings and the step to resume from (answered when all k parties have joined)."""
+    Step: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.VerticalStepRequest, _split_learning_pb2.VerticalStepResponse]  # type: ignore[assignment]
+    """One training step (answered when every party's IV of the step has come, with the party's own gradient)."""
+    Evaluate: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.VerticalEvaluateRequest, _split_learning_pb2.VerticalEvaluateResponse]  # type: ignore[assignment]
+    """One held-out batch (answered when every party's IV of it has come)."""
+
+class VerticalServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Align(
+        self,
+        request: _split_learning_pb2.AlignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_split_learning_pb2.AlignResponse, _abc.Awaitable[_split_learning_pb2.AlignResponse]]:
+        """PSI steps 1-2: the party's blinded ids for the label party's (answered at once)."""
+
+    @_abc_1.abstractmethod
+    def Match(
+        self,
+        request: _split_learning_pb2.MatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_split_learning_pb2.MatchResponse, _abc.Awaitable[_split_learning_pb2.MatchResponse]]:
+        """PSI steps 3-5: the party's reblinded offer for its rows of the intersection (answered when all have matched)."""
+
+    @_abc_1.abstractmethod
+    def Join(
+        self,
+        request: _split_learning_pb2.JoinRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_split_learning_pb2.JoinResponse, _abc.Awaitable[_split_learning_pb2.JoinResponse]]:
+        """Agree settings and the step to resume from (answered when all k parties have joined)."""
+
+    @_abc_1.abstractmethod
+    def Step(
+        self,
+        request: _split_learning_pb2.VerticalStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_split_learning_pb2.VerticalStepResponse, _abc.Awaitable[_split_learning_pb2.VerticalStepResponse]]:
+        """One training step (answered when every party's IV of the step has come, with the party's own gradient)."""
+
+    @_abc_1.abstractmethod
+    def Evaluate(
+        self,
+        request: _split_learning_pb2.VerticalEvaluateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_split_learning_pb2.VerticalEvaluateResponse, _abc.Awaitable[_split_learning_pb2.VerticalEvaluateResponse]]:
+        """One held-out batch (answered when every party's IV of it has come)."""
+
+def add_VerticalServiceServicer_to_server(servicer: VerticalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,3 @@
+from feature_party.cli import main
+
+raise SystemExit(main())

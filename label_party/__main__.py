@@ -1,0 +1,3 @@
+from label_party.cli import main
+
+raise SystemExit(main())
