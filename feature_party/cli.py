@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
         description="A feature party of a vertical split: holds some columns about the label party's samples "
         "(no labels), aligns ids by private set intersection, and trains its bottom part with the label party.",
     )
-    groups = cli.groups(parser, "data", "model", "training", "connection", "state", "outputs", "observability")
+    groups = cli.groups(parser, "data", "model", "training", "connection", "checkpoints", "observability")
     data = groups["data"]
     cli.add(data, "--name", required=True, help="this party's name: one of the label party's --parties")
     cli.add(data, "--data", type=Path, required=True, help="this party's table: .npz (ids, x), .csv or .parquet")
@@ -59,11 +59,11 @@ def parser() -> argparse.ArgumentParser:
         help="seconds to keep retrying a call while the label party (or another party) is not there",
     )
     cli.add(connection, "--max-ids", type=cli.POSITIVE_INT, default=1_000_000, help="the most ids any party may hold")
-    state = groups["state"]
+    state = groups["checkpoints"]
     cli.add(state, "--state-dir", type=Path, default=None, help="keep the alignment and checkpoints here; resume")
     cli.add(state, "--checkpoint-every", type=cli.NON_NEGATIVE_INT, default=100, help="steps between checkpoints")
     cli.add(state, "--checkpoint-keep", type=cli.number(int, 2), default=5, help="checkpoints to keep (at least 2)")
-    cli.add(groups["outputs"], "--save-model", type=cli.keras_file, default=None, help="write this party's bottom")
+    cli.add(groups["checkpoints"], "--save-model", type=cli.keras_file, default=None, help="write this party's bottom")
     cli.add_log_flags(groups["observability"])
     return parser
 

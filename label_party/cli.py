@@ -26,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
         description="The label party of a vertical split: holds the labels and the top model, aligns ids with the "
         "feature parties by private set intersection, and trains with them until the last epoch.",
     )
-    groups = cli.groups(parser, "data", "model", "training", "serving", "state", "outputs", "observability")
+    groups = cli.groups(parser, "data", "model", "training", "connection", "checkpoints", "observability")
     data = groups["data"]
     cli.add(data, "--data", type=Path, required=True, help="this party's table: .npz (ids, y[, x]), .csv or .parquet")
     cli.add(data, "--id-column", default=None, help=".csv/.parquet: the column of sample ids")
@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     cli.add(training, "--seed", type=cli.NON_NEGATIVE_INT, default=0, help="seed of the batch order and the weights")
     cli.add(training, "--optimizer", default="adam", help="any Keras optimizer name: sgd, adam, rmsprop, ...")
     cli.add(training, "--learning-rate", type=cli.positive, default=3e-3, help="the optimizer's learning rate")
-    serving = groups["serving"]
+    serving = groups["connection"]
     cli.add_listen_flags(serving, "127.0.0.1:50061")
     cli.add(
         serving,
@@ -78,11 +78,11 @@ def parser() -> argparse.ArgumentParser:
         help="NAME=FILE: the bearer token of party NAME; give one per party, and each call must carry its own",
     )
     cli.add(serving, "--max-ids", type=cli.POSITIVE_INT, default=1_000_000, help="the most ids any party may hold")
-    state = groups["state"]
+    state = groups["checkpoints"]
     cli.add(state, "--state-dir", type=Path, default=None, help="keep the alignment and checkpoints here; resume")
     cli.add(state, "--checkpoint-every", type=cli.NON_NEGATIVE_INT, default=100, help="steps between checkpoints")
     cli.add(state, "--checkpoint-keep", type=cli.number(int, 2), default=5, help="checkpoints to keep (at least 2)")
-    outputs = groups["outputs"]
+    outputs = groups["checkpoints"]
     cli.add(outputs, "--save-model", type=cli.keras_file, default=None, help="write the label party's part here")
     cli.add(outputs, "--predictions", type=Path, default=None, help="write the held-out rows' ids and outputs (.csv)")
     cli.add(outputs, "--history-json", type=Path, default=None, help="write the per-epoch metrics here")
