@@ -397,11 +397,10 @@ class Coordinator:
             meeting.brought[party] = iv
             if len(meeting.brought) == len(self.plan.parties):
                 self._run_step(meeting, order)
-            generation = self.generation
             self._wait(
                 meeting,
                 f"step {step}",
-                lambda: meeting.answers is not None or meeting.error is not None or self.generation != generation,
+                lambda: meeting.answers is not None or meeting.error is not None or ticket not in self._tickets,
             )
             if meeting.answers is None:
                 self._member(ticket)  # the membership changed while waiting: join again
@@ -483,11 +482,10 @@ class Coordinator:
             meeting.brought[party] = iv
             if len(meeting.brought) == len(self.plan.parties):
                 self._run_evaluation(meeting, order, step, batch)
-            generation = self.generation
             self._wait(
                 meeting,
                 f"held-out batch {batch}",
-                lambda: meeting.answers is not None or meeting.error is not None or self.generation != generation,
+                lambda: meeting.answers is not None or meeting.error is not None or ticket not in self._tickets,
             )
             if meeting.answers is None:
                 self._member(ticket)
