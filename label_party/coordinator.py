@@ -389,7 +389,7 @@ class Coordinator:
                 raise Finished(f"training has ended at step {self.position}: no step {step}")
             if step != self.position:
                 raise PreconditionFailed(
-                    f"{party}: step {step} is not the step the label party expects ({self.position})"
+                    f"{party}: step {step}, but the label party expects step {self.position}"
                 )
             rows = len(order.train_rows_of(step))
             self._check_iv(party, iv, rows, f"step {step}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,6 +37,10 @@ __all__ = ["same_update_as_fit"]  # a fixture, used by name
 BATCH = 16
 EPOCHS = 2
 SEED = 7
+DOC = Path(__file__).resolve().parent.parent / "docs" / "vertical.md"
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +161,7 @@ class Raw:
         self.stub = pb_grpc.VerticalServiceStub(self.channel)
 
     def call(self, method: str, request: Any, party: str | None = "a") -> Any:
-        metadata = (("authorization", f"Bearer {TOKENS[party]}"),) if party else ()
+        metadata = (("authorization", f"Bearer {TOKENS[party]}"),) if party in TOKENS else ()
         return getattr(self.stub, method)(request, metadata=metadata, timeout=30)
 
     def refused(self, method: str, request: Any, party: str | None = "a") -> grpc.RpcError:
@@ -241,58 +246,79 @@ def served() -> Iterator[tuple[LabelParty, Raw]]:
         label.stop(grace=0)
 
 
+def status_table() -> dict[str, str]:
+    """Row name -> status, from the table under '### Statuses' of docs/vertical.md."""
+    text = DOC.read_text(encoding="utf-8").split("### Statuses", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| `")]
+    return {cells[1].strip().strip("`"): cells[3].strip().strip("`") for cells in rows}
+
+
+class Seen:
+    """The statuses the test produced, by the documentation's row names."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, str] = {}
+
+    def __call__(self, row: str, error: grpc.RpcError, code: grpc.StatusCode, *words: str) -> None:
+        details = error.details() or ""
+        assert error.code() is code, (row, error.code(), details)
+        for word in words:
+            assert word in details, (row, word, details)
+        self.rows[row] = code.name
+
+
 def test_refusals_before_and_during_training(served: tuple[LabelParty, Raw]) -> None:
     label, raw = served
+    seen = Seen()
     ids = [f"p{i}" for i in range(40)]
     coordinator = label.coordinator
-    align = pb.AlignRequest(protocol_version=1, party="a", blinded=[b"\x00" * 32])
+    member = psi.Member(ids, "a")
+    align = pb.AlignRequest(protocol_version=1, party="a", blinded=member.request().points)
     # Who may call: the token of the party named, no other.
-    assert raw.refused("Align", align, party=None).code() is grpc.StatusCode.UNAUTHENTICATED
-    assert raw.refused("Align", align, party="b").code() is grpc.StatusCode.PERMISSION_DENIED
+    seen("party-token", raw.refused("Align", align, party=None), grpc.StatusCode.UNAUTHENTICATED)
+    seen("wrong-party", raw.refused("Align", align, party="b"), grpc.StatusCode.PERMISSION_DENIED, "'a'")
     unknown = raw.refused("Align", pb.AlignRequest(protocol_version=1, party="c"), party="a")
-    assert unknown.code() is grpc.StatusCode.PERMISSION_DENIED and "'c'" in (unknown.details() or "")
-    version = raw.refused("Align", pb.AlignRequest(protocol_version=2, party="a"))
-    assert version.code() is grpc.StatusCode.FAILED_PRECONDITION
-    early = raw.refused("Join", join_request("a", "x"))
-    assert early.code() is grpc.StatusCode.FAILED_PRECONDITION and "alignment" in (early.details() or "")
-    bogus = raw.refused("Step", step_request("nope", 0, 8))
-    assert bogus.code() is grpc.StatusCode.ABORTED
+    seen("wrong-party", unknown, grpc.StatusCode.PERMISSION_DENIED, "'c'")
+    seen("version", raw.refused("Align", pb.AlignRequest(protocol_version=2, party="a")), FAILED, "version 2")
+    seen("not-aligned", raw.refused("Join", join_request("a", "x")), FAILED, "alignment")
+    seen("match-order", raw.refused("Match", pb.MatchRequest(party="a")), FAILED, "Match before Align")
+    seen("ticket", raw.refused("Step", step_request("nope", 0, 8)), grpc.StatusCode.ABORTED, "join again")
     undecodable = raw.channel.unary_unary("/splitlearning.v1.VerticalService/Join")
     with pytest.raises(grpc.RpcError) as caught:
         undecodable(b"\xff\xff\xff", metadata=(("authorization", "Bearer token-a"),), timeout=10)
-    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    seen("undecodable", caught.value, grpc.StatusCode.INVALID_ARGUMENT)
+    offer = raw.call("Align", align)
+    short = pb.MatchRequest(party="a", reblinded=list(offer.offer)[:-1])
+    seen("psi-message", raw.refused("Match", short), grpc.StatusCode.INVALID_ARGUMENT, "39 values")
 
     matched = raw.align(["a", "b"], ids)
     alignment = matched["a"].alignment
     assert alignment == matched["b"].alignment and len(matched["a"].positions) == 40
+    seen("aligned", raw.refused("Align", align), FAILED, "already aligned")
     # Settings that differ from the label party's, and an alignment of another run.
     for overrides, word in (({"seed": 6}, "seed"), ({"fuse": "sum"}, "fuse"), ({"batch_size": 4}, "batch size")):
-        refusal = raw.refused("Join", join_request("a", alignment, **overrides))
-        assert refusal.code() is grpc.StatusCode.FAILED_PRECONDITION and word in (refusal.details() or "")
-    other = raw.refused("Join", join_request("a", "0" * 32))
-    assert other.code() is grpc.StatusCode.FAILED_PRECONDITION
+        seen("settings", raw.refused("Join", join_request("a", alignment, **overrides)), FAILED, word)
+    seen("alignment", raw.refused("Join", join_request("a", "0" * 32)), FAILED, "alignment mismatch")
     # A party alone at the join: the deadline names the one that did not come.
-    lonely = raw.refused("Join", join_request("a", alignment))
-    assert lonely.code() is grpc.StatusCode.UNAVAILABLE and "b did not come" in (lonely.details() or "")
+    seen("missing", raw.refused("Join", join_request("a", alignment)), grpc.StatusCode.UNAVAILABLE, "b did not come")
 
     joined = raw.join_all(alignment)
     tickets = {name: reply.ticket for name, reply in joined.items()}
     assert all(isinstance(reply, pb.JoinResponse) for reply in joined.values()), joined
     assert joined["a"].step == 0 and joined["a"].train_rows == 40 and joined["a"].seed == 5
     # Steps that do not fit: another step, a wrong row count, a wrong shape, another party's slot.
-    wrong_step = raw.refused("Step", step_request(tickets["a"], 1, 8))
-    assert wrong_step.code() is grpc.StatusCode.FAILED_PRECONDITION
-    rows = raw.refused("Step", step_request(tickets["a"], 0, 7))
-    assert rows.code() is grpc.StatusCode.INVALID_ARGUMENT and "7 rows, expected 8" in (rows.details() or "")
+    seen("step", raw.refused("Step", step_request(tickets["a"], 1, 8)), FAILED, "expects step 0")
+    seen("iv", raw.refused("Step", step_request(tickets["a"], 0, 7)), INVALID, "7 rows, expected 8")
     shape = pb.VerticalStepRequest(ticket=tickets["a"], step=0, iv=codec.to_proto(np.zeros((8, 3), np.float32)))
-    assert raw.refused("Step", shape).code() is grpc.StatusCode.INVALID_ARGUMENT
-    slot = raw.refused("Step", step_request(tickets["b"], 0, 8), party="a")
-    assert slot.code() is grpc.StatusCode.PERMISSION_DENIED
+    seen("iv", raw.refused("Step", shape), INVALID)
+    seen("wrong-party", raw.refused("Step", step_request(tickets["b"], 0, 8), party="a"), DENIED, "'b'")
+    evaluate = pb.VerticalEvaluateRequest(ticket=tickets["a"], step=0, batch=0, iv=codec.to_proto(np.zeros((8, 2), np.float32)))
+    seen("eval-order", raw.refused("Evaluate", evaluate), FAILED, "end of an epoch")
     assert coordinator.position == 0 and label.trainer is not None and label.trainer.iterations == 0
 
     # a's IV of step 0 waits for b's: at the deadline, a hears b's name and nothing is applied.
     missing = raw.refused("Step", step_request(tickets["a"], 0, 8))
-    assert missing.code() is grpc.StatusCode.UNAVAILABLE and "b did not come to step 0" in (missing.details() or "")
+    seen("missing", missing, grpc.StatusCode.UNAVAILABLE, "b did not come to step 0", "nothing was applied")
     assert coordinator.position == 0 and label.trainer.iterations == 0
     # b comes: the step runs with a's IV, kept; a's resend gets the same answer, applied once.
     b_reply = raw.call("Step", step_request(tickets["b"], 0, 8), party="b")
@@ -305,13 +331,35 @@ def test_refusals_before_and_during_training(served: tuple[LabelParty, Raw]) -> 
     # columns for them are not, so the two gradients differ.
     assert a_reply.gradient.content != b_reply.gradient.content
 
+    # A party whose IV changed since it joined.
+    other_iv = spec_to_proto(Spec((3,), np.dtype("float32")))
+    seen("iv-changed", raw.refused("Join", join_request("a", alignment, iv=other_iv)), FAILED, "IV was")
     # b joins again (a restart): a's ticket stops working; both rejoin at the step all can restore.
     rejoin = raw.join_all(alignment, restorable_steps=[0, 1])
     assert all(isinstance(reply, pb.JoinResponse) and reply.step == 1 for reply in rejoin.values()), rejoin
-    stale = raw.refused("Step", step_request(tickets["a"], 1, 8))
-    assert stale.code() is grpc.StatusCode.ABORTED
-    # A restart that cannot restore step 1 (no checkpoints here) and the label party without checkpoints of 0.
+    seen("ticket", raw.refused("Step", step_request(tickets["a"], 1, 8)), grpc.StatusCode.ABORTED)
+    # A restart that cannot restore step 1, and the label party without checkpoints of step 0.
     stuck = raw.join_all(alignment, restorable_steps=[0])
-    assert all(isinstance(reply, grpc.RpcError) for reply in stuck.values())
-    assert all(reply.code() is grpc.StatusCode.FAILED_PRECONDITION for reply in stuck.values())
+    for reply in stuck.values():
+        assert isinstance(reply, grpc.RpcError)
+        seen("no-common-step", reply, FAILED, "no step every party can resume from")
     assert coordinator.position == 1
+
+    seen.rows.update(no_common_ids())
+    assert seen.rows == status_table()
+
+
+def no_common_ids() -> dict[str, str]:
+    """A feature party holding none of the label party's ids: the alignment fails for every party."""
+    label = LabelParty(top, make_loss(), parties=["a"], ids=["x", "y"], y=np.array([0, 1]), deadline=5)
+    raw = Raw(label.start())
+    try:
+        member = psi.Member(["z"], "a")
+        offer = raw.call("Align", pb.AlignRequest(protocol_version=1, party="a", blinded=member.request().points), None)
+        reblinded = member.reblind(psi.Blinded(list(offer.offer)))
+        error = raw.refused("Match", pb.MatchRequest(party="a", reblinded=reblinded.points), None)
+        assert error.code() is FAILED and "holds none" in (error.details() or ""), error
+        return {"no-common": error.code().name}
+    finally:
+        raw.channel.close()
+        label.stop(grace=0)
