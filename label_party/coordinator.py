@@ -186,6 +186,13 @@ class Coordinator:
                 )
             if self._hub is None:
                 raise PreconditionFailed("the label party is not ready to align yet: retry")
+            for index, value in enumerate(blinded):
+                if len(value) != psi.POINT_BYTES:
+                    raise psi.BadMessage(
+                        f"{party}'s blinded id {index} is {len(value)} bytes; each is a {psi.POINT_BYTES}-byte value"
+                    )
+            if len(set(blinded)) != len(blinded):
+                raise psi.BadMessage(f"{party}'s blinded ids repeat a value: its ids are not unique")
             self._requests[party] = psi.Blinded(list(blinded))
             return self._hub.offer().points
 
@@ -388,9 +395,7 @@ class Coordinator:
             if self.position >= order.total_steps:
                 raise Finished(f"training has ended at step {self.position}: no step {step}")
             if step != self.position:
-                raise PreconditionFailed(
-                    f"{party}: step {step}, but the label party expects step {self.position}"
-                )
+                raise PreconditionFailed(f"{party}: step {step}, but the label party expects step {self.position}")
             rows = len(order.train_rows_of(step))
             self._check_iv(party, iv, rows, f"step {step}")
             meeting = self._step

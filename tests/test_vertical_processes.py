@@ -120,6 +120,13 @@ def build_parts(folder: Path) -> None:
     top.save(folder / "top.keras")
 
 
+def aligned_rows(state: Path) -> list[int]:
+    """A party's table rows in the common order, as its state folder keeps them."""
+    saved = read_json(state / "alignment.json")
+    assert saved is not None, state
+    return list(saved["rows"])
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("vertical-data")
@@ -137,11 +144,11 @@ def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 def test_uninterrupted_run_equals_the_uncut_model(reference: Run, data: Path) -> None:
     dataset = vertical_data.breast_cancer_split(test_fraction=0.2, seed=0)
-    label_rows = np.array(read_json(reference.state("label") / "alignment.json")["rows"])
+    label_rows = np.array(aligned_rows(reference.state("label")))
     ids = [dataset.label_party.ids[row] for row in label_rows]
     for name in FEATURE_PARTIES:  # every party's rows are the same people, in the same order
         table = dataset.tables[dataset.names.index(name)]
-        rows = read_json(reference.state(name) / "alignment.json")["rows"]
+        rows = aligned_rows(reference.state(name))
         assert [table.ids[row] for row in rows] == ids
     xs, y = dataset.joined(ids)
     order = BatchOrder(len(ids) - round(len(ids) * 0.2), round(len(ids) * 0.2), BATCH, EPOCHS, 3)
@@ -156,8 +163,8 @@ def test_uninterrupted_run_equals_the_uncut_model(reference: Run, data: Path) ->
     labels = y.astype("float32").reshape(-1, 1)
     for epoch in range(EPOCHS):
         steps = range(epoch * order.steps_per_epoch, (epoch + 1) * order.steps_per_epoch)
-        rows = np.concatenate([order.train_rows_of(step) for step in steps])
-        uncut.fit([x[rows] for x in xs], labels[rows], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        batches = np.concatenate([order.train_rows_of(step) for step in steps])
+        uncut.fit([x[batches] for x in xs], labels[batches], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
 
     tolerance = roundoff(BATCH, order.total_steps)
     for name, bottom in zip(FEATURE_PARTIES, bottoms, strict=True):

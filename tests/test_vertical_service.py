@@ -287,6 +287,9 @@ def test_refusals_before_and_during_training(served: tuple[LabelParty, Raw]) -> 
     with pytest.raises(grpc.RpcError) as caught:
         undecodable(b"\xff\xff\xff", metadata=(("authorization", "Bearer token-a"),), timeout=10)
     seen("undecodable", caught.value, grpc.StatusCode.INVALID_ARGUMENT)
+    twice = pb.AlignRequest(protocol_version=1, party="a", blinded=[member.request().points[0]] * 2)
+    seen("psi-message", raw.refused("Align", twice), INVALID, "not unique")
+    seen("psi-message", raw.refused("Align", pb.AlignRequest(protocol_version=1, party="a", blinded=[b"x"])), INVALID)
     offer = raw.call("Align", align)
     short = pb.MatchRequest(party="a", reblinded=list(offer.offer)[:-1])
     seen("psi-message", raw.refused("Match", short), grpc.StatusCode.INVALID_ARGUMENT, "39 values")
@@ -312,7 +315,9 @@ def test_refusals_before_and_during_training(served: tuple[LabelParty, Raw]) -> 
     shape = pb.VerticalStepRequest(ticket=tickets["a"], step=0, iv=codec.to_proto(np.zeros((8, 3), np.float32)))
     seen("iv", raw.refused("Step", shape), INVALID)
     seen("wrong-party", raw.refused("Step", step_request(tickets["b"], 0, 8), party="a"), DENIED, "'b'")
-    evaluate = pb.VerticalEvaluateRequest(ticket=tickets["a"], step=0, batch=0, iv=codec.to_proto(np.zeros((8, 2), np.float32)))
+    evaluate = pb.VerticalEvaluateRequest(
+        ticket=tickets["a"], step=0, batch=0, iv=codec.to_proto(np.zeros((8, 2), np.float32))
+    )
     seen("eval-order", raw.refused("Evaluate", evaluate), FAILED, "end of an epoch")
     assert coordinator.position == 0 and label.trainer is not None and label.trainer.iterations == 0
 
