@@ -57,6 +57,13 @@ def parser() -> argparse.ArgumentParser:
     cli.add(training, "--seed", type=cli.NON_NEGATIVE_INT, default=0, help="seed of the batch order and the weights")
     cli.add(training, "--optimizer", default="adam", help="any Keras optimizer name: sgd, adam, rmsprop, ...")
     cli.add(training, "--learning-rate", type=cli.positive, default=3e-3, help="the optimizer's learning rate")
+    cli.add(
+        training,
+        "--exact",
+        action="store_true",
+        help="apply updates as a plain graph, as keras fit does (bit for bit with the uncut model without oneDNN); "
+        "default: XLA-compiled (within float32 round-off)",
+    )
     serving = groups["connection"]
     cli.add_listen_flags(serving, "127.0.0.1:50061")
     cli.add(
@@ -202,6 +209,7 @@ def run(flags: argparse.Namespace) -> int:
         checkpoint_keep=flags.checkpoint_keep,
         max_ids=flags.max_ids,
         on_epoch=on_epoch,
+        exact=flags.exact,
     )
     port = party.start(flags.address)
     cli.write_ports(port, flags.port_file, None, None)

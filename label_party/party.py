@@ -58,6 +58,8 @@ class LabelParty:
     `party_tokens` maps each party to its bearer token: a call is then accepted only with its own party's token
     (UNAUTHENTICATED without one of them, PERMISSION_DENIED with another party's). `state_dir` keeps the
     alignment and, every `checkpoint_every` steps, the part's checkpoints, so a restarted label party resumes.
+    `exact=True` applies the optimizer's updates as a plain graph, as `fit` does (bit for bit with the uncut
+    model where the kernels are the same); by default they are XLA-compiled (within float32 round-off).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class LabelParty:
         checkpoint_keep: int = 5,
         max_ids: int = 1_000_000,
         on_epoch: Callable[[EpochRecord], None] | None = None,
+        exact: bool = False,
     ) -> None:
         if (x is None) != (bottom is None):
             raise ValueError("the label party's own columns (x) and its bottom part go together: give both or neither")
@@ -104,7 +107,15 @@ class LabelParty:
 
         def make_trainer(specs: list[Spec]) -> FuseTrainer:
             return FuseTrainer(
-                top, loss, optimizer, metrics, iv_specs=specs, fuse=plan.fuse, bottom=bottom, device=self.device
+                top,
+                loss,
+                optimizer,
+                metrics,
+                iv_specs=specs,
+                fuse=plan.fuse,
+                bottom=bottom,
+                device=self.device,
+                exact=exact,
             )
 
         def checkpoints(trainer: FuseTrainer) -> LabelCheckpoints | None:

@@ -78,6 +78,7 @@ class FuseTrainer:
         bottom: ModelSource | None = None,
         device: str = "/CPU:0",
         label_spec: Spec | None = None,
+        exact: bool = False,
     ) -> None:
         if not iv_specs:
             raise ValueError("a vertical split needs at least one feature party (one IV spec each)")
@@ -101,7 +102,8 @@ class FuseTrainer:
             self.num_classes = keras_setup.sparse_classes(output, loss)
             label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)
             self._train_fn = Compiled(self._train_step, input_signature=[*self._input_signature(), label_sig])
-            self._apply_fn: Callable[..., object] = Compiled(self._apply_step, open_batch=False, jit_compile=True)
+            # The optimizer's update: XLA-fused, or with `exact` a plain graph as in `fit` (docs/vertical.md).
+            self._apply_fn: Callable[..., object] = Compiled(self._apply_step, open_batch=False, jit_compile=not exact)
             self._test_fn = Compiled(self._test_step, input_signature=[*self._input_signature(), label_sig])
             self._predict_fn = Compiled(self._predict_step, input_signature=self._input_signature())
             zeros = [keras_setup.zeros(s) for s in self._input_specs()]
