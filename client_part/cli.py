@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from splitlearning.data import Dataset
 
 log = logging.getLogger("split-client")
+# splitlearning.label_defences.KINDS, written out: parsing the flags imports no numpy (tests/test_privacy.py).
+LABEL_DEFENCES = ("none", "gaussian", "max-norm", "marvell")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +52,11 @@ class ClientConfig(cli.ProcessConfig):
     metrics: str | None = None
     clip_norm: float | None = None
     noise_multiplier: float = 0.0
+    nopeek_alpha: float = 0.0
+    label_defence: str = "none"
+    label_defence_strength: float = 0.0
+    no_leakage_meters: bool = False
+    leakage_samples: int = 4
     rpc_timeout: float = 60.0
     retry_timeout: float = 120.0
     session: str = ""
@@ -88,7 +95,22 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     check_shard_flags(parser, flags)
     check_predict_flags(parser, flags)  # before the round flags' check, which gives --epochs its default
     check_round_flags(parser, flags)
+    check_privacy_flags(parser, flags)
     return ClientConfig(**flags)
+
+
+def check_privacy_flags(parser: argparse.ArgumentParser, flags: dict[str, Any]) -> None:
+    """The label defence's flags fit together and the cut (one line each, before anything starts)."""
+    defence, strength = flags["label_defence"], flags["label_defence_strength"]
+    if defence != "none" and flags["cut"] != "ushape":
+        parser.error(
+            f"--label-defence {defence}: only --cut ushape sends gradients about its labels (in the standard cut "
+            "the labels themselves go to the server)"
+        )
+    if defence in ("gaussian", "marvell") and strength == 0:
+        parser.error(f"--label-defence {defence} needs --label-defence-strength > 0")
+    if defence in ("none", "max-norm") and strength:
+        parser.error(f"--label-defence-strength applies to gaussian and marvell, not to --label-defence {defence}")
 
 
 def add_save_flags(parser: cli.Flags) -> None:
@@ -270,6 +292,40 @@ def add_security_flags(parser: cli.Flags) -> None:
         default=0.0,
         help="add Gaussian noise of stddev MULTIPLIER * --clip-norm to every IV sent (needs --clip-norm)",
     )
+    cli.add(
+        parser,
+        "--nopeek-alpha",
+        type=cli.NON_NEGATIVE,
+        default=0.0,
+        help="NoPeek: add ALPHA * dCor(input, IV) to this part's loss, so the IV tells less of the input",
+    )
+    cli.add(
+        parser,
+        "--label-defence",
+        default="none",
+        choices=LABEL_DEFENCES,
+        help="--cut ushape: noise the gradients sent to the server against label leakage (docs/security.md)",
+    )
+    cli.add(
+        parser,
+        "--label-defence-strength",
+        type=cli.NON_NEGATIVE,
+        default=0.0,
+        help="gaussian: noise norm per gradient norm; marvell: power budget per squared class-mean gap",
+    )
+    cli.add(
+        parser,
+        "--no-leakage-meters",
+        action="store_true",
+        help="do not measure leakage (input_dcor; in the U-shape leak_norm_auc, leak_direction_auc) per epoch",
+    )
+    cli.add(
+        parser,
+        "--leakage-samples",
+        type=cli.POSITIVE_INT,
+        default=4,
+        help="batches per epoch whose inputs and IVs give input_dcor",
+    )
 
 
 def add_observability_flags(parser: cli.Flags) -> None:
@@ -429,7 +485,7 @@ def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str,
     if config.predict is not None:
         return predict(config, interrupts)
     data = load_data(config)
-    client = build_client(config, data.dataset.x_train.shape[1:], config.dataset)
+    client = build_client(config, data.dataset.x_train.shape[1:], config.dataset, data.dataset.y_train)
     if interrupts is not None:
         interrupts.client = client
     if config.group is not None:
@@ -467,12 +523,19 @@ def load_data(config: ClientConfig) -> Data:
     return Data(dataset, (x_train, y_train), validation)
 
 
-def build_client(config: ClientConfig, sample_shape: tuple[int, ...] | None, data_name: str) -> SplitClient:
+def build_client(
+    config: ClientConfig, sample_shape: tuple[int, ...] | None, data_name: str, train_labels: Any = None
+) -> SplitClient:
     """The `SplitClient` the flags describe, its first part checked against the data's samples (`sample_shape`,
-    unless None; `data_name`, the flag's value naming them, for the message)."""
+    unless None; `data_name`, the flag's value naming them, for the message). `train_labels` give the class the
+    label-leakage meter and defence score (1 for binary labels, else the most frequent)."""
     from client_part.client import SplitClient
     from client_part.retry import RetryPolicy
+    from splitlearning.label_defences import Kind, LabelDefence
+    from splitlearning.leakage import positive_class
     from splitlearning.models import input_mismatch, load_part, make_optimizer
+
+    positive = positive_class(train_labels) if train_labels is not None else 1
 
     head = head_arguments(config)
     noise = noise_of(config)
@@ -497,6 +560,11 @@ def build_client(config: ClientConfig, sample_shape: tuple[int, ...] | None, dat
         checkpoint_keep=config.checkpoint_keep,
         retry=RetryPolicy(timeout=config.retry_timeout),
         session_id=config.session,
+        nopeek_alpha=config.nopeek_alpha,
+        label_defence=LabelDefence(Kind(config.label_defence), config.label_defence_strength, positive, config.seed),
+        leakage_meters=not config.no_leakage_meters,
+        leakage_samples=config.leakage_samples,
+        leak_positive=positive,
     )
     mismatch = input_mismatch(client.model, sample_shape, config.model, data_name) if sample_shape else None
     if mismatch:

@@ -14,6 +14,7 @@ from client_part import batches, retry
 from client_part.callbacks import Callbacks
 from client_part.checkpoints import ClientCheckpoints
 from client_part.exchange import StepExchange
+from client_part.leakage import ClientLeakage, MeteredLink
 from client_part.link import Link
 from client_part.loop import EpochLoop, FitRun, logs_of
 from client_part.position import Position
@@ -28,6 +29,8 @@ from splitlearning import codec, encodings, keepalive, part_state
 from splitlearning.contract import Agreement, CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.groups import Membership
+from splitlearning.label_defences import LabelDefence
+from splitlearning.leakage import LabelLeakMeter
 from splitlearning.models import ModelSource
 from splitlearning.optimizers import OptimizerSettings
 from splitlearning.part_state import PartState
@@ -50,6 +53,12 @@ class SplitClient:
     and `metrics`, trained with a copy of `optimizer` or with `head_optimizer`), the server holds only the
     middle, and labels never leave this process. `noise` clips each sample's IV and adds Gaussian noise to
     it before it is sent (client_part/privacy.py).
+
+    Privacy meters and defences (docs/security.md): `leakage_meters` (on by default) adds to each epoch's logs
+    the distance correlation between the inputs and the IVs sent of the first `leakage_samples` batches
+    (`input_dcor`) and, in the U-shape, the label attacks' AUCs on the gradients sent (`leak_norm_auc`,
+    `leak_direction_auc`, for class `leak_positive` against the rest). `label_defence` (U-shape) noises those
+    gradients before they leave; `nopeek_alpha` adds alpha · dCor(input, IV) to this part's loss (NoPeek).
 
     `wire_encoding` ('raw', 'float16', 'bfloat16', 'int8') asks the server to narrow the IV and its gradient
     on the wire; the server chooses in the handshake (raw unless it allows the one asked for).
@@ -98,13 +107,18 @@ class SplitClient:
         retry: RetryPolicy | None = None,
         client_id: str = "",
         keepalive_ms: int = keepalive.CLIENT_PING_MS,
+        nopeek_alpha: float = 0.0,
+        label_defence: LabelDefence | None = None,
+        leakage_meters: bool = True,
+        leakage_samples: int = 4,
+        leak_positive: int = 1,
     ) -> None:
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
         if micro_batches > 1 and (head is not None or noise is not None):
             raise ValueError("micro-batch pipelining applies to the standard cut without noise")
         self.device = resolve_device(device)
-        self.trainer = ClientTrainer(model, optimizer, self.device)
+        self.trainer = ClientTrainer(model, optimizer, self.device, nopeek_alpha=nopeek_alpha)
         self.retry = retry or RetryPolicy()
         wanted_encoding = encodings.parse(wire_encoding)
         self.head = None
@@ -115,8 +129,19 @@ class SplitClient:
         token = Secret(auth_token) if isinstance(auth_token, str) else auth_token
         sample_bytes = max(self.trainer.iv_spec.sample_bytes, self.head.contract.iv.sample_bytes if self.head else 0)
         self._transport = Transport(target, max_batch_size * sample_bytes * 4, rpc_timeout, tls, token, keepalive_ms)
-        ushape_link = UShapeLink(self._transport, self.head) if self.head is not None else None
-        self._link = _link_over(ushape_link or self._transport, noise)
+        if label_defence is not None and label_defence.active and self.head is None:
+            raise ValueError(
+                "a label defence protects the gradients a U-shaped client sends about its labels (head=...); "
+                "in the standard cut the labels themselves go to the server"
+            )
+        label_meter = LabelLeakMeter(leak_positive) if leakage_meters and self.head is not None else None
+        self.leakage = ClientLeakage(leakage_samples if leakage_meters else 0, label_meter)
+        ushape_link = None
+        if self.head is not None:
+            protect = label_defence.protector() if label_defence is not None and label_defence.active else None
+            ushape_link = UShapeLink(self._transport, self.head, protect, label_meter)
+        base: Link = ushape_link or self._transport
+        self._link = _link_over(MeteredLink(base, self.leakage) if self.leakage.input else base, noise)
         self.meter = ClientMeter()  # per-step time and bytes, for logs, TensorBoard and the summary
         self._stop = threading.Event()
         self._position = Position(step=self.trainer.iterations)
@@ -167,6 +192,7 @@ class SplitClient:
             self.meter,
             self._stop,
             lambda x, y, batch_size: self.evaluate(x, y, batch_size=batch_size, verbose=0),
+            self.leakage,
         )
         if checkpoints is not None:
             self._session.restore_latest()

@@ -20,6 +20,7 @@ from client_part import batches
 from client_part.callbacks import Callbacks
 from client_part.checkpoints import ClientCheckpoints
 from client_part.exchange import StepExchange
+from client_part.leakage import ClientLeakage
 from client_part.position import Position
 from client_part.session import Session
 from client_part.stopping import Stopped
@@ -68,6 +69,7 @@ class EpochLoop:
         meter: ClientMeter,
         stop: threading.Event,
         validate: Callable[[Any, Any, int], dict[str, float]],
+        leakage: ClientLeakage | None = None,
     ) -> None:
         self._trainer = trainer
         self._steps = steps
@@ -76,6 +78,7 @@ class EpochLoop:
         self._meter = meter
         self._stop = stop
         self._validate = validate
+        self._leakage = leakage
 
     def run(self, run: FitRun, initial_epoch: int, history: keras.callbacks.History, hooks: Callbacks) -> None:
         """Train from the current step (which gives the epoch and the batch) to the end of the last epoch."""
@@ -90,9 +93,13 @@ class EpochLoop:
             progress = keras.utils.Progbar(spe, verbose=run.verbose, stateful_metrics=[*names, "samples/s"])
             if run.verbose:
                 print(f"Epoch {epoch + 1}/{run.epochs}")
+            if self._leakage is not None:
+                self._leakage.start_epoch()
             logs, index = self._epoch(run, epoch, start, names, hooks, progress)
             start = 0
             logs.pop("samples/s", None)
+            if self._leakage is not None:
+                logs.update(self._leakage.epoch_logs())
             if run.validation_data is not None:
                 val = self._validate(*unpack(run.validation_data), run.batch_size)
                 logs.update({f"val_{k}": v for k, v in val.items()})
@@ -114,6 +121,8 @@ class EpochLoop:
         ready = batches.prefetch(batches.iterate(x, y, run.batch_size, order, start), self._as_tensors)
         for index, (xb, yb) in enumerate(ready, start):
             step_started = time.perf_counter()
+            if self._leakage is not None:
+                self._leakage.batch(xb)
             penalty = trainer.train(xb, yb)
             meter.step(len(xb), time.perf_counter() - step_started)
             self._after_step()

@@ -8,7 +8,7 @@ Keras step with Keras's own loss, loss tracker and metrics), run in this process
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -16,6 +16,7 @@ import numpy as np
 
 from client_part.transport import Transport
 from splitlearning.contract import Spec
+from splitlearning.leakage import LabelLeakMeter
 from splitlearning.models import ModelSource
 from splitlearning.training.loss_trainer import LossTrainer
 
@@ -23,9 +24,18 @@ from splitlearning.training.loss_trainer import LossTrainer
 class UShapeLink:
     """A `Link` that finishes the model locally: `transport` reaches the server's middle, `head` is local."""
 
-    def __init__(self, transport: Transport, head: LossTrainer) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        head: LossTrainer,
+        protect: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+        label_meter: LabelLeakMeter | None = None,
+    ) -> None:
         self._transport = transport
         self.head = head
+        # The label defence (splitlearning/label_defences.py) and meter, on the gradients sent to the server.
+        self._protect = protect
+        self.label_meter = label_meter
         # The head's update of the step in flight: a retried step (its backward exchange failed) runs the
         # middle's forward again but must not update the head, or count its batch in the metrics, twice.
         self._head_step: tuple[int, np.ndarray, list[float]] | None = None
@@ -33,7 +43,12 @@ class UShapeLink:
     def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:
         outputs = self._checked(self._transport.train_forward(step, iv))
         if self._head_step is None or self._head_step[0] != step:
-            self._head_step = (step, *self.head.train(outputs, labels, reset))
+            output_gradient, metrics = self.head.train(outputs, labels, reset)
+            if self._protect is not None:  # once per step: a resend sends the same gradient again
+                output_gradient = self._protect(output_gradient, labels)
+            if self.label_meter is not None:
+                self.label_meter.add(output_gradient, labels)
+            self._head_step = (step, output_gradient, metrics)
         _, output_gradient, metrics = self._head_step
         return self._transport.train_backward(step, output_gradient), metrics
 

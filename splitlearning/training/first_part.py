@@ -20,6 +20,7 @@ from splitlearning.compiled import Compiled
 from splitlearning.contract import Spec
 from splitlearning.devices import describe_placement
 from splitlearning.models import ModelSource, materialize
+from splitlearning.training.nopeek import distance_correlation
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,11 @@ class ClientTrainer:
         device: str,
         exchange: Exchange | None = None,
         pipeline: Pipeline | None = None,
+        nopeek_alpha: float = 0.0,
     ) -> None:
+        if not nopeek_alpha >= 0:
+            raise ValueError(f"the NoPeek weight alpha must be >= 0, got {nopeek_alpha}")
+        self.nopeek_alpha = float(nopeek_alpha)
         self.device = device
         self._exchange: Exchange = _unbound
         self.pipeline: Pipeline | None = None
@@ -121,7 +126,11 @@ class ClientTrainer:
                 ivs = [model(x, training=True)]
             else:
                 ivs = self._pipelined_forward(x, labels, self.pipeline)
-            penalty = tf.add_n(model.losses) if model.losses else None
+            regularization = tf.add_n(model.losses) if model.losses else None
+            penalty = regularization
+            if self.nopeek_alpha:  # NoPeek: alpha · dCor(input, IV) joins this part's own loss
+                nopeek = self.nopeek_alpha * distance_correlation(x, tf.concat(ivs, axis=0))
+                penalty = nopeek if penalty is None else penalty + nopeek
         if self.pipeline is None:
             grad = tf.numpy_function(self._exchange_guarded, [ivs[0], labels], Tout=ivs[0].dtype, stateful=True)
             grads_iv = [tf.ensure_shape(grad, ivs[0].shape)]
@@ -134,7 +143,8 @@ class ClientTrainer:
         if penalty is None:
             grads = tape.gradient(ivs, weights, output_gradients=grads_iv)
         else:
-            self.regularization.update_state(penalty, sample_weight=tf.shape(x)[0])
+            if regularization is not None:
+                self.regularization.update_state(regularization, sample_weight=tf.shape(x)[0])
             grads = tape.gradient([*ivs, penalty], weights, output_gradients=[*grads_iv, tf.ones_like(penalty)])
         self.optimizer.apply(grads, weights)
 
