@@ -138,7 +138,7 @@ class SplitClient:
         self.leakage = ClientLeakage(leakage_samples if leakage_meters else 0, label_meter)
         ushape_link = None
         if self.head is not None:
-            protect = label_defence.protector() if label_defence is not None and label_defence.active else None
+            protect = label_defence.apply if label_defence is not None and label_defence.active else None
             ushape_link = UShapeLink(self._transport, self.head, protect, label_meter)
         base: Link = ushape_link or self._transport
         self._link = _link_over(MeteredLink(base, self.leakage) if self.leakage.input else base, noise)

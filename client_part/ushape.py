@@ -28,7 +28,7 @@ class UShapeLink:
         self,
         transport: Transport,
         head: LossTrainer,
-        protect: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+        protect: Callable[[np.ndarray, np.ndarray, Sequence[int]], np.ndarray] | None = None,
         label_meter: LabelLeakMeter | None = None,
     ) -> None:
         self._transport = transport
@@ -45,7 +45,7 @@ class UShapeLink:
         if self._head_step is None or self._head_step[0] != step:
             output_gradient, metrics = self.head.train(outputs, labels, reset)
             if self._protect is not None:  # once per step: a resend sends the same gradient again
-                output_gradient = self._protect(output_gradient, labels)
+                output_gradient = self._protect(output_gradient, labels, (step,))
             if self.label_meter is not None:
                 self.label_meter.add(output_gradient, labels)
             self._head_step = (step, output_gradient, metrics)

@@ -48,6 +48,20 @@ def parser() -> argparse.ArgumentParser:
     )
     cli.add(training, "--fuse", default=None, choices=FUSES, help="the fuse this party expects (default: any)")
     cli.add(training, "--batch-size", type=cli.POSITIVE_INT, default=None, help="the batch size it expects")
+    cli.add(
+        training,
+        "--nopeek-alpha",
+        type=cli.NON_NEGATIVE,
+        default=0.0,
+        help="NoPeek: add ALPHA * dCor(columns, IV) to this part's loss, so the IV tells less of the columns",
+    )
+    cli.add(
+        training,
+        "--leakage-samples",
+        type=cli.NON_NEGATIVE_INT,
+        default=4,
+        help="batches per epoch whose columns and IVs give input_dcor (0: no meter)",
+    )
     connection = groups["connection"]
     cli.add(connection, "--server", required=True, help="the label party's host:port")
     security.add_client_flags(connection)
@@ -147,6 +161,8 @@ def run(flags: argparse.Namespace) -> int:
         checkpoint_keep=flags.checkpoint_keep,
         retry_timeout=flags.retry_timeout,
         max_ids=flags.max_ids,
+        nopeek_alpha=flags.nopeek_alpha,
+        leakage_samples=flags.leakage_samples,
     )
     try:
         summary = party.fit()

@@ -20,6 +20,7 @@ from splitlearning.checkpoint import StepCheckpoints
 from splitlearning.contract import spec_to_proto
 from splitlearning.devices import resolve_device
 from splitlearning.files import read_json, write_json_atomic
+from splitlearning.leakage import InputLeakMeter
 from splitlearning.models import ModelSource
 from splitlearning.protocol import PROTOCOL_VERSION
 from splitlearning.security import Secret, TlsConfig
@@ -75,6 +76,8 @@ class FeatureParty:
         checkpoint_keep: int = 5,
         retry_timeout: float = 120.0,
         max_ids: int = 1_000_000,
+        nopeek_alpha: float = 0.0,
+        leakage_samples: int = 4,
     ) -> None:
         if len(ids) != len(x):
             raise ValueError(f"ids and x must have one row per sample: {len(ids)} ids, {len(x)} rows")
@@ -86,7 +89,13 @@ class FeatureParty:
         self.batch_size = batch_size
         self.checkpoint_every = checkpoint_every
         self.device = resolve_device(device)
-        self.trainer = ClientTrainer(model, optimizer or "sgd", self.device, exchange=self._exchange)
+        self.trainer = ClientTrainer(
+            model, optimizer or "sgd", self.device, exchange=self._exchange, nopeek_alpha=nopeek_alpha
+        )
+        # The distance correlation of the first `leakage_samples` batches of each epoch with their IVs (0: off).
+        self.input_meter = InputLeakMeter(leakage_samples) if leakage_samples else None
+        self._inputs: np.ndarray | None = None
+        self.history: list[dict[str, float]] = []  # per epoch: input_dcor
         self.link = LabelPartyLink(
             target,
             tls,
@@ -221,7 +230,19 @@ class FeatureParty:
         assert self.rows is not None
         rows = self.rows[order.train_rows_of(self.position)]
         self._step = self.position
+        meter = self.input_meter
+        if meter is not None:
+            if self.position % order.steps_per_epoch == 0:
+                meter.reset()
+            self._inputs = self.x[rows] if meter.due() else None
         self.trainer.train(self.x[rows], np.zeros(len(rows), np.int32))
+        if meter is not None:
+            if self._inputs is None:
+                meter.skip()
+            if order.ends_epoch(self.position):
+                self.history.append({"epoch": order.epoch_of(self.position) + 1, **meter.result()})
+                log.info("%s: epoch %d: input_dcor %.4f", self.name, *self.history[-1].values())
+        self._inputs = None
         self.position += 1
         if self._checkpoints is not None and self.checkpoint_every and self.position % self.checkpoint_every == 0:
             self._checkpoints.save(self.position)
@@ -230,6 +251,9 @@ class FeatureParty:
 
     def _exchange(self, iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Inside the compiled step: this party's IV out, the gradient of it back (labels: a placeholder)."""
+        if self._inputs is not None and self.input_meter is not None:  # once, though a step may be sent again
+            self.input_meter.add(self._inputs, iv)
+            self._inputs = None
         reply = self.link.step(pb.VerticalStepRequest(ticket=self._ticket, step=self._step, iv=codec.to_proto(iv)))
         gradient = codec.from_proto(reply.gradient, "gradient")
         if gradient.shape != iv.shape:

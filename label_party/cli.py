@@ -18,6 +18,8 @@ from splitlearning import cli, security  # noqa: E402
 
 log = logging.getLogger("split-label-party")
 FUSES = ("concat", "sum", "mean")
+# splitlearning.label_defences.KINDS, written out: parsing the flags imports no numpy.
+LABEL_DEFENCES = ("none", "gaussian", "max-norm", "marvell")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +65,26 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="apply updates as a plain graph, as keras fit does (bit for bit with the uncut model without oneDNN); "
         "default: XLA-compiled (within float32 round-off)",
+    )
+    cli.add(
+        training,
+        "--label-defence",
+        default="none",
+        choices=LABEL_DEFENCES,
+        help="noise the gradients sent to the feature parties against label leakage (docs/security.md)",
+    )
+    cli.add(
+        training,
+        "--label-defence-strength",
+        type=cli.NON_NEGATIVE,
+        default=0.0,
+        help="gaussian: noise norm per gradient norm; marvell: power budget per squared class-mean gap",
+    )
+    cli.add(
+        training,
+        "--no-leakage-meters",
+        action="store_true",
+        help="do not score the label attacks on the gradients sent (leak_norm_auc/<party>, ...) per epoch",
     )
     serving = groups["connection"]
     cli.add_listen_flags(serving, "127.0.0.1:50061")
@@ -112,6 +134,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--id-column/--label-column apply to .csv/.parquet tables; an .npz holds arrays ids, y (and x)")
     if suffix in (".csv", ".parquet") and flags.label_column is None:
         p.error(f"--data {flags.data}: the label party's {suffix} table needs --label-column")
+    if flags.label_defence in ("gaussian", "marvell") and flags.label_defence_strength == 0:
+        p.error(f"--label-defence {flags.label_defence} needs --label-defence-strength > 0")
+    if flags.label_defence in ("none", "max-norm") and flags.label_defence_strength:
+        p.error(
+            f"--label-defence-strength applies to gaussian and marvell, not to --label-defence {flags.label_defence}"
+        )
     if (flags.tls_cert is None) != (flags.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
     if flags.tls_ca is not None and flags.tls_cert is None:
@@ -155,6 +183,7 @@ def run(flags: argparse.Namespace) -> int:
     from label_party.coordinator import EpochRecord
     from label_party.party import LabelParty
     from splitlearning import models, tables
+    from splitlearning.label_defences import Kind, LabelDefence
 
     columns = flags.columns.split(",") if flags.columns else None
     table = tables.read_table(flags.data, id_column=flags.id_column, label_column=flags.label_column, columns=columns)
@@ -176,7 +205,7 @@ def run(flags: argparse.Namespace) -> int:
         return models.dense_top(flags.hidden, outputs, flags.seed + 200)
 
     def on_epoch(record: EpochRecord) -> None:
-        values = {**record.metrics, **record.test}
+        values = {**record.metrics, **record.test, **record.leakage}
         log.info(
             "epoch %d/%d (step %d): %s",
             record.epoch + 1,
@@ -210,6 +239,8 @@ def run(flags: argparse.Namespace) -> int:
         max_ids=flags.max_ids,
         on_epoch=on_epoch,
         exact=flags.exact,
+        label_defence=LabelDefence(Kind(flags.label_defence), flags.label_defence_strength, seed=flags.seed),
+        leakage_meters=not flags.no_leakage_meters,
     )
     port = party.start(flags.address)
     cli.write_ports(port, flags.port_file, None, None)
@@ -226,7 +257,10 @@ def run(flags: argparse.Namespace) -> int:
         _write_predictions(flags.predictions, party.test_ids(), party.predictions)
     if flags.history_json is not None:
         flags.history_json.write_text(
-            json.dumps([{"epoch": r.epoch + 1, "step": r.step, **r.metrics, **r.test} for r in party.history], indent=1)
+            json.dumps(
+                [{"epoch": r.epoch + 1, "step": r.step, **r.metrics, **r.test, **r.leakage} for r in party.history],
+                indent=1,
+            )
         )
     coordinator = party.coordinator
     assert coordinator.order is not None and coordinator.rows is not None

@@ -14,6 +14,7 @@ can restore, and all resume from the latest step every party (the label party in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -30,6 +31,8 @@ from splitlearning.batch_order import BatchOrder, split_rows
 from splitlearning.contract import Spec
 from splitlearning.errors import InvalidRequest, PreconditionFailed, SplitError, StepMismatch
 from splitlearning.files import read_json, write_json_atomic
+from splitlearning.label_defences import LabelDefence
+from splitlearning.leakage import LabelLeakMeter, positive_class
 from splitlearning.protocol import PROTOCOL_VERSION
 from splitlearning.training.vertical import Fuse, FuseTrainer
 
@@ -76,6 +79,8 @@ class Plan:
     test_fraction: float = 0.2
     deadline: float = 60.0  # seconds a party waits for the others at a meeting
     checkpoint_every: int = 0  # steps between checkpoints (0: none)
+    defence: LabelDefence | None = None  # on the gradients sent to each feature party
+    meters: bool = True  # the label-leakage meters, per feature party
 
     def __post_init__(self) -> None:
         if not self.parties:
@@ -102,6 +107,7 @@ class EpochRecord:
     step: int
     metrics: dict[str, float]
     test: dict[str, float] = field(default_factory=dict)
+    leakage: dict[str, float] = field(default_factory=dict)  # "leak_norm_auc/<party>" and the like
 
 
 @dataclass
@@ -159,6 +165,13 @@ class Coordinator:
         self.predictions: list[np.ndarray] = []  # the last evaluation's outputs, batch by batch
         self.history: list[EpochRecord] = []
         self._epoch_metrics: list[float] = []
+        self._epoch_leakage: dict[str, float] = {}
+        self.positive = positive_class(data.y)  # the class the meters and Marvell score against the rest
+        if plan.defence is not None:
+            self.plan = plan = dataclasses.replace(
+                plan, defence=dataclasses.replace(plan.defence, positive=self.positive)
+            )
+        self._leak = {name: LabelLeakMeter(self.positive) for name in plan.parties} if plan.meters else {}
         self.finished = threading.Event()
 
     # -- alignment -------------------------------------------------------------------------------------------
@@ -427,6 +440,15 @@ class Coordinator:
             self._step = _Meeting(step)  # a retry meets afresh
             self._cond.notify_all()
             raise
+        labels = self.data.y[rows]
+        defence = self.plan.defence
+        if defence is not None and defence.active:  # each party's own noise, the same again if the step is redone
+            grads = [defence.apply(g, labels, (step, index)) for index, g in enumerate(grads)]
+        for name, sent in zip(self.plan.parties, grads, strict=True):
+            if name in self._leak:
+                if first:
+                    self._leak[name].reset()
+                self._leak[name].add(sent, labels)
         meeting.answers = dict(zip(self.plan.parties, grads, strict=True))
         self.position = step + 1
         self._last = meeting
@@ -441,6 +463,9 @@ class Coordinator:
         self._cond.notify_all()
         if order.ends_epoch(step):
             self._epoch_metrics = values
+            self._epoch_leakage = {
+                f"{key}/{name}": value for name, meter in self._leak.items() for key, value in meter.result().items()
+            }
             if order.test_rows == 0:
                 self._end_epoch(order, {})
 
@@ -448,7 +473,11 @@ class Coordinator:
         assert self.trainer is not None
         names = self.trainer.metric_names
         record = EpochRecord(
-            order.epoch_of(self.position - 1), self.position, dict(zip(names, self._epoch_metrics, strict=True)), test
+            order.epoch_of(self.position - 1),
+            self.position,
+            dict(zip(names, self._epoch_metrics, strict=True)),
+            test,
+            dict(self._epoch_leakage),
         )
         if self.history and self.history[-1].step == record.step:
             self.history[-1] = record

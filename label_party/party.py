@@ -15,6 +15,7 @@ from label_party.servicer import VerticalMount
 from splitlearning.checkpoint import StepCheckpoints
 from splitlearning.contract import Spec
 from splitlearning.devices import resolve_device
+from splitlearning.label_defences import LabelDefence
 from splitlearning.models import ModelSource
 from splitlearning.security import Secret, TlsConfig
 from splitlearning.serving.host import Host, HostConfig
@@ -58,6 +59,8 @@ class LabelParty:
     `party_tokens` maps each party to its bearer token: a call is then accepted only with its own party's token
     (UNAUTHENTICATED without one of them, PERMISSION_DENIED with another party's). `state_dir` keeps the
     alignment and, every `checkpoint_every` steps, the part's checkpoints, so a restarted label party resumes.
+    `leakage_meters` (on by default) scores, per epoch and per feature party, the label attacks on the gradients
+    sent to it (`EpochRecord.leakage`); `label_defence` noises those gradients first (docs/security.md).
     `exact=True` applies the optimizer's updates as a plain graph, as `fit` does (bit for bit with the uncut
     model where the kernels are the same); by default they are XLA-compiled (within float32 round-off).
     """
@@ -89,6 +92,8 @@ class LabelParty:
         max_ids: int = 1_000_000,
         on_epoch: Callable[[EpochRecord], None] | None = None,
         exact: bool = False,
+        label_defence: LabelDefence | None = None,
+        leakage_meters: bool = True,
     ) -> None:
         if (x is None) != (bottom is None):
             raise ValueError("the label party's own columns (x) and its bottom part go together: give both or neither")

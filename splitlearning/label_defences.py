@@ -20,6 +20,7 @@ gradients), so a run with one is no longer the uncut model's (off, nothing chang
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,22 +58,24 @@ class LabelDefence:
     def active(self) -> bool:
         return self.kind is not Kind.NONE
 
-    def protector(self) -> GradientProtector:
-        return GradientProtector(self)
+    def apply(self, gradients: np.ndarray, labels: np.ndarray, key: Sequence[int] = ()) -> np.ndarray:
+        """The gradients to send for one batch (a new array; the input is unchanged); `labels` the batch's. The
+        noise is drawn from a generator seeded by (seed, *key): with the step in `key`, a step done again (a
+        resend, a restart from a checkpoint) sends the same gradients."""
+        if self.kind is Kind.NONE:
+            return gradients
+        return _Draw(self, np.random.default_rng([self.seed, *key]))(gradients, labels)
 
 
-class GradientProtector:
-    """Applies a `LabelDefence` to each batch's gradients, with its own seeded generator."""
+class _Draw:
+    """One batch's noise, from `rng`."""
 
-    def __init__(self, defence: LabelDefence) -> None:
+    def __init__(self, defence: LabelDefence, rng: np.random.Generator) -> None:
         self.defence = defence
-        self._rng = np.random.default_rng(defence.seed)
+        self._rng = rng
 
     def __call__(self, gradients: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """The gradients to send for one batch (a new array; the input is unchanged); `labels` the batch's."""
         kind = self.defence.kind
-        if kind is Kind.NONE:
-            return gradients
         rows = per_example(gradients)
         if kind is Kind.GAUSSIAN:
             noisy = rows + self._gaussian(rows)

@@ -100,8 +100,8 @@ def test_defences_move_the_norm_attack_towards_a_coin() -> None:
     undefended = leakage.leak_auc(leakage.norm_scores(grads), labels[:, 0] == 1)
     assert undefended > 0.99
     for kind, strength in ((Kind.MAX_NORM, 0.0), (Kind.MARVELL, 4.0), (Kind.GAUSSIAN, 10.0)):
-        protect = LabelDefence(kind, strength, seed=3).protector()
-        sent = np.concatenate([protect(grads[i : i + 50], labels[i : i + 50]) for i in range(0, 400, 50)])
+        defence = LabelDefence(kind, strength, seed=3)
+        sent = np.concatenate([defence.apply(grads[i : i + 50], labels[i : i + 50], (i,)) for i in range(0, 400, 50)])
         assert sent.shape == grads.shape and sent.dtype == grads.dtype
         defended = leakage.leak_auc(leakage.norm_scores(sent), labels[:, 0] == 1)
         assert defended < undefended - 0.1, (kind, defended)
@@ -109,8 +109,8 @@ def test_defences_move_the_norm_attack_towards_a_coin() -> None:
 
 def test_max_norm_evens_the_expected_squared_norms() -> None:
     grads = np.array([[3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], np.float32)
-    protect = LabelDefence(Kind.MAX_NORM, seed=0).protector()
-    draws = np.stack([protect(grads, np.array([[1.0], [0.0]])) for _ in range(4000)])
+    defence = LabelDefence(Kind.MAX_NORM, seed=0)
+    draws = np.stack([defence.apply(grads, np.array([[1.0], [0.0]]), (step,)) for step in range(4000)])
     squared = (draws.astype(np.float64) ** 2).sum(axis=2).mean(axis=0)
     np.testing.assert_allclose(squared, [9.0, 9.0], rtol=0.05)
     np.testing.assert_array_equal(draws[:, 0], np.broadcast_to(grads[0], draws[:, 0].shape))  # the largest: as is
@@ -125,12 +125,16 @@ def test_marvell_noise_lies_along_the_class_gap_and_minimises_its_objective() ->
         assert best <= symmetric_kl(gap, (power - share * t) / (1 - share), t) + 1e-6
     rows = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     labels = np.array([[1.0], [0.0], [0.0]])
-    noise = LabelDefence(Kind.MARVELL, 2.0, seed=1).protector()(rows, labels) - rows
+    noise = LabelDefence(Kind.MARVELL, 2.0, seed=1).apply(rows, labels) - rows
     delta = rows[0] - rows[1:].mean(axis=0)
     for row in noise:  # every example's noise is a multiple of the gap between the class means
         np.testing.assert_allclose(np.cross(row, delta), 0.0, atol=1e-12)
-    one_class = LabelDefence(Kind.MARVELL, 2.0).protector()(rows, np.ones((3, 1)))
+    one_class = LabelDefence(Kind.MARVELL, 2.0).apply(rows, np.ones((3, 1)))
     np.testing.assert_array_equal(one_class, rows)
+    # The same key draws the same noise (a resend, a restart); another key other noise.
+    again = LabelDefence(Kind.MARVELL, 2.0, seed=1)
+    np.testing.assert_array_equal(again.apply(rows, labels, (5,)), again.apply(rows, labels, (5,)))
+    assert not np.array_equal(again.apply(rows, labels, (5,)), again.apply(rows, labels, (6,)))
 
 
 def test_a_defence_needs_a_strength_where_it_uses_one() -> None:

@@ -26,6 +26,7 @@ from label_party.party import LabelParty
 from splitlearning import codec, psi
 from splitlearning.batch_order import BatchOrder
 from splitlearning.contract import Spec, spec_to_proto
+from splitlearning.label_defences import Kind, LabelDefence
 from splitlearning.protocol import PROTOCOL_VERSION
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
@@ -140,6 +141,12 @@ def test_over_grpc_equals_uncut_fit_on_the_aligned_rows(optimizer: str) -> None:
     assert_close(label.history[-1].test["test_loss"], expected_test[0], "held-out loss", exact)
     assert_close(label.predictions, expected_pred, "predictions", exact)
     assert label.test_ids() == [label_ids[i] for i in coordinator.rows[held_out]]
+    # The meters ran beside (they change nothing: the weights above are the uncut model's).
+    for record in label.history:
+        assert set(record.leakage) == {"leak_norm_auc/bank", "leak_direction_auc/bank"}
+        assert all(0.5 <= value <= 1.0 for value in record.leakage.values()), record.leakage
+    assert [entry["epoch"] for entry in feature.history] == [1, 2]
+    assert all(0.0 < entry["input_dcor"] <= 1.0 for entry in feature.history), feature.history
 
 
 # -- refusals ------------------------------------------------------------------------------------------------
@@ -368,3 +375,47 @@ def no_common_ids() -> dict[str, str]:
     finally:
         raw.channel.close()
         label.stop(grace=0)
+
+
+def test_a_label_defence_noises_each_step_once() -> None:
+    """Marvell on the gradients sent: a resend gets the same noisy gradient (the step is applied once); without
+    the defence the same IV gets another one."""
+    ids = [f"p{i}" for i in range(16)]
+    y = (np.arange(16) % 4 == 0).astype(np.float32).reshape(-1, 1)
+
+    def binary_top() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+
+    answers = []
+    for defence in (LabelDefence(Kind.MARVELL, 4.0, seed=1), None):
+        label = LabelParty(
+            binary_top,
+            keras.losses.BinaryCrossentropy(from_logits=True),
+            "sgd",
+            parties=["a"],
+            ids=ids,
+            y=y,
+            batch_size=8,
+            test_fraction=0.0,
+            label_defence=defence,
+        )
+        raw = Raw(label.start())
+        try:
+            member = psi.Member(ids, "a")
+            offer = raw.call(
+                "Align", pb.AlignRequest(protocol_version=1, party="a", blinded=member.request().points), None
+            )
+            reblinded = member.reblind(psi.Blinded(list(offer.offer)))
+            alignment = raw.call("Match", pb.MatchRequest(party="a", reblinded=reblinded.points), None).alignment
+            ticket = raw.call("Join", join_request("a", alignment), None).ticket
+            iv = np.linspace(-1, 1, 16, dtype=np.float32).reshape(8, 2)
+            request = pb.VerticalStepRequest(ticket=ticket, step=0, iv=codec.to_proto(iv))
+            first, again = raw.call("Step", request, None), raw.call("Step", request, None)
+            assert first.gradient.content == again.gradient.content
+            assert label.trainer is not None and label.trainer.iterations == 1
+            answers.append(first.gradient.content)
+        finally:
+            raw.channel.close()
+            label.stop(grace=0)
+    assert answers[0] != answers[1]
