@@ -106,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="NAME=FILE: the bearer token of party NAME; give one per party, and each call must carry its own",
     )
+    cli.add_metrics_flags(serving)
     cli.add(serving, "--max-ids", type=cli.POSITIVE_INT, default=1_000_000, help="the most ids any party may hold")
     state = groups["checkpoints"]
     cli.add(state, "--state-dir", type=Path, default=None, help="keep the alignment and checkpoints here; resume")
@@ -241,9 +242,11 @@ def run(flags: argparse.Namespace) -> int:
         exact=flags.exact,
         label_defence=LabelDefence(Kind(flags.label_defence), flags.label_defence_strength, seed=flags.seed),
         leakage_meters=not flags.no_leakage_meters,
+        metrics_port=flags.metrics_port,
+        metrics_host=flags.metrics_host,
     )
     port = party.start(flags.address)
-    cli.write_ports(port, flags.port_file, None, None)
+    cli.write_ports(port, flags.port_file, party.metrics_port, flags.metrics_port_file)
     log.info("label party serving on port %d for %s; %d ids", port, ", ".join(flags.party_names), len(table.ids))
     party.wait()
     party.stop()

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from label_party.coordinator import Coordinator, EpochRecord, LabelData, Plan
 from label_party.servicer import VerticalMount
+from label_party.telemetry import LabelPartyTelemetry
 from splitlearning.checkpoint import StepCheckpoints
 from splitlearning.contract import Spec
 from splitlearning.devices import resolve_device
@@ -61,6 +62,8 @@ class LabelParty:
     alignment and, every `checkpoint_every` steps, the part's checkpoints, so a restarted label party resumes.
     `leakage_meters` (on by default) scores, per epoch and per feature party, the label attacks on the gradients
     sent to it (`EpochRecord.leakage`); `label_defence` noises those gradients first (docs/security.md).
+    `metrics_port` serves Prometheus series (label_party/telemetry.py) on `metrics_host` (default: the host
+    `start` binds; 0: any free port, see `metrics_port`).
     `exact=True` applies the optimizer's updates as a plain graph, as `fit` does (bit for bit with the uncut
     model where the kernels are the same); by default they are XLA-compiled (within float32 round-off).
     """
@@ -94,6 +97,8 @@ class LabelParty:
         exact: bool = False,
         label_defence: LabelDefence | None = None,
         leakage_meters: bool = True,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
     ) -> None:
         if (x is None) != (bottom is None):
             raise ValueError("the label party's own columns (x) and its bottom part go together: give both or neither")
@@ -128,13 +133,21 @@ class LabelParty:
                 return None
             return LabelCheckpoints(self.state_dir / "checkpoints", trainer, checkpoint_keep)
 
+        registry = CollectorRegistry()
+        self.telemetry = LabelPartyTelemetry(registry)
+
+        def epoch_ended(record: EpochRecord) -> None:
+            self.telemetry.epoch(record)
+            if on_epoch is not None:
+                on_epoch(record)
+
         self.coordinator = Coordinator(
             LabelData(list(ids), np.asarray(y), None if x is None else np.asarray(x)),
             plan,
             make_trainer,
             self.state_dir,
             checkpoints,
-            on_epoch,
+            epoch_ended,
         )
         self.host = Host(
             HostConfig(
@@ -142,10 +155,17 @@ class LabelParty:
                 max_workers=max(8, 4 * len(parties)),
                 clear_text="blinded ids, IVs and their gradients",
                 tls=tls,
+                metrics_host=metrics_host,
+                metrics_port=metrics_port,
             ),
             [VerticalMount(self.coordinator, tokens or None, max_ids)],
-            CollectorRegistry(),
+            registry,
         )
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of the Prometheus endpoint while serving (`metrics_port` given), else None."""
+        return self.host.metrics_port
 
     @property
     def history(self) -> list[EpochRecord]:

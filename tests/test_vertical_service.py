@@ -11,6 +11,7 @@ feature parties train in their own processes (tests/test_vertical_processes.py).
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def test_over_grpc_equals_uncut_fit_on_the_aligned_rows(optimizer: str) -> None:
         seed=SEED,
         test_fraction=0.2,
         deadline=30,
+        metrics_port=0,
     )
     port = label.start()
     try:
@@ -101,6 +103,9 @@ def test_over_grpc_equals_uncut_fit_on_the_aligned_rows(optimizer: str) -> None:
         )
         summary = feature.fit()
         assert label.wait(30)
+        assert label.metrics_port is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{label.metrics_port}/metrics", timeout=10) as response:
+            scraped = response.read().decode()
     finally:
         label.stop()
     order = BatchOrder(43, 11, BATCH, EPOCHS, SEED)
@@ -145,6 +150,12 @@ def test_over_grpc_equals_uncut_fit_on_the_aligned_rows(optimizer: str) -> None:
     for record in label.history:
         assert set(record.leakage) == {"leak_norm_auc/bank", "leak_direction_auc/bank"}
         assert all(0.5 <= value <= 1.0 for value in record.leakage.values()), record.leakage
+    # ... and Prometheus shows the last epoch's, by party and attack.
+    last = label.history[-1]
+    for attack in ("norm", "direction"):
+        line = f'split_vertical_label_leak_auc{{attack="{attack}",party="bank"}}'
+        assert f"{line} {last.leakage[f'leak_{attack}_auc/bank']!r}" in scraped, scraped[-2000:]
+    assert "split_vertical_step 6.0" in scraped
     assert [entry["epoch"] for entry in feature.history] == [1, 2]
     assert all(0.0 < entry["input_dcor"] <= 1.0 for entry in feature.history), feature.history
 
