@@ -22,6 +22,7 @@ What each operation guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -217,7 +218,7 @@ class Rounds:
             group.submitted[member] = (state, samples)
             if self._store is not None:
                 self._store.save_submission(name, round_, member, state)
-                self._store.save_record(name, group.record())
+                self._store.save_record(name, self._record(group))
             submitted = len(group.submitted)
             if self._on_submit is not None:
                 self._on_submit(name, member, round_)
@@ -253,7 +254,7 @@ class Rounds:
                 initial = PartState(initial.weights, [])  # each round starts with a fresh optimizer
             group = Group(name, settings, self.members, initial, start=initial, opened_at=self._clock())
             if self._store is not None:
-                self._store.create(name, initial, group.record())
+                self._store.create(name, initial, self._record(group))
             self._groups[name] = group
             log.info("group %s: %d members train %s, combined by %s", name, self.members, settings, self.aggregation)
             self._opened(group)
@@ -263,6 +264,10 @@ class Rounds:
                 "with the same --scheme, --rounds and --local-epochs"
             )
         return group
+
+    def _record(self, group: Group) -> GroupRecord:
+        """What the store keeps of `group`, with the rule its rounds are combined by."""
+        return dataclasses.replace(group.record(), aggregation=self.aggregation)
 
     def _load(self, name: str) -> Group | None:
         if self._store is None:
@@ -275,6 +280,11 @@ class Rounds:
             raise PreconditionFailed(
                 f"group {name!r} was started with {record.members} members, this aggregator has {self.members}: "
                 "restart it with the same --members"
+            )
+        if record.aggregation != self.aggregation:
+            raise PreconditionFailed(
+                f"group {name!r} was combined by {record.aggregation}, this aggregator by {self.aggregation}: restart "
+                f"it with {record.aggregation.flags()}, or give it another --state-dir"
             )
         history = [Closed(r, tuple(m), (), 0, 0.0) for r, m in record.history]
         group = Group(
@@ -343,7 +353,7 @@ class Rounds:
         group.waiting_noted = False
         if self._store is not None:
             self._store.save_start(group.name, group.round, group.start)
-            self._store.save_record(group.name, group.record())
+            self._store.save_record(group.name, self._record(group))
         if missed:
             log.warning(
                 "group %s: %s closed at its %g s deadline without member%s %s; %s",

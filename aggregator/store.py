@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitlearning import part_state
+from splitlearning.aggregation import FEDAVG, Aggregation, Rule
 from splitlearning.files import write_json_atomic
 from splitlearning.groups import Contribution, Scheme, Settings
 from splitlearning.part_state import PartState
@@ -26,6 +27,7 @@ class GroupRecord:
     start_refs: tuple[Contribution, ...]
     submitted: dict[int, int]  # member -> samples, in the open round
     history: list[tuple[int, tuple[int, ...]]]  # (round, members counted) of each closed round
+    aggregation: Aggregation = FEDAVG  # how the group's SplitFed rounds are combined (FedAvg in older files)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -37,6 +39,11 @@ class GroupRecord:
             "start": [[c.round, c.member, c.samples] for c in self.start_refs],
             "submitted": {str(m): n for m, n in self.submitted.items()},
             "history": [[r, list(m)] for r, m in self.history],
+            "aggregation": {
+                "rule": self.aggregation.rule.value,
+                "trim": self.aggregation.trim,
+                "bound": self.aggregation.bound,
+            },
         }
 
     @staticmethod
@@ -50,7 +57,14 @@ class GroupRecord:
             tuple(Contribution(*map(int, c)) for c in data["start"]),
             {int(m): int(n) for m, n in data["submitted"].items()},
             [(int(r), tuple(int(x) for x in m)) for r, m in data["history"]],
+            _aggregation(data.get("aggregation")),
         )
+
+
+def _aggregation(saved: dict[str, object] | None) -> Aggregation:
+    if saved is None:
+        return FEDAVG
+    return Aggregation(Rule(saved["rule"]), float(saved["trim"]), float(saved["bound"]))  # type: ignore[arg-type]
 
 
 class GroupStore:

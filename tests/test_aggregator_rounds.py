@@ -511,6 +511,17 @@ def test_a_store_of_another_member_count_is_refused(tmp_path: Path) -> None:
         make(3, store=GroupStore(tmp_path))
 
 
+def test_a_store_keeps_the_rule_and_refuses_another(tmp_path: Path) -> None:
+    median = Aggregation(Rule.MEDIAN)
+    first, _ = make(3, store=GroupStore(tmp_path), aggregation=median)
+    first.join("g", 1, SPLITFED, state(0))
+    with pytest.raises(ValueError, match="group 'g' was combined by median, this aggregator by fedavg: restart it "
+                       "with --aggregation median"):  # fmt: skip
+        make(3, store=GroupStore(tmp_path))
+    again, _ = make(3, store=GroupStore(tmp_path), aggregation=median)  # the same rule: resumed
+    assert again.join("g", 2, SPLITFED, None).round == 0
+
+
 def test_a_store_missing_the_open_rounds_start_is_named(tmp_path: Path) -> None:
     rounds, _ = make(2, store=GroupStore(tmp_path))
     rounds.join("g", 1, SPLITFED, state(0))
