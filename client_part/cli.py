@@ -477,6 +477,7 @@ class Outcome:
     elapsed: float
     session: str
     start_step: int
+    link: dict[str, Any] | None = None
 
 
 def run(config: ClientConfig, interrupts: Interrupts | None = None) -> dict[str, float]:
@@ -619,12 +620,27 @@ def train_and_test(client: SplitClient, config: ClientConfig, data: Data) -> Out
         )
         elapsed = time.perf_counter() - started
         test = client.evaluate(*data.test, batch_size=config.batch_size)
+        link = measure_link(client)
         save_parts(client, config)
         session = client.session_id
         client.end_session()
     if tensorboard:
         tensorboard.close()
-    return Outcome(history, test, elapsed, session, start_step)
+    return Outcome(history, test, elapsed, session, start_step, link)
+
+
+def measure_link(client: SplitClient) -> dict[str, Any] | None:
+    """The link the run trained over (round trip, throughput each way), for the summary; None if the server
+    cannot be probed (one that predates `Probe`)."""
+    from client_part.transport import RemoteError
+
+    try:
+        estimate = client.measure_link()
+    except RemoteError as error:
+        log.warning("the link was not measured: %s", error)
+        return None
+    log.info("link to %s: %s", client.target, estimate.describe())
+    return estimate.as_dict()
 
 
 def save_parts(client: SplitClient, config: ClientConfig) -> None:
@@ -682,7 +698,15 @@ def report(client: SplitClient, config: ClientConfig, outcome: Outcome) -> None:
     history, test, session = outcome.history, outcome.test, outcome.session
     totals = client.meter.totals
     result = summary.summarize(
-        history.history, test, totals, history.epoch, outcome.elapsed, config.epochs, client.step, outcome.start_step
+        history.history,
+        test,
+        totals,
+        history.epoch,
+        outcome.elapsed,
+        config.epochs,
+        client.step,
+        outcome.start_step,
+        outcome.link,
     )
     print("\n" + summary.headline(result))
     print(f"session {session} (ended on the server)")

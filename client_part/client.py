@@ -10,12 +10,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from client_part import batches, retry
+from client_part import batches, link_probe, retry
 from client_part.callbacks import Callbacks
 from client_part.checkpoints import ClientCheckpoints
 from client_part.exchange import StepExchange
 from client_part.leakage import ClientLeakage, MeteredLink
 from client_part.link import Link
+from client_part.link_probe import LinkEstimate
 from client_part.loop import EpochLoop, FitRun, logs_of
 from client_part.position import Position
 from client_part.privacy import GaussianNoise, NoisyLink
@@ -249,6 +250,14 @@ class SplitClient:
     def connect(self) -> Agreement:
         """Wait for the server (bounded by `connect_timeout`) and agree on the cut; idempotent."""
         return self._session.connect()
+
+    def measure_link(self, size: int = 1 << 20, rounds: int = 5) -> LinkEstimate:
+        """The round trip and the throughput each way to the server, from `Probe` calls on this client's channel
+        (client_part/link_probe.py); `size` is capped by what the agreed batch limit lets the server send back."""
+        agreement = self.connect()
+        spec = self.trainer.iv_spec
+        cap = min(self.max_batch_size, agreement.max_batch_size) * spec.sample_bytes
+        return link_probe.measure(self._transport.probe, max(min(size, cap), 1), rounds)
 
     def end_session(self, contribute_samples: int = 0) -> None:
         """Tell the server this run is over: it applies its last update, saves a checkpoint of the final step (if

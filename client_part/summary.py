@@ -17,6 +17,7 @@ def summarize(
     session_epochs: int,
     session_steps: int,
     start_step: int = 0,
+    link: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What this run trained (`epochs`: the epoch indices it trained in, from 0; `totals`: its steps), final
     metrics, throughput, bytes per step, where the step time went, and what the session holds in all (after a
@@ -38,6 +39,7 @@ def summarize(
         "network_seconds": totals.network_seconds,
         "compute_seconds": totals.compute_seconds,
         "other_seconds": max(seconds - totals.seconds, 0.0),
+        "link": dict(link) if link is not None else None,
     }
 
 
@@ -87,6 +89,12 @@ def table(summary: Mapping[str, Any]) -> str:
     for what in ("network", "compute", "other"):
         value = summary[f"{what}_seconds"]
         rows.append((f"time in {what}", f"{value:.2f} s ({100 * value / seconds:.0f}%)"))
+    link = summary.get("link")
+    if link:
+        rows.append(("link round trip", f"{link['rtt_ms']:.2f} ms"))
+        for way in ("up", "down"):
+            rate = link[f"{way}_mbit_s"]
+            rows.append((f"link {way}", f"{rate:,.0f} Mbit/s" if rate is not None else "faster than the probe tells"))
     width = max(len(name) for name, _ in rows)
     value_width = max(len(value) for _, value in rows)
     rule = "-" * (width + value_width + 3)

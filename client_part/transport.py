@@ -396,6 +396,16 @@ class Transport:
         except grpc.RpcError as error:
             raise RemoteError("evaluate refused", error) from None
 
+    def probe(self, up_bytes: int, down_bytes: int) -> float:
+        """One link probe (`up_bytes` up, `down_bytes` back): its round trip in seconds."""
+        request = pb.ProbeRequest(padding=bytes(up_bytes), reply_bytes=down_bytes)
+        started = time.perf_counter()
+        try:
+            self._stub.Probe(request, timeout=self.rpc_timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise RemoteError("link probe refused", error) from None
+        return time.perf_counter() - started
+
     def predict(self, iv: np.ndarray, step: int | None = None) -> np.ndarray:
         request = pb.PredictRequest(
             session_id=self.joined.session_id, iv=codec.to_proto(iv, self.joined.encoding), step=step

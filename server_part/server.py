@@ -215,7 +215,10 @@ class SplitServer:
         self.host = Host(
             self._host_config(),
             # The aggregator first: it stops (no more rounds) before the sessions are unloaded.
-            [*([self.aggregator] if self.aggregator is not None else []), SessionsMount(self.sessions)],
+            [
+                *([self.aggregator] if self.aggregator is not None else []),
+                SessionsMount(self.sessions, self.max_reply_bytes - MESSAGE_OVERHEAD),
+            ],
             self.telemetry.registry,
             [TelemetryInterceptor(SPLIT_SERVICE, self.telemetry, compute_seconds)],
         )

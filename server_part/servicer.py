@@ -22,7 +22,7 @@ from splitlearning.contract import (
     mode_to_proto,
     spec_from_proto,
 )
-from splitlearning.errors import InvalidRequest, PreconditionFailed
+from splitlearning.errors import InvalidRequest, PreconditionFailed, TooLarge
 from splitlearning.groups import Membership
 from splitlearning.optimizers import OptimizerSettings
 from splitlearning.protocol import CLIENT_ID_METADATA_KEY, MAX_ID_LENGTH, SPLIT_SERVICE
@@ -40,8 +40,21 @@ TrainReply = framing.Outgoing[pb.TrainResponse]
 class SplitLearningServicer:
     """The service's handlers; registered by `add_to_server` (Train's messages go through `framing`)."""
 
-    def __init__(self, sessions: SessionRegistry) -> None:
+    def __init__(self, sessions: SessionRegistry, probe_limit: int = 0) -> None:
         self._sessions = sessions
+        self._probe_limit = probe_limit  # the most padding a Probe's reply may carry
+
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+        def run() -> pb.ProbeResponse:
+            self._sessions.check_running()
+            if request.reply_bytes > self._probe_limit:
+                raise TooLarge(
+                    f"reply_bytes {request.reply_bytes:,} is over this server's probe limit {self._probe_limit:,} "
+                    "(its reply limit less 64 KiB)"
+                )
+            return pb.ProbeResponse(padding=bytes(request.reply_bytes))
+
+        return guard(context, run)
 
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
         return guard(context, lambda: self._handshake(request))
@@ -270,11 +283,12 @@ class SessionsMount:
     service_names = (SPLIT_SERVICE,)
     max_message_bytes = 0  # the server sizes its limits from the cut contract (SplitServer.max_message_bytes)
 
-    def __init__(self, sessions: SessionRegistry) -> None:
+    def __init__(self, sessions: SessionRegistry, probe_limit: int = 0) -> None:
         self.sessions = sessions
+        self.probe_limit = probe_limit
 
     def add_to(self, server: grpc.Server) -> None:
-        add_to_server(SplitLearningServicer(self.sessions), server)
+        add_to_server(SplitLearningServicer(self.sessions, self.probe_limit), server)
 
     def start(self) -> None:
         self.sessions.start()

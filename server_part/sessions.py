@@ -458,6 +458,10 @@ class SessionRegistry:
             except Exception:  # a failed save must not end expiry for every other session
                 log.exception("expiring idle sessions failed")
 
+    def check_running(self) -> None:
+        """ShuttingDown (UNAVAILABLE) once the server is stopping."""
+        self._check_running()
+
     def _check_running(self) -> None:
         if self._stopping:
             raise ShuttingDown("the server is shutting down; retry when it is back")

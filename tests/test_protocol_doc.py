@@ -245,6 +245,12 @@ def case_busy(peer: Peer) -> None:
         end()
 
 
+def case_probe_reply(peer: Peer) -> None:
+    limit = LIMIT * CUT_DIM * 4  # the reply limit less 64 KiB: a batch of dLoss/dIV (wider than the outputs)
+    peer.stub.Probe(pb.ProbeRequest(reply_bytes=limit), timeout=TIMEOUT, metadata=AUTH)  # the most it may ask
+    peer.stub.Probe(pb.ProbeRequest(reply_bytes=limit + 1), timeout=TIMEOUT, metadata=AUTH)
+
+
 def case_stopping(peer: Peer) -> None:
     peer.split.sessions.stop()
     peer.handshake()
@@ -529,6 +535,7 @@ CASES: dict[str, tuple[Callable[[Peer], None], dict[str, Any]]] = {
     "busy": (case_busy, {"max_workers": 1}),
     "stopping": (case_stopping, {}),
     "bug": (case_bug, {}),
+    "probe-reply": (case_probe_reply, {}),
     "version": (case_version, {}),
     "mode": (case_mode, {}),
     "contract": (case_contract, {}),

@@ -892,6 +892,52 @@ class PredictResponse(_message.Message):
 Global___PredictResponse: _TypeAlias = PredictResponse  # noqa: Y015
 
 @_typing.final
+class ProbeRequest(_message.Message):
+    """A link probe: the client times a few of these to measure the round trip and the throughput each way."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PADDING_FIELD_NUMBER: _builtins.int
+    REPLY_BYTES_FIELD_NUMBER: _builtins.int
+    padding: _builtins.bytes
+    """Bytes the request carries (their content is ignored); within the server's request limit."""
+    reply_bytes: _builtins.int
+    """Bytes of padding the reply must carry: at most the server's reply limit less 64 KiB, else RESOURCE_EXHAUSTED."""
+    def __init__(
+        self,
+        *,
+        padding: _builtins.bytes = ...,
+        reply_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["padding", b"padding", "reply_bytes", b"reply_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeRequest: _TypeAlias = ProbeRequest  # noqa: Y015
+
+@_typing.final
+class ProbeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PADDING_FIELD_NUMBER: _builtins.int
+    padding: _builtins.bytes
+    """`reply_bytes` zero bytes."""
+    def __init__(
+        self,
+        *,
+        padding: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["padding", b"padding"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeResponse: _TypeAlias = ProbeResponse  # noqa: Y015
+
+@_typing.final
 class ModelState(_message.Message):
     """A part's state as it travels between a member and the aggregator."""
 

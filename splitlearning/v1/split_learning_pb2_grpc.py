@@ -60,6 +60,11 @@ class SplitLearningServiceStub:
                 request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/splitlearning.v1.SplitLearningService/Probe',
+                request_serializer=splitlearning_dot_v1_dot_split__learning__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.ProbeResponse.FromString,
+                _registered_method=True)
 
 
 class SplitLearningServiceServicer:
@@ -106,6 +111,14 @@ class SplitLearningServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Measures the link (docs/protocol.md, "Probe"): `padding` travels up, `reply_bytes` of padding come back. No
+        session; nothing changes on the server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitLearningServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +146,11 @@ def add_SplitLearningServiceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionRequest.FromString,
                     response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=splitlearning_dot_v1_dot_split__learning__pb2.ProbeRequest.FromString,
+                    response_serializer=splitlearning_dot_v1_dot_split__learning__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +289,33 @@ class SplitLearningService:
             '/splitlearning.v1.SplitLearningService/CloseSession',
             splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionRequest.SerializeToString,
             splitlearning_dot_v1_dot_split__learning__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlearning.v1.SplitLearningService/Probe',
+            splitlearning_dot_v1_dot_split__learning__pb2.ProbeRequest.SerializeToString,
+            splitlearning_dot_v1_dot_split__learning__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,10 @@ class SplitLearningServiceStub:
     when it has checkpoints (a handshake naming it resumes it). Closing a session that is not in memory but has
     checkpoints succeeds (steps 0, checkpointed true). A server also unloads sessions that stay idle too long.
     """
+    Probe: _grpc.UnaryUnaryMultiCallable[_split_learning_pb2.ProbeRequest, _split_learning_pb2.ProbeResponse]
+    """Measures the link (docs/protocol.md, "Probe"): `padding` travels up, `reply_bytes` of padding come back. No
+    session; nothing changes on the server.
+    """
 
 @_typing.type_check_only
 class SplitLearningServiceAsyncStub(SplitLearningServiceStub):
@@ -77,6 +81,10 @@ class SplitLearningServiceAsyncStub(SplitLearningServiceStub):
     step (when it keeps checkpoints) and frees its memory. Later requests naming it are NOT_FOUND, or ABORTED
     when it has checkpoints (a handshake naming it resumes it). Closing a session that is not in memory but has
     checkpoints succeeds (steps 0, checkpointed true). A server also unloads sessions that stay idle too long.
+    """
+    Probe: _aio.UnaryUnaryMultiCallable[_split_learning_pb2.ProbeRequest, _split_learning_pb2.ProbeResponse]  # type: ignore[assignment]
+    """Measures the link (docs/protocol.md, "Probe"): `padding` travels up, `reply_bytes` of padding come back. No
+    session; nothing changes on the server.
     """
 
 class SplitLearningServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -127,6 +135,16 @@ class SplitLearningServiceServicer(metaclass=_abc_1.ABCMeta):
         step (when it keeps checkpoints) and frees its memory. Later requests naming it are NOT_FOUND, or ABORTED
         when it has checkpoints (a handshake naming it resumes it). Closing a session that is not in memory but has
         checkpoints succeeds (steps 0, checkpointed true). A server also unloads sessions that stay idle too long.
+        """
+
+    @_abc_1.abstractmethod
+    def Probe(
+        self,
+        request: _split_learning_pb2.ProbeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_split_learning_pb2.ProbeResponse, _abc.Awaitable[_split_learning_pb2.ProbeResponse]]:
+        """Measures the link (docs/protocol.md, "Probe"): `padding` travels up, `reply_bytes` of padding come back. No
+        session; nothing changes on the server.
         """
 
 def add_SplitLearningServiceServicer_to_server(servicer: SplitLearningServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
