@@ -1,7 +1,8 @@
 # One image for every role of a split model: `split-server` (second part + loss), `split-client` (first part +
-# data) and `split-aggregator` (the rounds of multi-client training); docker-compose.yml runs one server and one
-# client, docker-compose.multi.yml a server, an aggregator and three clients. CPU TensorFlow by default; for the
-# GPU image:
+# data), `split-aggregator` (the rounds of multi-client training), and a vertical split's `split-label-party` and
+# `split-feature-party`; docker-compose.yml runs one server and one client, docker-compose.multi.yml a server, an
+# aggregator and three clients, docker-compose.vertical.yml a label party and two feature parties. CPU TensorFlow
+# by default; for the GPU image:
 #
 #   docker build --build-arg TF_EXTRA=gpu -t splitlearning:gpu .
 #
@@ -33,6 +34,8 @@ COPY splitlearning ./splitlearning
 COPY client_part ./client_part
 COPY server_part ./server_part
 COPY aggregator ./aggregator
+COPY label_party ./label_party
+COPY feature_party ./feature_party
 RUN --mount=type=secret,id=pip-ca,required=false \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && if [ -z "${PIP_INDEX_URL}" ]; then unset PIP_INDEX_URL; fi \
@@ -43,7 +46,7 @@ RUN --mount=type=secret,id=pip-ca,required=false \
 FROM ${PYTHON_IMAGE}
 ARG TF_EXTRA=cpu
 LABEL org.opencontainers.image.title="splitlearning" \
-      org.opencontainers.image.description="Split learning over gRPC: split-server, split-client, split-aggregator" \
+      org.opencontainers.image.description="Split learning over gRPC: split-server, split-client, split-aggregator, split-label-party, split-feature-party" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.splitlearning.tensorflow="${TF_EXTRA}"
 COPY --from=build /opt/venv /opt/venv

@@ -90,9 +90,10 @@ def positive(text: str) -> float:
 
 def add(parser: Flags, flag: str, **kwargs: Any) -> None:
     """Add `flag` to `parser` (or one of its `groups`) with a default from its environment variable (for
-    compose files) when set."""
+    compose files) when set; a required flag is then given by the variable."""
     variable = env_name(flag)
     if variable in os.environ:
+        kwargs["required"] = False
         raw = os.environ[variable]
         if kwargs.get("action") == "store_true":
             kwargs["default"] = raw.strip().lower() in ("1", "true", "yes", "on")

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
 GPU_COMPOSE_FILE = REPO / "docker-compose.gpu.yml"
 MULTI_COMPOSE_FILE = REPO / "docker-compose.multi.yml"
+VERTICAL_COMPOSE_FILE = REPO / "docker-compose.vertical.yml"
 DOCKERFILE = REPO / "Dockerfile"
 # The prefix of every variable the CLIs read (splitlearning.cli.ENV_PREFIX, kept import-free here).
 ENV_PREFIX = "SPLIT_"
@@ -97,7 +98,8 @@ def services(config: dict[str, Any]) -> dict[str, Service]:
     for name, raw in config["services"].items():
         command = raw.get("command")
         assert isinstance(command, list), f"{name}: give `command` in exec form (a list), not a shell string"
-        environment = {str(key): "" if value is None else str(value) for key, value in raw["environment"].items()}
+        variables = raw.get("environment") or {}  # a one-shot service may set none
+        environment = {str(key): "" if value is None else str(value) for key, value in variables.items()}
         found[name] = Service(name, [str(arg) for arg in command], environment, raw)
     return found
 

@@ -12,6 +12,8 @@ import pytest
 
 from aggregator.cli import parse_args as aggregator_args
 from client_part.cli import parse_args as client_args
+from feature_party.cli import parse_args as feature_party_args
+from label_party.cli import parse_args as label_party_args
 from server_part.cli import parse_args as server_args
 from splitlearning import cli
 from splitlearning.aggregation import Aggregation, Rule
@@ -255,3 +257,29 @@ def test_the_aggregation_flags_state_one_rule_and_a_trimmed_mean_that_trims_noth
     assert "--aggregation: the trimmed mean's fraction must lie in (0, 0.5), got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--aggregation", "krum"])
+
+
+@pytest.mark.parametrize(
+    ("parse_args", "required"),
+    [
+        pytest.param(label_party_args, {"--data": "label.npz", "--parties": "left,right"}, id="split-label-party"),
+        pytest.param(
+            feature_party_args, {"--name": "left", "--data": "left.npz", "--server": "h:1"}, id="split-feature-party"
+        ),
+    ],
+)
+def test_a_required_flag_is_given_by_its_environment_variable(
+    parse_args: Callable[[list[str]], Any],
+    required: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As a compose file gives it (docker-compose.vertical.yml); without flag or variable it is still required."""
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "the following arguments are required: " + ", ".join(required) in capsys.readouterr().err
+    for flag, value in required.items():
+        monkeypatch.setenv(cli.env_name(flag), value)
+    config = parse_args([])
+    for flag, value in required.items():
+        assert str(getattr(config, flag[2:].replace("-", "_"))) == value, flag

@@ -4,6 +4,7 @@ gives a service is one that service's CLI accepts, and the Dockerfile builds the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import re
 import tomllib
@@ -13,13 +14,15 @@ from typing import Any
 
 import pytest
 
-from splitlearning import cli
+from splitlearning import cli, tables
+from splitlearning.protocol import VERTICAL_SERVICE
 from tests.deploy_compose import (
     COMPOSE_FILE,
     ENV_PREFIX,
     GPU_COMPOSE_FILE,
     MULTI_COMPOSE_FILE,
     REPO,
+    VERTICAL_COMPOSE_FILE,
     Service,
     compose_config,
     console_scripts,
@@ -30,9 +33,25 @@ from tests.deploy_compose import (
 )
 
 STATE_DIR = "/var/lib/splitlearning"
-FILES = {"cpu": (COMPOSE_FILE,), "gpu": (COMPOSE_FILE, GPU_COMPOSE_FILE), "multi": (MULTI_COMPOSE_FILE,)}
+FILES = {
+    "cpu": (COMPOSE_FILE,),
+    "gpu": (COMPOSE_FILE, GPU_COMPOSE_FILE),
+    "multi": (MULTI_COMPOSE_FILE,),
+    "vertical": (VERTICAL_COMPOSE_FILE,),
+}
 MEMBERS = ["member-1", "member-2", "member-3"]
-SERVICES = {"cpu": {"server", "client"}, "gpu": {"server", "client"}, "multi": {"server", "aggregator", *MEMBERS}}
+FEATURE_PARTIES = ["left", "right"]
+SERVICES = {
+    "cpu": {"server", "client"},
+    "gpu": {"server", "client"},
+    "multi": {"server", "aggregator", *MEMBERS},
+    "vertical": {"data", "label-party", *FEATURE_PARTIES},
+}
+# One-shot services that run Python code, not one of the CLIs (docker-compose.vertical.yml's `data` writes the
+# parties' files): no CLI checks their command; test_vertical_the_data_service_writes_... runs it.
+WRITERS = {"data"}
+# The service that builds the image in each file (the others run its tag): the one that starts first.
+BUILDERS = {"cpu": "server", "gpu": "server", "multi": "server", "vertical": "data"}
 # What a compose file could loosen about a container's isolation; none of the files sets any of them.
 LOOSENERS = {"user", "privileged", "cap_add", "security_opt", "network_mode", "pid", "ipc", "devices", "userns_mode"}
 
@@ -53,7 +72,8 @@ def env_flags(parse_args: Callable[[list[str]], Any], monkeypatch: pytest.Monkey
 
     with monkeypatch.context() as patch:
         patch.setattr(cli, "add", recording_add)
-        parse_args([])
+        with contextlib.suppress(SystemExit):  # every flag is added before a required one is missed
+            parse_args([])
     return found
 
 
@@ -85,6 +105,8 @@ def test_every_command_and_variable_is_accepted_by_the_cli(
     variant: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for service in services(resolved(*FILES[variant])).values():
+        if service.name in WRITERS:
+            continue
         parse_args = cli_module(service.command).parse_args
         accepted = env_flags(parse_args, monkeypatch)
         for variable in service.environment:
@@ -235,34 +257,39 @@ def test_multi_builds_the_image_docker_compose_yml_builds() -> None:
 
 @pytest.mark.parametrize("variant", list(FILES))
 def test_state_goes_to_named_volumes(variant: str) -> None:
-    """Every service that keeps state (checkpoints, the aggregator's rounds) keeps it in a named volume of its
-    own; one that keeps none (a group's member) mounts nothing."""
+    """Every service that keeps state (checkpoints, the aggregator's rounds, the vertical parties' files) keeps it
+    in a named volume of its own, read-write; one that reads another's (a vertical party its file) mounts that
+    volume read-only; one that keeps none (a group's member) mounts nothing."""
     config = resolved(*FILES[variant])
-    mounted = []
+    written: list[str] = []
+    read: list[str] = []
     for service in services(config).values():
-        paths = [value for value in service.environment.values() if value.startswith(STATE_DIR)]
+        paths = [value for value in [*service.environment.values(), *service.command] if STATE_DIR in value]
         mounts = [volume for volume in service.raw.get("volumes", []) if volume.split(":")[1] == STATE_DIR]
         if not paths:
             assert not service.raw.get("volumes"), f"{service.name}: mounts a volume it keeps nothing in"
             continue
         assert len(mounts) == 1, f"{service.name}: mount a named volume at {STATE_DIR}"
-        mounted.append(mounts[0].split(":")[0])
-    assert mounted, "no service keeps state"
-    assert len(set(mounted)) == len(mounted), "each service keeps its own state"
-    assert set(mounted) <= set(config["volumes"]), "named volumes, declared at the top level"
+        source, _, *mode = mounts[0].split(":")
+        (read if mode == ["ro"] else written).append(source)
+    assert written, "no service keeps state"
+    assert len(set(written)) == len(written), "each service keeps its own state"
+    assert set(read) <= set(written), "a service reads a volume that no service writes"
+    assert set(written) <= set(config["volumes"]), "named volumes, declared at the top level"
 
 
 @pytest.mark.parametrize("variant", list(FILES))
 def test_the_image_is_built_once_and_shared(variant: str) -> None:
     """One service builds the image and tags it; the others run that tag (two `build:`s build it twice)."""
     found = services(resolved(*FILES[variant]))
+    builder = BUILDERS[variant]
     builders = [service.name for service in found.values() if "build" in service.raw]
-    assert builders == ["server"], f"exactly one service builds the image, not {builders}"
-    assert len({service.raw["image"] for service in found.values()}) == 1, "all run the image the server built"
+    assert builders == [builder], f"exactly one service builds the image, not {builders}"
+    assert len({service.raw["image"] for service in found.values()}) == 1, f"all run the image {builder} built"
     for service in found.values():
-        if service.name != "server":
+        if service.name != builder:
             # Compose v1 makes each service's image in dependency order, and pulls a tag it cannot build.
-            assert "server" in service.raw["depends_on"], f"{service.name} is created before the server's build"
+            assert builder in service.raw["depends_on"], f"{service.name} is created before {builder}'s build"
 
 
 @pytest.mark.parametrize("variant", list(FILES))
@@ -327,8 +354,11 @@ def test_the_image_matches_the_compose_file() -> None:
     env = dict(pair for c in final if c.cmd == "ENV" for pair in zip(c.value[0::2], c.value[1::2], strict=True))
     assert env["PATH"].startswith("/opt/venv/bin:")
     every = [service for files in FILES.values() for service in services(resolved(*files)).values()]
-    commands = [s.command[0] for s in every] + [s.healthcheck["test"][1] for s in every if s.healthcheck]
+    commands = [s.command[0] for s in every if s.name not in WRITERS]
+    commands += [s.healthcheck["test"][1] for s in every if s.healthcheck]
     assert set(commands) <= set(console_scripts())
+    # A writer's `python` is the virtual environment's, which holds the project.
+    assert {s.command[0] for s in every if s.name in WRITERS} == {"python"}
 
 
 def test_the_image_holds_every_package_the_project_installs() -> None:
@@ -347,3 +377,62 @@ def test_the_image_holds_every_package_the_project_installs() -> None:
     allowed = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert "*" in allowed, ".dockerignore lets in only what it names"
     assert {f"!{package}/" for package in packages} <= allowed, ".dockerignore keeps a package out of the context"
+
+
+def test_vertical_the_data_service_writes_the_file_each_party_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The data service's code, run here with its volume moved under tmp_path: it writes every party's file where
+    that party's SPLIT_DATA names it, and each party's CLI settings read it back as the party expects."""
+    found = services(resolved(VERTICAL_COMPOSE_FILE))
+    data = found["data"]
+    assert data.command[:2] == ["python", "-c"] and len(data.command) == 3 and not data.environment
+    assert not data.healthcheck and "depends_on" not in data.raw, "it starts first and exits"
+    code = data.command[2].replace(STATE_DIR, str(tmp_path))
+    assert code != data.command[2]
+    exec(compile(code, "docker-compose.vertical.yml (data)", "exec"), {"__name__": "data"})
+    written = capsys.readouterr().out.split()
+    assert written == [str(tmp_path / f"{name}.npz") for name in ("label", *FEATURE_PARTIES)]
+
+    parsed = configs({name: found[name] for name in ("label-party", *FEATURE_PARTIES)}, monkeypatch, capsys)
+    read = {}
+    for name, config in parsed.items():
+        path = str(config.data)
+        assert path.startswith(f"{STATE_DIR}/"), f"{name} reads its file from the data volume"
+        label_column = config.label_column if name == "label-party" else None  # a feature party's CLI has none
+        columns = config.columns.split(",") if config.columns else None
+        moved = str(tmp_path) + path[len(STATE_DIR) :]
+        read[name] = tables.read_table(moved, id_column=config.id_column, label_column=label_column, columns=columns)
+    label = read["label-party"]
+    assert label.y is not None and label.x is None and len(label.ids) == 1797, "the digits' labels, every id"
+    for name in FEATURE_PARTIES:
+        table = read[name]
+        assert table.y is None and table.x is not None and table.x.shape == (1617, 32), f"{name}: half an image"
+        assert set(table.ids) <= set(label.ids)
+    assert read["left"].columns != read["right"].columns
+
+
+def test_vertical_feature_parties_start_when_the_label_party_is_healthy(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    found = services(resolved(VERTICAL_COMPOSE_FILE))
+    label = found["label-party"]
+    written = {"condition": "service_completed_successfully"}
+    assert label.raw["depends_on"] == {"data": written}
+    assert_health_checked(label, capsys)
+    probe = label.healthcheck["test"][1:]
+    assert parse(cli_module(probe).parse_args, probe[1:], capsys).service == VERTICAL_SERVICE
+    parsed = configs({name: found[name] for name in ("label-party", *FEATURE_PARTIES)}, monkeypatch, capsys)
+    assert parsed["label-party"].party_names == FEATURE_PARTIES
+    for name in FEATURE_PARTIES:
+        party = parsed[name]
+        assert found[name].raw["depends_on"] == {"data": written, "label-party": {"condition": "service_healthy"}}
+        assert not found[name].healthcheck, f"{name} trains and exits: nothing waits for its health"
+        assert party.name == name
+        assert party.server == f"label-party:{listening_port(label)}"
+        # Each states the label party's batch-order seed, and trains with the same optimizer.
+        for setting in ("seed", "optimizer", "learning_rate"):
+            assert getattr(party, setting) == getattr(parsed["label-party"], setting), (name, setting)
+    assert len({parsed[name].init_seed for name in FEATURE_PARTIES}) == len(FEATURE_PARTIES), "bottoms differ"
+    # Nothing published: the feature parties reach the label party on compose's own network.
+    assert not [name for name, service in found.items() if service.raw.get("ports")]
