@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import zlib
 from pathlib import Path
 
 from splitlearning import logs, tensorflow_setup
@@ -38,7 +39,13 @@ def parser() -> argparse.ArgumentParser:
     training = groups["training"]
     cli.add(training, "--optimizer", default="adam", help="any Keras optimizer name: sgd, adam, rmsprop, ...")
     cli.add(training, "--learning-rate", type=cli.positive, default=3e-3, help="the optimizer's learning rate")
-    cli.add(training, "--init-seed", type=cli.NON_NEGATIVE_INT, default=0, help="seed of the built-in bottom's weights")
+    cli.add(
+        training,
+        "--init-seed",
+        type=cli.NON_NEGATIVE_INT,
+        default=None,
+        help="seed of the built-in bottom's weights (default: one derived from --name, so parties differ)",
+    )
     cli.add(
         training,
         "--seed",
@@ -130,6 +137,8 @@ def run(flags: argparse.Namespace) -> int:
     if table.y is not None:
         log.warning("--data %s holds labels: a feature party never uses or sends them", flags.data)
     features = table.x.shape[1]
+    # Parties with the same columns' count must not start from the same weights unless asked to.
+    init_seed = flags.init_seed if flags.init_seed is not None else zlib.crc32(flags.name.encode()) % 2**31
     if flags.bottom is not None:
         path = flags.bottom
 
@@ -139,7 +148,7 @@ def run(flags: argparse.Namespace) -> int:
     else:
 
         def bottom() -> keras.Model:
-            return models.dense_bottom(features, flags.cut_width, flags.hidden, flags.init_seed, flags.name)
+            return models.dense_bottom(features, flags.cut_width, flags.hidden, init_seed, flags.name)
 
     tls = security.client_tls(flags.tls_cert, flags.tls_key, flags.tls_ca, flags.tls_server_name, flags.tls)
     token = security.read_token(flags.auth_token_file) if flags.auth_token_file else None
