@@ -183,6 +183,7 @@ class SplitClient:
             self._stop.is_set,
             micro_batches,
             self.trainer.iv_spec,
+            self.leakage.sent if self.leakage.input is not None else None,
         )
         self.trainer.exchange_with(self._steps.train, self._steps.pipeline())
         self._loop = EpochLoop(

@@ -30,7 +30,8 @@ class StepExchange:
     """Steps of `session` over `link` (the pipelined path sends on `transport` itself: standard cut, no noise).
 
     `micro_batches` > 1 pipelines each step; `iv` is the cut's spec (a part of a batch smaller than
-    `micro_batches` is empty, and so is its answer)."""
+    `micro_batches` is empty, and so is its answer); `sent` is shown each pipelined step's IV, once all of it
+    has been sent."""
 
     def __init__(
         self,
@@ -43,8 +44,10 @@ class StepExchange:
         stop: Callable[[], bool],
         micro_batches: int,
         iv: Spec,
+        sent: Callable[[np.ndarray], None] | None = None,
     ) -> None:
         self.micro_batches = micro_batches
+        self._shown = sent  # the pipelined step's whole IV, once sent (the leakage meter; `link` sees the rest)
         self.last_metrics: list[float] = []  # the running metrics after the last step (loss first)
         self._session = session
         self._link = link
@@ -112,6 +115,8 @@ class StepExchange:
 
         grad, metrics = retry.call(self._policy, f"step {step}, micro-batch {answered}", attempt, stop=self._stop)
         if k == max(i for i, sent in enumerate(self._sent) if sent):  # the step's last answer
+            if self._shown is not None:
+                self._shown(np.concatenate([part[0] for part in self._parts]))
             self._done(self._started, metrics)
         return grad
 

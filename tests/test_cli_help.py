@@ -64,6 +64,11 @@ CLIENT: dict[str, dict[str, Any]] = {
         "--auth-token-file": Path("t"),
         "--clip-norm": 1.5,
         "--noise-multiplier": 0.5,
+        "--nopeek-alpha": 0.25,
+        "--label-defence": "marvell",
+        "--label-defence-strength": 2.0,
+        "--no-leakage-meters": True,
+        "--leakage-samples": 3,
     },
     "observability": {
         "--log-level": "DEBUG",

@@ -70,6 +70,15 @@ def test_distance_correlation_of_related_and_unrelated_rows() -> None:
     )
 
 
+def test_the_meter_reads_about_zero_for_an_unrelated_iv_where_the_sample_statistic_does_not() -> None:
+    rng = np.random.default_rng(4)
+    x, unrelated = rng.normal(size=(64, 64)), rng.normal(size=(64, 32))
+    assert leakage.distance_correlation(x, unrelated) > 0.7  # the sample statistic's bias at 64 rows
+    assert abs(leakage.unbiased_distance_correlation(x, unrelated)) < 0.1
+    rotation, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+    assert leakage.unbiased_distance_correlation(x, 2.0 * x @ rotation - 1.0) == pytest.approx(1.0, abs=1e-9)
+
+
 def test_input_meter_samples_the_first_batches_of_each_epoch() -> None:
     meter = leakage.InputLeakMeter(samples=2)
     x = np.arange(24.0).reshape(8, 3)
@@ -80,6 +89,16 @@ def test_input_meter_samples_the_first_batches_of_each_epoch() -> None:
     assert meter.result() == {leakage.DCOR: pytest.approx(1.0)}
     meter.reset()
     assert meter.due() and np.isnan(meter.result()[leakage.DCOR])
+
+
+def test_one_hot_labels_are_scored_by_their_class() -> None:
+    one_hot = np.eye(3, dtype=np.float32)[[2, 0, 2, 1, 2]]
+    assert leakage.positive_class(one_hot) == 2
+    np.testing.assert_array_equal(leakage.positives_of(one_hot, 2), [True, False, True, False, True])
+    grads = np.where(leakage.positives_of(one_hot, 2)[:, None], 1.0, -1.0) * np.ones((5, 4))
+    meter = leakage.LabelLeakMeter(positive=2)
+    meter.add(grads, one_hot)
+    assert meter.result()[leakage.DIRECTION] == 1.0
 
 
 def test_positive_class() -> None:
