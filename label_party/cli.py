@@ -250,6 +250,9 @@ def run(flags: argparse.Namespace) -> int:
     log.info("label party serving on port %d for %s; %d ids", port, ", ".join(flags.party_names), len(table.ids))
     party.wait()
     party.stop()
+    if party.failed is not None:
+        log.error("the run cannot go on: %s", party.failed)
+        return 1
     trainer = party.trainer
     assert trainer is not None
     if flags.save_model is not None:

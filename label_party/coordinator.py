@@ -172,7 +172,8 @@ class Coordinator:
                 plan, defence=dataclasses.replace(plan.defence, positive=self.positive)
             )
         self._leak = {name: LabelLeakMeter(self.positive) for name in plan.parties} if plan.meters else {}
-        self.finished = threading.Event()
+        self.finished = threading.Event()  # training ended, or `failed`
+        self.failed: SplitError | None = None
 
     # -- alignment -------------------------------------------------------------------------------------------
 
@@ -222,24 +223,36 @@ class Coordinator:
                 try:
                     hub.match(party, self._requests[party], psi.Blinded(list(reblinded)))
                 except psi.NoCommonIds as error:  # no alignment can come of this run: every party hears it
-                    self._match.error = error
-                    self._cond.notify_all()
+                    self._fail(self._match, error)
                     raise
                 self._match.brought[party] = None
             if len(self._match.brought) == len(self.plan.parties):
                 try:
                     answers = {name: hub.result(name).positions for name in self.plan.parties}
-                except psi.NoCommonIds as error:
-                    self._match.error = error
-                    self._cond.notify_all()
+                    rows = np.array(hub.intersection_rows(), dtype=np.int64)
+                    if split_rows(len(rows), self.plan.test_fraction)[0] < 1:
+                        raise PreconditionFailed(
+                            f"{len(rows)} aligned rows leave none to train once {self.plan.test_fraction:g} of them "
+                            "are held out"
+                        )
+                except PreconditionFailed as error:
+                    self._fail(self._match, error)
                     raise
-                rows = np.array(hub.intersection_rows(), dtype=np.int64)
                 self._aligned(secrets.token_hex(16), rows)
                 self._match.answers = answers
                 self._cond.notify_all()
             self._wait(self._match, "the alignment", lambda: self._match.answers is not None)
             assert self._match.answers is not None and self.alignment is not None
             return self._match.answers[party], self.alignment
+
+    def _fail(self, meeting: _Meeting[Any], error: SplitError) -> None:
+        """The run cannot go on (no alignment can come of it): every waiting party hears `error`, and so does
+        whoever waits for the end (`failed`, `finished`)."""
+        meeting.error = error
+        self.failed = error
+        log.error("the run cannot go on: %s", error)
+        self._cond.notify_all()
+        self.finished.set()
 
     def _aligned(self, alignment: str, rows: np.ndarray) -> None:
         self.alignment, self.rows = alignment, rows

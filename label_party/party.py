@@ -191,8 +191,14 @@ class LabelParty:
         return port
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until training has ended (every step, and the last evaluation); True if it has."""
+        """Block until training has ended (every step, and the last evaluation) or cannot go on (`failed`: no
+        id common to every party, say); True if either happened."""
         return self.coordinator.finished.wait(timeout)
+
+    @property
+    def failed(self) -> Exception | None:
+        """Why the run cannot go on (it then never trains), or None."""
+        return self.coordinator.failed
 
     def stop(self, grace: float | None = 5.0) -> None:
         self.host.stop(grace)
@@ -206,4 +212,6 @@ class LabelParty:
                 raise TimeoutError(f"training did not end within {timeout} s")
         finally:
             self.stop()
+        if self.failed is not None:
+            raise RuntimeError(f"the run cannot go on: {self.failed}")
         return self.history

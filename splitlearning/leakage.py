@@ -9,15 +9,16 @@ numpy only; each party computes them from what it already holds, and nothing is 
   - *direction*: the score is the cosine between the gradient and the one of a known example of the positive
     class in the same batch (with one logit, the two classes' gradients point in opposite directions).
   The AUC reported is max(AUC, 1 - AUC): a receiver that knows which side is which (0.5: no better than a coin;
-  1.0: every label told). Positive class: 1 for binary labels (0/1, any shape with one value per example); for
-  class ids, one class against the rest: the most frequent one of the labels the meter is built with (stated in
-  `LabelLeakMeter.positive`).
+  1.0: every label told). Labels are class ids (0/1, or more classes; floats rounded) or one-hot (or
+  probability) rows, scored by their argmax class (`class_ids`). Positive class: 1 for binary labels; otherwise
+  one class against the rest, the most frequent one of the labels the meter is built with
+  (`LabelLeakMeter.positive`).
 - **Input leakage** (Vepakomma et al., NoPeek, 2020): the distance correlation between a batch's raw inputs and
   the IV sent for them (each flattened per example): 1 when one is a similarity transform of the other. The
   meter reports the bias-corrected statistic R* (Szekely and Rizzo 2014; an unbiased estimate of the squared
-  distance correlation), about 0 for an IV independent of the input at any batch size; the plain sample statistic (`distance_correlation`, the one NoPeek's loss uses)
-  reads well above 0 for independent data in a batch of 64. The meter samples the first `samples` batches of
-  each epoch and reports their mean.
+  distance correlation), about 0 for an IV independent of the input at any batch size; the plain sample
+  statistic (`distance_correlation`, the one NoPeek's loss uses) reads well above 0 for independent data in a
+  batch of 64. The meter samples the first `samples` batches of each epoch and reports their mean.
 """
 
 from __future__ import annotations

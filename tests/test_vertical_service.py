@@ -382,6 +382,7 @@ def no_common_ids() -> dict[str, str]:
         reblinded = member.reblind(psi.Blinded(list(offer.offer)))
         error = raw.refused("Match", pb.MatchRequest(party="a", reblinded=reblinded.points), None)
         assert error.code() is FAILED and "holds none" in (error.details() or ""), error
+        assert label.wait(5) and label.failed is not None  # the run cannot go on: the label party ends too
         return {"no-common": error.code().name}
     finally:
         raw.channel.close()
