@@ -15,9 +15,9 @@ numpy only; each party computes them from what it already holds, and nothing is 
 - **Input leakage** (Vepakomma et al., NoPeek, 2020): the distance correlation between a batch's raw inputs and
   the IV sent for them (each flattened per example): 1 when one is a similarity transform of the other. The
   meter reports the bias-corrected statistic R* (Szekely and Rizzo 2014; an unbiased estimate of the squared
-  distance correlation), about 0 for an IV independent of the input at any batch size; the plain sample statistic (`distance_correlation`, the one NoPeek's loss uses)
-  reads well above 0 for independent data in a batch of 64. The meter samples the first `samples` batches of
-  each epoch and reports their mean.
+  distance correlation), about 0 for an IV independent of the input at any batch size; the plain sample
+  statistic (`distance_correlation`, the one NoPeek's loss uses) reads well above 0 for independent data in a
+  batch of 64. The meter samples the first `samples` batches of each epoch and reports their mean.
 """
 
 from __future__ import annotations
