@@ -254,7 +254,9 @@ class FeatureParty:
         if self._inputs is not None and self.input_meter is not None:  # once, though a step may be sent again
             self.input_meter.add(self._inputs, iv)
             self._inputs = None
-        reply = self.link.step(pb.VerticalStepRequest(ticket=self._ticket, step=self._step, iv=codec.to_proto(iv)))
+        request = pb.VerticalStepRequest(ticket=self._ticket, step=self._step)
+        codec.write(iv, request.iv)  # in place: no copy of a finished tensor message
+        reply = self.link.step(request)
         gradient = codec.from_proto(reply.gradient, "gradient")
         if gradient.shape != iv.shape:
             raise RuntimeError(f"the label party's gradient is shaped {gradient.shape}, the IV {iv.shape}")

@@ -155,6 +155,7 @@ class Coordinator:
         self.generation = 0
         self._tickets: dict[str, tuple[str, int]] = {}  # ticket -> (party, generation)
         self._joining: _Meeting[list[int]] | None = None
+        self._joined: _Meeting[list[int]] | None = None  # the join that opened the current generation
         # Training.
         self.position = 0  # steps applied
         self._step: _Meeting[np.ndarray] = _Meeting(0)
@@ -310,6 +311,20 @@ class Coordinator:
             if self.plan.fuse is not Fuse.CONCAT and self._specs and iv not in self._specs.values():
                 other = next(iter(self._specs.values()))
                 raise PreconditionFailed(f"{party}: fuse={self.plan.fuse.value} needs equal IVs: {iv}, others {other}")
+            joined = self._joined
+            if (
+                self._joining is None
+                and joined is not None
+                and joined.answers is not None
+                and party in joined.answers
+                and joined.answers[party][2] == self.position
+                and self.position in restorable
+            ):
+                # A Join again before this generation has applied a step, from a party that can stand where it
+                # stands (its answer was lost, or it gave up waiting while the others came): the same answer, not a
+                # new generation that would send every party back to the join.
+                ticket, index, step = joined.answers[party]
+                return Joined(ticket, index, step, order)
             if self._joining is None:
                 self._joining = _Meeting(self.generation + 1)
                 if self._tickets:
@@ -364,6 +379,7 @@ class Coordinator:
             answers[name] = (ticket, index, step)
         meeting.answers = answers
         self._joining = None
+        self._joined = meeting
         log.info(
             "generation %d: all %d feature parties joined; training resumes at step %d", meeting.key, len(answers), step
         )
@@ -422,8 +438,7 @@ class Coordinator:
                 raise Finished(f"training has ended at step {self.position}: no step {step}")
             if step != self.position:
                 raise PreconditionFailed(f"{party}: step {step}, but the label party expects step {self.position}")
-            rows = len(order.train_rows_of(step))
-            self._check_iv(party, iv, rows, f"step {step}")
+            self._check_iv(party, iv, order.rows_in(step), f"step {step}")
             meeting = self._step
             meeting.brought[party] = iv
             if len(meeting.brought) == len(self.plan.parties):
@@ -586,6 +601,8 @@ class Coordinator:
         count = spec.check_batch(iv, f"{party}'s IV of {what}")
         if count != rows:
             raise InvalidRequest(f"{party}'s IV of {what}: {count} rows, expected {rows}")
+        if iv.dtype.kind == "f" and not np.isfinite(iv).all():  # one would spoil every party's weights
+            raise InvalidRequest(f"{party}'s IV of {what} holds NaN or infinite values")
 
     def _wait(self, meeting: _Meeting[Any], what: str, done: Callable[[], bool]) -> None:
         """Wait (the lock held by the caller) until `done`, or fail naming who has not come."""

@@ -67,6 +67,13 @@ class BatchOrder:
         """Whether step `step` is the last of its epoch (an evaluation follows it)."""
         return (step + 1) % self.steps_per_epoch == 0
 
+    def rows_in(self, step: int) -> int:
+        """How many rows step `step` trains on (without working out the epoch's order)."""
+        if not 0 <= step < self.total_steps:
+            raise ValueError(f"step {step} is outside 0..{self.total_steps - 1}")
+        start = (step % self.steps_per_epoch) * self.batch_size
+        return min(self.batch_size, self.train_rows - start)
+
     def train_rows_of(self, step: int) -> np.ndarray:
         """The aligned rows step `step` trains on, in batch order."""
         if not 0 <= step < self.total_steps:

@@ -1,7 +1,8 @@
 """Vertical split learning over real gRPC on 127.0.0.1: a `LabelParty` serving, a `FeatureParty` training
 against it (the alignment by PSI, the join, every step and evaluation), equal to the uncut model's `fit` on the
 aligned rows in the agreed batch order; and the label party's refusals of bad calls, each with its status and
-no change of state (docs/vertical.md, "The wire").
+no change of state (docs/vertical.md, "The wire"). Calls that meet the other parties are retried on UNAVAILABLE,
+as a party does (a party late at a meeting under load is not what these tests are about).
 
 One feature party in this process: its compiled step holds one of TensorFlow's inter-op threads while it waits
 for its gradient, and the label party's step (in a gRPC thread of this process) runs on the other. Several
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,17 @@ class Raw:
             self.call(method, request, party)
         return caught.value
 
+    @staticmethod
+    def retrying(call: Callable[[], Any], attempts: int = 5) -> Any:
+        """`call` again while it fails UNAVAILABLE (another party late at the meeting), as a party does."""
+        for attempt in range(attempts):
+            try:
+                return call()
+            except grpc.RpcError as error:
+                if error.code() is not grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def align(self, names: list[str], ids: list[str]) -> dict[str, pb.MatchResponse]:
         """Both parties' PSI at once (Match answers when every party has matched)."""
         results: dict[str, pb.MatchResponse] = {}
@@ -197,7 +209,8 @@ class Raw:
                 "Align", pb.AlignRequest(protocol_version=1, party=name, blinded=member.request().points), name
             )
             reblinded = member.reblind(psi.Blinded(list(offer.offer)))
-            results[name] = self.call("Match", pb.MatchRequest(party=name, reblinded=reblinded.points), name)
+            match = pb.MatchRequest(party=name, reblinded=reblinded.points)
+            results[name] = self.retrying(lambda: self.call("Match", match, name))
 
         threads = [threading.Thread(target=one, args=(name,)) for name in names]
         for thread in threads:
@@ -211,7 +224,8 @@ class Raw:
 
         def one(name: str) -> None:
             try:
-                results[name] = self.call("Join", join_request(name, alignment, **overrides), name)
+                request = join_request(name, alignment, **overrides)
+                results[name] = self.retrying(lambda: self.call("Join", request, name))
             except grpc.RpcError as error:
                 results[name] = error
 
@@ -327,11 +341,15 @@ def test_refusals_before_and_during_training(served: tuple[LabelParty, Raw]) -> 
     tickets = {name: reply.ticket for name, reply in joined.items()}
     assert all(isinstance(reply, pb.JoinResponse) for reply in joined.values()), joined
     assert joined["a"].step == 0 and joined["a"].train_rows == 40 and joined["a"].seed == 5
+    # A Join again before any step (a lost answer, a party that gave up waiting): the same answer, b undisturbed.
+    assert raw.call("Join", join_request("a", alignment)) == joined["a"]
     # Steps that do not fit: another step, a wrong row count, a wrong shape, another party's slot.
     seen("step", raw.refused("Step", step_request(tickets["a"], 1, 8)), FAILED, "expects step 0")
     seen("iv", raw.refused("Step", step_request(tickets["a"], 0, 7)), INVALID, "7 rows, expected 8")
     shape = pb.VerticalStepRequest(ticket=tickets["a"], step=0, iv=codec.to_proto(np.zeros((8, 3), np.float32)))
     seen("iv", raw.refused("Step", shape), INVALID)
+    nan = pb.VerticalStepRequest(ticket=tickets["a"], step=0, iv=codec.to_proto(np.full((8, 2), np.nan, np.float32)))
+    seen("iv", raw.refused("Step", nan), INVALID, "NaN")
     seen("wrong-party", raw.refused("Step", step_request(tickets["b"], 0, 8), party="a"), DENIED, "'b'")
     evaluate = pb.VerticalEvaluateRequest(
         ticket=tickets["a"], step=0, batch=0, iv=codec.to_proto(np.zeros((8, 2), np.float32))
