@@ -7,8 +7,9 @@ gRPC on loopback) against the uncut model on the joined table, in the same run o
 Data: a synthetic table of `--rows` people (default 8,192), `--features` float columns per feature party
 (default 16) and `--classes` labels (default 10, from a random linear map of all the columns, so the task is
 learnable). Every party holds every id, each in an order of its own, so the alignment (the private set
-intersection) keeps all of them; its time is printed per run, and benchmarks/psi.py measures it on its own
-(docs/vertical.md, "Measured").
+intersection) keeps all of them. The first run of each party count aligns by PSI and its time is printed; the
+later runs of as many parties (the other batch sizes) resume that alignment from their state folders, as a
+restarted party does (benchmarks/psi.py measures the alignment on its own: docs/vertical.md, "Measured").
 
 Models, as the CLIs build them: each feature party `models.dense_bottom(features, cut_width, hidden)`, the label
 party `models.dense_top(hidden, classes)` over the concatenated IVs (no columns of its own), Adam everywhere.
@@ -22,7 +23,8 @@ For each (batch, k), in this order:
   deferred XLA update included) and back-propagates the returned dLoss/dIV (as tests/vertical_support.py);
 - **split**: a `LabelParty` serving in this process (its gRPC server's threads run its steps) and one
   `python -m feature_party` process per feature party (several cannot share a process: each blocks a
-  TensorFlow inter-op thread while it waits for its gradient), `--test-fraction 0` so no evaluation runs.
+  TensorFlow inter-op thread while it waits for its gradient), `--test-fraction 0` so no evaluation runs, each
+  party with a `--state-dir` of the run's own and no checkpoints but the first and the last (untimed).
 
 Every rate is steady state: the first epoch (tracing, XLA compilation, the processes' start) is not timed. The
 split's clock runs from the end of epoch 1 to the end of the last (the label party's `on_epoch`), over at least
@@ -41,6 +43,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,7 +69,7 @@ tensorflow_setup.load(verbose=False)
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from label_party.coordinator import EpochRecord  # noqa: E402
+from label_party.coordinator import ALIGNMENT_FILE, EpochRecord  # noqa: E402
 from label_party.party import LabelParty  # noqa: E402
 from splitlearning import codec, models  # noqa: E402
 from splitlearning.batch_order import BatchOrder  # noqa: E402
@@ -242,8 +245,9 @@ def in_process_seconds(setup: Setup, table: Table, parties: int, order: BatchOrd
 @dataclass
 class SplitRun:
     seconds_per_step: float
-    blinding: float  # the label party's own ids, before it serves
-    aligning: float  # the slowest feature party's align(): its hashing, the exchange, the wait for the others
+    # The alignment's time, where this run aligned (None: it resumed an earlier run's alignment).
+    blinding: float | None  # the label party's own ids, before it serves
+    aligning: float | None  # the slowest feature party's align(): its hashing, the exchange, the wait for the others
     timers: LabelTimers
 
 
@@ -311,8 +315,19 @@ class LabelTimers:
         }
 
 
-def split_run(setup: Setup, table: Table, parties: int, order: BatchOrder, folder: Path) -> SplitRun:
+def split_run(
+    setup: Setup, table: Table, parties: int, order: BatchOrder, folder: Path, alignments: dict[int, Path]
+) -> SplitRun:
+    """One split run. Every party keeps its state under a folder of this run's own (--state-dir, no checkpoints
+    but the first and the last); the first run of `parties` aligns by PSI and leaves its folder in `alignments`,
+    later runs of as many parties start from its alignment files (as a restarted party resumes), skipping it."""
     names = [f"party_{i}" for i in range(parties)]
+    state = folder / f"state-{parties}-{order.batch_size}"
+    aligned = alignments.get(parties)
+    for name in ["label", *names]:
+        (state / name).mkdir(parents=True)
+        if aligned is not None:
+            shutil.copyfile(aligned / name / ALIGNMENT_FILE, state / name / ALIGNMENT_FILE)
     epoch_ends: list[float] = []
 
     def on_epoch(record: EpochRecord) -> None:
@@ -331,6 +346,7 @@ def split_run(setup: Setup, table: Table, parties: int, order: BatchOrder, folde
         seed=setup.seed,
         test_fraction=0.0,
         deadline=120.0,
+        state_dir=state / "label",
         on_epoch=on_epoch,
     )
     timers = LabelTimers()
@@ -347,6 +363,7 @@ def split_run(setup: Setup, table: Table, parties: int, order: BatchOrder, folde
                 *(sys.executable, "-m", "feature_party", "--name", name, "--data", str(table.files[index])),
                 *("--server", f"127.0.0.1:{port}", "--hidden", str(setup.hidden), "--cut-width", str(setup.cut_width)),
                 *("--init-seed", str(index), "--optimizer", OPTIMIZER, "--learning-rate", str(setup.learning_rate)),
+                *("--state-dir", str(state / name), "--checkpoint-every", "0"),
             ]
             with logs[index].open("w") as log_file:
                 processes.append(subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT))
@@ -364,10 +381,13 @@ def split_run(setup: Setup, table: Table, parties: int, order: BatchOrder, folde
             if process.poll() is None:
                 process.kill()
                 process.wait()
+    seconds = (epoch_ends[-1] - epoch_ends[0]) / (order.total_steps - order.steps_per_epoch)
+    if aligned is not None:
+        return SplitRun(seconds, None, None, timers)
     aligning = [float(m.group(4)) for path in logs for m in ALIGNED.finditer(path.read_text())]
     if len(aligning) != parties:
         raise SystemExit(f"expected {parties} alignment log lines, found {len(aligning)}: see {folder}")
-    seconds = (epoch_ends[-1] - epoch_ends[0]) / (order.total_steps - order.steps_per_epoch)
+    alignments[parties] = state
     return SplitRun(seconds, blinding, max(aligning), timers)
 
 
@@ -416,12 +436,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vertical-bench-") as name:
         folder = Path(name)
         table = make_table(setup, max(args.parties), folder)
+        alignments: dict[int, Path] = {}
         for batch in args.batch_sizes:
             order = setup.order(batch)
             for parties in args.parties:
                 uncut = uncut_seconds(setup, table, parties, order)
                 inproc = None if args.no_in_process else in_process_seconds(setup, table, parties, order)
-                split = split_run(setup, table, parties, order, folder)
+                split = split_run(setup, table, parties, order, folder, alignments)
                 wire = wire_bytes(setup, batch)
                 each = split.seconds_per_step
                 rows.append(
@@ -436,7 +457,8 @@ def main() -> int:
                     f"| {parts['spread']:.2f} | {rest:.2f} | {parts['epoch_start']:.1f} "
                     f"| {order.total_steps - order.steps_per_epoch} |"
                 )
-                notes.append(f"| {parties} | {batch} | {split.blinding:.1f} | {split.aligning:.1f} |")
+                if split.blinding is not None and split.aligning is not None:
+                    notes.append(f"| {parties} | {split.blinding:.1f} | {split.aligning:.1f} |")
                 print(rows[-1], flush=True)
     print(
         "\n| parties | batch | uncut samples/s | in-process parts samples/s | split samples/s | split / uncut "
@@ -453,9 +475,9 @@ def main() -> int:
     )
     print("\n".join(steps))
     print(
-        f"\nAlignment of {setup.rows:,} ids (every party holds all of them; benchmarks/psi.py measures it alone):\n\n"
-        f"| parties | batch | label party blinding s (before serving) | slowest feature party's align() s |\n"
-        f"|{' --- |' * 4}"
+        f"\nAlignment of {setup.rows:,} ids, by the first run of each party count (the later ones resume it; every "
+        "party holds every id; benchmarks/psi.py measures it alone):\n\n"
+        f"| parties | label party blinding s (before serving) | slowest feature party's align() s |\n|{' --- |' * 3}"
     )
     print("\n".join(notes))
     print(
