@@ -33,7 +33,8 @@ their batches' rows before the clock starts and time the same steps three times 
 Prints a markdown table row per case, the split's per-step breakdown at the label party (its own compute under
 the coordinator's lock, of which the previous step's deferred update; how far apart the k parties' IVs of a
 step arrived, the meeting's wait for the slowest; the rest: the feature parties' own work and the round trip;
-the extra time of an epoch's first step) and the alignment's time.
+the extra time of an epoch's first step; the cores busy with this run's processes and with other work, and
+idle, during the timed steps, from /proc on Linux) and the alignment's time.
 """
 
 from __future__ import annotations
@@ -249,6 +250,45 @@ class SplitRun:
     blinding: float | None  # the label party's own ids, before it serves
     aligning: float | None  # the slowest feature party's align(): its hashing, the exchange, the wait for the others
     timers: LabelTimers
+    cpu: dict[str, float] | None  # cores busy during the timed steps: this run's processes, others; idle
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """The machine's CPU time (Linux /proc/stat: busy and idle, all cores) and that of some processes, in clock
+    ticks, at one moment: two samples say how many cores this run's processes kept busy between them, how many
+    other work did, and how many idled (steal, time the hypervisor gave to other machines, counts as neither)."""
+
+    wall: float
+    busy: int
+    idle: int
+    ours: int
+
+    @classmethod
+    def take(cls, pids: Sequence[int]) -> CpuSample | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+            ours = 0
+            for pid in pids:
+                after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ours += int(after_name[11]) + int(after_name[12])  # utime, stime
+        except (OSError, ValueError, IndexError):
+            return None  # not Linux, or a process gone
+        user, nice, system, idle, iowait, irq, softirq = fields
+        return cls(time.perf_counter(), user + nice + system + irq + softirq, idle + iowait, ours)
+
+    @staticmethod
+    def usage(samples: Sequence[CpuSample | None]) -> dict[str, float] | None:
+        first, last = samples if len(samples) == 2 else (None, None)
+        if first is None or last is None:
+            return None
+        seconds = (last.wall - first.wall) * os.sysconf("SC_CLK_TCK")
+        ours = (last.ours - first.ours) / seconds
+        return {
+            "ours": ours,
+            "others": max(0.0, (last.busy - first.busy) / seconds - ours),
+            "idle": (last.idle - first.idle) / seconds,
+        }
 
 
 @dataclass
@@ -329,9 +369,13 @@ def split_run(
         if aligned is not None:
             shutil.copyfile(aligned / name / ALIGNMENT_FILE, state / name / ALIGNMENT_FILE)
     epoch_ends: list[float] = []
+    processes: list[subprocess.Popen[bytes]] = []
+    cpu: list[CpuSample | None] = []
 
     def on_epoch(record: EpochRecord) -> None:
         epoch_ends.append(time.perf_counter())
+        if record.epoch in (0, order.epochs - 1):
+            cpu.append(CpuSample.take([os.getpid(), *(p.pid for p in processes)]))
 
     label = LabelParty(
         setup.top,
@@ -356,7 +400,6 @@ def split_run(
     blinding = time.perf_counter() - started
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     logs = [folder / f"{name}-{parties}-{order.batch_size}.log" for name in names]
-    processes = []
     try:
         for index, name in enumerate(names):
             command = [
@@ -383,12 +426,12 @@ def split_run(
                 process.wait()
     seconds = (epoch_ends[-1] - epoch_ends[0]) / (order.total_steps - order.steps_per_epoch)
     if aligned is not None:
-        return SplitRun(seconds, None, None, timers)
+        return SplitRun(seconds, None, None, timers, CpuSample.usage(cpu))
     aligning = [float(m.group(4)) for path in logs for m in ALIGNED.finditer(path.read_text())]
     if len(aligning) != parties:
         raise SystemExit(f"expected {parties} alignment log lines, found {len(aligning)}: see {folder}")
     alignments[parties] = state
-    return SplitRun(seconds, blinding, max(aligning), timers)
+    return SplitRun(seconds, blinding, max(aligning), timers, CpuSample.usage(cpu))
 
 
 def wire_bytes(setup: Setup, batch: int) -> int:
@@ -398,6 +441,10 @@ def wire_bytes(setup: Setup, batch: int) -> int:
     request = pb.VerticalStepRequest(ticket="0" * 32, step=100, iv=codec.to_proto(values))
     reply = pb.VerticalStepResponse(step=100, gradient=codec.to_proto(values))
     return request.ByteSize() + reply.ByteSize()
+
+
+def _cores(cpu: dict[str, float] | None) -> str:
+    return "" if cpu is None else f"{cpu['ours']:.2f} / {cpu['others']:.2f}, {cpu['idle']:.2f}"
 
 
 def _rate(batch: int, seconds: float | None) -> str:
@@ -454,7 +501,7 @@ def main() -> int:
                 rest = 1e3 * each - parts["compute"] - parts["spread"]
                 steps.append(
                     f"| {parties} | {batch} | {1e3 * each:.2f} | {parts['compute']:.2f} | {parts['update']:.2f} "
-                    f"| {parts['spread']:.2f} | {rest:.2f} | {parts['epoch_start']:.1f} "
+                    f"| {parts['spread']:.2f} | {rest:.2f} | {parts['epoch_start']:.1f} | {_cores(split.cpu)} "
                     f"| {order.total_steps - order.steps_per_epoch} |"
                 )
                 if split.blinding is not None and split.aligning is not None:
@@ -469,9 +516,11 @@ def main() -> int:
     print(
         "\nWhere a split step goes, at the label party (medians, ms): its compute under the coordinator's lock (the "
         "previous step's deferred update included), the spread of the k IVs' arrivals, the rest (the feature "
-        "parties' own steps and the round trip), and the extra time of a step that starts an epoch.\n\n"
+        "parties' own steps and the round trip), and the extra time of a step that starts an epoch; then the cores "
+        "this run's processes kept busy during the timed steps, those other work on the machine did, and those "
+        "that idled (of os.cpu_count()).\n\n"
         "| parties | batch | split ms/step | label party compute | of which the update | IV arrival spread "
-        f"| rest | epoch start extra | timed steps |\n|{' --- |' * 9}"
+        f"| rest | epoch start extra | cores busy: ours / others, idle | timed steps |\n|{' --- |' * 10}"
     )
     print("\n".join(steps))
     print(
