@@ -17,7 +17,9 @@ For each (batch, k), in this order:
 
 - **uncut**: one functional Keras model (an Input per party, the same bottoms, Concatenate, the top), trained by
   one compiled custom step (`splitlearning.compiled.Compiled`: forward, loss, gradient, Adam's update, accuracy;
-  no `fit` loop) on the same batches (`splitlearning.batch_order.BatchOrder`), in this process;
+  no `fit` loop) with the split's batch order and sizes (`splitlearning.batch_order.BatchOrder` over the rows in
+  id order; the split's aligned order is the PSI's own draw, so its batches hold other people, in the same
+  shapes), in this process;
 - **in-process parts**: the parts' own compiled steps joined in this process with no gRPC: k bottoms in one
   compiled call that hands its IVs through `tf.numpy_function` to a `FuseTrainer` (the label party's math,
   deferred XLA update included) and back-propagates the returned dLoss/dIV (as tests/vertical_support.py);
