@@ -29,6 +29,8 @@ from tests.deploy_compose import (
     stages,
 )
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 STATE_DIR = "/var/lib/splitlearning"
 FILES = {"cpu": (COMPOSE_FILE,), "gpu": (COMPOSE_FILE, GPU_COMPOSE_FILE), "multi": (MULTI_COMPOSE_FILE,)}
 MEMBERS = ["member-1", "member-2", "member-3"]

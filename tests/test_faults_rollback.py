@@ -105,6 +105,7 @@ def resumed_behind(tmp_path: Path, data: Data, client_checkpoints: bool) -> Iter
         stop(server, signal.SIGTERM)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("call", ["evaluate", "predict"])
 def test_a_call_after_the_server_resumed_behind_restores_the_client(
     tmp_path: Path, data: Data, reference: Reference, call: str
@@ -122,6 +123,7 @@ def test_a_call_after_the_server_resumed_behind_restores_the_client(
         assert_weights_close(client.model.get_weights(), reference.weights, "client part")
 
 
+@pytest.mark.processes
 def test_a_client_that_cannot_roll_back_is_refused_every_time(tmp_path: Path, data: Data) -> None:
     """Without a checkpoint of the server's step the client cannot rejoin: every later call says so, none
     answers for the mismatched pair."""

@@ -14,6 +14,8 @@ import pytest
 from splitlearning import subprocesses
 from tests.faults_support import wait_for_port_file
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 START_TIMEOUT = 120.0
 
 

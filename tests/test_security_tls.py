@@ -25,6 +25,8 @@ from splitlearning.models import load_part, make_optimizer
 from splitlearning.security import TlsConfig
 from tests.security_support import Pki, ServerProcess, make_pki, run_client, start_server, write_token
 
+pytestmark = pytest.mark.processes  # split-server processes, started per module or per test
+
 TOKEN = "s3cr3t-T0KEN-for-tests-7f1d2a"
 WRONG_TOKEN = "wr0ng-T0KEN-offered-by-client-99"
 DIGITS_IV = Spec((64,), np.dtype("float32"))

@@ -22,6 +22,8 @@ from server_part.session import Session
 from tests.exactness_support import assert_same
 from tests.faults_support import free_port, latest_step, load_weights, make_npz, spawn, stop, wait_for
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 SEEDS = (1, 2, 3, 4)
 EPOCHS, BATCH = 3, 8
 RUN_TIMEOUT = 300.0  # several TensorFlow processes starting at once on two cores

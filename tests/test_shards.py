@@ -176,6 +176,7 @@ def test_describe_names_the_shard_the_size_and_the_classes() -> None:
     )
 
 
+@pytest.mark.processes
 def test_the_client_cli_still_parses_without_importing_numpy() -> None:
     probe = "import sys, client_part.cli\nprint('numpy' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
@@ -222,6 +223,7 @@ def test_shard_mistakes_end_in_one_line_naming_the_flag(
     assert expected in line
 
 
+@pytest.mark.processes
 def test_the_client_program_refuses_a_shard_past_the_count_before_loading_tensorflow() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "client_part", "--shard", "4/3"], capture_output=True, text=True, timeout=120
@@ -231,6 +233,7 @@ def test_the_client_program_refuses_a_shard_past_the_count_before_loading_tensor
     assert line.endswith("argument --shard: expected K/N with 1 <= K <= N (the K-th of N shards), got '4/3'")
 
 
+@pytest.mark.processes
 def test_more_shards_than_samples_end_the_run_in_one_line(tmp_path: Path) -> None:
     dataset = faults_support.make_npz(tmp_path / "tiny.npz", n_train=4, n_test=4)
     log = tmp_path / "client.log"
@@ -245,6 +248,7 @@ def test_more_shards_than_samples_end_the_run_in_one_line(tmp_path: Path) -> Non
     )
 
 
+@pytest.mark.processes
 def test_a_client_trains_on_its_shard_against_a_real_server(tmp_path: Path) -> None:
     port_file, history = tmp_path / "port", tmp_path / "history.json"
     server_log, client_log = tmp_path / "server.log", tmp_path / "client.log"

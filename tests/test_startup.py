@@ -17,6 +17,7 @@ from splitlearning import demo
 NOISE = ("absl::InitializeLog", "oneDNN custom operations")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("module", ["client_part", "server_part", "splitlearning.demo"])
 def test_help_does_not_load_tensorflow(module: str) -> None:
     probe = (
@@ -52,6 +53,7 @@ def test_without_tensorflow_one_line_names_the_extra(
     )
 
 
+@pytest.mark.processes
 def test_no_tensorflow_start_up_noise_by_default() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     flags = ["--target", "127.0.0.1:9", "--connect-timeout", "0.5", "--epochs", "1"]
