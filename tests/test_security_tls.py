@@ -1,11 +1,13 @@
-"""TLS, mutual TLS and the bearer token, end to end: `split-server` runs as a real process (the plaintext server a
-TLS client is told apart from: in this process); clients connect.
+"""TLS, mutual TLS and the bearer token, end to end: `split-server` with mutual TLS and a token runs as a real
+process; the other servers (TLS alone, plaintext, one that starts late) are built from split-server's flags in this
+process; clients connect.
 
 The certificates are made by the test itself (tests/security_support.py), never committed.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -202,25 +204,28 @@ def test_the_client_cli_trains_over_mtls_with_a_token(
 # -- TLS without client certificates ---------------------------------------------------------------------------
 
 
-def test_tls_server_trains_a_client_that_checks_it(pki: Pki, tmp_path: Path, digits: data.Dataset) -> None:
-    server = start_server(
-        tmp_path,
-        *("--model", "digits-mlp", "--optimizer", "sgd", "--learning-rate", "0.01"),
-        *("--tls-cert", str(pki.server.cert)),
-        *("--tls-key", str(pki.server.key)),
+def test_tls_server_trains_a_client_that_checks_it(
+    pki: Pki, digits: data.Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    flags = ["--model", "digits-mlp", "--optimizer", "sgd", "--learning-rate", "0.01"]
+    server = server_cli.build(
+        server_cli.parse_args([*flags, "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)])
     )
+    target = f"127.0.0.1:{server.start('127.0.0.1:0')}"
     try:
-        assert refusal(server.target, None, None).code == grpc.StatusCode.UNAVAILABLE  # plaintext is refused
+        assert refusal(target, None, None).code == grpc.StatusCode.UNAVAILABLE  # plaintext is refused
         bottom = load_part("digits-mlp", "client", 0)
         tls = TlsConfig.from_files(ca=pki.ca.cert)  # no client certificate: this server does not ask for one
-        with SplitClient(bottom, "sgd", target=server.target, tls=tls, connect_timeout=30) as client:
+        with SplitClient(bottom, "sgd", target=target, tls=tls, connect_timeout=30) as client:
             before = [np.array(w) for w in client.model.get_weights()]
             client.fit(digits.x_train[:64], digits.y_train[:64], batch_size=32, epochs=1, verbose=0)
             assert client.step == 2
             assert not np.allclose(before[0], client.model.get_weights()[0])
-        assert "TLS" in server.log_text()
+        server_log = [r.getMessage() for r in caplog.records if r.name.startswith("server_part")]
+        assert any("TLS" in line for line in server_log), server_log
     finally:
-        server.stop()
+        server.stop(grace=1.0)
 
 
 # -- a TLS failure ends the wait for the server at once (issue 19) ----------------------------------------------
@@ -296,13 +301,13 @@ def test_the_client_cli_names_a_tls_failure_in_one_line(mtls_server: ServerProce
     assert "Handshake failed" not in result.stderr, result.stderr
 
 
-def test_a_tls_client_waits_for_a_server_that_starts_later(pki: Pki, tmp_path: Path) -> None:
+def test_a_tls_client_waits_for_a_server_that_starts_later(pki: Pki) -> None:
     target = unused_target()
-    started: list[ServerProcess] = []
+    server = server_cli.build(server_cli.parse_args([*server_tls_flags(pki), "--model", "digits-mlp"]))
 
     def start() -> None:
-        time.sleep(0.5)  # meanwhile (and while it loads TensorFlow) every connection attempt is refused
-        started.append(start_server(tmp_path, *server_tls_flags(pki), "--model", "digits-mlp", address=target))
+        time.sleep(1.0)  # meanwhile every connection attempt is refused (gRPC's backoff from 0.2 s: several)
+        server.start(target)
 
     starter = threading.Thread(target=start)
     starter.start()
@@ -310,8 +315,7 @@ def test_a_tls_client_waits_for_a_server_that_starts_later(pki: Pki, tmp_path: P
         handshake_after_wait(target, good_tls(pki), connect_timeout=120)
     finally:
         starter.join()
-        for server in started:
-            server.stop()
+        server.stop(grace=1.0)
 
 
 def test_a_tls_client_waits_out_the_connect_timeout_for_an_absent_server(pki: Pki) -> None:
