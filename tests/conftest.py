@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -148,3 +150,15 @@ def listening() -> Iterator[int]:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         yield int(taken.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def client_without_server() -> subprocess.CompletedProcess[str]:
+    """`split-client --target 127.0.0.1:9 --connect-timeout 1 --epochs 1` where nothing listens, run to its end
+    as a process of its own, with this environment less TF_CPP_MIN_LOG_LEVEL (as a user starts it): one run that
+    every test reading what it said and its exit status shares."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    flags = ["--target", "127.0.0.1:9", "--connect-timeout", "1", "--epochs", "1"]
+    return subprocess.run(
+        [sys.executable, "-m", "client_part", *flags], env=env, capture_output=True, text=True, timeout=120
+    )

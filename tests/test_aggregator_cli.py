@@ -20,6 +20,8 @@ from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.faults_support import ROOT, spawn, stop, wait_for
 from tests.raw_support import model_state
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 TIMEOUT = 10.0
 SETTINGS = pb.GroupSettings(scheme=pb.SCHEME_SPLITFED, rounds=3, local_epochs=1)
 

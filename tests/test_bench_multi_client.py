@@ -13,6 +13,7 @@ from benchmarks import multi_client
 from benchmarks.multi_client import Config
 
 
+@pytest.mark.processes
 def test_one_round_of_two_members_gives_the_groups_accuracy_and_round_time(tmp_path: Path) -> None:
     args = multi_client.parse_args(["--rounds", "1", "--model", "digits-mlp", "--configs", "splitfed:2:random"])
     run = multi_client.run_group(args.configs[0], args, tmp_path)

@@ -29,6 +29,7 @@ def test_the_pairs_flags_go_to_both_processes_and_the_rest_to_the_client() -> No
     assert client_only == ["--epochs", "3"]
 
 
+@pytest.mark.processes
 def test_ctrl_c_stops_the_demo_without_a_traceback(tmp_path: Path) -> None:
     log = tmp_path / "demo.log"
     with log.open("wb") as out:

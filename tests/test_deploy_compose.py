@@ -32,6 +32,8 @@ from tests.deploy_compose import (
     stages,
 )
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 STATE_DIR = "/var/lib/splitlearning"
 FILES = {
     "cpu": (COMPOSE_FILE,),

@@ -28,6 +28,8 @@ from tests.deploy_compose import MULTI_COMPOSE_FILE, VERTICAL_COMPOSE_FILE, reso
 from tests.engine_support import COMPOSE_TIMEOUT, Engine, build_image, engine, volume_files, volume_path
 from tests.faults_support import free_port
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 MIN_ACCURACY = 0.9  # the demo (digits-mlp, 10 epochs) reaches about 0.96; chance is 0.1
 # docker-compose.multi.yml's IID group (digits-mlp, 5 rounds of 2 local epochs on thirds of the digits) reaches
 # about 0.94; chance is 0.1.

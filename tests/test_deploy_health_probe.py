@@ -59,6 +59,7 @@ def test_bad_usage() -> None:
     assert exit_.value.code == 2
 
 
+@pytest.mark.processes
 def test_runs_as_its_own_process_without_tensorflow() -> None:
     """The probe runs every few seconds in the server's container: it must not pay for a TensorFlow import."""
     code = "import sys; from splitlearning import health_probe; sys.exit('tensorflow' in sys.modules)"

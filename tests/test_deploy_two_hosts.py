@@ -25,6 +25,8 @@ from splitlearning import subprocesses
 from tests.deploy_compose import Service, entry_point, process_environment, resolved, seconds, services
 from tests.system_support import unavailable
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 SERVER_ADDRESS = "10.200.5.1"
 CLIENT_ADDRESS = "10.200.5.2"
 PREFIX = 24

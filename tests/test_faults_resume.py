@@ -26,6 +26,8 @@ from tests.faults_support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 EPOCHS, BATCH, TRAIN = 4, 8, 96
 # split-client trains on the first 90% (its default --validation-split 0.1 holds the rest out): 11 steps an epoch.
 TOTAL_STEPS = EPOCHS * -(-int(TRAIN * 0.9) // BATCH)  # 44

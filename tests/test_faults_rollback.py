@@ -88,23 +88,30 @@ def reference(data: Data) -> Iterator[Reference]:
 
 @contextmanager
 def resumed_behind(tmp_path: Path, data: Data, client_checkpoints: bool) -> Iterator[SplitClient]:
-    """A client that trained 6 steps against a server killed then and restarted at its checkpoint of step 4."""
+    """A client that trained 6 steps against a server process killed then (SIGKILL: nothing saved on the way
+    out), and a server restarted from the same flags at its checkpoint of step 4 (in this process: it only has
+    to resume, which the flags decide)."""
     port = free_port()
     args = server_flags(port, tmp_path / "server-ckpt")
     server = spawn("server_part", args, tmp_path / "server.log")
+    restarted = None
     try:
         with make_client(port, tmp_path / "client-ckpt" if client_checkpoints else None) as client:
             train(client, data, TRAINED)  # the server saved step 4, not 5 or 6
-            stop(server, signal.SIGKILL)
-            server = spawn("server_part", args, tmp_path / "server.log")  # resumes at step 4
+            assert stop(server, signal.SIGKILL) == -signal.SIGKILL
+            restarted = server_cli.build(server_cli.parse_args(args))  # resumes at step 4
+            restarted.start(f"127.0.0.1:{port}")
             # The client's channel reconnects: the next call reaches the restarted server without any failure,
             # so only the step it names can tell the server that the client's part is ahead of its own.
             wait_for(lambda: _ready(client), START_TIMEOUT, "the restarted server")
             yield client
     finally:
-        stop(server, signal.SIGTERM)
+        stop(server)
+        if restarted is not None:
+            restarted.stop(grace=1.0)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("call", ["evaluate", "predict"])
 def test_a_call_after_the_server_resumed_behind_restores_the_client(
     tmp_path: Path, data: Data, reference: Reference, call: str
@@ -122,6 +129,7 @@ def test_a_call_after_the_server_resumed_behind_restores_the_client(
         assert_weights_close(client.model.get_weights(), reference.weights, "client part")
 
 
+@pytest.mark.processes
 def test_a_client_that_cannot_roll_back_is_refused_every_time(tmp_path: Path, data: Data) -> None:
     """Without a checkpoint of the server's step the client cannot rejoin: every later call says so, none
     answers for the mismatched pair."""

@@ -20,6 +20,8 @@ import pytest
 from tests.faults_support import make_npz
 from tests.group_support import Run, member_name
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 DEADLINE = 10.0  # seconds: a live member's round (turn) here takes one to three on a busy machine
 
 

@@ -39,6 +39,8 @@ from tests.exactness_support import assert_same
 from tests.faults_support import free_port, make_npz, spawn, stop, wait_for
 from tests.group_support import RUN_TIMEOUT, Run, member_name
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 MEMBERS, ROUNDS = 2, 3
 DEADLINE = 300.0  # no round closes at its deadline here: every member trains every round
 OPENED = r"opened session \w+ at step 0 for group g, splitfed round {round}, member {member} "

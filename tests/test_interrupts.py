@@ -64,6 +64,7 @@ def interrupt(process: subprocess.Popen[bytes], signum: int) -> int:
         pytest.fail(f"{signal.Signals(signum).name} did not stop the client within {STOP_WITHIN:g} s")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_client_waiting_for_an_absent_server(tmp_path: Path, signum: int) -> None:
     log = tmp_path / "client.log"
@@ -76,6 +77,7 @@ def test_a_signal_stops_the_client_waiting_for_an_absent_server(tmp_path: Path, 
     assert "Traceback" not in output
 
 
+@pytest.mark.processes
 def test_sigint_stops_the_client_while_it_retries(tmp_path: Path, unavailable_server: int) -> None:
     log = tmp_path / "client.log"
     process = start_client(f"127.0.0.1:{unavailable_server}", log)

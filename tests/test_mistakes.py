@@ -72,6 +72,7 @@ def test_a_second_server_on_the_port_of_a_running_one_is_refused() -> None:
         first.stop(grace=0)
 
 
+@pytest.mark.processes
 def test_the_server_cli_reports_a_port_in_use_in_one_line(listening: int) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "server_part", "--address", f"127.0.0.1:{listening}"],

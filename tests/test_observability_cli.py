@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from splitlearning.events import read_scalars
 from tests.faults_support import wait_for_port_file
 from tests.observability_support import scrape, value
+
+pytestmark = pytest.mark.processes  # every test here starts OS processes
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 120.0

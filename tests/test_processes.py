@@ -14,6 +14,8 @@ import pytest
 from splitlearning import subprocesses
 from tests.faults_support import wait_for_port_file
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 START_TIMEOUT = 120.0
 
 
@@ -58,14 +60,8 @@ def test_two_processes_train_the_digits(server: int, tmp_path: Path) -> None:
     assert "test loss" in result.stdout and "accuracy" in result.stdout
 
 
-def test_client_reports_an_absent_server_clearly() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "client_part", "--target", "127.0.0.1:9", "--connect-timeout", "1", "--epochs", "1"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_client_reports_an_absent_server_clearly(client_without_server: subprocess.CompletedProcess[str]) -> None:
+    result = client_without_server  # also read by tests/test_startup.py
     assert result.returncode == 1
     assert "no server answered at 127.0.0.1:9 within 1 s" in result.stderr
 

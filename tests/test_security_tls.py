@@ -1,10 +1,13 @@
-"""TLS, mutual TLS and the bearer token, end to end: `split-server` runs as a real process; clients connect.
+"""TLS, mutual TLS and the bearer token, end to end: `split-server` with mutual TLS and a token runs as a real
+process; the other servers (TLS alone, plaintext, one that starts late) are built from split-server's flags in this
+process; clients connect.
 
 The certificates are made by the test itself (tests/security_support.py), never committed.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -19,11 +22,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client_part import RemoteError, SplitClient
 from client_part.stopping import Stopped
 from client_part.transport import Transport
+from server_part import cli as server_cli
 from splitlearning import data
 from splitlearning.contract import Spec
 from splitlearning.models import load_part, make_optimizer
 from splitlearning.security import TlsConfig
 from tests.security_support import Pki, ServerProcess, make_pki, run_client, start_server, write_token
+
+pytestmark = pytest.mark.processes  # split-server processes, started per module or per test
 
 TOKEN = "s3cr3t-T0KEN-for-tests-7f1d2a"
 WRONG_TOKEN = "wr0ng-T0KEN-offered-by-client-99"
@@ -198,25 +204,28 @@ def test_the_client_cli_trains_over_mtls_with_a_token(
 # -- TLS without client certificates ---------------------------------------------------------------------------
 
 
-def test_tls_server_trains_a_client_that_checks_it(pki: Pki, tmp_path: Path, digits: data.Dataset) -> None:
-    server = start_server(
-        tmp_path,
-        *("--model", "digits-mlp", "--optimizer", "sgd", "--learning-rate", "0.01"),
-        *("--tls-cert", str(pki.server.cert)),
-        *("--tls-key", str(pki.server.key)),
+def test_tls_server_trains_a_client_that_checks_it(
+    pki: Pki, digits: data.Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    flags = ["--model", "digits-mlp", "--optimizer", "sgd", "--learning-rate", "0.01"]
+    server = server_cli.build(
+        server_cli.parse_args([*flags, "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)])
     )
+    target = f"127.0.0.1:{server.start('127.0.0.1:0')}"
     try:
-        assert refusal(server.target, None, None).code == grpc.StatusCode.UNAVAILABLE  # plaintext is refused
+        assert refusal(target, None, None).code == grpc.StatusCode.UNAVAILABLE  # plaintext is refused
         bottom = load_part("digits-mlp", "client", 0)
         tls = TlsConfig.from_files(ca=pki.ca.cert)  # no client certificate: this server does not ask for one
-        with SplitClient(bottom, "sgd", target=server.target, tls=tls, connect_timeout=30) as client:
+        with SplitClient(bottom, "sgd", target=target, tls=tls, connect_timeout=30) as client:
             before = [np.array(w) for w in client.model.get_weights()]
             client.fit(digits.x_train[:64], digits.y_train[:64], batch_size=32, epochs=1, verbose=0)
             assert client.step == 2
             assert not np.allclose(before[0], client.model.get_weights()[0])
-        assert "TLS" in server.log_text()
+        server_log = [r.getMessage() for r in caplog.records if r.name.startswith("server_part")]
+        assert any("TLS" in line for line in server_log), server_log
     finally:
-        server.stop()
+        server.stop(grace=1.0)
 
 
 # -- a TLS failure ends the wait for the server at once (issue 19) ----------------------------------------------
@@ -226,10 +235,13 @@ TLS_FAILURE_BOUND = 10.0
 
 
 @pytest.fixture(scope="module")
-def plaintext_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_server(tmp_path_factory.mktemp("plaintext"), "--model", "digits-mlp")
-    yield server
-    server.stop()
+def plaintext_server() -> Iterator[str]:
+    """A plaintext split-server of these flags, in this process (what the client meets is its first bytes); its
+    address."""
+    server = server_cli.build(server_cli.parse_args(["--model", "digits-mlp"]))
+    port = server.start("127.0.0.1:0")
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=1.0)
 
 
 def connect_failure(target: str, tls: TlsConfig | None, timeout: float = 120) -> tuple[str, float]:
@@ -273,8 +285,8 @@ def test_a_tls_mismatch_is_named_at_once(mtls_server: ServerProcess, pki: Pki, c
         assert word in message
 
 
-def test_a_tls_client_at_a_plaintext_server_is_told_at_once(plaintext_server: ServerProcess, pki: Pki) -> None:
-    message, seconds = connect_failure(plaintext_server.target, TlsConfig.from_files(ca=pki.ca.cert))
+def test_a_tls_client_at_a_plaintext_server_is_told_at_once(plaintext_server: str, pki: Pki) -> None:
+    message, seconds = connect_failure(plaintext_server, TlsConfig.from_files(ca=pki.ca.cert))
     assert seconds < TLS_FAILURE_BOUND, (seconds, message)
     assert "WRONG_VERSION_NUMBER" in message and "the server speaks plaintext" in message
 
@@ -289,13 +301,13 @@ def test_the_client_cli_names_a_tls_failure_in_one_line(mtls_server: ServerProce
     assert "Handshake failed" not in result.stderr, result.stderr
 
 
-def test_a_tls_client_waits_for_a_server_that_starts_later(pki: Pki, tmp_path: Path) -> None:
+def test_a_tls_client_waits_for_a_server_that_starts_later(pki: Pki) -> None:
     target = unused_target()
-    started: list[ServerProcess] = []
+    server = server_cli.build(server_cli.parse_args([*server_tls_flags(pki), "--model", "digits-mlp"]))
 
     def start() -> None:
-        time.sleep(2.0)  # meanwhile every connection attempt is refused
-        started.append(start_server(tmp_path, *server_tls_flags(pki), "--model", "digits-mlp", address=target))
+        time.sleep(1.0)  # meanwhile every connection attempt is refused (gRPC's backoff from 0.2 s: several)
+        server.start(target)
 
     starter = threading.Thread(target=start)
     starter.start()
@@ -303,14 +315,14 @@ def test_a_tls_client_waits_for_a_server_that_starts_later(pki: Pki, tmp_path: P
         handshake_after_wait(target, good_tls(pki), connect_timeout=120)
     finally:
         starter.join()
-        for server in started:
-            server.stop()
+        server.stop(grace=1.0)
 
 
 def test_a_tls_client_waits_out_the_connect_timeout_for_an_absent_server(pki: Pki) -> None:
-    message, seconds = connect_failure(unused_target(), good_tls(pki), 3.0)
-    assert seconds >= 3.0
-    assert "no server answered at 127.0.0.1:" in message and "within 3 s" in message
+    # 1.5 s: several refused connection attempts (gRPC's backoff from 0.2 s) and looks at the cause (every 0.5 s)
+    message, seconds = connect_failure(unused_target(), good_tls(pki), 1.5)
+    assert seconds >= 1.5
+    assert "no server answered at 127.0.0.1:" in message and "within 1.5 s" in message
 
 
 def test_a_stop_ends_a_tls_client_s_wait_within_a_second(pki: Pki) -> None:

@@ -2,7 +2,8 @@
 
 Each client process trains in its own session; each must end with exactly the weights of the same run against
 a server of its own (bit for bit: the same flags give the same operations in the same order, and a session's
-part is built as a fresh server's), also when the server holding the sessions is killed and restarted.
+part is built as a fresh server's), also when the server holding the sessions is killed and restarted. Those
+runs alone (`alone`) are made once, for both tests.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,8 @@ from server_part.server import SplitServer
 from server_part.session import Session
 from tests.exactness_support import assert_same
 from tests.faults_support import free_port, latest_step, load_weights, make_npz, spawn, stop, wait_for
+
+pytestmark = pytest.mark.processes  # every test here starts OS processes
 
 SEEDS = (1, 2, 3, 4)
 EPOCHS, BATCH = 3, 8
@@ -86,6 +90,37 @@ def ended() -> Iterator[list[Ended]]:
         each.server.stop(grace=1.0)
 
 
+@dataclass(frozen=True)
+class Alone:
+    """A seed's run against a server of its own, with no other session: the client's and the server's part."""
+
+    client: list[np.ndarray]
+    server: list[np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Iterator[dict[int, Alone]]:
+    """Each seed's client process against an in-process server of its own, all at once, without checkpoints:
+    what every run below must end with, bit for bit (checkpoints change no weight)."""
+    base = tmp_path_factory.mktemp("alone")
+    servers = {seed: Ended() for seed in SEEDS}
+    try:
+        logs = {seed: base / f"alone-{seed}.log" for seed in SEEDS}
+        processes = {
+            seed: spawn("client_part", client_flags(dataset, servers[seed].port, seed, base / f"alone-{seed}"), log)
+            for seed, log in logs.items()
+        }
+        wait_all(processes, logs)
+        runs = {}
+        for seed in SEEDS:
+            weights, session = result(base / f"alone-{seed}")
+            runs[seed] = Alone(weights, servers[seed].parts[session])
+    finally:
+        for each in servers.values():
+            each.server.stop(grace=1.0)
+    yield runs
+
+
 def wait_all(processes: dict[int, subprocess.Popen[bytes]], logs: dict[int, Path]) -> None:
     try:
         for seed, process in processes.items():
@@ -103,27 +138,22 @@ def result(out: Path) -> tuple[list[np.ndarray], str]:
 
 
 def test_four_client_processes_at_once_each_train_as_if_alone(
-    tmp_path: Path, dataset: Path, ended: list[Ended]
+    tmp_path: Path, dataset: Path, ended: list[Ended], alone: dict[int, Alone]
 ) -> None:
     shared = Ended()
     ended.append(shared)
-    alone = {seed: Ended() for seed in SEEDS}
-    ended.extend(alone.values())
     processes, logs = {}, {}
-    for seed in SEEDS:  # all eight at once: four against the shared server, each also against its own
-        for name, port in (("together", shared.port), ("alone", alone[seed].port)):
-            key = seed if name == "together" else -seed
-            logs[key] = tmp_path / f"{name}-{seed}.log"
-            out = tmp_path / f"{name}-{seed}"
-            processes[key] = spawn("client_part", client_flags(dataset, port, seed, out), logs[key])
+    for seed in SEEDS:  # all four at once against the shared server
+        logs[seed] = tmp_path / f"together-{seed}.log"
+        out = tmp_path / f"together-{seed}"
+        processes[seed] = spawn("client_part", client_flags(dataset, shared.port, seed, out), logs[seed])
     wait_all(processes, logs)
     sessions = set()
     for seed in SEEDS:
         together, session = result(tmp_path / f"together-{seed}")
-        by_itself, own_session = result(tmp_path / f"alone-{seed}")
         sessions.add(session)
-        assert_same(together, by_itself, f"client {seed}'s part")
-        assert_same(shared.parts[session], alone[seed].parts[own_session], f"client {seed}'s server part")
+        assert_same(together, alone[seed].client, f"client {seed}'s part")
+        assert_same(shared.parts[session], alone[seed].server, f"client {seed}'s server part")
     assert len(sessions) == len(SEEDS), "two clients shared a session"
     assert not shared.server.sessions.sessions(), "a client did not end its session"
 
@@ -134,61 +164,41 @@ def session_parts(checkpoints: Path, sessions: list[str]) -> dict[str, list[np.n
     return {session: server.sessions.open(session).trainer.model.get_weights() for session in sessions}
 
 
-def test_a_server_killed_with_three_sessions_resumes_them_all(tmp_path: Path, dataset: Path) -> None:
+def test_a_server_killed_with_three_sessions_resumes_them_all(
+    tmp_path: Path, dataset: Path, alone: dict[int, Alone]
+) -> None:
     seeds = SEEDS[:3]
-    runs: dict[str, dict[int, subprocess.Popen[bytes]]] = {}
-    logs: dict[str, dict[int, Path]] = {}
-    servers: dict[str, subprocess.Popen[bytes]] = {}
-    ports = {"killed": free_port(), "reference": free_port()}
-    checkpoints = {name: tmp_path / f"{name}-server-ckpt" for name in ports}
-
-    def server_args(name: str) -> list[str]:
-        extra = ("--checkpoint-dir", str(checkpoints[name]), "--checkpoint-every", "1")
-        return server_flags(f"127.0.0.1:{ports[name]}", *extra)
-
+    port = free_port()
+    checkpoints = tmp_path / "server-ckpt"
+    server_args = server_flags(f"127.0.0.1:{port}", "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "1")
+    logs = {seed: tmp_path / f"client-{seed}.log" for seed in seeds}
+    server = spawn("server_part", server_args, tmp_path / "server.log")
+    clients: dict[int, subprocess.Popen[bytes]] = {}
     try:
-        for name in ports:  # the run to interrupt, and the same run left alone, at once
-            servers[name] = spawn("server_part", server_args(name), tmp_path / f"{name}-server.log")
-            logs[name] = {seed: tmp_path / f"{name}-{seed}.log" for seed in seeds}
-            runs[name] = {
-                seed: spawn(
-                    "client_part",
-                    client_flags(
-                        dataset,
-                        ports[name],
-                        seed,
-                        tmp_path / f"{name}-{seed}",
-                        "--checkpoint-dir",
-                        str(tmp_path / f"{name}-{seed}-ckpt"),
-                        "--checkpoint-every",
-                        "1",
-                    ),
-                    logs[name][seed],
-                )
-                for seed in seeds
-            }
+        for seed in seeds:
+            extra = ("--checkpoint-dir", str(tmp_path / f"client-{seed}-ckpt"), "--checkpoint-every", "1")
+            clients[seed] = spawn(
+                "client_part", client_flags(dataset, port, seed, tmp_path / f"client-{seed}", *extra), logs[seed]
+            )
 
         def mid_training() -> bool:
-            folders = [path for path in checkpoints["killed"].glob("*") if path.is_dir()]
+            folders = [path for path in checkpoints.glob("*") if path.is_dir()]
             return len(folders) == 3 and all(latest_step(folder) >= 4 for folder in folders)
 
         wait_for(mid_training, RUN_TIMEOUT, "three sessions four steps in")
-        assert all(p.poll() is None for p in runs["killed"].values()), "a client ended before the kill"
-        assert stop(servers["killed"], signal.SIGKILL) == -signal.SIGKILL
-        servers["killed"] = spawn("server_part", server_args("killed"), tmp_path / "killed-server.log")
-        for name in ports:
-            wait_all(runs[name], logs[name])
+        assert all(p.poll() is None for p in clients.values()), "a client ended before the kill"
+        assert stop(server, signal.SIGKILL) == -signal.SIGKILL
+        server = spawn("server_part", server_args, tmp_path / "server.log")
+        wait_all(clients, logs)
     finally:
-        for process in [*servers.values(), *(p for run in runs.values() for p in run.values())]:
+        for process in [server, *clients.values()]:
             if process.poll() is None:
                 stop(process, signal.SIGTERM)
-    assert stop(servers["killed"], signal.SIGTERM) == 0
-    assert stop(servers["reference"], signal.SIGTERM) == 0
+    assert stop(server, signal.SIGTERM) == 0
 
-    results = {name: {seed: result(tmp_path / f"{name}-{seed}") for seed in seeds} for name in ports}
-    parts = {name: session_parts(checkpoints[name], [s for _, s in results[name].values()]) for name in ports}
-    for seed in seeds:
-        (killed, killed_session), (reference, reference_session) = results["killed"][seed], results["reference"][seed]
-        assert_same(killed, reference, f"client {seed}'s part")
-        assert_same(parts["killed"][killed_session], parts["reference"][reference_session], f"session {seed}'s part")
-    assert "resumed session" in (tmp_path / "killed-server.log").read_text()
+    results = {seed: result(tmp_path / f"client-{seed}") for seed in seeds}
+    parts = session_parts(checkpoints, [session for _, session in results.values()])
+    for seed, (weights, session) in results.items():  # each as if it had trained alone, never interrupted
+        assert_same(weights, alone[seed].client, f"client {seed}'s part")
+        assert_same(parts[session], alone[seed].server, f"session {seed}'s part")
+    assert "resumed session" in (tmp_path / "server.log").read_text()

@@ -1,5 +1,6 @@
 """Data shards (splitlearning.shards, split-client --shard K/N --shard-by): disjoint parts that together hold
-every sample once, cut at random or by label; the flags; a real sharded run."""
+every sample once, cut at random or by label; the flags; a real sharded run (a split-client process, its server in
+this process)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from client_part.cli import parse_args as client_args
+from server_part import cli as server_cli
 from splitlearning import data, shards
 from splitlearning.shards import Shard
 from tests import faults_support
@@ -176,6 +178,7 @@ def test_describe_names_the_shard_the_size_and_the_classes() -> None:
     )
 
 
+@pytest.mark.processes
 def test_the_client_cli_still_parses_without_importing_numpy() -> None:
     probe = "import sys, client_part.cli\nprint('numpy' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
@@ -222,6 +225,7 @@ def test_shard_mistakes_end_in_one_line_naming_the_flag(
     assert expected in line
 
 
+@pytest.mark.processes
 def test_the_client_program_refuses_a_shard_past_the_count_before_loading_tensorflow() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "client_part", "--shard", "4/3"], capture_output=True, text=True, timeout=120
@@ -231,6 +235,7 @@ def test_the_client_program_refuses_a_shard_past_the_count_before_loading_tensor
     assert line.endswith("argument --shard: expected K/N with 1 <= K <= N (the K-th of N shards), got '4/3'")
 
 
+@pytest.mark.processes
 def test_more_shards_than_samples_end_the_run_in_one_line(tmp_path: Path) -> None:
     dataset = faults_support.make_npz(tmp_path / "tiny.npz", n_train=4, n_test=4)
     log = tmp_path / "client.log"
@@ -245,25 +250,21 @@ def test_more_shards_than_samples_end_the_run_in_one_line(tmp_path: Path) -> Non
     )
 
 
+@pytest.mark.processes
 def test_a_client_trains_on_its_shard_against_a_real_server(tmp_path: Path) -> None:
-    port_file, history = tmp_path / "port", tmp_path / "history.json"
-    server_log, client_log = tmp_path / "server.log", tmp_path / "client.log"
-    server = faults_support.spawn(
-        "server_part", ["--address", "127.0.0.1:0", "--port-file", str(port_file), "--seed", "3"], server_log
-    )
+    history, client_log = tmp_path / "history.json", tmp_path / "client.log"
+    server = server_cli.build(server_cli.parse_args(["--seed", "3"]))  # `split-server --seed 3`, in this process
+    port = server.start("127.0.0.1:0")
     try:
-        faults_support.wait_for(
-            lambda: (port_file.exists() and port_file.read_text().strip() != "") or server.poll() is not None,
-            120,
-            "split-server to listen",
-        )
-        assert server.poll() is None, server_log.read_text()[-3000:]
-        flags = ["--target", f"127.0.0.1:{port_file.read_text().strip()}", "--seed", "3", "--epochs", "1"]
+        flags = ["--target", f"127.0.0.1:{port}", "--seed", "3", "--epochs", "1"]
         flags += ["--batch-size", "64", "--shard", "2/3", "--history-json", str(history)]
         client = faults_support.spawn("client_part", flags, client_log)
-        assert client.wait(timeout=300) == 0, client_log.read_text()[-3000:]
+        try:
+            assert client.wait(timeout=300) == 0, client_log.read_text()[-3000:]
+        finally:
+            faults_support.stop(client)
     finally:
-        faults_support.stop(server)
+        server.stop(grace=1.0)
     log = client_log.read_text()
     digits = data.load("digits", seed=3)
     _, y_shard = shards.take(digits.x_train, digits.y_train, Shard(2, 3), "random", seed=3)

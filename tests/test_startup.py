@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from typing import Any
@@ -17,6 +16,7 @@ from splitlearning import demo
 NOISE = ("absl::InitializeLog", "oneDNN custom operations")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("module", ["client_part", "server_part", "splitlearning.demo"])
 def test_help_does_not_load_tensorflow(module: str) -> None:
     probe = (
@@ -52,12 +52,9 @@ def test_without_tensorflow_one_line_names_the_extra(
     )
 
 
-def test_no_tensorflow_start_up_noise_by_default() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    flags = ["--target", "127.0.0.1:9", "--connect-timeout", "0.5", "--epochs", "1"]
-    result = subprocess.run(
-        [sys.executable, "-m", "client_part", *flags], env=env, capture_output=True, text=True, timeout=120
-    )
+@pytest.mark.processes
+def test_no_tensorflow_start_up_noise_by_default(client_without_server: subprocess.CompletedProcess[str]) -> None:
+    result = client_without_server  # without TF_CPP_MIN_LOG_LEVEL; also read by tests/test_processes.py
     assert result.returncode == 1, result.stderr
     assert "no server answered at 127.0.0.1:9" in result.stderr
     for noise in NOISE:

@@ -28,6 +28,7 @@ def serve(tmp_path: Path, name: str, *flags: str) -> tuple[subprocess.Popen[byte
     return process, wait_for_port_file(port_file, process, START_TIMEOUT)
 
 
+@pytest.mark.processes
 def test_train_save_serve_predict_and_join(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = make_npz(tmp_path / "data.npz", n_train=96, n_test=40)
     with np.load(data) as arrays:

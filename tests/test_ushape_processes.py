@@ -10,6 +10,8 @@ import pytest
 
 from tests.security_support import ServerProcess, run_client, start_server
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 
 @pytest.fixture(scope="module")
 def middle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
