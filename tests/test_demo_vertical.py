@@ -122,6 +122,7 @@ def check_run(output: str, dataset: vertical_data.VerticalDataset, epochs: int, 
     return vertical
 
 
+@pytest.mark.processes
 def test_the_vertical_demo_on_the_digits() -> None:
     output = run_demo()
     assert "label.npz (1797 ids), left.npz (1617 ids), right.npz (1617 ids)" in output
@@ -131,6 +132,7 @@ def test_the_vertical_demo_on_the_digits() -> None:
     assert not AUC.findall(output), "AUC is the binary case's"
 
 
+@pytest.mark.processes
 def test_the_vertical_demo_on_breast_cancer_with_its_flags() -> None:
     output = run_demo("breast-cancer", "--epochs", "2", "--batch-size", "64", "--seed", "3", "--learning-rate", "0.01")
     assert "label.csv (569 ids), error.csv (569 ids), worst.csv (569 ids)" in output

@@ -245,6 +245,7 @@ def test_privacy_flags(capsys: pytest.CaptureFixture[str], flags: list[str], exp
     assert expected in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.processes
 def test_the_client_cli_still_parses_without_numpy() -> None:
     code = (
         "import sys; from client_part.cli import parse_args; "
