@@ -44,7 +44,7 @@ MEMBERS = ("member-1", "member-2", "member-3")
 MIN_VERTICAL_ACCURACY = 0.8
 VERTICAL_SERVICES = ("data", "label-party", "left", "right")
 EPOCH_LINE = re.compile(
-    r"split-label-party: epoch (\d+)/(\d+) \(step (\d+)\): loss [0-9.]+ .*test_accuracy ([0-9.]+)$", re.M
+    r"split-label-party: epoch (\d+)/(\d+) \(step (\d+)\): loss [0-9.]+ .*test_accuracy ([0-9.]+)\b", re.M
 )
 ALIGNED_LINE = re.compile(r"^aligned rows (\d+) \(train (\d+), held out (\d+)\); steps (\d+)$", re.MULTILINE)
 FINAL_LINE = re.compile(r"^final: loss [0-9.]+ .*test_loss ([0-9.]+)  test_accuracy ([0-9.]+)$", re.MULTILINE)
