@@ -1,9 +1,10 @@
 """The benchmark's worker processes, each pinned to its cores: `python -m benchmarks.roles ROLE JSON`.
 
 Roles: `uncut` (Keras `fit` on the whole model), `server` and `client` (the split run, timed per phase),
+`wan-client` (several split runs in turn, the compute floor timed around each: benchmarks/wan.py),
 `echo-server` and `echo-client` (a bare gRPC stream echoing the same payload), `accuracy` (the digits model
-per wire encoding). Each writes its figures as JSON to `out`; timers wrap functions from outside, so the
-code under test is the project's own, unchanged.
+per wire encoding), `compute-floor` (the parts' compiled steps alone). Each writes its figures as JSON to
+`out`; timers wrap functions from outside, so the code under test is the project's own, unchanged.
 """
 
 from __future__ import annotations

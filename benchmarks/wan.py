@@ -1,6 +1,6 @@
 """Benchmark: split training across a wide-area link, against its floor.
 
-    PYTHONPATH=. python benchmarks/wan.py                        # every link below, raw and int8 (needs root)
+    PYTHONPATH=. python benchmarks/wan.py                        # 4 links x raw, int8, int8:4 (needs root)
     PYTHONPATH=. python benchmarks/wan.py --links 80ms@100mbit --cases int8,int8:4 --rounds 3
     PYTHONPATH=. python benchmarks/wan.py --links loopback       # no link: E against the in-process floor
     PYTHONPATH=. python benchmarks/wan.py --grpc A: --grpc 'B:grpc.http2.lookahead_bytes=4194304'   # A/B

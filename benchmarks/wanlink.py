@@ -8,8 +8,8 @@ set by BPF, neither):
 - `packet` (the default): the router routes every forwarded packet through a TUN device, where a small
   process of its own (`delay`, below) holds each packet for the one-way delay and writes it back, in order.
   The endpoints' TCP sees the whole round-trip time (its windows, slow start and buffers act as on a real
-  path); the TUN device takes segmentation offloads, so at 1 Gbit/s it reads about 2,000 packets a second,
-  not 80,000.
+  path); the TUN device takes segmentation offloads, so at 1 Gbit/s it reads about 4,000 packets a second
+  (29 KB each on average), not 80,000.
 - `proxy`: a delaying TCP proxy (`proxy`, below) in the router, in a process of its own: each chunk it reads
   is written on at arrival + the delay, in order, so the delay does not cap the throughput. The two TCP
   legs see no delay (only HTTP/2's own flow control spans it), as through any terminating proxy.
@@ -198,23 +198,6 @@ def wan_link(
             _stop(delayer)
         for ns in (client_ns, router_ns, server_ns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def set_rate(link: Link, rate: str) -> Link:
-    """The same link at another rate (the delay stays)."""
-    rate_bit = parse_rate(rate)
-    for dev in ("rc", "rs"):
-        name = next(iter(_devices(link.router_ns, dev)))
-        _sh(*_in(link.router_ns), "tc", "qdisc", "replace", "dev", name, "root", *_tbf(rate_bit))
-    return Link(
-        link.client_ns, link.server_ns, link.router_ns, link.server_ip, rate_bit, link.rtt_ms, link.mode, link.proxies
-    )
-
-
-def _devices(ns: str, suffix: str) -> list[str]:
-    out = subprocess.run(["ip", "-n", ns, "-o", "link"], check=True, capture_output=True, text=True).stdout
-    names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
-    return [name for name in names if name.endswith(suffix)]
 
 
 # ---------------------------------------------------------------------------------------------------------
