@@ -1,9 +1,10 @@
 """The benchmark's worker processes, each pinned to its cores: `python -m benchmarks.roles ROLE JSON`.
 
 Roles: `uncut` (Keras `fit` on the whole model), `server` and `client` (the split run, timed per phase),
+`wan-client` (several split runs in turn, the compute floor timed around each: benchmarks/wan.py),
 `echo-server` and `echo-client` (a bare gRPC stream echoing the same payload), `accuracy` (the digits model
-per wire encoding). Each writes its figures as JSON to `out`; timers wrap functions from outside, so the
-code under test is the project's own, unchanged.
+per wire encoding), `compute-floor` (the parts' compiled steps alone). Each writes its figures as JSON to
+`out`; timers wrap functions from outside, so the code under test is the project's own, unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ class Timers:
         self.spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.sent: list[float] = []
         self.parsed: list[float] = []
+        self._patched: list[tuple[Any, str, Any]] = []  # (owner, attribute, original), to put back
+
+    def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
+        self._patched.append((owner, attribute, owner.__dict__.get(attribute, getattr(owner, attribute))))
+        setattr(owner, attribute, replacement)
+
+    def restore(self) -> None:
+        """Put back what `wrap` and `wire` replaced (a process that runs several clients in turn)."""
+        while self._patched:
+            owner, attribute, original = self._patched.pop()
+            setattr(owner, attribute, original)
 
     def wrap(
         self, owner: Any, attribute: str, key: str, sizes: Callable[[Any, tuple[Any, ...]], int] | None = None
@@ -54,7 +66,7 @@ class Timers:
                 self.durations[key + "_bytes"].append(sizes(result, args))
             return result
 
-        setattr(owner, attribute, timed)
+        self._patch(owner, attribute, timed)
 
     def reset(self) -> None:
         self.durations.clear()
@@ -86,8 +98,8 @@ class Timers:
             self.parsed.append(time.perf_counter())
             return parse(message_type, data)
 
-        framing.Outgoing.serialize = timed_serialize  # type: ignore[method-assign,assignment]
-        framing.parse = timed_parse
+        self._patch(framing.Outgoing, "serialize", timed_serialize)
+        self._patch(framing, "parse", timed_parse)
 
     def with_wire(self) -> dict[str, list[float]]:
         return {**self.durations, "sent": list(self.sent), "parsed": list(self.parsed)}
@@ -102,7 +114,30 @@ def _data(spec: dict[str, Any]) -> tuple[Any, Any]:
 def _optimizer(spec: dict[str, Any]) -> Any:
     from splitlearning.models import make_optimizer
 
-    return make_optimizer("adam", spec.get("learning_rate", 1e-3))
+    return make_optimizer(spec.get("optimizer", "adam"), spec.get("learning_rate", 1e-3))
+
+
+def _with_options(factory: Callable[..., Any], extra: Callable[[], list[list[Any]]]) -> Callable[..., Any]:
+    """`factory` (grpc.server, grpc.insecure_channel) with the gRPC options `extra()` gives at each call in place
+    of its caller's own of the same names: how the benchmarks try settings that the product does not expose."""
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        added = [(k, v) for k, v in extra()]
+        names = {name for name, _ in added}
+        options = [(k, v) for k, v in kwargs.pop("options", None) or () if k not in names]
+        return factory(*args, options=[*options, *added], **kwargs)
+
+    return build
+
+
+def _grpc_options(spec: dict[str, Any]) -> None:
+    """Apply the spec's `server_options` / `channel_options` to every gRPC server / channel of this process."""
+    import grpc
+
+    if spec.get("server_options"):
+        grpc.server = _with_options(grpc.server, lambda: spec["server_options"])
+    if spec.get("channel_options"):
+        grpc.insecure_channel = _with_options(grpc.insecure_channel, lambda: spec["channel_options"])
 
 
 def uncut(spec: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +179,7 @@ def server(spec: dict[str, Any]) -> dict[str, Any]:
     from splitlearning import codec
     from splitlearning.models import BUILTIN
 
+    _grpc_options(spec)
     timers = Timers()
     timers.wire()
     timers.wrap(codec, "encode", "encode")
@@ -170,16 +206,23 @@ def server(spec: dict[str, Any]) -> dict[str, Any]:
     Path(spec["port_file"]).write_text(f"{port}\n")
     stop.wait()
     split.stop(grace=1.0)
-    return {"durations": timers.with_wire()}
+    starts = {key: [start for start, _ in spans] for key, spans in timers.spans.items()}
+    return {"durations": timers.with_wire(), "starts": starts, "servicer": timers.spans["servicer"]}
 
 
 def client(spec: dict[str, Any]) -> dict[str, Any]:
+    _grpc_options(spec)
+    return _split_client(spec, *_data(spec))
+
+
+def _split_client(spec: dict[str, Any], x: Any, y: Any, floor: Any = None) -> dict[str, Any]:
+    """One split run: warm-up steps, then the timed epoch. `floor` (a `compute_floor.ComputeFloor`): also time
+    the compute floor in this process just before the warm-up and just after the timed epoch."""
     from client_part import SplitClient
     from splitlearning import codec
     from splitlearning.models import BUILTIN
 
     pair = BUILTIN[spec["model"]]
-    x, y = _data(spec)
     batch, warm = spec["batch_size"], spec["warmup_steps"] * spec["batch_size"]
     split = SplitClient(
         pair.client(spec["seed"]),
@@ -200,12 +243,19 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
     timers.wrap(split._transport, "train", "exchange")
     timers.wrap(split._transport, "send", "send")
     timers.wrap(split._transport, "receive", "receive")
+    # Before the warm-up (an idle minute between it and the timed steps would restart TCP's slow start and
+    # cool the caches) and after the timed steps.
+    floor_ms = [floor.measure(spec["floor_rounds"], warmup=3)] if floor is not None else []
     with split:
         split.fit(x[:warm], y[:warm], batch_size=batch, epochs=1, verbose=0)
+        warm_steps = [end - start for start, end in timers.spans["step"]]  # a fresh connection's first steps
         timers.reset()
         started = time.perf_counter()
         split.fit(x, y, batch_size=batch, epochs=1, shuffle=True, verbose=0)
         elapsed = time.perf_counter() - started
+        if floor is not None:
+            floor_ms.append(floor.measure(spec["floor_rounds"], warmup=3))
+    timers.restore()
     steps, exchanges = timers.spans["step"], timers.spans["exchange"]
     if not exchanges:  # pipelined: the phases overlap, so only their sums per step are reported
         exchanges = [(s[0], s[0]) for s in steps]
@@ -216,8 +266,30 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
         "fit_samples_per_s": len(x) / elapsed,
         "seconds": elapsed,
         "steps": len(steps),
+        "window": [steps[0][0], steps[-1][1]],
+        "warmup_step_s": warm_steps,
+        "spans": {key: timers.spans[key] for key in ("exchange", "send", "receive")},
         "durations": {**timers.with_wire(), "forward": forward, "backward": backward},
+        "floor_ms": floor_ms,
     }
+
+
+def wan_client(spec: dict[str, Any]) -> dict[str, Any]:
+    """Several split runs in turn, one process (benchmarks/wan.py): each of `runs` (target, encoding,
+    micro_batches, channel_options) with a client of its own, and the compute floor timed around each."""
+    import grpc
+
+    from benchmarks.compute_floor import ComputeFloor
+
+    options: list[list[Any]] = []
+    grpc.insecure_channel = _with_options(grpc.insecure_channel, lambda: options)
+    x, y = _data(spec)
+    floor = ComputeFloor(spec["model"], spec["batch_size"], spec.get("optimizer", "adam"))
+    results = []
+    for run in spec["runs"]:
+        options[:] = run.get("channel_options", [])
+        results.append(_split_client({**spec, **run}, x, y, floor))
+    return {"runs": results}
 
 
 def echo_server(spec: dict[str, Any]) -> dict[str, Any]:
@@ -311,6 +383,13 @@ def accuracy(spec: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def compute_floor(spec: dict[str, Any]) -> dict[str, Any]:
+    """The parts' compiled steps in one process, no gRPC (benchmarks/compute_floor.py's `measure_parts`)."""
+    from benchmarks.compute_floor import measure_parts
+
+    return measure_parts(spec["model"], spec["batch_size"], spec["rounds"], spec.get("optimizer", "adam"))
+
+
 ROLES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "uncut": uncut,
     "server": server,
@@ -318,6 +397,8 @@ ROLES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "echo-server": echo_server,
     "echo-client": echo_client,
     "accuracy": accuracy,
+    "compute-floor": compute_floor,
+    "wan-client": wan_client,
 }
 
 

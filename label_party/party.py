@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from label_party.coordinator import Coordinator, EpochRecord, LabelData, Plan
 from label_party.servicer import VerticalMount
 from label_party.telemetry import LabelPartyTelemetry
+from splitlearning import links
 from splitlearning.checkpoint import StepCheckpoints
 from splitlearning.contract import Spec
 from splitlearning.devices import resolve_device
@@ -188,6 +189,7 @@ class LabelParty:
         """Serve on `address`; return the bound port."""
         port = self.host.start(address)
         self.host.warn_if_insecure(address)
+        links.hint_once(address)  # a step's replies on a long link: what the host's TCP makes of them
         return port
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -16,7 +16,7 @@ from server_part.servicer import SessionsMount
 from server_part.session import Limits, Session
 from server_part.sessions import SessionRegistry
 from server_part.telemetry import ServerTelemetry
-from splitlearning import encodings, keepalive
+from splitlearning import encodings, keepalive, links
 from splitlearning.aggregation import FEDAVG, Aggregation
 from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
@@ -239,6 +239,7 @@ class SplitServer:
                 self.aggregator.describe(),
             )
         self.host.warn_if_insecure(address)
+        links.hint_once(address)  # a step's replies on a long link: what the host's TCP makes of them
         return port
 
     def wait(self, timeout: float | None = None) -> bool:
