@@ -146,7 +146,11 @@ class ClientTrainer:
             if regularization is not None:
                 self.regularization.update_state(regularization, sample_weight=tf.shape(x)[0])
             grads = tape.gradient([*ivs, penalty], weights, output_gradients=[*grads_iv, tf.ones_like(penalty)])
-        self.optimizer.apply(grads, weights)
+        # Every op of the update waits for the gradients from across the cut: without this, the optimizer's step
+        # count (whose increment reads no gradient) ran even when the exchange failed, and a step redone after a
+        # rejoin then saw one iteration too many (Adam's bias correction, a schedule's learning rate).
+        with tf.control_dependencies(grads_iv):
+            self.optimizer.apply(grads, weights)
 
     def _pipelined_forward(self, x: tf.Tensor, labels: tf.Tensor, pipeline: Pipeline) -> list[tf.Tensor]:
         """Forward each micro-batch and send it before the next one's forward starts (a control dependency)."""
