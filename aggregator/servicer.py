@@ -10,7 +10,7 @@ from splitlearning.aggregation import Aggregation
 from splitlearning.errors import InvalidRequest
 from splitlearning.groups import Settings
 from splitlearning.protocol import MAX_ID_LENGTH
-from splitlearning.serving.edge import guard, lenient, refusing_undecodable
+from splitlearning.serving.edge import add_unary_service, guard
 from splitlearning.v1 import split_learning_pb2 as pb
 
 
@@ -62,14 +62,4 @@ def _response(answer: Next, members: int, aggregation: Aggregation) -> pb.JoinRo
 
 def add_to_server(servicer: AggregatorServicer, server: grpc.Server) -> None:
     """Register the service; bytes that are no request get INVALID_ARGUMENT (splitlearning/serving/edge.py)."""
-    service = pb.DESCRIPTOR.services_by_name["AggregatorService"]
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
-    for method in service.methods:
-        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            refusing_undecodable(getattr(servicer, method.name)),
-            request_deserializer=lenient(request.FromString, method.input_type.name),
-            response_serializer=response.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    add_unary_service(servicer, server, "AggregatorService")

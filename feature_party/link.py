@@ -11,7 +11,7 @@ from typing import TypeVar
 import grpc
 
 from splitlearning.channels import open_channel
-from splitlearning.protocol import MESSAGE_OVERHEAD
+from splitlearning.protocol import MESSAGE_OVERHEAD, PSI_BYTES_PER_ID
 from splitlearning.security import Secret, TlsConfig, auth_metadata
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
@@ -19,7 +19,6 @@ from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-BYTES_PER_ID = 40
 # Statuses a retry of the same call can cure: the label party is restarting, or a party has not come yet.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -52,7 +51,7 @@ class LabelPartyLink:
         max_ids: int = 1_000_000,
     ) -> None:
         self.target = target
-        self._channel = open_channel(target, MESSAGE_OVERHEAD + BYTES_PER_ID * max_ids, tls)
+        self._channel = open_channel(target, MESSAGE_OVERHEAD + PSI_BYTES_PER_ID * max_ids, tls)
         self._stub = pb_grpc.VerticalServiceStub(self._channel)
         self._metadata = auth_metadata(token)
         self.retry_timeout = retry_timeout

@@ -11,13 +11,10 @@ from label_party.coordinator import Coordinator
 from splitlearning import codec
 from splitlearning.contract import spec_from_proto
 from splitlearning.errors import SplitError
-from splitlearning.protocol import MESSAGE_OVERHEAD, VERTICAL_SERVICE
+from splitlearning.protocol import MESSAGE_OVERHEAD, PSI_BYTES_PER_ID, VERTICAL_SERVICE
 from splitlearning.security import AUTH_METADATA_KEY, AUTH_SCHEME, Secret
-from splitlearning.serving.edge import guard, lenient, refusing_undecodable
+from splitlearning.serving.edge import add_unary_service, guard
 from splitlearning.v1 import split_learning_pb2 as pb
-
-# Bytes per id in Align's and Match's messages: 32 of a point and 2 of its field's framing, with room to spare.
-BYTES_PER_ID = 40
 
 
 class Unauthenticated(SplitError):
@@ -132,21 +129,10 @@ class VerticalMount:
     def __init__(self, coordinator: Coordinator, tokens: dict[str, Secret] | None = None, max_ids: int = 1_000_000):
         self.coordinator = coordinator
         self.tokens = tokens
-        self.max_message_bytes = MESSAGE_OVERHEAD + BYTES_PER_ID * max_ids
+        self.max_message_bytes = MESSAGE_OVERHEAD + PSI_BYTES_PER_ID * max_ids
 
     def add_to(self, server: grpc.Server) -> None:
-        servicer = VerticalServicer(self.coordinator, self.tokens)
-        service = pb.DESCRIPTOR.services_by_name["VerticalService"]
-        handlers: dict[str, grpc.RpcMethodHandler] = {}
-        for method in service.methods:
-            request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                refusing_undecodable(getattr(servicer, method.name)),
-                request_deserializer=lenient(request.FromString, method.input_type.name),
-                response_serializer=response.SerializeToString,
-            )
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-        server.add_registered_method_handlers(service.full_name, handlers)
+        add_unary_service(VerticalServicer(self.coordinator, self.tokens), server, "VerticalService")
 
     def start(self) -> None:
         self.coordinator.prepare()

@@ -26,6 +26,9 @@ ID_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}")
 
 # Room for the protobuf framing around the tensors of one message, on top of what the cut contract sizes.
 MESSAGE_OVERHEAD = 64 * 1024
+# Bytes an id takes in VerticalService's Align and Match messages: 32 of a point and 2 of its field's framing, with
+# room to spare; both ends size their message limits by it.
+PSI_BYTES_PER_ID = 40
 # A part's state (weights, optimizer variables) travels in one message to and from the aggregator.
 MAX_STATE_BYTES = 256 * 1024 * 1024
 

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 from splitlearning.errors import SplitError
 from splitlearning.protocol import REASON_METADATA_KEY
 from splitlearning.text import clip_message
+from splitlearning.v1 import split_learning_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +89,19 @@ def peer(context: grpc.ServicerContext) -> str:
         return context.peer()
     except Exception:
         return "unknown peer"
+
+
+def add_unary_service(servicer: Any, server: grpc.Server, service: str) -> None:
+    """Register every method of `service` (a service of splitlearning.v1, all unary) to `servicer`'s method of
+    the same name; bytes that are no request reach no handler but get INVALID_ARGUMENT (`Undecodable`)."""
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in descriptor.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            refusing_undecodable(getattr(servicer, method.name)),
+            request_deserializer=lenient(request.FromString, method.input_type.name),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
