@@ -107,20 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Train until the label party's last step; the exit status: 0, 1 if the label party refused, 2 set-up."""
     flags = parse_args(argv)
-    absent = tensorflow_setup.missing("split-feature-party")
-    if absent:
-        print(absent, file=sys.stderr)
-        return 2
-    cli.setup_logging(flags.log_level)
-    try:
-        tensorflow_setup.load(verbose=flags.log_level == "DEBUG")
-        return run(flags)
-    except KeyboardInterrupt:
-        log.warning("stopped on request")
-        return 130
-    except (ValueError, OSError, TypeError) as error:
-        log.error("%s", error)
-        return 2
+    return tensorflow_setup.run_program("split-feature-party", log, flags.log_level, lambda: run(flags))
 
 
 def run(flags: argparse.Namespace) -> int:

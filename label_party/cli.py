@@ -162,20 +162,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Serve until training ends; the exit status: 0, 1 if training failed, 2 for a set-up error."""
     flags = parse_args(argv)
-    absent = tensorflow_setup.missing("split-label-party")
-    if absent:
-        print(absent, file=sys.stderr)
-        return 2
-    cli.setup_logging(flags.log_level)
-    try:
-        tensorflow_setup.load(verbose=flags.log_level == "DEBUG")
-        return run(flags)
-    except KeyboardInterrupt:
-        log.warning("stopped on request")
-        return 130
-    except (ValueError, OSError, TypeError) as error:
-        log.error("%s", error)
-        return 2
+    return tensorflow_setup.run_program("split-label-party", log, flags.log_level, lambda: run(flags))
 
 
 def run(flags: argparse.Namespace) -> int:

@@ -9,9 +9,13 @@ itself runs with file descriptor 2 pointed at a temporary file, which is replaye
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
+
+from splitlearning import cli
 
 INSTALL_HINT = "pip install 'splitlearning[cpu]' (or 'splitlearning[gpu]' for CUDA)"
 
@@ -46,3 +50,23 @@ def load(verbose: bool) -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def run_program(name: str, log: logging.Logger, log_level: str, run: Callable[[], int]) -> int:
+    """A TensorFlow program's `main` around its `run`: the one-line error for a missing TensorFlow (exit 2),
+    logging, TensorFlow loaded, then `run`; a set-up error (ValueError, OSError, TypeError) ends in one line
+    (exit 2), Ctrl-C in 130."""
+    absent = missing(name)
+    if absent:
+        print(absent, file=sys.stderr)
+        return 2
+    cli.setup_logging(log_level)
+    try:
+        load(verbose=log_level == "DEBUG")
+        return run()
+    except KeyboardInterrupt:
+        log.warning("stopped on request")
+        return 130
+    except (ValueError, OSError, TypeError) as error:
+        log.error("%s", error)
+        return 2
