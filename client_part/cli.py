@@ -19,6 +19,7 @@ from splitlearning import logs, tensorflow_setup
 logs.quiet_grpc(sys.argv[1:])  # before grpc is imported (below, through security)
 
 from splitlearning import cli, devices, security, shards  # noqa: E402
+from splitlearning.approximations import Approximations  # noqa: E402
 from splitlearning.protocol import Reason  # noqa: E402
 
 if TYPE_CHECKING:
@@ -73,6 +74,9 @@ class ClientConfig(cli.ProcessConfig):
     save_head: Path | None = None
     predict: Path | None = None
     predictions: Path | None = None
+    stale_gradients: bool = False
+    local_loss: bool = False
+    top_k: float = 0.0
 
 
 _GROUPS = ("connection", "model", "data", "training", "rounds", "device", "checkpoints", "security", "observability")
@@ -96,7 +100,25 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     check_predict_flags(parser, flags)  # before the round flags' check, which gives --epochs its default
     check_round_flags(parser, flags)
     check_privacy_flags(parser, flags)
+    check_approximation_flags(parser, flags)
     return ClientConfig(**flags)
+
+
+def approximations_of(flags: dict[str, Any]) -> Approximations:
+    return Approximations(flags["stale_gradients"], flags["local_loss"], flags["top_k"])
+
+
+def check_approximation_flags(parser: argparse.ArgumentParser, flags: dict[str, Any]) -> None:
+    """--stale-gradients, --local-loss and --top-k belong to a single client's training run (one line each;
+    building the client refuses what does not fit together, the cut, --micro-batches, the noise or the encoding)."""
+    given = [flag for flag in ("stale_gradients", "local_loss", "top_k") if flags[flag]]
+    if not given:
+        return
+    flag = "--" + given[0].replace("_", "-")
+    if flags["group"] is not None:
+        parser.error(f"{flag} applies to a single client's run, not to a --group member's")
+    if flags["predict"] is not None:
+        parser.error(f"{flag} applies to training, not to --predict")
 
 
 def check_privacy_flags(parser: argparse.ArgumentParser, flags: dict[str, Any]) -> None:
@@ -272,6 +294,29 @@ def add_training_flags(parser: cli.Flags) -> None:
         type=cli.POSITIVE_INT,
         default=1,
         help="pipeline each step in this many micro-batches (forward, transfer and server work overlap)",
+    )
+    # Beyond the exact split (docs/performance.md, "Beyond exact"): each is off unless given, and the server must
+    # allow it (split-server --allow-approximations).
+    cli.add(
+        parser,
+        "--stale-gradients",
+        action="store_true",
+        help="not exact: send step s+1 before step s's gradient comes back, and apply that gradient one step late",
+    )
+    cli.add(
+        parser,
+        "--local-loss",
+        action="store_true",
+        help="not exact: train the first part on a local auxiliary head and loss; never wait for the server's gradient",
+    )
+    cli.add(
+        parser,
+        "--top-k",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="not exact: send only this fraction (0 < f < 1) of the IV's and its gradient's largest entries, with "
+        "error feedback",
     )
 
 
@@ -566,6 +611,7 @@ def build_client(
         leakage_meters=not config.no_leakage_meters,
         leakage_samples=config.leakage_samples,
         leak_positive=positive,
+        approximations=approximations_of(vars(config)),
     )
     mismatch = input_mismatch(client.model, sample_shape, config.model, data_name) if sample_shape else None
     if mismatch:

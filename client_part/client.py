@@ -27,6 +27,7 @@ from client_part.telemetry import ClientMeter, EpochLog
 from client_part.transport import RemoteError, Transport
 from client_part.ushape import UShapeLink, build_head
 from splitlearning import codec, encodings, keepalive, part_state
+from splitlearning.approximations import NONE, Approximations
 from splitlearning.contract import Agreement, CutMode, Spec
 from splitlearning.devices import resolve_device
 from splitlearning.groups import Membership
@@ -37,6 +38,7 @@ from splitlearning.optimizers import OptimizerSettings
 from splitlearning.part_state import PartState
 from splitlearning.security import Secret, TlsConfig
 from splitlearning.training.first_part import ClientTrainer
+from splitlearning.v1 import split_learning_pb2 as pb
 
 __all__ = ["RemoteError", "Rollback", "SplitClient"]
 
@@ -113,15 +115,21 @@ class SplitClient:
         leakage_meters: bool = True,
         leakage_samples: int = 4,
         leak_positive: int = 1,
+        approximations: Approximations = NONE,
     ) -> None:
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
+        _check_approximations(approximations, micro_batches, head is not None, noise is not None)
         if micro_batches > 1 and (head is not None or noise is not None):
             raise ValueError("micro-batch pipelining applies to the standard cut without noise")
         self.device = resolve_device(device)
         self.trainer = ClientTrainer(model, optimizer, self.device, nopeek_alpha=nopeek_alpha)
         self.retry = retry or RetryPolicy()
         wanted_encoding = encodings.parse(wire_encoding)
+        if approximations.top_k:  # top-k's tensors travel sparse
+            if wanted_encoding not in (encodings.RAW, pb.ENCODING_SPARSE):
+                raise ValueError(f"top-k sends its tensors in the sparse encoding, not {wire_encoding}: leave it raw")
+            wanted_encoding = pb.ENCODING_SPARSE
         self.head = None
         if head is not None:
             self.head = build_head(head, loss, head_optimizer or optimizer, metrics, self.device, label_spec)
@@ -160,6 +168,7 @@ class SplitClient:
             wanted_encoding,
             self.head,
             OptimizerSettings.of(self.trainer.optimizer),
+            approximations,
         )
         self._session = Session(
             self._transport,
@@ -423,6 +432,22 @@ class SplitClient:
 def _link_over(link: Link, noise: GaussianNoise | None) -> Link:
     """The link every batch goes through: noise outermost, so every IV is clipped and noised before it leaves."""
     return NoisyLink(link, noise) if noise is not None else link
+
+
+def _check_approximations(approximations: Approximations, micro_batches: int, ushape: bool, noise: bool) -> None:
+    """The approximations apply to the standard cut's plain step: one message per step, no noise."""
+    if approximations.exact:
+        return
+    if ushape:
+        raise ValueError(f"{approximations.describe()}: approximations apply to the standard cut, not the U-shape")
+    if (approximations.stale_gradients or approximations.local_loss) and micro_batches > 1:
+        raise ValueError(
+            f"{approximations.describe()} overlaps steps already: leave micro-batches at 1 (got {micro_batches})"
+        )
+    if noise:
+        raise ValueError(
+            f"{approximations.describe()} does not go with noise on the IV (--noise-multiplier): choose one"
+        )
 
 
 def _nothing() -> None:

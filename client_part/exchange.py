@@ -21,6 +21,7 @@ from client_part.session import Session
 from client_part.telemetry import ClientMeter
 from client_part.transport import Transport
 from splitlearning.contract import Spec
+from splitlearning.top_k import ErrorFeedback
 from splitlearning.training.first_part import Pipeline
 
 Started = tuple[int, int, float]  # bytes sent, bytes received and the time when a step's first part went out
@@ -60,6 +61,17 @@ class StepExchange:
         self._sent: list[bool] = []  # per micro-batch of the step in flight: was it sent (not empty)?
         self._parts: list[tuple[Any, ...]] = []  # the step in flight's sent micro-batches: `Transport.send`'s args
         self._started: Started = (0, 0, 0.0)  # of the step in flight
+        self._feedback: ErrorFeedback | None = None  # top-k's error feedback of the IVs sent, once agreed
+
+    def _sparsified(self, iv: np.ndarray) -> np.ndarray:
+        """The IV as this step sends it (every attempt alike): with top-k, its largest entries after the error
+        feedback; else itself."""
+        fraction = self._session.agreement.approximations.top_k
+        if not fraction:
+            return iv
+        if self._feedback is None or self._feedback.fraction != fraction:
+            self._feedback = ErrorFeedback(fraction)
+        return self._feedback(iv)
 
     def pipeline(self) -> Pipeline:
         """The pipelined step's calls, for the trainer."""
@@ -70,6 +82,7 @@ class StepExchange:
         transport, session, position = self._transport, self._session, self._position
         started = (transport.bytes_sent, transport.bytes_received, time.perf_counter())
         step = position.step
+        iv = self._sparsified(iv)
 
         def attempt(retrying: bool) -> tuple[np.ndarray, list[float]]:
             session.rejoin_if_stale(step)
@@ -88,6 +101,7 @@ class StepExchange:
         batch = int(size)
         self._sent.append(len(iv) > 0)  # a batch smaller than micro_batches leaves some parts empty
         if len(iv):
+            iv = self._sparsified(iv)
             parts = min(self.micro_batches, batch)
             part = sum(self._sent) - 1
             # The arrays are views of the step's tensors, alive until the step ends: kept to send again.

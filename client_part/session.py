@@ -21,6 +21,7 @@ from client_part.position import Position
 from client_part.retry import RetryPolicy
 from client_part.transport import RemoteError, Transport
 from splitlearning import codec, encodings
+from splitlearning.approximations import NONE, Approximations
 from splitlearning.contract import Agreement, CutContract, CutMode, Spec
 from splitlearning.groups import Membership
 from splitlearning.optimizers import OptimizerSettings
@@ -63,6 +64,7 @@ class Offer:
     wire_encoding: codec.EncodingCode
     head: Head | None = None
     optimizer: OptimizerSettings | None = None  # its first part's: the server checks that it trains with the same
+    approximations: Approximations = NONE  # beyond the exact split: the server must allow each one
 
 
 class Session:
@@ -294,6 +296,7 @@ class Session:
             client_id=self._client_id,
             group=self._membership if not asked else None,
             optimizer=offer.optimizer,
+            approximations=offer.approximations,
         )
         if agreement.session_id != asked and self.checkpoints is not None:  # the transport now names the new one
             self.checkpoints.record(agreement.session_id, self._client_id)

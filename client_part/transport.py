@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_part import stopping, tls_failure
 from splitlearning import codec, encodings, framing, keepalive
+from splitlearning.approximations import NONE, Approximations
 from splitlearning.channels import open_channel
 from splitlearning.contract import (
     Agreement,
@@ -269,6 +270,7 @@ class Transport:
         client_id: str = "",
         group: Membership | None = None,
         optimizer: OptimizerSettings | None = None,
+        approximations: Approximations = NONE,
     ) -> Agreement:
         """Agree on the cut and the session; `preferred_encodings` (most preferred first) may narrow the wire;
         `optimizer`, where given, is checked by the server against its own."""
@@ -283,6 +285,7 @@ class Transport:
             client_id=client_id,
             group=group.to_proto() if group is not None else None,
             optimizer=optimizer.to_proto() if optimizer is not None else None,
+            approximations=approximations.to_proto() if not approximations.exact else None,
         )
         try:
             reply = self._stub.Handshake(request, timeout=self.rpc_timeout, metadata=self._metadata)
@@ -298,6 +301,12 @@ class Transport:
                 f"cut mode mismatch: the server holds {server_mode.describe()}, this client is built for "
                 f"{mode.describe()}; start both parts with the same --cut"
             )
+        applied = Approximations.from_proto(reply.approximations)
+        if applied != approximations:  # a server that predates the field applies none
+            raise ValueError(  # a set-up error: retrying cannot help
+                f"approximations mismatch: this client asked for {approximations.describe()}, the server applies "
+                f"{applied.describe()}; upgrade the server, or train without them"
+            )
         contract = contract_from_proto(reply.contract, mode)
         self._fit_limit(contract, min(max_batch_size, reply.max_batch_size))
         return Agreement(
@@ -308,6 +317,7 @@ class Transport:
             metric_names=list(reply.metric_names),
             mode=mode,
             encoding=self.joined.encoding,
+            approximations=applied,
         )
 
     def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:

@@ -31,6 +31,7 @@ class ServerConfig(cli.ProcessConfig):
     metrics: str | None
     max_batch_size: int
     wire_encodings: str
+    allow_approximations: str
     port_file: Path | None
     metrics_port: int | None
     metrics_host: str | None
@@ -63,7 +64,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--wire-encodings",
         default="raw",
         help="comma-separated wire encodings a client may choose for the IV and its gradient "
-        "(raw, float16, bfloat16, int8); raw is always allowed",
+        "(raw, float16, bfloat16, int8, sparse); raw is always allowed",
+    )
+    cli.add(
+        connection,
+        "--allow-approximations",
+        default="",
+        help="comma-separated approximations a client may ask for, beyond the exact split (stale-gradients, "
+        "local-loss, top-k, or all; docs/performance.md, 'Beyond exact'); default: none",
     )
     cli.add(
         connection, "--max-batch-size", type=cli.POSITIVE_INT, default=1024, help="largest batch a request may carry"
@@ -245,6 +253,7 @@ def build(config: ServerConfig) -> SplitServer:
         tls=security.server_tls(config.tls_cert, config.tls_key, config.tls_ca),
         auth_token=security.read_token(config.auth_token_file) if config.auth_token_file else None,
         wire_encodings=config.wire_encodings.split(","),
+        allow_approximations=config.allow_approximations,
         max_workers=config.max_workers,
         checkpoint_dir=config.checkpoint_dir,
         checkpoint_every=config.checkpoint_every,

@@ -1,4 +1,7 @@
-"""A session's retry cache: the replies of its last applied step, answered again to a resend of that step.
+"""A session's retry cache: the replies of its last applied steps, answered again to a resend of one of them.
+
+It holds the last step, or the last two when the session trains with stale gradients (two steps in flight: a
+client whose stream broke may have lost both replies).
 
 A client whose reply was lost sends the step again; the cache answers it with the first replies and no second
 update. It answers only the client that sent the step, and only a resend that repeats it: the same kind of
@@ -38,15 +41,21 @@ class Answered(Generic[R]):
 
 
 class ReplyCache(Generic[R]):
-    """Holds the last applied step of one session (nothing before its first step, or after a restore)."""
+    """Holds the last `depth` applied steps of one session (nothing before its first step, or after a restore)."""
 
-    def __init__(self) -> None:
-        self._answered: Answered[R] | None = None
+    def __init__(self, depth: int = 1) -> None:
+        self.depth = depth
+        self._answered: list[Answered[R]] = []  # oldest first
 
     @property
     def step(self) -> int | None:
-        """The step a resend would be answered for, if any."""
-        return self._answered.step if self._answered is not None else None
+        """The latest step a resend would be answered for, if any."""
+        return self._answered[-1].step if self._answered else None
+
+    @property
+    def steps(self) -> set[int]:
+        """Every step a resend would be answered for."""
+        return {answered.step for answered in self._answered}
 
     def remember(
         self,
@@ -56,18 +65,19 @@ class ReplyCache(Generic[R]):
         requests: list[tuple[np.ndarray, ...]],
         replies: list[R],
     ) -> None:
-        self._answered = Answered(step, kind, client_id, tuple(requests), tuple(replies))
+        self._answered.append(Answered(step, kind, client_id, tuple(requests), tuple(replies)))
+        del self._answered[: -self.depth]
 
     def forget(self) -> None:
-        self._answered = None
+        self._answered.clear()
 
     def answer(
         self, step: int, kind: StepKind, client_id: str, tensors: tuple[np.ndarray, ...], part: int = 0, parts: int = 1
     ) -> R | None:
         """The stored reply to part `part` of `step` when `step` is the cached one, else None (not a resend).
         A resend that does not repeat the cached step exactly is refused (FAILED_PRECONDITION)."""
-        answered = self._answered
-        if answered is None or step != answered.step:
+        answered = next((a for a in self._answered if a.step == step), None)
+        if answered is None:
             return None
         if client_id != answered.client_id:
             raise PreconditionFailed(

@@ -16,7 +16,7 @@ from server_part.servicer import SessionsMount
 from server_part.session import Limits, Session
 from server_part.sessions import SessionRegistry
 from server_part.telemetry import ServerTelemetry
-from splitlearning import encodings, keepalive, links
+from splitlearning import approximations, encodings, keepalive, links
 from splitlearning.aggregation import FEDAVG, Aggregation
 from splitlearning.contract import CutMode, Spec
 from splitlearning.devices import resolve_device
@@ -26,6 +26,7 @@ from splitlearning.security import Secret, TlsConfig, describe
 from splitlearning.serving.host import Host, HostConfig, Mount
 from splitlearning.telemetry import learning_rate_of
 from splitlearning.training.loss_trainer import LossTrainer
+from splitlearning.v1 import split_learning_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class SplitServer:
     there is no loss, label or metric here (the client keeps them), only `optimizer`.
 
     `wire_encodings` are the encodings of the IV and its gradient a client may choose ('raw', 'float16',
-    'bfloat16', 'int8'); raw is always allowed, and is all that is allowed by default.
+    'bfloat16', 'int8', 'sparse'); raw is always allowed, and is all that is allowed by default.
+    `allow_approximations` names those a client may ask for beyond the exact split ('stale-gradients',
+    'local-loss', 'top-k', or 'all'; docs/performance.md, "Beyond exact"): none by default.
 
     `exact=True` applies the optimizer's updates as a plain graph, as `keras.Model.fit` does on a CPU, so the
     split equals `fit` bit for bit where the kernels are the same (TF_ENABLE_ONEDNN_OPTS=0); by default they
@@ -84,6 +87,7 @@ class SplitServer:
         auth_token: Secret | str | None = None,
         cut: CutMode | str = CutMode.STANDARD,
         wire_encodings: Sequence[str | int] = ("raw",),
+        allow_approximations: str | Sequence[str] = (),
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 100,
         checkpoint_keep: int = 5,
@@ -110,7 +114,12 @@ class SplitServer:
         self.sessions = SessionRegistry(
             PartFactory(model, self.trainer, self.device),
             self.trainer,
-            Limits(max_batch_size, (encodings.RAW, *encodings.parse_list(wire_encodings)), trains=not serve_only),
+            Limits(
+                max_batch_size,
+                (encodings.RAW, *encodings.parse_list(wire_encodings)),
+                trains=not serve_only,
+                approximations=approximations.parse_allowed(allow_approximations),
+            ),
             store,
             max_sessions=max_sessions,
             idle_timeout=session_idle_timeout,
@@ -171,14 +180,25 @@ class SplitServer:
         """Largest message the contract allows: a full batch of IVs and labels (or middle outputs), plus framing."""
         contract = self.trainer.contract
         # Requests carry IV + labels (standard cut) or IV / dLoss/d(middle outputs) (U-shape): never both.
-        sample = contract.iv.sample_bytes + (_bytes(contract.label) if contract.label else _bytes(contract.output))
+        iv = contract.iv.sample_bytes * self._sparse_factor
+        sample = iv + (_bytes(contract.label) if contract.label else _bytes(contract.output))
         return self.sessions.limits.max_batch_size * sample + MESSAGE_OVERHEAD
 
     @property
     def max_reply_bytes(self) -> int:
         """Largest reply: a full batch of dLoss/dIV (Train) or of the model's outputs (Predict), plus framing."""
-        per_sample = max(self.trainer.contract.iv.sample_bytes, self.trainer.output_spec.sample_bytes)
+        iv = self.trainer.contract.iv.sample_bytes * self._sparse_factor
+        per_sample = max(iv, self.trainer.output_spec.sample_bytes)
         return self.sessions.limits.max_batch_size * per_sample + MESSAGE_OVERHEAD
+
+    @property
+    def _sparse_factor(self) -> int:
+        """How much larger than raw the IV and its gradient may travel: a sparse tensor with no zero in it takes
+        an index (4 bytes) beside each value."""
+        limits = self.sessions.limits
+        if pb.ENCODING_SPARSE in limits.wire_encodings or approximations.TOP_K in limits.approximations:
+            return 1 + -(-4 // self.trainer.contract.iv.dtype.itemsize)
+        return 1
 
     @property
     def admission_threads(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -14,6 +15,7 @@ import numpy as np
 from server_part.session import HalfStep, Session
 from server_part.sessions import SessionRegistry, check_version
 from splitlearning import codec, encodings, framing
+from splitlearning.approximations import Approximations
 from splitlearning.codec import EncodingCode
 from splitlearning.contract import (
     CutMode,
@@ -153,11 +155,13 @@ class SplitLearningServicer:
         optimizer = OptimizerSettings.from_proto(request.optimizer) if request.HasField("optimizer") else None
         mode = mode_from_proto(request.mode)
         sessions.check_offer(request.protocol_version, iv, label, request.max_batch_size, mode, optimizer)
-        encoding = sessions.negotiate(request.encodings)
+        asked = Approximations.from_proto(request.approximations)
+        sessions.check_approximations(asked)
+        encoding = pb.ENCODING_SPARSE if asked.top_k else sessions.negotiate(request.encodings)
         has_group = request.HasField("group") and not request.session_id  # rejoining: the session has its round
         membership = Membership.from_proto(request.group) if has_group else None
         session = sessions.open(request.session_id, membership)
-        next_step = session.join(request.client_id, encoding, list(request.restorable_steps))
+        next_step = session.join(request.client_id, encoding, list(request.restorable_steps), asked)
         trainer = session.trainer
         return pb.HandshakeResponse(
             protocol_version=request.protocol_version,
@@ -168,6 +172,7 @@ class SplitLearningServicer:
             encoding=encoding,
             metric_names=trainer.metric_names,
             mode=mode_to_proto(session.mode),
+            approximations=asked.to_proto() if not asked.exact else None,
         )
 
     def _inquiry(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
@@ -192,7 +197,8 @@ class SplitLearningServicer:
 
     def _train(self, session: Session, client: str, frame: TrainFrame) -> TrainReply:
         request = frame.message
-        iv, labels = _frame_tensor(frame, "iv", session.encoding), _frame_tensor(frame, "labels")
+        entries = session.limits.max_batch_size * math.prod(session.trainer.contract.iv.shape)
+        iv, labels = _frame_tensor(frame, "iv", session.encoding, entries), _frame_tensor(frame, "labels")
         if request.micro_batches > 1:
             result = session.train_micro(
                 client,
@@ -206,6 +212,8 @@ class SplitLearningServicer:
             )
         else:
             result = session.train(client, request.step, iv, labels, request.reset_metrics)
+        if session.approximations.local_loss:  # the client trains on its own loss: no gradient goes back
+            return framing.Outgoing(pb.TrainResponse(step=result.step, metrics=result.metrics), {})
         try:
             gradient = codec.encode(result.iv_gradient, session.encoding)
         except InvalidRequest as error:  # not the request's fault: the step was applied, its gradient diverged
@@ -247,12 +255,14 @@ def _tensor(
     return codec.from_proto(message, name)
 
 
-def _frame_tensor(frame: TrainFrame, name: str, encoding: EncodingCode = encodings.RAW) -> np.ndarray:
+def _frame_tensor(
+    frame: TrainFrame, name: str, encoding: EncodingCode = encodings.RAW, max_entries: int | None = None
+) -> np.ndarray:
     if not frame.has(name):
         raise InvalidRequest(f"{name} is required")
     message = getattr(frame.message, name)
     _check_encoding(message, name, encoding)
-    return codec.decode(message, frame.content(name), name)
+    return codec.decode(message, frame.content(name), name, max_entries)
 
 
 def _check_encoding(message: pb.Tensor, name: str, agreed: EncodingCode) -> None:

@@ -30,6 +30,7 @@ from server_part.middle_trainer import NOT_STANDARD, MiddleTrainer, PendingStep
 from server_part.parts import Trainer
 from server_part.replies import ReplyCache, StepKind
 from splitlearning import encodings
+from splitlearning.approximations import NONE, Approximations
 from splitlearning.codec import EncodingCode
 from splitlearning.contract import CutMode
 from splitlearning.errors import (
@@ -43,6 +44,7 @@ from splitlearning.errors import (
 )
 from splitlearning.groups import Membership
 from splitlearning.text import clip
+from splitlearning.top_k import ErrorFeedback
 from splitlearning.training.loss_trainer import LossTrainer
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class Limits:
     max_batch_size: int
     wire_encodings: tuple[EncodingCode, ...] = (encodings.RAW,)
     trains: bool = True
+    approximations: frozenset[str] = frozenset()  # those a client may ask for (splitlearning/approximations.py)
 
 
 @dataclass
@@ -114,6 +117,8 @@ class Session:
         self.checkpoints = checkpoints
         self.next_step = trainer.iterations
         self.encoding: EncodingCode = encodings.RAW  # chosen by the last accepted handshake
+        self.approximations = NONE  # asked for by the last accepted handshake
+        self._feedback: ErrorFeedback | None = None  # top-k's error feedback of the gradients sent
         self.resent = 0  # steps answered again from the first reply (their reply was lost)
         self.restarted = 0  # pipelined steps started over after the client rejoined mid-step
         self.compute_seconds = 0.0  # running total of time inside the trainer (read by the telemetry)
@@ -153,8 +158,15 @@ class Session:
 
     # -- joining ---------------------------------------------------------------------------------------------
 
-    def join(self, client_id: str, encoding: EncodingCode, restorable_steps: Sequence[int] = ()) -> int:
-        """Let `client_id` train in the session with `encoding` on the wire; return the next step to send."""
+    def join(
+        self,
+        client_id: str,
+        encoding: EncodingCode,
+        restorable_steps: Sequence[int] = (),
+        approximations: Approximations = NONE,
+    ) -> int:
+        """Let `client_id` train in the session with `encoding` on the wire and `approximations`; return the next
+        step to send."""
         with self._lock:
             self._check_live()
             if self._holder is not None and client_id != self._holder and self._streams > 0:
@@ -177,6 +189,10 @@ class Session:
                 self.restarted += 1
                 self._discard_micro()
             self.encoding = encoding
+            if approximations != self.approximations:
+                self.approximations = approximations
+                self._cache.depth = approximations.in_flight
+                self._feedback = ErrorFeedback(approximations.top_k) if approximations.top_k else None
             return next_step
 
     def _agree(self, offered: Sequence[int]) -> int:
@@ -184,17 +200,16 @@ class Session:
         answers (the client lost that reply), or as a checkpoint (restored here). The step to send next."""
         held = set(self.checkpoints.steps()) if self.checkpoints is not None else set()
         held.add(self.next_step)
-        cached = self._cache.step
-        if cached is not None:
-            held.add(cached)
+        cached = self._cache.steps
+        held.update(cached)
         common = set(offered) & held
         if not common:
             # No common step: answer where the session stands; the client decides (and says) what that means.
             log.warning("client offers steps %s, the session holds %s", sorted(offered)[-8:], sorted(held))
             return self.next_step
         step = max(common)
-        if step == cached:
-            return step  # its resend is answered from the first reply
+        if step in cached:
+            return step  # its resend (and the next one's, with stale gradients) is answered from the first reply
         if step != self.next_step:
             assert self.checkpoints is not None
             log.info("resuming at step %d (was at step %d): restoring its checkpoint", step, self.next_step)
@@ -257,7 +272,7 @@ class Session:
             started = time.perf_counter()
             grad, metrics = self._standard().train(iv, labels, reset)
             self.compute_seconds += time.perf_counter() - started
-            result = StepResult(step, grad, metrics)
+            result = StepResult(step, self._sent_gradient(grad), metrics)
             self._cache.remember(step, StepKind.WHOLE, client_id, [(iv, labels)], [result])
             self.next_step = step + 1
             self._after_step()
@@ -325,7 +340,7 @@ class Session:
             first = micro_batch == 0
             grad, metrics = trainer.train_micro(iv, labels, batch / step_samples, last, reset and first, first=first)
             self.compute_seconds += time.perf_counter() - started
-            result = StepResult(step, grad, metrics)
+            result = StepResult(step, self._sent_gradient(grad), metrics)
             micro.requests.append((iv, labels))
             micro.replies.append(result)
             if first:
@@ -493,6 +508,12 @@ class Session:
             f"the client is at step {step} but the server's part is at step {self.next_step}, so together they are "
             "no trained model (a side restarted from an older checkpoint?): handshake again to agree on a step"
         )
+
+    def _sent_gradient(self, grad: np.ndarray) -> np.ndarray:
+        """The gradient as the reply carries it: none with a local loss, sparsified with top-k."""
+        if self.approximations.local_loss:
+            return np.zeros((0,), grad.dtype)
+        return self._feedback(grad) if self._feedback is not None else grad
 
     def _after_step(self) -> None:
         self.steps_applied += 1

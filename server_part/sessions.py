@@ -43,6 +43,7 @@ from server_part.contributions import Contributions
 from server_part.parts import PartFactory, Trainer
 from server_part.session import Limits, Session
 from splitlearning import encodings, part_state
+from splitlearning.approximations import Approximations, check_allowed
 from splitlearning.contract import CutMode, Spec
 from splitlearning.errors import (
     CutMismatch,
@@ -174,6 +175,10 @@ class SessionRegistry:
                 f"optimizer mismatch: {'; '.join(differences)}; start both processes with the same --optimizer and "
                 "--learning-rate (the split trains the uncut model only when both parts' optimizers agree)"
             )
+
+    def check_approximations(self, asked: Approximations) -> None:
+        """Refuse approximations this server does not allow (FAILED_PRECONDITION, naming them)."""
+        check_allowed(asked, self.limits.approximations, self.mode is CutMode.STANDARD)
 
     def negotiate(self, preferred: Sequence[int]) -> encodings.EncodingCode:
         """The wire encoding of the IV and its gradient: the U-shape's exchanges stay raw."""

@@ -46,7 +46,9 @@ ENCODING_NAMES: dict[EncodingCode, str] = {
     pb.ENCODING_FLOAT16: "float16",
     pb.ENCODING_BFLOAT16: "bfloat16",
     pb.ENCODING_INT8: "int8",
+    pb.ENCODING_SPARSE: "sparse",
 }
+_EXPECTED_ENCODINGS = "raw, float16, bfloat16, int8, sparse"
 
 # Wire encodings whose payload is a narrower float than the tensor's own dtype.
 _NARROW_FLOATS: dict[EncodingCode, np.dtype] = {
@@ -55,6 +57,10 @@ _NARROW_FLOATS: dict[EncodingCode, np.dtype] = {
 }
 # numpy's own limit is 64; no model's cut has more than a handful.
 MAX_DIMENSIONS = 32
+_SPARSE_MAX_ENTRIES = 1 << 32  # the sparse encoding's indices are uint32
+# A sparse tensor's dense size is not bounded by its message's: a receiver bounds it (`decode`'s `max_entries`),
+# else by this (256 MiB of float32).
+SPARSE_DEFAULT_MAX_ENTRIES = 1 << 26
 _FLOAT_CODES = {pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16}
 
 
@@ -106,8 +112,11 @@ def encode(array: np.ndarray, encoding: EncodingCode = pb.ENCODING_RAW) -> Paylo
     elif encoding == pb.ENCODING_INT8:
         header.encoding = encoding
         header.scale, values = _int8(array)
+    elif encoding == pb.ENCODING_SPARSE:
+        header.encoding = encoding
+        values = _sparse(np.ascontiguousarray(array, dtype=_DTYPES[code]))
     else:
-        raise InvalidRequest(f"unknown encoding {encoding}; expected one of raw, float16, bfloat16, int8")
+        raise InvalidRequest(f"unknown encoding {encoding}; expected one of {_EXPECTED_ENCODINGS}")
     return Payload(header, values.reshape(-1).view(np.uint8))
 
 
@@ -125,14 +134,48 @@ def _int8(array: np.ndarray) -> tuple[float, np.ndarray]:
     return float(scale), scaled.astype("i1")
 
 
-def from_proto(message: pb.Tensor, field: str = "tensor") -> np.ndarray:
+def _sparse(array: np.ndarray) -> np.ndarray:
+    """The sparse layout's bytes: the uint32 flat indices of the non-zero entries, then their values."""
+    flat = array.reshape(-1)
+    if flat.size > _SPARSE_MAX_ENTRIES:
+        raise InvalidRequest(f"a tensor of {flat.size} entries is too large for the sparse encoding's uint32 indices")
+    where = np.flatnonzero(flat)
+    indices = where.astype("<u4").view(np.uint8)
+    return np.concatenate((indices, flat[where].view(np.uint8)))
+
+
+def _from_sparse(content: bytes | memoryview, dtype: np.dtype, shape: tuple[int, ...], field: str) -> np.ndarray:
+    count = math.prod(shape)
+    width = 4 + dtype.itemsize
+    if len(content) % width:
+        raise InvalidRequest(
+            f"{field}: the sparse encoding sends {width} bytes per entry (a uint32 index and a {dtype.name}), got "
+            f"{len(content)} bytes, which is no whole number of entries"
+        )
+    n = len(content) // width
+    if n > count:
+        raise InvalidRequest(f"{field}: {n} sparse entries for a shape {list(shape)} of {count} entries")
+    indices = np.frombuffer(content, dtype="<u4", count=n).astype(np.int64)
+    if n and (indices[-1] >= count or (n > 1 and not bool(np.all(np.diff(indices) > 0)))):
+        raise InvalidRequest(
+            f"{field}: the sparse indices must increase strictly and lie in [0, {count}) for shape {list(shape)}"
+        )
+    dense = np.zeros(count, dtype)
+    dense[indices] = np.frombuffer(content, dtype=dtype, count=n, offset=4 * n)
+    return dense.reshape(shape)
+
+
+def from_proto(message: pb.Tensor, field: str = "tensor", max_entries: int | None = None) -> np.ndarray:
     """Decode a `Tensor`; a malformed one raises `InvalidRequest` naming `field`, expected vs. got."""
-    return decode(message, message.content, field)  # each read of a bytes field copies it: read it once
+    return decode(message, message.content, field, max_entries)  # each read of a bytes field copies it: read it once
 
 
-def decode(message: pb.Tensor, content: bytes | memoryview, field: str = "tensor") -> np.ndarray:
+def decode(
+    message: pb.Tensor, content: bytes | memoryview, field: str = "tensor", max_entries: int | None = None
+) -> np.ndarray:
     """Decode a `Tensor` whose values are `content` (its own, or a view `framing.parse` left in the received
-    buffer); for the raw encoding the ndarray is a read-only view of `content`."""
+    buffer); for the raw encoding the ndarray is a read-only view of `content`. A sparse tensor of more than
+    `max_entries` entries (default `SPARSE_DEFAULT_MAX_ENTRIES`) is refused before it is made dense."""
     dtype = _checked_dtype(message.dtype, field)
     shape = tuple(message.shape)
     if len(shape) > MAX_DIMENSIONS:
@@ -142,7 +185,12 @@ def decode(message: pb.Tensor, content: bytes | memoryview, field: str = "tensor
     count = math.prod(shape)
     encoding = message.encoding or pb.ENCODING_RAW
     if encoding not in ENCODING_NAMES:
-        raise InvalidRequest(f"{field}: unknown encoding {encoding}; expected one of raw, float16, bfloat16, int8")
+        raise InvalidRequest(f"{field}: unknown encoding {encoding}; expected one of {_EXPECTED_ENCODINGS}")
+    if encoding == pb.ENCODING_SPARSE and message.dtype in _FLOAT_CODES:
+        limit = SPARSE_DEFAULT_MAX_ENTRIES if max_entries is None else max_entries
+        if count > limit:
+            raise InvalidRequest(f"{field}: shape {list(shape)} has {count} entries, over the {limit} expected here")
+        return _from_sparse(content, dtype, shape, field)
     if encoding == pb.ENCODING_RAW:
         wire = dtype
     elif encoding in _NARROW_FLOATS and message.dtype in _FLOAT_CODES:

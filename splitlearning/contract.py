@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitlearning import codec
+from splitlearning.approximations import NONE, Approximations
 from splitlearning.errors import InvalidRequest
 from splitlearning.v1 import split_learning_pb2 as pb
 
@@ -78,6 +79,8 @@ class Agreement:
     mode: CutMode = CutMode.STANDARD
     # Wire encoding of the IV and its gradient (an `Encoding` value); raw unless both sides opted in.
     encoding: int = pb.ENCODING_RAW
+    # Beyond the exact split: what the session trains with (none unless both sides opted in).
+    approximations: Approximations = NONE
 
 
 def spec_to_proto(spec: Spec) -> pb.TensorSpec:

@@ -19,6 +19,7 @@ BY_NAME: dict[str, EncodingCode] = {
     "float16": pb.ENCODING_FLOAT16,
     "bfloat16": pb.ENCODING_BFLOAT16,
     "int8": pb.ENCODING_INT8,
+    "sparse": pb.ENCODING_SPARSE,
 }
 _NAMES: dict[EncodingCode, str] = {code: name for name, code in BY_NAME.items()}
 

@@ -44,6 +44,9 @@ CLIENT: dict[str, dict[str, Any]] = {
         "--batch-size": 9,
         "--epochs": 3,
         "--micro-batches": 2,
+        "--stale-gradients": True,
+        "--local-loss": True,  # parsed together; the client, when built, refuses both at once
+        "--top-k": 0.05,
     },
     "rounds": {},  # below: the group flags parse without --epochs, --session and --checkpoint-dir
     "device": {"--device": "/CPU:1", "--cpus": "0-1", "--threads": 2},
@@ -84,6 +87,7 @@ SERVER: dict[str, dict[str, Any]] = {
         "--address": "0.0.0.0:1",
         "--port-file": Path("port"),
         "--wire-encodings": "raw,int8",
+        "--allow-approximations": "top-k,local-loss",
         "--max-batch-size": 12,
         "--max-workers": 3,
         "--max-sessions": 4,

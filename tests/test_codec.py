@@ -328,10 +328,47 @@ def test_narrow_encoding_of_an_integer_dtype(code: Any, encoding: Any, width: in
     assert "DTYPE_" not in text and "ENCODING_" not in text
 
 
-@pytest.mark.parametrize("encoding", [5, 42])
+@pytest.mark.parametrize("encoding", [6, 42])
 def test_unknown_encoding(encoding: Any) -> None:
     bad = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3], encoding=encoding, content=bytes(12))
-    raises_invalid(bad, f"unknown encoding {encoding}", "expected one of raw, float16, bfloat16, int8")
+    raises_invalid(bad, f"unknown encoding {encoding}", "expected one of raw, float16, bfloat16, int8, sparse")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_sparse_is_lossless_and_lays_out_indices_then_values(dtype: str) -> None:
+    rng = np.random.default_rng(3)
+    dense = rng.normal(size=(4, 5)).astype(dtype)
+    dense[rng.random((4, 5)) < 0.6] = 0
+    message = codec.to_proto(dense, pb.ENCODING_SPARSE)
+    assert message.encoding == pb.ENCODING_SPARSE
+    where = np.flatnonzero(dense)
+    itemsize = np.dtype(dtype).itemsize
+    assert len(message.content) == len(where) * (4 + itemsize)
+    assert np.array_equal(np.frombuffer(message.content, "<u4", count=len(where)), where)
+    back = codec.from_proto(message)
+    assert back.dtype == dense.dtype and np.array_equal(back, dense)
+    empty = codec.to_proto(np.zeros((2, 3), dtype), pb.ENCODING_SPARSE)
+    assert empty.content == b"" and not codec.from_proto(empty).any()
+
+
+def sparse_tensor(indices: list[int], values: list[float], shape: list[int]) -> pb.Tensor:
+    content = np.array(indices, "<u4").tobytes() + np.array(values, "<f4").tobytes()
+    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=shape, encoding=pb.ENCODING_SPARSE, content=content)
+
+
+def test_malformed_sparse_tensors_are_refused() -> None:
+    raises_invalid(sparse_tensor([1, 1], [1, 2], [3]), "increase strictly")
+    raises_invalid(sparse_tensor([2, 1], [1, 2], [3]), "increase strictly")
+    raises_invalid(sparse_tensor([0, 3], [1, 2], [3]), "lie in [0, 3)")
+    raises_invalid(sparse_tensor([0, 1, 2, 0], [1, 2, 3, 4], [3]), "4 sparse entries for a shape [3]")
+    ragged = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3], encoding=pb.ENCODING_SPARSE, content=bytes(12))
+    raises_invalid(ragged, "8 bytes per entry", "got 12 bytes")
+    huge = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1 << 20, 1 << 20], encoding=pb.ENCODING_SPARSE, content=b"")
+    raises_invalid(huge, "entries, over the")  # refused before a dense array is made
+    with pytest.raises(InvalidRequest, match="over the 10 expected"):
+        codec.from_proto(sparse_tensor([0], [1], [11]), "iv", max_entries=10)
+    labels = pb.Tensor(dtype=pb.DTYPE_INT64, shape=[3], encoding=pb.ENCODING_SPARSE, content=bytes(12))
+    raises_invalid(labels, "does not apply to dtype int64")
 
 
 @pytest.mark.parametrize("dtype", ["complex64", "uint16", "uint32", "uint64", "object", "U3", "datetime64[s]"])

@@ -90,9 +90,11 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[tuple[int, 
     record: dict[str, list[tuple[int, int, int]]] = {}
     decode = codec.decode
 
-    def recording(message: pb.Tensor, content: bytes | memoryview, field: str = "tensor") -> np.ndarray:
+    def recording(
+        message: pb.Tensor, content: bytes | memoryview, field: str = "tensor", max_entries: int | None = None
+    ) -> np.ndarray:
         record.setdefault(field, []).append((message.encoding, len(content), int(np.prod(message.shape))))
-        return decode(message, content, field)
+        return decode(message, content, field, max_entries)
 
     monkeypatch.setattr(codec, "decode", recording)
     yield record

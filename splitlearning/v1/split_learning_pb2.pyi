@@ -74,6 +74,12 @@ class _EncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Encoding.Val
     """Floating values sent as bfloat16 (row-major, little-endian) and widened back to `dtype`."""
     ENCODING_INT8: _Encoding.ValueType  # 4
     """Floating values sent as int8 times `Tensor.scale` (symmetric, per tensor)."""
+    ENCODING_SPARSE: _Encoding.ValueType  # 5
+    """Floating values sent sparse and exact: n little-endian uint32 flat (row-major) indices of the entries that are
+    not zero, strictly increasing, then those n values in `dtype`, little-endian; every other entry is zero. n is
+    the content's length over (4 + the dtype's size). Lossless; fewer bytes than raw when most entries are zero (a
+    ReLU cut), and how the top-k approximation's tensors travel (Approximations.top_k).
+    """
 
 class Encoding(_Encoding, metaclass=_EncodingEnumTypeWrapper):
     """How a tensor's values are laid out in `Tensor.content`."""
@@ -88,6 +94,12 @@ ENCODING_BFLOAT16: Encoding.ValueType  # 3
 """Floating values sent as bfloat16 (row-major, little-endian) and widened back to `dtype`."""
 ENCODING_INT8: Encoding.ValueType  # 4
 """Floating values sent as int8 times `Tensor.scale` (symmetric, per tensor)."""
+ENCODING_SPARSE: Encoding.ValueType  # 5
+"""Floating values sent sparse and exact: n little-endian uint32 flat (row-major) indices of the entries that are
+not zero, strictly increasing, then those n values in `dtype`, little-endian; every other entry is zero. n is
+the content's length over (4 + the dtype's size). Lossless; fewer bytes than raw when most entries are zero (a
+ReLU cut), and how the top-k approximation's tensors travel (Approximations.top_k).
+"""
 Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
 class _CutMode:
@@ -306,6 +318,7 @@ class HandshakeRequest(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
+    APPROXIMATIONS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Version of this protocol the client speaks: 1. Any other value is FAILED_PRECONDITION."""
     session_id: _builtins.str
@@ -361,6 +374,15 @@ class HandshakeRequest(_message.Message):
         different name, or a hyperparameter both state with different values, is FAILED_PRECONDITION naming both.
         """
 
+    @_builtins.property
+    def approximations(self) -> Global___Approximations:
+        """Ways to train faster that no longer equal the uncut model (docs/performance.md, "Beyond exact"); absent: none,
+        the exact split. Standard cut only. The server must allow each one asked for (split-server
+        --allow-approximations), else the handshake is FAILED_PRECONDITION naming it; it answers with what it applies,
+        which is what was asked. A malformed request (top_k outside (0, 1), local_loss with stale_gradients) is
+        INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -374,14 +396,56 @@ class HandshakeRequest(_message.Message):
         client_id: _builtins.str = ...,
         group: Global___GroupRound | None = ...,
         optimizer: Global___OptimizerSettings | None = ...,
+        approximations: Global___Approximations | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "group", b"group", "optimizer", b"optimizer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approximations", b"approximations", "contract", b"contract", "group", b"group", "optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "contract", b"contract", "encodings", b"encodings", "group", b"group", "max_batch_size", b"max_batch_size", "mode", b"mode", "optimizer", b"optimizer", "protocol_version", b"protocol_version", "restorable_steps", b"restorable_steps", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approximations", b"approximations", "client_id", b"client_id", "contract", b"contract", "encodings", b"encodings", "group", b"group", "max_batch_size", b"max_batch_size", "mode", b"mode", "optimizer", b"optimizer", "protocol_version", b"protocol_version", "restorable_steps", b"restorable_steps", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HandshakeRequest: _TypeAlias = HandshakeRequest  # noqa: Y015
+
+@_typing.final
+class Approximations(_message.Message):
+    """The approximations a session trains with: each is off unless set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STALE_GRADIENTS_FIELD_NUMBER: _builtins.int
+    LOCAL_LOSS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    stale_gradients: _builtins.bool
+    """One-step-stale gradients: the client sends step s+1's IV before it reads step s's reply, so two steps are in
+    flight. Its step s+1 forward runs on weights without step s's update; step s's gradient is back-propagated
+    through the weights its forward used (stashed) and applied to the current ones. The server keeps the replies
+    of its last two steps for resends; its own part stays exact.
+    """
+    local_loss: _builtins.bool
+    """A local auxiliary loss: the client trains its part on a small head of its own at the cut and its own labels,
+    and never waits for dLoss/dIV: the server trains its part on the IVs and labels as usual, and its replies carry
+    metrics but no iv_gradient.
+    """
+    top_k: _builtins.float
+    """Top-k sparsification with error feedback of the IV (client) and its gradient (server): the fraction of each
+    tensor's entries sent, in (0, 1); 0: off. The sender adds what it left out of its last tensor of the same shape
+    before choosing the k = ceil(top_k x size) largest magnitudes. Both travel as ENCODING_SPARSE (the handshake
+    answers that encoding).
+    """
+    def __init__(
+        self,
+        *,
+        stale_gradients: _builtins.bool = ...,
+        local_loss: _builtins.bool = ...,
+        top_k: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_loss", b"local_loss", "stale_gradients", b"stale_gradients", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Approximations: _TypeAlias = Approximations  # noqa: Y015
 
 @_typing.final
 class OptimizerSettings(_message.Message):
@@ -541,6 +605,7 @@ class HandshakeResponse(_message.Message):
     ENCODING_FIELD_NUMBER: _builtins.int
     METRIC_NAMES_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    APPROXIMATIONS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Version of this protocol the server speaks (1)."""
     session_id: _builtins.str
@@ -564,6 +629,10 @@ class HandshakeResponse(_message.Message):
     def metric_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the values `TrainResponse.metrics` carries, in order, "loss" first; empty in the U-shape."""
 
+    @_builtins.property
+    def approximations(self) -> Global___Approximations:
+        """The approximations the session trains with: those the request asked for (absent: none)."""
+
     def __init__(
         self,
         *,
@@ -575,10 +644,11 @@ class HandshakeResponse(_message.Message):
         encoding: Global___Encoding.ValueType = ...,
         metric_names: _abc.Iterable[_builtins.str] | None = ...,
         mode: Global___CutMode.ValueType = ...,
+        approximations: Global___Approximations | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approximations", b"approximations", "contract", b"contract"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "encoding", b"encoding", "max_batch_size", b"max_batch_size", "metric_names", b"metric_names", "mode", b"mode", "next_step", b"next_step", "protocol_version", b"protocol_version", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approximations", b"approximations", "contract", b"contract", "encoding", b"encoding", "max_batch_size", b"max_batch_size", "metric_names", b"metric_names", "mode", b"mode", "next_step", b"next_step", "protocol_version", b"protocol_version", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
