@@ -296,6 +296,14 @@ def case_spec(peer: Peer) -> None:
     peer.handshake(contract=pb.CutContract(iv=pb.TensorSpec(shape=[CUT_DIM], dtype=77)))  # type: ignore[arg-type]
 
 
+def case_approximations(peer: Peer) -> None:
+    peer.handshake(approximations=pb.Approximations(stale_gradients=True))  # this server allows top-k only
+
+
+def case_approximations_args(peer: Peer) -> None:
+    peer.handshake(approximations=pb.Approximations(top_k=1.0))
+
+
 def case_batch_limit(peer: Peer) -> None:
     peer.handshake(max_batch_size=LIMIT + 1)
 
@@ -544,6 +552,8 @@ CASES: dict[str, tuple[Callable[[Peer], None], dict[str, Any]]] = {
     "spec": (case_spec, {}),
     "serve-only": (case_serve_only, {"serve_only": True}),
     "batch-limit": (case_batch_limit, {}),
+    "approximations": (case_approximations, {"allow_approximations": "top-k"}),
+    "approximations-args": (case_approximations_args, {"allow_approximations": "all"}),
     "inquiry-session": (case_inquiry_session, {}),
     "in-use": (case_in_use, {}),
     "full": (case_full, {"max_sessions": 1}),

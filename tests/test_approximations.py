@@ -1,0 +1,208 @@
+"""Beyond the exact split: the handshake's agreement on approximations, the sparse wire, and top-k with error
+feedback at both ends (stale gradients and the local loss have tests of their own)."""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import partial
+from typing import Any
+
+import grpc
+import keras
+import numpy as np
+import pytest
+
+from client_part.client import SplitClient
+from splitlearning import approximations, codec
+from splitlearning.approximations import Approximations
+from splitlearning.errors import InvalidRequest
+from splitlearning.top_k import ErrorFeedback, keep_count
+from splitlearning.v1 import split_learning_pb2 as pb
+from tests import raw_support as raw
+from tests.conftest import CUT_DIM, Split, StartServer, make_data
+
+Code = grpc.StatusCode
+
+
+# -- the agreement -------------------------------------------------------------------------------------------
+
+
+def test_names_and_problems() -> None:
+    assert Approximations().exact and Approximations().describe() == "none (exact)"
+    both = Approximations(stale_gradients=True, top_k=0.25)
+    assert both.names == ("stale-gradients", "top-k") and both.describe() == "stale-gradients, top-k 0.25"
+    assert both.in_flight == 2 and Approximations(local_loss=True).in_flight == 1
+    for bad in (1.0, -0.1, math.nan, 1.5):
+        with pytest.raises(ValueError, match="fraction in"):
+            Approximations(top_k=bad)
+    with pytest.raises(ValueError, match="do not go together"):
+        Approximations(stale_gradients=True, local_loss=True)
+    assert approximations.parse_allowed("top-k, stale_gradients,") == {"top-k", "stale-gradients"}
+    assert approximations.parse_allowed("all") == set(approximations.NAMES)
+    with pytest.raises(ValueError, match="unknown approximation 'topk'"):
+        approximations.parse_allowed("topk")
+
+
+def test_from_proto_keeps_the_fraction_the_client_was_given() -> None:
+    # 0.1 travels as float32 (0.100000001...): read back as 0.1, both ends size k alike.
+    back = Approximations.from_proto(Approximations(top_k=0.1).to_proto())
+    assert back.top_k == 0.1 and keep_count(back.top_k, 1280) == 128
+    with pytest.raises(InvalidRequest, match=r"approximations: .*do not go together"):
+        Approximations.from_proto(pb.Approximations(stale_gradients=True, local_loss=True))
+
+
+def contract_handshake(split: Split, **fields: Any) -> pb.HandshakeResponse:
+    channel, stub = raw.connect(split.target)
+    with channel:
+        return raw.handshake(stub, contract=raw.cut_contract(), **fields)
+
+
+def test_a_server_allows_none_unless_its_operator_opts_in(split_pair: StartServer) -> None:
+    split = split_pair()
+    for asked, name in ((pb.Approximations(top_k=0.1), "top-k"), (pb.Approximations(local_loss=True), "local-loss")):
+        code, details = raw.refused(partial(contract_handshake, split, approximations=asked))
+        assert code == Code.FAILED_PRECONDITION
+        assert f"asks for {name}, which this server does not allow (it allows none)" in details
+        assert f"--allow-approximations {name}" in details
+    # Exact handshakes are untouched: no approximations in the reply.
+    reply = contract_handshake(split)
+    assert not reply.HasField("approximations") and reply.encoding == pb.ENCODING_RAW
+
+
+def test_the_reply_states_what_the_session_applies(split_pair: StartServer) -> None:
+    split = split_pair(allow_approximations="top-k,stale-gradients")
+    asked = pb.Approximations(stale_gradients=True, top_k=0.25)
+    reply = contract_handshake(split, approximations=asked, encodings=[pb.ENCODING_INT8])
+    assert reply.approximations == asked and reply.encoding == pb.ENCODING_SPARSE  # top-k travels sparse
+    code, details = raw.refused(lambda: contract_handshake(split, approximations=pb.Approximations(local_loss=True)))
+    assert code == Code.FAILED_PRECONDITION and "it allows stale-gradients, top-k" in details
+    code, details = raw.refused(lambda: contract_handshake(split, approximations=pb.Approximations(top_k=1.5)))
+    assert code == Code.INVALID_ARGUMENT and "top-k must be a fraction in (0, 1)" in details
+
+
+def test_a_u_shaped_server_refuses_them() -> None:
+    from server_part import SplitServer
+
+    keras.utils.set_random_seed(0)
+    middle = keras.Sequential([keras.Input((CUT_DIM,)), keras.layers.Dense(4)])
+    server = SplitServer(middle, optimizer="sgd", cut="ushape", allow_approximations="all")
+    port = server.start("127.0.0.1:0")
+    try:
+        channel, stub = raw.connect(f"127.0.0.1:{port}")
+        with channel:
+            code, details = raw.refused(
+                lambda: raw.handshake(stub, mode=pb.CUT_MODE_USHAPE, approximations=pb.Approximations(top_k=0.5))
+            )
+        assert code == Code.FAILED_PRECONDITION and "are for the standard cut" in details
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_a_client_refuses_a_server_that_applies_other_approximations(
+    split_pair: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server_part.servicer import SplitLearningServicer
+
+    split = split_pair(allow_approximations="top-k")
+    # A server that predates the field answers without it: it would train exactly while the client thinks not.
+    original = SplitLearningServicer._handshake
+
+    def predating(self: SplitLearningServicer, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
+        reply = original(self, request)
+        reply.ClearField("approximations")
+        return reply
+
+    monkeypatch.setattr(SplitLearningServicer, "_handshake", predating)
+    client = SplitClient(split.bottom, "sgd", split.target, approximations=Approximations(top_k=0.5))
+    mismatch = "approximations mismatch: this client asked for top-k 0.5, the server applies none"
+    with pytest.raises(ValueError, match=re.escape(mismatch)), client:
+        client.connect()
+
+
+def test_client_refuses_what_does_not_fit(split_pair: StartServer) -> None:
+    split = split_pair()
+    with pytest.raises(ValueError, match="leave micro-batches at 1"):
+        SplitClient(
+            split.bottom, target=split.target, micro_batches=2, approximations=Approximations(stale_gradients=True)
+        )
+    with pytest.raises(ValueError, match="sparse encoding, not int8"):
+        SplitClient(split.bottom, target=split.target, wire_encoding="int8", approximations=Approximations(top_k=0.5))
+
+
+# -- top-k with error feedback -------------------------------------------------------------------------------
+
+
+def test_error_feedback_sends_the_k_largest_and_keeps_the_rest_for_later() -> None:
+    rng = np.random.default_rng(0)
+    feedback = ErrorFeedback(0.25)
+    tensors = [rng.normal(size=(4, 5)).astype("float32") for _ in range(6)]
+    sent = []
+    for tensor in tensors:
+        out = feedback(tensor)
+        assert np.count_nonzero(out) == keep_count(0.25, 20) == 5
+        sent.append(out)
+    # Nothing is lost: what was sent plus what is still held back adds up to everything given.
+    residual = feedback._residual
+    assert residual is not None
+    np.testing.assert_allclose(sum(sent) + residual, sum(tensors), rtol=1e-5, atol=1e-5)
+    # The first tensor's k largest magnitudes are exactly what went out first.
+    first = tensors[0].reshape(-1)
+    largest = np.argsort(-np.abs(first))[:5]
+    assert set(np.flatnonzero(sent[0])) == set(largest)
+    # Without feedback the same 5 entries would go every time; with it, held-back entries catch up.
+    assert len({tuple(np.flatnonzero(s)) for s in sent}) > 1
+
+
+def test_a_tensor_of_another_shape_neither_takes_nor_leaves_a_residual() -> None:
+    feedback = ErrorFeedback(0.5)
+    full = np.array([[4.0, 1.0], [3.0, 2.0]], np.float32)
+    feedback(full)
+    held = feedback._residual.copy()  # type: ignore[union-attr]
+    short = np.array([[10.0, 0.5]], np.float32)
+    assert np.array_equal(feedback(short), np.array([[10.0, 0.0]], np.float32))
+    assert np.array_equal(feedback._residual, held)  # type: ignore[arg-type]
+
+
+def fit_top_k(
+    split_pair: StartServer, monkeypatch: pytest.MonkeyPatch, fraction: float
+) -> tuple[SplitClient, list[np.ndarray], dict[str, list]]:
+    """Two epochs with top-k `fraction` (0: exact): the client, both parts' weights, and every IV and gradient
+    decoded in this process (the server's and the client's: field -> (encoding, bytes, array))."""
+    split = split_pair("plain", 3, optimizer=keras.optimizers.SGD(0.1), allow_approximations="top-k")
+    x, y = make_data(n=48)
+    seen: dict[str, list] = {"iv": [], "iv_gradient": []}
+    decode = codec.decode
+
+    def recording(
+        message: pb.Tensor, content: bytes | memoryview, field: str = "tensor", max_entries: int | None = None
+    ) -> np.ndarray:
+        array = decode(message, content, field, max_entries)
+        if field in seen:
+            seen[field].append((message.encoding, len(content), array))
+        return array
+
+    monkeypatch.setattr(codec, "decode", recording)
+    approximations_ = Approximations(top_k=fraction) if fraction else Approximations()
+    client = SplitClient(split.bottom, keras.optimizers.SGD(0.1), split.target, approximations=approximations_)
+    with client:
+        client.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    return client, [*client.model.get_weights(), *split.server.trainer.model.get_weights()], seen
+
+
+def test_top_k_sends_k_entries_each_way_and_still_trains(
+    split_pair: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, exact, _ = fit_top_k(split_pair, monkeypatch, 0.0)
+    monkeypatch.undo()
+    client, sparse, seen = fit_top_k(split_pair, monkeypatch, 0.2)
+    assert client.agreement.encoding == pb.ENCODING_SPARSE
+    k = keep_count(0.2, 16 * CUT_DIM)  # 16 of the 80 entries of a batch's IV and of its gradient
+    for field in ("iv", "iv_gradient"):
+        assert len(seen[field]) == 6  # three steps an epoch, two epochs
+        for encoding, size, array in seen[field]:
+            assert encoding == pb.ENCODING_SPARSE
+            assert np.count_nonzero(array) <= k and size == np.count_nonzero(array) * 8
+    # It trains another model than the exact split (it is an approximation), but not a wild one.
+    assert any(not np.allclose(a, b) for a, b in zip(sparse, exact, strict=True))
+    assert all(np.all(np.isfinite(w)) for w in sparse)
