@@ -136,20 +136,20 @@ def test_client_refuses_what_does_not_fit(split_pair: StartServer) -> None:
 def test_error_feedback_sends_the_k_largest_and_keeps_the_rest_for_later() -> None:
     rng = np.random.default_rng(0)
     feedback = ErrorFeedback(0.25)
-    tensors = [rng.normal(size=(4, 5)).astype("float32") for _ in range(6)]
+    tensors = [rng.normal(size=(4, 8)).astype("float32") for _ in range(6)]
     sent = []
     for tensor in tensors:
         out = feedback(tensor)
-        assert np.count_nonzero(out) == keep_count(0.25, 20) == 5
+        assert [np.count_nonzero(row) for row in out] == [keep_count(0.25, 8)] * 4 == [2] * 4  # per sample
         sent.append(out)
     # Nothing is lost: what was sent plus what is still held back adds up to everything given.
     residual = feedback._residual
     assert residual is not None
     np.testing.assert_allclose(sum(sent) + residual, sum(tensors), rtol=1e-5, atol=1e-5)
-    # The first tensor's k largest magnitudes are exactly what went out first.
-    first = tensors[0].reshape(-1)
-    largest = np.argsort(-np.abs(first))[:5]
-    assert set(np.flatnonzero(sent[0])) == set(largest)
+    # Each row's k largest magnitudes of the first tensor are exactly what went out first.
+    for row, out in zip(tensors[0], sent[0], strict=True):
+        assert set(np.flatnonzero(out)) == set(np.argsort(-np.abs(row))[:2])
+        assert np.array_equal(out[out != 0], row[out != 0])
     # Without feedback the same 5 entries would go every time; with it, held-back entries catch up.
     assert len({tuple(np.flatnonzero(s)) for s in sent}) > 1
 
@@ -197,7 +197,7 @@ def test_top_k_sends_k_entries_each_way_and_still_trains(
     monkeypatch.undo()
     client, sparse, seen = fit_top_k(split_pair, monkeypatch, 0.2)
     assert client.agreement.encoding == pb.ENCODING_SPARSE
-    k = keep_count(0.2, 16 * CUT_DIM)  # 16 of the 80 entries of a batch's IV and of its gradient
+    k = 16 * keep_count(0.2, CUT_DIM)  # 1 of each sample's 5 entries, in a batch of 16
     for field in ("iv", "iv_gradient"):
         assert len(seen[field]) == 6  # three steps an epoch, two epochs
         for encoding, size, array in seen[field]:

@@ -428,9 +428,9 @@ class Approximations(_message.Message):
     """
     top_k: _builtins.float
     """Top-k sparsification with error feedback of the IV (client) and its gradient (server): the fraction of each
-    tensor's entries sent, in (0, 1); 0: off. The sender adds what it left out of its last tensor of the same shape
-    before choosing the k = ceil(top_k x size) largest magnitudes. Both travel as ENCODING_SPARSE (the handshake
-    answers that encoding).
+    sample's entries sent, in (0, 1); 0: off. The sender adds what it left out of its last tensor of the same shape,
+    then keeps in each sample's row the k = ceil(top_k x entries per sample) largest magnitudes. Both travel as
+    ENCODING_SPARSE (the handshake answers that encoding).
     """
     def __init__(
         self,
