@@ -194,6 +194,7 @@ def server(spec: dict[str, Any]) -> dict[str, Any]:
         max_batch_size=spec["batch_size"],
         wire_encodings=["raw", "float16", "bfloat16", "int8"],
         device=spec.get("device", "/CPU:0"),
+        allow_approximations="all",  # only what a client asks for applies
     )
     timers.wrap(split.trainer, "train", "step")
     # Sessions are opened by the client's handshake: time every session's methods (the one this role serves).
@@ -220,6 +221,7 @@ def _split_client(spec: dict[str, Any], x: Any, y: Any, floor: Any = None) -> di
     the compute floor in this process just before the warm-up and just after the timed epoch."""
     from client_part import SplitClient
     from splitlearning import codec
+    from splitlearning.approximations import Approximations
     from splitlearning.models import BUILTIN
 
     pair = BUILTIN[spec["model"]]
@@ -234,6 +236,7 @@ def _split_client(spec: dict[str, Any], x: Any, y: Any, floor: Any = None) -> di
         wire_encoding=spec["encoding"],
         micro_batches=spec.get("micro_batches", 1),
         device=spec.get("device", "/CPU:0"),
+        approximations=Approximations(**spec.get("approximations", {})),
     )
     timers = Timers()
     timers.wire()

@@ -114,9 +114,42 @@ def _in_turn(links: list[LinkCase], round_index: int) -> list[LinkCase]:
     return [link for group in groups for link in reversed(group)]
 
 
-def _label(case: tuple[str, int]) -> str:
-    encoding, parts = case
-    return encoding if parts == 1 else f"{encoding}:{parts}"
+Case = tuple[str, int, str]  # wire encoding, micro-batches, approximation ('' for the exact split)
+APPROXIMATIONS = {
+    "": {},
+    "stale": {"stale_gradients": True},
+    "local": {"local_loss": True},
+}
+
+
+def _approximation(name: str) -> dict[str, Any]:
+    """'stale', 'local', 'topk0.1' or 'stale/topk0.1' -> `Approximations`' keyword arguments."""
+    settings: dict[str, Any] = {}
+    for part in filter(None, name.split("/")):
+        if part.startswith("topk"):
+            settings["top_k"] = float(part[4:])
+        elif part in APPROXIMATIONS:
+            settings.update(APPROXIMATIONS[part])
+        else:
+            raise SystemExit(f"--cases: unknown approximation {part!r}; expected stale, local or topkF (e.g. topk0.1)")
+    return settings
+
+
+def parse_wan_cases(text: str) -> list[Case]:
+    """'raw,int8:4,raw+stale,raw+topk0.1' -> (encoding, micro-batches, approximation) per case."""
+    cases = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        plain, _, approximation = item.partition("+")
+        _approximation(approximation)  # refuse a typo before any link is built
+        ((encoding, parts),) = parse_cases(plain)
+        cases.append((encoding, parts, approximation))
+    return cases
+
+
+def _label(case: Case) -> str:
+    encoding, parts, approximation = case
+    label = encoding if parts == 1 else f"{encoding}:{parts}"
+    return f"{label}+{approximation}" if approximation else label
 
 
 @contextlib.contextmanager
@@ -131,7 +164,7 @@ def _link(link: LinkCase, mode: str) -> Iterator[wanlink.Link | None]:
 def split_runs(
     runner: Runner,
     base: dict[str, Any],
-    runs: list[tuple[tuple[str, int], str]],
+    runs: list[tuple[Case, str]],
     option_sets: dict[str, list[list[Any]]],
     built: wanlink.Link | None,
 ) -> list[dict[str, Any]]:
@@ -151,6 +184,7 @@ def split_runs(
                 "target": targets[name],
                 "encoding": case[0],
                 "micro_batches": case[1],
+                "approximations": _approximation(case[2]),
                 "channel_options": option_sets[name],
             }
             for case, name in runs
@@ -283,7 +317,7 @@ def _print_run(link: LinkCase, label: str, option_set: str, row: dict[str, Any])
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     links = parse_links(args.links, args.congestion)
-    cases = parse_cases(args.cases)
+    cases = parse_wan_cases(args.cases)
     option_sets = parse_grpc(args.grpc)
     if any(not link.loopback for link in links) and (why := wanlink.unavailable()):
         print(f"the WAN links are skipped: {why}")
@@ -395,7 +429,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--links", default=DEFAULT_LINKS, help=f"RTTms@RATE or loopback, comma-separated (default {DEFAULT_LINKS})"
     )
     parser.add_argument(
-        "--cases", default="raw,int8,int8:4", help="ENCODING[:MICRO_BATCHES], comma-separated (default raw,int8,int8:4)"
+        "--cases",
+        default="raw,int8,int8:4",
+        help="ENCODING[:MICRO_BATCHES][+APPROXIMATION], comma-separated (default raw,int8,int8:4); APPROXIMATION: "
+        "stale, local, topkF or stale/topkF (beyond exact: docs/performance.md, 'Beyond exact')",
     )
     parser.add_argument("--mode", choices=wanlink.MODES, default="packet", help="how the link delays (see wanlink)")
     parser.add_argument(
