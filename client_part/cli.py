@@ -580,8 +580,10 @@ def build_client(
     from splitlearning.label_defences import Kind, LabelDefence
     from splitlearning.leakage import positive_class
     from splitlearning.models import input_mismatch, load_part, make_optimizer
+    from splitlearning.training.local_loss import classes_of
 
     positive = positive_class(train_labels) if train_labels is not None else 1
+    approximations = approximations_of(vars(config))
 
     head = head_arguments(config)
     noise = noise_of(config)
@@ -611,7 +613,9 @@ def build_client(
         leakage_meters=not config.no_leakage_meters,
         leakage_samples=config.leakage_samples,
         leak_positive=positive,
-        approximations=approximations_of(vars(config)),
+        approximations=approximations,
+        # The local loss's default head: one logit per class of the training labels.
+        local_classes=classes_of(train_labels) if approximations.local_loss and train_labels is not None else None,
     )
     mismatch = input_mismatch(client.model, sample_shape, config.model, data_name) if sample_shape else None
     if mismatch:

@@ -9,6 +9,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from client_part import batches, link_probe, retry
 from client_part.callbacks import Callbacks
@@ -26,6 +27,7 @@ from client_part.stopping import Stopped
 from client_part.telemetry import ClientMeter, EpochLog
 from client_part.transport import RemoteError, Transport
 from client_part.ushape import UShapeLink, build_head
+from client_part.window import WINDOW, LocalLossWindow
 from splitlearning import codec, encodings, keepalive, part_state
 from splitlearning.approximations import NONE, Approximations
 from splitlearning.contract import Agreement, CutMode, Spec
@@ -38,6 +40,7 @@ from splitlearning.optimizers import OptimizerSettings
 from splitlearning.part_state import PartState
 from splitlearning.security import Secret, TlsConfig
 from splitlearning.training.first_part import ClientTrainer
+from splitlearning.training.local_loss import LocalHead, classes_of
 from splitlearning.v1 import split_learning_pb2 as pb
 
 __all__ = ["RemoteError", "Rollback", "SplitClient"]
@@ -78,6 +81,15 @@ class SplitClient:
     resumes where both sides agree after either process restarts; `fit` then carries on from the saved data
     position.
 
+    `approximations` (agreed in the handshake; the server must allow each: docs/performance.md, "Beyond exact").
+    With `local_loss` this part trains on an auxiliary head of its own at the cut (`local_head`: a Keras model, or
+    a builder of one from the IV spec; default Flatten + Dense(classes), the classes from `local_classes` or from
+    the first `fit`'s labels) and `local_head_loss` (default sparse categorical cross-entropy from logits), with a
+    copy of `optimizer`; each step's IV (from the weights before the step's update) and labels go to the server
+    without waiting for its reply, at most `local_window` unanswered (client_part/window.py); `step` counts the
+    steps sent, and equals the server's wherever the replies are drained (each epoch's end, checkpoints, a stop,
+    evaluate, predict, `end_session`).
+
     A facade with Keras habits over small objects, each holding its own facts once: the session (its id, the
     agreement, rejoining, rollback and restore: client_part/session.py), the step exchange (exchange.py), the
     epoch loop (loop.py) and where training stands (position.py). `agreement` is a plain accessor: it is set by
@@ -116,6 +128,10 @@ class SplitClient:
         leakage_samples: int = 4,
         leak_positive: int = 1,
         approximations: Approximations = NONE,
+        local_head: Any = None,
+        local_head_loss: Any = None,
+        local_classes: int | None = None,
+        local_window: int = WINDOW,
     ) -> None:
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
@@ -124,6 +140,14 @@ class SplitClient:
             raise ValueError("micro-batch pipelining applies to the standard cut without noise")
         self.device = resolve_device(device)
         self.trainer = ClientTrainer(model, optimizer, self.device, nopeek_alpha=nopeek_alpha)
+        local = None  # a local loss's head, built here when it can be (else by the first fit, from its labels)
+        if approximations.local_loss and (local_head is not None or local_classes is not None):
+            local = self._local_head(local_head, local_head_loss, local_classes)
+        elif approximations.local_loss and checkpoint_dir is not None:
+            raise ValueError(
+                "a local loss with checkpoints needs its head from the start, to save it: give local_classes=... "
+                "(the default head's class count) or local_head=..."
+            )
         self.retry = retry or RetryPolicy()
         wanted_encoding = encodings.parse(wire_encoding)
         if approximations.top_k:  # top-k's tensors travel sparse
@@ -157,7 +181,7 @@ class SplitClient:
         checkpoints = None
         if checkpoint_dir is not None:
             checkpoints = ClientCheckpoints(
-                Path(checkpoint_dir), self.trainer, checkpoint_every, checkpoint_keep, self.head
+                Path(checkpoint_dir), self.trainer, checkpoint_every, checkpoint_keep, self.head or local
             )
         mode = CutMode.USHAPE if self.head is not None else CutMode.STANDARD
         offer = Offer(
@@ -180,7 +204,7 @@ class SplitClient:
             session_id,
             client_id,
             checkpoints,
-            ushape_link.forget if ushape_link is not None else _nothing,
+            ushape_link.forget if ushape_link is not None else self._forget_window,
         )
         self._steps = StepExchange(
             self._session,
@@ -195,6 +219,27 @@ class SplitClient:
             self.leakage.sent if self.leakage.input is not None else None,
         )
         self.trainer.exchange_with(self._steps.train, self._steps.pipeline())
+        self._window: LocalLossWindow | None = None
+        if approximations.local_loss:
+            self._window = LocalLossWindow(
+                self._session,
+                self._transport,
+                self._position,
+                self.meter,
+                self.retry,
+                self._stop.is_set,
+                self._steps.sparsified,
+                self.leakage.sent if self.leakage.input is not None else None,
+                local_window,
+            )
+        elif local_head is not None or local_head_loss is not None or local_classes is not None:
+            raise ValueError(
+                "local_head, local_head_loss and local_classes belong to the local loss: pass "
+                "approximations=Approximations(local_loss=True)"
+            )
+        self._local_source = (local_head, local_head_loss)
+        if local is not None and self._window is not None:
+            self.trainer.use_local_head(local, self._window.send)
         self._loop = EpochLoop(
             self.trainer,
             self._steps,
@@ -204,9 +249,43 @@ class SplitClient:
             self._stop,
             lambda x, y, batch_size: self.evaluate(x, y, batch_size=batch_size, verbose=0),
             self.leakage,
+            self._window,
         )
         if checkpoints is not None:
             self._session.restore_latest()
+
+    def _forget_window(self) -> None:
+        """Step numbers go back (a restore, a new round): a local loss's requests in flight are not sent again."""
+        window: LocalLossWindow | None = getattr(self, "_window", None)
+        if window is not None:
+            window.forget()
+
+    def _drain(self) -> None:
+        """A local loss's replies still due, read (nothing otherwise): the server has applied every step sent,
+        so both parts are at `step`."""
+        if self._window is not None and self._window.in_flight:
+            self._session.after_rollbacks(self._window.drain)
+
+    def _local_head(self, head: Any, loss: Any, classes: int | None) -> LocalHead:
+        with tf.device(self.device):
+            return LocalHead(head, loss, self.trainer.optimizer, self.trainer.iv_spec, classes)
+
+    def _ensure_local_head(self, y: Any) -> None:
+        """A local loss's default head, built by the first `fit` from its labels' class count."""
+        if self._window is None or self.trainer.local is not None:
+            return
+        if y is None:
+            raise ValueError(
+                "the local loss's default head needs the number of classes, which a dataset does not tell: give "
+                "SplitClient local_classes=..., or local_head=..."
+            )
+        head, loss = self._local_source
+        self.trainer.use_local_head(self._local_head(head, loss, classes_of(y)), self._window.send)
+
+    @property
+    def local_head(self) -> keras.Model | None:
+        """The local loss's head at the cut (None without a local loss, or before the first `fit` built it)."""
+        return self.trainer.local.model if self.trainer.local is not None else None
 
     @property
     def model(self) -> keras.Model:
@@ -275,6 +354,7 @@ class SplitClient:
         Call it once training and evaluation are done (`split-client` does at the end of a run); a session that
         is never ended stays on the server until it expires for idleness. In a group round (`start_round`),
         `contribute_samples` > 0 leaves the server's part as this member's contribution to the round."""
+        self._drain()
         self._session.end(contribute_samples)
 
     def start_round(self, membership: Membership, state: PartState) -> None:
@@ -290,6 +370,7 @@ class SplitClient:
 
     def part_state(self, with_optimizer: bool) -> PartState:
         """This client's part (and the U-shape's head) as it travels to the aggregator."""
+        self._drain()
         self._settle()
         return part_state.capture_parts(self._part_pairs(with_optimizer))
 
@@ -344,6 +425,7 @@ class SplitClient:
         """
         self.connect()
         self._check_batch_size(batch_size)
+        self._ensure_local_head(y)
         self._session.agree_on_step()
         position = self._position
         steps_per_epoch = batches.num_batches(x, batch_size)
@@ -376,6 +458,7 @@ class SplitClient:
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 32, verbose: int = 0) -> dict[str, float]:
         """Loss and metrics over all of (x, y), accumulated exactly as `keras.Model.evaluate` does."""
         agreement = self.connect()
+        self._drain()
         self._check_batch_size(batch_size)
         progress = keras.utils.Progbar(batches.num_batches(x, batch_size), verbose=verbose)
         session = self._session
@@ -398,6 +481,7 @@ class SplitClient:
     def predict(self, x: Any, batch_size: int = 32, verbose: int = 0) -> np.ndarray:
         """Outputs of the whole (uncut) model for `x`; `verbose` 1 shows a progress bar, as Keras's does."""
         self.connect()
+        self._drain()
         self._check_batch_size(batch_size)
         progress = keras.utils.Progbar(batches.num_batches(x, batch_size), verbose=verbose)
 
@@ -448,7 +532,3 @@ def _check_approximations(approximations: Approximations, micro_batches: int, us
         raise ValueError(
             f"{approximations.describe()} does not go with noise on the IV (--noise-multiplier): choose one"
         )
-
-
-def _nothing() -> None:
-    """Nothing to forget: a standard cut keeps no record of the step in flight."""

@@ -63,7 +63,7 @@ class StepExchange:
         self._started: Started = (0, 0, 0.0)  # of the step in flight
         self._feedback: ErrorFeedback | None = None  # top-k's error feedback of the IVs sent, once agreed
 
-    def _sparsified(self, iv: np.ndarray) -> np.ndarray:
+    def sparsified(self, iv: np.ndarray) -> np.ndarray:
         """The IV as this step sends it (every attempt alike): with top-k, its largest entries after the error
         feedback; else itself."""
         fraction = self._session.agreement.approximations.top_k
@@ -82,7 +82,7 @@ class StepExchange:
         transport, session, position = self._transport, self._session, self._position
         started = (transport.bytes_sent, transport.bytes_received, time.perf_counter())
         step = position.step
-        iv = self._sparsified(iv)
+        iv = self.sparsified(iv)
 
         def attempt(retrying: bool) -> tuple[np.ndarray, list[float]]:
             session.rejoin_if_stale(step)
@@ -101,7 +101,7 @@ class StepExchange:
         batch = int(size)
         self._sent.append(len(iv) > 0)  # a batch smaller than micro_batches leaves some parts empty
         if len(iv):
-            iv = self._sparsified(iv)
+            iv = self.sparsified(iv)
             parts = min(self.micro_batches, batch)
             part = sum(self._sent) - 1
             # The arrays are views of the step's tensors, alive until the step ends: kept to send again.

@@ -25,6 +25,7 @@ from client_part.position import Position
 from client_part.session import Session
 from client_part.stopping import Stopped
 from client_part.telemetry import ClientMeter
+from client_part.window import LocalLossWindow
 from splitlearning.training.first_part import ClientTrainer
 
 
@@ -70,6 +71,7 @@ class EpochLoop:
         stop: threading.Event,
         validate: Callable[[Any, Any, int], dict[str, float]],
         leakage: ClientLeakage | None = None,
+        window: LocalLossWindow | None = None,
     ) -> None:
         self._trainer = trainer
         self._steps = steps
@@ -79,6 +81,7 @@ class EpochLoop:
         self._stop = stop
         self._validate = validate
         self._leakage = leakage
+        self._window = window  # a local loss's: steps not waited for, drained at the epoch's end and checkpoints
 
     def run(self, run: FitRun, initial_epoch: int, history: keras.callbacks.History, hooks: Callbacks) -> None:
         """Train from the current step (which gives the epoch and the batch) to the end of the last epoch."""
@@ -116,7 +119,8 @@ class EpochLoop:
         order = None if isinstance(x, tf.data.Dataset) else batches.epoch_order(len(x), run.seed, epoch, run.shuffle)
         self._session.start_epoch(epoch)
         trainer.regularization.reset_state()
-        started, samples, logs, index = time.perf_counter(), 0, {}, start - 1
+        trainer.local_loss.reset_state()
+        started, samples, logs, index, penalty = time.perf_counter(), 0, {}, start - 1, 0.0
         # The next batch is gathered and made a tensor on the client's device while this step runs.
         ready = batches.prefetch(batches.iterate(x, y, run.batch_size, order, start), self._as_tensors)
         for index, (xb, yb) in enumerate(ready, start):
@@ -127,18 +131,34 @@ class EpochLoop:
             meter.step(len(xb), time.perf_counter() - step_started)
             self._after_step()
             samples += len(xb)
-            logs = logs_of(names, self._steps.last_metrics, penalty)
+            logs = self._logs(names, penalty)
             hooks.on_train_batch_end(index, logs)
             logs["samples/s"] = samples / max(time.perf_counter() - started, 1e-9)
             progress.update(index + 1, list(logs.items()), finalize=False)
         if index < 0:
             raise ValueError("fit got no data: the training set is empty")
+        if self._window is not None:  # the epoch ends with both parts at the same step, its metrics all read
+            self._window.drain()
+            logs = self._logs(names, penalty)
         return logs, index
+
+    def _logs(self, names: list[str], penalty: float) -> dict[str, float]:
+        """The step's logs: the server's running metrics (with a local loss, of the last reply read; none
+        before the first) and, with a local loss, this epoch's mean local loss (`local_loss`)."""
+        if self._window is None:
+            return logs_of(names, self._steps.last_metrics, penalty)
+        values = self._window.last_metrics
+        logs = logs_of(names, values, penalty) if values else {}
+        logs["local_loss"] = float(self._trainer.local_loss.result())
+        return logs
 
     def _after_step(self) -> None:
         checkpoints: ClientCheckpoints | None = self._session.checkpoints
         step = self._position.step
-        if checkpoints is not None and (checkpoints.due(step) or self._stop.is_set()):
+        saving = checkpoints is not None and checkpoints.due(step)
+        if self._window is not None and (saving or self._stop.is_set()):
+            self._window.drain()  # both parts at `step` before it is saved or training stops
+        if checkpoints is not None and (saving or self._stop.is_set()):
             checkpoints.save(step, self._position.epoch0_step)
         if self._stop.is_set():
             if checkpoints is None:

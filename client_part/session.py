@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -240,6 +240,25 @@ class Session:
                 f"step {step}, and neither side holds a checkpoint of the other's step"
             )
 
+    def rejoin_window(self, oldest: int, step: int) -> int:
+        """A local loss's rejoin after a failure, with steps `oldest` to `step` - 1 sent and unanswered (this
+        client is at `step`): handshake again offering each of them, and return the server's next step N, in
+        [`oldest`, `step`]: the steps before N were applied there (their lost replies carried metrics only), the
+        rest are to be sent again. A server behind `oldest` rolled back (`Rollback` where this client holds a
+        checkpoint of its step, else a `RuntimeError`)."""
+        agreement = self.guarded(self._handshake, range(oldest, step + 1))
+        self._stale = False
+        self._agreement = agreement
+        next_step = agreement.next_step
+        if next_step < oldest and self.can_restore(next_step):
+            raise Rollback(next_step, step)
+        if not oldest <= next_step <= step:
+            raise RuntimeError(
+                f"after reconnecting, the server's session is at step {next_step} but this client has sent steps "
+                f"{oldest} to {step - 1} unanswered, and neither side holds a checkpoint of the other's step"
+            )
+        return next_step
+
     def after_rollbacks(self, run: Callable[[], T]) -> T:
         """`run()`, again from the top each time the server turns out to have resumed at an earlier step than
         this client's (`Rollback`: it restarted from an older checkpoint), after restoring this client's
@@ -283,7 +302,8 @@ class Session:
 
     # -- the handshake -------------------------------------------------------------------------------------
 
-    def _handshake(self) -> Agreement:
+    def _handshake(self, in_flight: Sequence[int] = ()) -> Agreement:
+        """`in_flight`: steps sent and unanswered (a local loss's window), offered with this client's step."""
         offer, asked = self.offer, self.session_id
         agreement = self._transport.handshake(
             offer.iv,
@@ -292,7 +312,11 @@ class Session:
             asked,
             offer.mode,
             () if offer.wire_encoding == encodings.RAW else (offer.wire_encoding,),
-            restorable_steps=[self._position.step, *(self.checkpoints.steps() if self.checkpoints else [])],
+            restorable_steps=[
+                self._position.step,
+                *in_flight,
+                *(self.checkpoints.steps() if self.checkpoints else []),
+            ],
             client_id=self._client_id,
             group=self._membership if not asked else None,
             optimizer=offer.optimizer,

@@ -351,6 +351,19 @@ class Transport:
         reply = self._receive(f"step {step}")
         return _tensor(reply, "iv_gradient"), list(reply.message.metrics)
 
+    def receive_metrics(self, step: int) -> list[float]:
+        """The answer to the oldest request sent and not yet received, when it carries no gradient (a local
+        loss's): the running metrics. It must answer `step`."""
+        reply = self._receive(f"step {step}")
+        if reply.message.step != step:
+            self._close_stream()
+            raise RemoteError(
+                f"step {step}",
+                code=grpc.StatusCode.INTERNAL,
+                details=f"the server answered step {reply.message.step} where step {step} was due",
+            )
+        return list(reply.message.metrics)
+
     def train_forward(self, step: int, iv: np.ndarray) -> np.ndarray:
         """U-shape, first exchange of a step (no labels): the IV out, the middle's outputs back."""
         request = framing.Outgoing(

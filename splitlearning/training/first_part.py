@@ -20,11 +20,13 @@ from splitlearning.compiled import Compiled
 from splitlearning.contract import Spec
 from splitlearning.devices import describe_placement
 from splitlearning.models import ModelSource, materialize
+from splitlearning.training.local_loss import LocalHead
 from splitlearning.training.nopeek import distance_correlation
 
 log = logging.getLogger(__name__)
 
 Exchange = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Send = Callable[[np.ndarray, np.ndarray], np.ndarray]  # a local loss's: the IV and labels out, no answer awaited
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class ClientTrainer:
         if exchange is not None:
             self.exchange_with(exchange, pipeline)
         self._error: BaseException | None = None
+        self.local: LocalHead | None = None  # the local loss's head, once `use_local_head` set it
+        self._send: Send = _unbound
         with tf.device(device):
             self.model: keras.Model = materialize(model)
             if not self.model.inputs or not self.model.outputs:
@@ -67,6 +71,7 @@ class ClientTrainer:
             self.optimizer: keras.optimizers.Optimizer = keras.optimizers.get(optimizer)
             self.optimizer.build(self.model.trainable_variables)
             self.regularization = keras.metrics.Mean(name="regularization")
+            self.local_loss = keras.metrics.Mean(name="local_loss")  # this epoch's local loss so far
         self.iv_spec = _spec(self.model.outputs[0])
         self._train_fn = Compiled(self._train_step)
         self._forward_fn = Compiled(self._forward)
@@ -79,6 +84,14 @@ class ClientTrainer:
         which needs this trainer's cut (`iv_spec`) to be made."""
         self._exchange = exchange
         self.pipeline = pipeline if pipeline is not None and pipeline.micro_batches > 1 else None
+
+    def use_local_head(self, head: LocalHead, send: Send) -> None:
+        """Train on a local auxiliary loss from now on (before the first step): each step runs the forward, the
+        head, the local loss, the backward and one update of this part and the head, and hands the forward's IV
+        and the labels to `send` (which does not wait for any answer); no dLoss/dIV comes back. The IV sent is
+        the one the forward computed, with the weights from before this step's update."""
+        self.local, self._send = head, send
+        self._train_fn = Compiled(self._train_step)
 
     @property
     def iterations(self) -> int:
@@ -119,6 +132,9 @@ class ClientTrainer:
         return self._guarded(self._exchange)(iv, labels)
 
     def _train_step(self, x: tf.Tensor, labels: tf.Tensor) -> None:
+        if self.local is not None:
+            self._local_step(x, labels, self.local)
+            return
         model = self.model
         weights = model.trainable_variables
         with tf.GradientTape() as tape:
@@ -151,6 +167,33 @@ class ClientTrainer:
         # rejoin then saw one iteration too many (Adam's bias correction, a schedule's learning rate).
         with tf.control_dependencies(grads_iv):
             self.optimizer.apply(grads, weights)
+
+    def _local_step(self, x: tf.Tensor, labels: tf.Tensor, local: LocalHead) -> None:
+        """The local loss's step: the IV goes out (not waited for), and this part and the head learn from the
+        head's loss alone (plus this part's regularisation and NoPeek)."""
+        model, head = self.model, local.model
+        weights, head_weights = model.trainable_variables, head.trainable_variables
+        with tf.GradientTape() as tape:
+            iv = model(x, training=True)
+            outputs = head(iv, training=True)
+            loss = local.loss(labels, outputs)
+            total = loss
+            if head.losses:
+                total = total + tf.add_n(head.losses)
+            if model.losses:
+                regularization = tf.add_n(model.losses)
+                self.regularization.update_state(regularization, sample_weight=tf.shape(x)[0])
+                total = total + regularization
+            if self.nopeek_alpha:
+                total = total + self.nopeek_alpha * distance_correlation(x, iv)
+        self.local_loss.update_state(loss, sample_weight=tf.shape(x)[0])
+        grads = tape.gradient(total, [*weights, *head_weights])
+        sent = tf.numpy_function(self._guarded(self._send), [iv, labels], Tout=tf.int64, stateful=True)
+        # The update waits for the send: a send that fails (its retries spent) leaves both parts as they were,
+        # so the step can be done again (the optimizers' step counts included).
+        with tf.control_dependencies([sent]):
+            self.optimizer.apply(grads[: len(weights)], weights)
+            local.optimizer.apply(grads[len(weights) :], head_weights)
 
     def _pipelined_forward(self, x: tf.Tensor, labels: tf.Tensor, pipeline: Pipeline) -> list[tf.Tensor]:
         """Forward each micro-batch and send it before the next one's forward starts (a control dependency)."""
