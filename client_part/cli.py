@@ -757,6 +757,7 @@ def report(client: SplitClient, config: ClientConfig, outcome: Outcome) -> None:
         client.step,
         outcome.start_step,
         outcome.link,
+        client.approximations.names,
     )
     print("\n" + summary.headline(result))
     print(f"session {session} (ended on the server)")

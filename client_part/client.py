@@ -311,6 +311,12 @@ class SplitClient:
         return self._session.offer.wire_encoding
 
     @property
+    def approximations(self) -> Approximations:
+        """What this client trains with beyond the exact split: what it asked for, which every handshake it
+        trained after agreed to (a server that did not was refused)."""
+        return self._session.offer.approximations
+
+    @property
     def mode(self) -> CutMode:
         return self._session.offer.mode
 

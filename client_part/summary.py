@@ -18,10 +18,12 @@ def summarize(
     session_steps: int,
     start_step: int = 0,
     link: Mapping[str, Any] | None = None,
+    approximations: Sequence[str] = (),
 ) -> dict[str, Any]:
     """What this run trained (`epochs`: the epoch indices it trained in, from 0; `totals`: its steps), final
     metrics, throughput, bytes per step, where the step time went, and what the session holds in all (after a
-    resume at `start_step`, more than this run trained)."""
+    resume at `start_step`, more than this run trained); `approximations`: those the session trained with, beyond
+    the exact split (docs/performance.md, "Beyond exact"), by flag name."""
     steps = max(totals.steps, 1)
     return {
         "epochs": len(epochs),
@@ -40,6 +42,7 @@ def summarize(
         "compute_seconds": totals.compute_seconds,
         "other_seconds": max(seconds - totals.seconds, 0.0),
         "link": dict(link) if link is not None else None,
+        "approximations": list(approximations),
     }
 
 
@@ -76,6 +79,8 @@ def table(summary: Mapping[str, Any]) -> str:
             ("session epochs", str(summary["session_epochs"])),
             ("session steps", str(summary["session_steps"])),
         ]
+    if summary.get("approximations"):
+        rows.append(("approximations (not exact)", ", ".join(summary["approximations"])))
     rows += [
         ("wall time", f"{summary['seconds']:.1f} s"),
         ("samples/s", f"{summary['samples_per_s']:,.0f}"),

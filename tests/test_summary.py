@@ -54,6 +54,10 @@ def test_a_fresh_run_says_it_once() -> None:
     result = summary.summarize({"loss": [0.5]}, {"loss": 0.4}, totals, range(10), 10.0, 10, 230)
     assert summary.headline(result) == "trained 10 epochs, 230 steps, in 10.0 s (1,472 samples/s)"
     assert "session" not in summary.table(result) and "this run" not in summary.table(result)
+    assert result["approximations"] == [] and "approximations" not in summary.table(result)
+    approximate = summary.summarize({}, {}, totals, range(10), 10.0, 10, 230, approximations=("stale-gradients",))
+    assert approximate["approximations"] == ["stale-gradients"]
+    assert re.search(r"^approximations \(not exact\)\s+stale-gradients$", summary.table(approximate), re.M)
 
 
 def test_a_finished_run_resumed_says_there_was_nothing_left() -> None:
