@@ -180,7 +180,7 @@ class SplitClient:
             session_id,
             client_id,
             checkpoints,
-            ushape_link.forget if ushape_link is not None else _nothing,
+            ushape_link.forget if ushape_link is not None else self._forget_in_flight,
         )
         self._steps = StepExchange(
             self._session,
@@ -195,6 +195,8 @@ class SplitClient:
             self.leakage.sent if self.leakage.input is not None else None,
         )
         self.trainer.exchange_with(self._steps.train, self._steps.pipeline())
+        if approximations.stale_gradients:
+            self.trainer.stale_with(self._steps.stale())
         self._loop = EpochLoop(
             self.trainer,
             self._steps,
@@ -360,12 +362,26 @@ class SplitClient:
         try:
             # After a rollback the epochs carry on from the restored step's data position.
             self._session.after_rollbacks(lambda: self._loop.run(run, max(initial_epoch, 0), history, hooks))
+        except BaseException:
+            self._forget_in_flight()  # stale gradients: a step sent and never applied is not this client's
+            raise
         finally:
             self._settle()  # the user's own model objects hold every step applied, however fit ends
         if self.checkpoints is not None:  # the final step too, so a finished run resumes as finished
             self.checkpoints.save(position.step, position.epoch0_step)
         hooks.on_train_end({})
         return history
+
+    def _forget_in_flight(self) -> None:
+        """The standard cut's steps in flight dropped (stale gradients; nothing otherwise): a restore trains them
+        again, and a failed `fit` never applied them."""
+        self.trainer.forget()
+        self._steps.forget()
+
+    def _drain(self) -> None:
+        """Stale gradients: apply the step still in flight (nothing otherwise), before reading the weights."""
+        if self.trainer.in_flight:
+            self._session.after_rollbacks(self.trainer.drain)
 
     def _settle(self) -> None:
         """Apply the U-shape head's deferred update (see `LossTrainer.settle`): the head's last step is
@@ -377,6 +393,7 @@ class SplitClient:
         """Loss and metrics over all of (x, y), accumulated exactly as `keras.Model.evaluate` does."""
         agreement = self.connect()
         self._check_batch_size(batch_size)
+        self._drain()
         progress = keras.utils.Progbar(batches.num_batches(x, batch_size), verbose=verbose)
         session = self._session
 
@@ -399,6 +416,7 @@ class SplitClient:
         """Outputs of the whole (uncut) model for `x`; `verbose` 1 shows a progress bar, as Keras's does."""
         self.connect()
         self._check_batch_size(batch_size)
+        self._drain()
         progress = keras.utils.Progbar(batches.num_batches(x, batch_size), verbose=verbose)
 
         def run() -> list[np.ndarray]:
@@ -448,7 +466,3 @@ def _check_approximations(approximations: Approximations, micro_batches: int, us
         raise ValueError(
             f"{approximations.describe()} does not go with noise on the IV (--noise-multiplier): choose one"
         )
-
-
-def _nothing() -> None:
-    """Nothing to forget: a standard cut keeps no record of the step in flight."""

@@ -2,7 +2,9 @@
 
 The step gives the epoch and the batch (with the data position, `Position.epoch0_step`), so a restored or rolled
 back client carries on where its checkpoint was taken. Checkpoints are saved when due and on a stop request, which
-ends the loop after the step in flight.
+ends the loop after the step in flight. With stale gradients the last step sent is received and applied (the
+trainer drains) at the end of each epoch and before a checkpoint or a stop, so the weights, `Position.step` and the
+server's step agree there; a batch's logs are then those of the step before it (the last answer read).
 """
 
 from __future__ import annotations
@@ -127,18 +129,25 @@ class EpochLoop:
             meter.step(len(xb), time.perf_counter() - step_started)
             self._after_step()
             samples += len(xb)
-            logs = logs_of(names, self._steps.last_metrics, penalty)
+            logs = logs_of(names, self._steps.last_metrics, penalty) if self._steps.last_metrics else {}
             hooks.on_train_batch_end(index, logs)
             logs["samples/s"] = samples / max(time.perf_counter() - started, 1e-9)
             progress.update(index + 1, list(logs.items()), finalize=False)
         if index < 0:
             raise ValueError("fit got no data: the training set is empty")
+        if trainer.in_flight:  # stale gradients: the epoch's last step, applied before it ends
+            trainer.drain()
+            logs = logs_of(names, self._steps.last_metrics, trainer.penalty_so_far())
         return logs, index
 
     def _after_step(self) -> None:
         checkpoints: ClientCheckpoints | None = self._session.checkpoints
+        sent = self._position.step + self._trainer.in_flight  # the steps applied once the trainer drains
+        due = checkpoints is not None and checkpoints.due(sent)
+        if due or self._stop.is_set():
+            self._trainer.drain()  # stale gradients: a checkpoint or a stop holds every step sent
         step = self._position.step
-        if checkpoints is not None and (checkpoints.due(step) or self._stop.is_set()):
+        if checkpoints is not None and (due or self._stop.is_set()):
             checkpoints.save(step, self._position.epoch0_step)
         if self._stop.is_set():
             if checkpoints is None:
