@@ -204,7 +204,7 @@ class SplitClient:
             session_id,
             client_id,
             checkpoints,
-            ushape_link.forget if ushape_link is not None else self._forget_window,
+            ushape_link.forget if ushape_link is not None else self._forget_in_flight,
         )
         self._steps = StepExchange(
             self._session,
@@ -240,6 +240,8 @@ class SplitClient:
         self._local_source = (local_head, local_head_loss)
         if local is not None and self._window is not None:
             self.trainer.use_local_head(local, self._window.send)
+        if approximations.stale_gradients:
+            self.trainer.stale_with(self._steps.stale())
         self._loop = EpochLoop(
             self.trainer,
             self._steps,
@@ -253,18 +255,6 @@ class SplitClient:
         )
         if checkpoints is not None:
             self._session.restore_latest()
-
-    def _forget_window(self) -> None:
-        """Step numbers go back (a restore, a new round): a local loss's requests in flight are not sent again."""
-        window: LocalLossWindow | None = getattr(self, "_window", None)
-        if window is not None:
-            window.forget()
-
-    def _drain(self) -> None:
-        """A local loss's replies still due, read (nothing otherwise): the server has applied every step sent,
-        so both parts are at `step`."""
-        if self._window is not None and self._window.in_flight:
-            self._session.after_rollbacks(self._window.drain)
 
     def _local_head(self, head: Any, loss: Any, classes: int | None) -> LocalHead:
         with tf.device(self.device):
@@ -448,12 +438,32 @@ class SplitClient:
         try:
             # After a rollback the epochs carry on from the restored step's data position.
             self._session.after_rollbacks(lambda: self._loop.run(run, max(initial_epoch, 0), history, hooks))
+        except BaseException:
+            self._forget_in_flight()  # stale gradients: a step sent and never applied is not this client's
+            raise
         finally:
             self._settle()  # the user's own model objects hold every step applied, however fit ends
         if self.checkpoints is not None:  # the final step too, so a finished run resumes as finished
             self.checkpoints.save(position.step, position.epoch0_step)
         hooks.on_train_end({})
         return history
+
+    def _forget_in_flight(self) -> None:
+        """The standard cut's steps in flight dropped (stale gradients, a local loss's window; nothing otherwise):
+        a restore trains them again, and a failed `fit` never applied them."""
+        self.trainer.forget()
+        self._steps.forget()
+        window: LocalLossWindow | None = getattr(self, "_window", None)
+        if window is not None:
+            window.forget()
+
+    def _drain(self) -> None:
+        """Before reading the weights or evaluating: stale gradients' step in flight applied, a local loss's
+        replies still due read (nothing otherwise), so both parts are at `step`."""
+        if self.trainer.in_flight:
+            self._session.after_rollbacks(self.trainer.drain)
+        if self._window is not None and self._window.in_flight:
+            self._session.after_rollbacks(self._window.drain)
 
     def _settle(self) -> None:
         """Apply the U-shape head's deferred update (see `LossTrainer.settle`): the head's last step is

@@ -3,6 +3,11 @@
 `StepExchange` sends one step whole (`train`) or in micro-batches (`send` each as its forward pass is done, then
 `receive` each answer), retrying after a rejoin of the session, and does the end-of-step bookkeeping once for both
 paths: the step's time and bytes into the meter, the running metrics kept, the step counted.
+
+With stale gradients (`stale`) up to two whole steps are in flight: `send_stale` sends the next step at once and
+`receive_stale` reads the oldest one's answer; after a failure every step in flight is sent again, in order, on a
+new stream (the server answers those it applied from its two-step reply cache). A step counts (`Position.step`)
+when its answer is read.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from client_part.telemetry import ClientMeter
 from client_part.transport import Transport
 from splitlearning.contract import Spec
 from splitlearning.top_k import ErrorFeedback
-from splitlearning.training.first_part import Pipeline
+from splitlearning.training.first_part import Pipeline, Stale
 
 Started = tuple[int, int, float]  # bytes sent, bytes received and the time when a step's first part went out
+Request = tuple[int, np.ndarray, np.ndarray, bool]  # `Transport.send`'s arguments for a whole step
 
 
 class StepExchange:
@@ -62,6 +68,9 @@ class StepExchange:
         self._parts: list[tuple[Any, ...]] = []  # the step in flight's sent micro-batches: `Transport.send`'s args
         self._started: Started = (0, 0, 0.0)  # of the step in flight
         self._feedback: ErrorFeedback | None = None  # top-k's error feedback of the IVs sent, once agreed
+        self._flight: list[
+            tuple[Request, Started]
+        ] = []  # stale gradients: the steps sent and not answered, oldest first
 
     def sparsified(self, iv: np.ndarray) -> np.ndarray:
         """The IV as this step sends it (every attempt alike): with top-k, its largest entries after the error
@@ -134,12 +143,57 @@ class StepExchange:
             self._done(self._started, metrics)
         return grad
 
-    def _done(self, started: Started, metrics: list[float]) -> None:
+    def stale(self) -> Stale:
+        """The stale-gradient step's calls, for the trainer."""
+        return Stale(self.send_stale, self.receive_stale)
+
+    @property
+    def in_flight(self) -> int:
+        """Stale gradients: steps sent whose answer is not read yet."""
+        return len(self._flight)
+
+    def forget(self) -> None:
+        """Drop the steps in flight (a restore: they are trained again from the restored step)."""
+        self._flight.clear()
+
+    def send_stale(self, iv: np.ndarray, labels: np.ndarray) -> None:
+        """Send the next step (after those in flight) without waiting for its answer."""
+        transport, position = self._transport, self._position
+        started = (transport.bytes_sent, transport.bytes_received, time.perf_counter())
+        # The first step sent after an epoch starts (or a restore) restarts the server's running metrics; a resend
+        # repeats its flag.
+        request: Request = (position.step + len(self._flight), self.sparsified(iv), labels, position.reset_metrics)
+        position.reset_metrics = False
+        self._flight.append((request, started))
+        if self._shown is not None:
+            self._shown(iv)
+        self._session.guarded(transport.send, *request)
+
+    def receive_stale(self) -> np.ndarray:
+        """The answer to the oldest step in flight: its dLoss/dIV. After a failure, a rejoin and every step in
+        flight sent again, in order; the answers to all but the oldest stay queued for the next calls."""
+        transport, session, step = self._transport, self._session, self._position.step
+        flight = self._flight
+
+        def attempt(retrying: bool) -> tuple[np.ndarray, list[float]]:
+            if retrying:
+                session.rejoin_if_stale(step)
+                for request, _ in flight:
+                    session.guarded(transport.send, *request)
+            return session.guarded(transport.receive, step)
+
+        grad, metrics = retry.call(self._policy, f"step {step}", attempt, stop=self._stop)
+        _, started = flight.pop(0)
+        self._done(started, metrics, reset=False)
+        return grad
+
+    def _done(self, started: Started, metrics: list[float], reset: bool = True) -> None:
         """The end of a step, whole or pipelined: its time and bytes measured, its metrics kept, the step counted."""
         transport = self._transport
         sent, received, began = started
         seconds = time.perf_counter() - began
         self._meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
         self.last_metrics = metrics
-        self._position.reset_metrics = False
+        if reset:  # a stale step's flag went with its request (`send_stale`)
+            self._position.reset_metrics = False
         self._position.step += 1

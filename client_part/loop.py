@@ -2,7 +2,9 @@
 
 The step gives the epoch and the batch (with the data position, `Position.epoch0_step`), so a restored or rolled
 back client carries on where its checkpoint was taken. Checkpoints are saved when due and on a stop request, which
-ends the loop after the step in flight.
+ends the loop after the step in flight. With stale gradients the last step sent is received and applied (the
+trainer drains) at the end of each epoch and before a checkpoint or a stop, so the weights, `Position.step` and the
+server's step agree there; a batch's logs are then those of the step before it (the last answer read).
 """
 
 from __future__ import annotations
@@ -140,13 +142,16 @@ class EpochLoop:
         if self._window is not None:  # the epoch ends with both parts at the same step, its metrics all read
             self._window.drain()
             logs = self._logs(names, penalty)
+        if trainer.in_flight:  # stale gradients: the epoch's last step, applied before it ends
+            trainer.drain()
+            logs = logs_of(names, self._steps.last_metrics, trainer.penalty_so_far())
         return logs, index
 
     def _logs(self, names: list[str], penalty: float) -> dict[str, float]:
         """The step's logs: the server's running metrics (with a local loss, of the last reply read; none
         before the first) and, with a local loss, this epoch's mean local loss (`local_loss`)."""
-        if self._window is None:
-            return logs_of(names, self._steps.last_metrics, penalty)
+        if self._window is None:  # stale gradients: none before the first reply is read
+            return logs_of(names, self._steps.last_metrics, penalty) if self._steps.last_metrics else {}
         values = self._window.last_metrics
         logs = logs_of(names, values, penalty) if values else {}
         logs["local_loss"] = float(self._trainer.local_loss.result())
@@ -154,11 +159,14 @@ class EpochLoop:
 
     def _after_step(self) -> None:
         checkpoints: ClientCheckpoints | None = self._session.checkpoints
+        sent = self._position.step + self._trainer.in_flight  # the steps applied once the trainer drains
+        due = checkpoints is not None and checkpoints.due(sent)
+        if due or self._stop.is_set():
+            self._trainer.drain()  # stale gradients: a checkpoint or a stop holds every step sent
+            if self._window is not None:
+                self._window.drain()  # local loss: both parts at `step` before it is saved or training stops
         step = self._position.step
-        saving = checkpoints is not None and checkpoints.due(step)
-        if self._window is not None and (saving or self._stop.is_set()):
-            self._window.drain()  # both parts at `step` before it is saved or training stops
-        if checkpoints is not None and (saving or self._stop.is_set()):
+        if checkpoints is not None and (due or self._stop.is_set()):
             checkpoints.save(step, self._position.epoch0_step)
         if self._stop.is_set():
             if checkpoints is None:

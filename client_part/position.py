@@ -9,11 +9,13 @@ from dataclasses import dataclass
 class Position:
     """The step and the data position, each held here once.
 
-    `step`: training steps completed in the session (the exchange counts each step once; a restore or a new
-    group round sets it). `epoch0_step`: the step at which epoch 0 of the running `fit` began, which with `step`
-    gives the epoch and the batch (saved in the client's checkpoints). `reset_metrics`: the next step starts the
-    server's running metrics afresh (a new epoch, a restore, a new round). `resume`: restored from a checkpoint at
-    start, so the next `fit` carries on from the saved data position.
+    `step`: training steps completed (applied) in the session (the exchange counts each step once, when its reply
+    is read; a restore or a new group round sets it). With stale gradients a step may be in flight beyond it: the
+    next request is numbered `step` plus the steps in flight. `epoch0_step`: the step at which epoch 0 of the
+    running `fit` began, which with `step` gives the epoch and the batch (saved in the client's checkpoints).
+    `reset_metrics`: the next step starts the server's running metrics afresh (a new epoch, a restore, a new
+    round). `resume`: restored from a checkpoint at start, so the next `fit` carries on from the saved data
+    position.
     """
 
     step: int

@@ -3,6 +3,12 @@
 The step runs the forward pass under a tape, hands the IV (and labels) to `exchange` (a plain Python
 function: in a `SplitClient` it is the gRPC round trip) through `tf.numpy_function`, and back-propagates the
 returned dLoss/dIV with `tape.gradient(iv, weights, output_gradients=grad)`. No forward pass is repeated.
+
+With one-step-stale gradients (`Stale`) a step is two compiled calls instead: the forward pass of step s runs on
+the current weights and stashes them (and the non-trainable state: batch-norm statistics, dropout's seed state),
+its IV goes out at once, and then step s-1's dLoss/dIV is back-propagated through step s-1's forward as it ran, by
+running that forward again from its stash (`model.stateless_call`), and applied to the current weights
+(PipeDream-2BW's weight stashing). The repeated forward is the price of keeping no tape between calls.
 """
 
 from __future__ import annotations
@@ -41,6 +47,18 @@ class Pipeline:
     receive: Callable[[np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True)
+class Stale:
+    """One-step-stale gradients: `send(iv, labels)` sends a step without waiting for its answer; `receive()`
+    reads the answer to the oldest step sent and not yet received (its dLoss/dIV)."""
+
+    send: Callable[[np.ndarray, np.ndarray], None]
+    receive: Callable[[], np.ndarray]
+
+
+Stash = tuple[tf.Tensor, list[tf.Tensor], list[tf.Tensor]]  # a step's input, trainable and non-trainable values
+
+
 class ClientTrainer:
     """Holds the first part of the model and its optimizer on one device."""
 
@@ -59,6 +77,8 @@ class ClientTrainer:
         self.device = device
         self._exchange: Exchange = _unbound
         self.pipeline: Pipeline | None = None
+        self.stale: Stale | None = None
+        self._pending: Stash | None = None  # with stale gradients: the step sent and not yet applied
         if exchange is not None:
             self.exchange_with(exchange, pipeline)
         self._error: BaseException | None = None
@@ -75,6 +95,8 @@ class ClientTrainer:
         self.iv_spec = _spec(self.model.outputs[0])
         self._train_fn = Compiled(self._train_step)
         self._forward_fn = Compiled(self._forward)
+        self._stale_forward_fn = Compiled(self._stale_forward)
+        self._stale_backward_fn = Compiled(self._stale_backward)
         variables = [getattr(v, "value", v) for h in (self.model, self.optimizer) for v in h.variables]
         log.info("client part on %s: %s", device, describe_placement(variables))
 
@@ -93,13 +115,42 @@ class ClientTrainer:
         self.local, self._send = head, send
         self._train_fn = Compiled(self._train_step)
 
+    def stale_with(self, stale: Stale | None) -> None:
+        """Train with one-step-stale gradients through `stale`'s send and receive (None: exactly, one step in
+        flight). NoPeek's penalty needs the IV and the input of the same step under one tape: not with it."""
+        if stale is not None and self.nopeek_alpha:
+            raise ValueError("NoPeek (nopeek_alpha) does not go with stale gradients: choose one")
+        self._pending = None
+        self.stale = stale
+
+    @property
+    def in_flight(self) -> int:
+        """Steps sent whose update is not applied yet (0 or 1 beyond the one `train` is running)."""
+        return int(self._pending is not None)
+
+    def drain(self) -> None:
+        """With stale gradients: receive and apply the step still in flight, if any (at the end of an epoch, before
+        a checkpoint, evaluation or a stop), so the weights hold every step sent."""
+        if self.stale is None or self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        self._apply_stale(self.stale, pending)
+
+    def forget(self) -> None:
+        """Drop the step in flight unapplied (a restore or a failed exchange: it is to be sent again or lost)."""
+        self._pending = None
+
     @property
     def iterations(self) -> int:
         return int(self.optimizer.iterations.numpy())
 
     def train(self, x: Any, labels: Any) -> float:
-        """Run one step; return the mean regularisation penalty of this part so far (0.0 without one)."""
+        """Run one step; return the mean regularisation penalty of this part so far (0.0 without one). With stale
+        gradients: send this step and apply the one before it (see `drain`)."""
         self._error = None
+        if self.stale is not None:
+            self._train_stale(self.stale, x, labels)
+            return self.penalty_so_far()
         try:
             with tf.device(self.device):
                 self._train_fn(x, labels)
@@ -107,6 +158,10 @@ class ClientTrainer:
             if self._error is not None:  # the exchange failed: raise its own error, not TensorFlow's wrapper
                 raise self._error from None
             raise
+        return self.penalty_so_far()
+
+    def penalty_so_far(self) -> float:
+        """The mean regularisation penalty of the steps applied since it was last reset (0.0 without one)."""
         return float(self.regularization.result()) if self.model.losses else 0.0
 
     def penalty(self) -> float:
@@ -210,12 +265,72 @@ class ClientTrainer:
             sent = [tf.numpy_function(send, [k, iv, labels[begin:end], size], Tout=tf.int64, stateful=True)]
         return ivs
 
+    def _train_stale(self, stale: Stale, x: Any, labels: Any) -> None:
+        """Forward this step on the current weights and send it; then apply the step before it (if any)."""
+        with tf.device(self.device):
+            x = tf.convert_to_tensor(x)
+            iv, *values = self._stale_forward_fn(x)
+        count = len(self.model.trainable_variables)
+        stash: Stash = (x, list(values[:count]), list(values[count:]))
+        stale.send(np.asarray(iv), np.asarray(labels))
+        previous, self._pending = self._pending, stash
+        if previous is not None:
+            self._apply_stale(stale, previous)
+
+    def _apply_stale(self, stale: Stale, stash: Stash) -> None:
+        grad = stale.receive()
+        x, trainable, non_trainable = stash
+        with tf.device(self.device):
+            self._stale_backward_fn(x, grad, *trainable, *non_trainable)
+
+    def _stale_forward(self, x: tf.Tensor) -> list[tf.Tensor]:
+        """The IV on the current weights, then those weights and the non-trainable state as they were (the
+        stash); the non-trainable variables take their new values (batch-norm statistics, seed state)."""
+        model = self.model
+        trainable = [tf.identity(_value(v)) for v in model.trainable_variables]
+        non_trainable = [tf.identity(_value(v)) for v in model.non_trainable_variables]
+        iv, updated = model.stateless_call(trainable, non_trainable, x, training=True)
+        for variable, value in zip(model.non_trainable_variables, updated, strict=True):
+            variable.assign(value)
+        return [iv, *trainable, *non_trainable]
+
+    def _stale_backward(self, x: tf.Tensor, grad_iv: tf.Tensor, *values: tf.Tensor) -> None:
+        """Back-propagate `grad_iv` through the stashed forward (run again: the same weights and seed state give
+        the same IV as was sent) and apply the gradient, this part's regularisation included, to the current
+        weights."""
+        model = self.model
+        count = len(model.trainable_variables)
+        # `Compiled` leaves every argument's first dimension open; the stash has the variables' own shapes.
+        stashed = [
+            tf.ensure_shape(value, v.shape)
+            for value, v in zip(values, [*model.trainable_variables, *model.non_trainable_variables], strict=True)
+        ]
+        trainable, non_trainable = stashed[:count], stashed[count:]
+        with tf.GradientTape() as tape:
+            tape.watch(trainable)
+            iv, _, losses = model.stateless_call(trainable, non_trainable, x, training=True, return_losses=True)
+            regularization = tf.add_n(losses) if losses else None
+        grad_iv = tf.ensure_shape(tf.convert_to_tensor(grad_iv, iv.dtype), iv.shape)
+        if regularization is None:
+            grads = tape.gradient(iv, trainable, output_gradients=grad_iv)
+        else:
+            self.regularization.update_state(regularization, sample_weight=tf.shape(x)[0])
+            grads = tape.gradient(
+                [iv, regularization], trainable, output_gradients=[grad_iv, tf.ones_like(regularization)]
+            )
+        self.optimizer.apply(grads, model.trainable_variables)
+
     def _forward(self, x: tf.Tensor) -> tf.Tensor:
         return self.model(x, training=False)
 
 
 def _unbound(iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
     raise RuntimeError("this trainer has no exchange: give it one (ClientTrainer.exchange_with) before training")
+
+
+def _value(variable: Any) -> Any:
+    """A Keras variable's backing TensorFlow variable (`tf.identity` reads it)."""
+    return getattr(variable, "value", variable)
 
 
 def _spec(tensor: Any) -> Spec:
