@@ -448,6 +448,11 @@ class SplitClient:
         hooks.on_train_end({})
         return history
 
+    def _forward(self, x: Any) -> np.ndarray:
+        """The IV the server's part is given for `x` in evaluate and predict: the first part's, with top-k each
+        sample's largest entries, as in training (the server's part learned from those)."""
+        return self._steps.sparsified(self.trainer.forward(x))
+
     def _forget_in_flight(self) -> None:
         """The standard cut's steps in flight dropped (stale gradients, a local loss's window; nothing otherwise):
         a restore trains them again, and a failed `fit` never applied them."""
@@ -483,7 +488,7 @@ class SplitClient:
             session.rejoin_if_stale(self.step)
             values: list[float] = []
             for index, (xb, yb) in enumerate(batches.iterate(x, y, batch_size)):
-                iv, labels = self.trainer.forward(xb), batches.labels(yb, session.agreement.contract.label)
+                iv, labels = self._forward(xb), batches.labels(yb, session.agreement.contract.label)
                 values = session.guarded(self._link.evaluate, iv, labels, not values, session.partner_step())
                 progress.update(index + 1)
                 self._check_stop("evaluating")
@@ -515,7 +520,7 @@ class SplitClient:
 
     def _predict_one(self, xb: Any) -> np.ndarray:
         self._check_stop("predicting")
-        iv, session = self.trainer.forward(xb), self._session
+        iv, session = self._forward(xb), self._session
 
         def attempt(retrying: bool) -> np.ndarray:
             session.rejoin_if_stale(self.step)

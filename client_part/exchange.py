@@ -26,7 +26,7 @@ from client_part.session import Session
 from client_part.telemetry import ClientMeter
 from client_part.transport import Transport
 from splitlearning.contract import Spec
-from splitlearning.top_k import ErrorFeedback
+from splitlearning.top_k import sparsify
 from splitlearning.training.first_part import Pipeline, Stale
 
 Started = tuple[int, int, float]  # bytes sent, bytes received and the time when a step's first part went out
@@ -67,20 +67,16 @@ class StepExchange:
         self._sent: list[bool] = []  # per micro-batch of the step in flight: was it sent (not empty)?
         self._parts: list[tuple[Any, ...]] = []  # the step in flight's sent micro-batches: `Transport.send`'s args
         self._started: Started = (0, 0, 0.0)  # of the step in flight
-        self._feedback: ErrorFeedback | None = None  # top-k's error feedback of the IVs sent, once agreed
+        self._counted = (transport.bytes_sent, transport.bytes_received)  # when the last step ended
         self._flight: list[
             tuple[Request, Started]
         ] = []  # stale gradients: the steps sent and not answered, oldest first
 
     def sparsified(self, iv: np.ndarray) -> np.ndarray:
-        """The IV as this step sends it (every attempt alike): with top-k, its largest entries after the error
-        feedback; else itself."""
+        """The IV as this step sends it: with top-k, each sample's largest entries (no error feedback for an IV:
+        splitlearning/top_k.py); else itself."""
         fraction = self._session.agreement.approximations.top_k
-        if not fraction:
-            return iv
-        if self._feedback is None or self._feedback.fraction != fraction:
-            self._feedback = ErrorFeedback(fraction)
-        return self._feedback(iv)
+        return sparsify(iv, fraction) if fraction else iv
 
     def pipeline(self) -> Pipeline:
         """The pipelined step's calls, for the trainer."""
@@ -190,8 +186,12 @@ class StepExchange:
     def _done(self, started: Started, metrics: list[float], reset: bool = True) -> None:
         """The end of a step, whole or pipelined: its time and bytes measured, its metrics kept, the step counted."""
         transport = self._transport
-        sent, received, began = started
+        _, _, began = started
         seconds = time.perf_counter() - began
+        # The bytes since the last step's end: with two steps in flight a step's own span also holds the next one's
+        # request, so counting from `started` would count it twice.
+        sent, received = self._counted
+        self._counted = (transport.bytes_sent, transport.bytes_received)
         self._meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
         self.last_metrics = metrics
         if reset:  # a stale step's flag went with its request (`send_stale`)

@@ -75,6 +75,7 @@ class LocalLossWindow:
         self._prepare = prepare
         self._shown = shown
         self._pending: deque[_Sent] = deque()
+        self._counted = (transport.bytes_sent, transport.bytes_received)  # charged to the steps so far
         self._read = 0  # replies read so far
 
     @property
@@ -86,7 +87,7 @@ class LocalLossWindow:
         """Send this step's IV and labels (copied: the step's tensors do not outlive it) and count the step;
         first read the oldest reply while the window is full."""
         transport, position = self._transport, self._position
-        sent_before, received_before, began = transport.bytes_sent, transport.bytes_received, time.perf_counter()
+        began = time.perf_counter()
         while len(self._pending) >= self.size:
             self._receive_oldest()
         request = _Sent(position.step, self._prepare(np.array(iv)), np.array(labels), position.reset_metrics)
@@ -97,7 +98,11 @@ class LocalLossWindow:
         position.reset_metrics = False
         position.step += 1
         seconds = time.perf_counter() - began
-        self._meter.exchange(seconds, transport.bytes_sent - sent_before, transport.bytes_received - received_before)
+        # gRPC serializes on a thread of its own, after `send` returns: each step is charged the bytes counted since
+        # the last one was, so the totals (and the mean per step) are right, one step late.
+        sent, received = self._counted
+        self._counted = (transport.bytes_sent, transport.bytes_received)
+        self._meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
         return np.zeros((), np.int64)
 
     def drain(self) -> None:

@@ -17,7 +17,7 @@ from client_part.client import SplitClient
 from splitlearning import approximations, codec
 from splitlearning.approximations import Approximations
 from splitlearning.errors import InvalidRequest
-from splitlearning.top_k import ErrorFeedback, keep_count
+from splitlearning.top_k import ErrorFeedback, keep_count, sparsify
 from splitlearning.v1 import split_learning_pb2 as pb
 from tests import raw_support as raw
 from tests.conftest import CUT_DIM, Split, StartServer, make_data
@@ -154,6 +154,15 @@ def test_error_feedback_sends_the_k_largest_and_keeps_the_rest_for_later() -> No
     assert len({tuple(np.flatnonzero(s)) for s in sent}) > 1
 
 
+def test_plain_top_k_keeps_each_rows_largest_and_remembers_nothing() -> None:
+    rows = np.array([[0.5, -3.0, 2.0, 0.1], [4.0, 0.0, -0.2, 1.0]], np.float32)
+    kept = sparsify(rows, 0.5)  # 2 of each row's 4
+    assert np.array_equal(kept, np.array([[0, -3.0, 2.0, 0], [4.0, 0, 0, 1.0]], np.float32))
+    assert np.array_equal(sparsify(rows, 0.5), kept)  # no state: the same input, the same output
+    assert rows[0, 0] == 0.5  # the input is left alone
+    assert sparsify(np.zeros((0, 4), np.float32), 0.5).shape == (0, 4)
+
+
 def test_a_tensor_of_another_shape_neither_takes_nor_leaves_a_residual() -> None:
     feedback = ErrorFeedback(0.5)
     full = np.array([[4.0, 1.0], [3.0, 2.0]], np.float32)
@@ -187,6 +196,11 @@ def fit_top_k(
     client = SplitClient(split.bottom, keras.optimizers.SGD(0.1), split.target, approximations=approximations_)
     with client:
         client.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        seen["iv_evaluated"] = []
+        seen["iv"], trained = seen["iv_evaluated"], seen["iv"]  # the server's decodes of evaluate's IVs apart
+        client.evaluate(x, y, batch_size=16)
+        seen["iv"] = trained
+        seen["forward"] = [client.trainer.forward(x[:16])]
     return client, [*client.model.get_weights(), *split.server.trainer.model.get_weights()], seen
 
 
@@ -197,12 +211,14 @@ def test_top_k_sends_k_entries_each_way_and_still_trains(
     monkeypatch.undo()
     client, sparse, seen = fit_top_k(split_pair, monkeypatch, 0.2)
     assert client.agreement.encoding == pb.ENCODING_SPARSE
-    k = 16 * keep_count(0.2, CUT_DIM)  # 1 of each sample's 5 entries, in a batch of 16
-    for field in ("iv", "iv_gradient"):
-        assert len(seen[field]) == 6  # three steps an epoch, two epochs
+    k = keep_count(0.2, CUT_DIM)  # 1 of each sample's 5 entries
+    for field in ("iv", "iv_gradient", "iv_evaluated"):
+        assert len(seen[field]) == (3 if field == "iv_evaluated" else 6)  # three steps an epoch, two epochs
         for encoding, size, array in seen[field]:
             assert encoding == pb.ENCODING_SPARSE
-            assert np.count_nonzero(array) <= k and size == np.count_nonzero(array) * 8
+            assert all(np.count_nonzero(row) <= k for row in array) and size == np.count_nonzero(array) * 8
+    # Evaluate sends each sample's largest entry, as training did (no feedback on an IV): the same numbers.
+    np.testing.assert_array_equal(seen["iv_evaluated"][0][2], sparsify(seen["forward"][0], 0.2))
     # It trains another model than the exact split (it is an approximation), but not a wild one.
     assert any(not np.allclose(a, b) for a, b in zip(sparse, exact, strict=True))
     assert all(np.all(np.isfinite(w)) for w in sparse)

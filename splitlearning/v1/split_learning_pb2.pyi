@@ -427,10 +427,11 @@ class Approximations(_message.Message):
     metrics but no iv_gradient.
     """
     top_k: _builtins.float
-    """Top-k sparsification with error feedback of the IV (client) and its gradient (server): the fraction of each
-    sample's entries sent, in (0, 1); 0: off. The sender adds what it left out of its last tensor of the same shape,
-    then keeps in each sample's row the k = ceil(top_k x entries per sample) largest magnitudes. Both travel as
-    ENCODING_SPARSE (the handshake answers that encoding).
+    """Top-k sparsification of the IV (client) and of its gradient (server, with error feedback): the fraction of each
+    sample's entries sent, in (0, 1); 0: off. Each keeps in each sample's row the k = ceil(top_k x entries per
+    sample) largest magnitudes; the server first adds what it left out of its last gradient of the same shape. The
+    client sparsifies its IVs in Evaluate and Predict too. Both travel as ENCODING_SPARSE (the handshake answers
+    that encoding).
     """
     def __init__(
         self,
