@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,9 @@ def echo_run(runner: Runner, cores: Cores, up: int, down: int, link: netns.Link 
 def breakdown(result: dict[str, Any], micro_batches: int) -> dict[str, float]:
     """Mean milliseconds per step of each phase (server phases from the server's own timers)."""
     steps, m = result["steps"], micro_batches
-    client, server = result["durations"], result["server"]
+    # A timer that never ran (a local loss's client decodes no gradient and calls no `receive`) reads as empty.
+    client: dict[str, list[float]] = defaultdict(list, result["durations"])
+    server: dict[str, list[float]] = defaultdict(list, result["server"])
 
     def per_step(values: list[float], calls_per_step: int = 1) -> float:
         tail = values[-steps * calls_per_step :]
@@ -151,7 +154,7 @@ def breakdown(result: dict[str, Any], micro_batches: int) -> dict[str, float]:
 
     pipelined = not client.get("exchange")
     if pipelined:  # sends and waits for answers interleave with the compute: the wait is in `receive` alone
-        client = {**client, "exchange": client["receive"], "forward": [], "backward": []}
+        client = defaultdict(list, {**client, "exchange": client["receive"], "forward": [], "backward": []})
     # The exchange's own encoding and decoding are listed apart; a pipelined step encodes in `send`, outside it.
     inside = per_step(client["decode"], m) + (0.0 if pipelined else per_step(client["encode"], 2 * m))
     phases = {
@@ -177,14 +180,19 @@ def breakdown(result: dict[str, Any], micro_batches: int) -> dict[str, float]:
 
 
 def _median_gap(sent: list[float], received: list[float]) -> float:
-    """Median ms from each message's send to its receipt (the i-th sent is the i-th received: one stream)."""
+    """Median ms from each message's send to its receipt (the i-th sent is the i-th received: one stream); NaN when
+    the two sides timed different counts (steps in flight across the run's window: stale gradients, a local loss)."""
+    if len(sent) != len(received):
+        return float("nan")
     gaps = sorted(r - s for s, r in zip(sent, received, strict=True))
     return 1e3 * gaps[len(gaps) // 2] if gaps else float("nan")
 
 
 def wire_bytes(result: dict[str, Any]) -> tuple[int, int]:
     steps, durations = result["steps"], result["durations"]
-    return round(sum(durations["encode_bytes"]) / steps), round(sum(durations["decode_bytes"]) / steps)
+    # A local loss's replies carry no tensor: nothing decoded.
+    up, down = durations.get("encode_bytes", []), durations.get("decode_bytes", [])
+    return round(sum(up) / steps), round(sum(down) / steps)
 
 
 def bench_workload(runner: Runner, workload: Workload, args: argparse.Namespace, cores: Cores) -> list[dict[str, Any]]:

@@ -127,7 +127,7 @@ class SplitLearningServicer:
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         def run() -> pb.EvaluateResponse:
             session = self._sessions.get(request.session_id)
-            iv, labels = _tensor(request, "iv", session.encoding), _tensor(request, "labels")
+            iv, labels = _tensor(request, "iv", session.encoding, _iv_entries(session)), _tensor(request, "labels")
             values = session.evaluate(iv, labels, request.reset_metrics, _client_step(request))
             return pb.EvaluateResponse(metrics=values)
 
@@ -136,7 +136,8 @@ class SplitLearningServicer:
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         def run() -> pb.PredictResponse:
             session = self._sessions.get(request.session_id)
-            outputs = session.predict(_tensor(request, "iv", session.encoding), _client_step(request))
+            iv = _tensor(request, "iv", session.encoding, _iv_entries(session))
+            outputs = session.predict(iv, _client_step(request))
             response = pb.PredictResponse()
             codec.write(outputs, response.outputs)
             return response
@@ -197,8 +198,7 @@ class SplitLearningServicer:
 
     def _train(self, session: Session, client: str, frame: TrainFrame) -> TrainReply:
         request = frame.message
-        entries = session.limits.max_batch_size * math.prod(session.trainer.contract.iv.shape)
-        iv, labels = _frame_tensor(frame, "iv", session.encoding, entries), _frame_tensor(frame, "labels")
+        iv, labels = _frame_tensor(frame, "iv", session.encoding, _iv_entries(session)), _frame_tensor(frame, "labels")
         if request.micro_batches > 1:
             result = session.train_micro(
                 client,
@@ -245,14 +245,23 @@ def _client_step(request: pb.EvaluateRequest | pb.PredictRequest) -> int | None:
     return request.step if request.HasField("step") else None
 
 
+def _iv_entries(session: Session) -> int:
+    """The most entries an IV may hold: a full batch of the contract's (a sparse IV is refused past it before it is
+    made dense)."""
+    return session.limits.max_batch_size * math.prod(session.trainer.contract.iv.shape)
+
+
 def _tensor(
-    request: pb.EvaluateRequest | pb.PredictRequest, name: str, encoding: EncodingCode = encodings.RAW
+    request: pb.EvaluateRequest | pb.PredictRequest,
+    name: str,
+    encoding: EncodingCode = encodings.RAW,
+    max_entries: int | None = None,
 ) -> np.ndarray:
     if not request.HasField(name):  # type: ignore[arg-type]
         raise InvalidRequest(f"{name} is required")
     message = getattr(request, name)
     _check_encoding(message, name, encoding)
-    return codec.from_proto(message, name)
+    return codec.from_proto(message, name, max_entries)
 
 
 def _frame_tensor(

@@ -222,3 +222,23 @@ def test_top_k_sends_k_entries_each_way_and_still_trains(
     # It trains another model than the exact split (it is an approximation), but not a wild one.
     assert any(not np.allclose(a, b) for a, b in zip(sparse, exact, strict=True))
     assert all(np.all(np.isfinite(w)) for w in sparse)
+
+
+def test_a_sparse_iv_is_refused_past_a_full_batch_before_it_is_made_dense(split_pair: StartServer) -> None:
+    split = split_pair(wire_encodings=("raw", "sparse"), max_batch_size=8)
+    channel, stub = raw.connect(split.target)
+    with channel:
+        reply = raw.handshake(stub, contract=raw.cut_contract(), encodings=[pb.ENCODING_SPARSE])
+        assert reply.encoding == pb.ENCODING_SPARSE
+        huge = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[8, 10**8], encoding=pb.ENCODING_SPARSE)  # 3 GB dense
+        request = raw.train_request(reply.session_id, 0)
+        request.iv.CopyFrom(huge)
+        code, details = raw.refused(lambda: raw.train(stub, request))
+        assert code == Code.INVALID_ARGUMENT and "over the 40 expected here" in details  # 8 samples x 5
+        predict = pb.PredictRequest(session_id=reply.session_id, iv=huge)
+        code, details = raw.refused(lambda: stub.Predict(predict, timeout=20))
+        assert code == Code.INVALID_ARGUMENT and "over the 40 expected here" in details
+        # A sparse IV of the contract's size trains.
+        request.iv.CopyFrom(codec.to_proto(np.eye(4, CUT_DIM, dtype=np.float32), pb.ENCODING_SPARSE))
+        (answer,) = raw.train(stub, request)
+        assert answer.iv_gradient.encoding == pb.ENCODING_SPARSE
