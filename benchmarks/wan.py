@@ -256,8 +256,9 @@ HOPS = {
 def hops(result: dict[str, Any]) -> dict[str, float]:
     """Median ms of each hop of a message's round trip (see HOPS), from both processes' timestamps (the same
     monotonic clock): the i-th request sent is the i-th the server parses and answers, on one stream."""
-    client, server = result["durations"], result["server"]
-    spans = result["spans"]
+    client: dict[str, list[float]] = defaultdict(list, result["durations"])
+    server: dict[str, Any] = defaultdict(list, result["server"])
+    spans: dict[str, list[Any]] = defaultdict(list, result["spans"])
     pipelined = not spans["exchange"]
     begins = [s for s, _ in (spans["send"] if pipelined else spans["exchange"])]
     ends = [e for _, e in (spans["receive"] if pipelined else spans["exchange"])]
@@ -266,6 +267,8 @@ def hops(result: dict[str, Any]) -> dict[str, float]:
     n = min(n, len(server["sent"]), len(servicer))
 
     def gaps(later: list[float], earlier: list[float]) -> float:
+        if not n:  # a timer that never ran (a local loss's client calls no `receive`)
+            return float("nan")
         values = sorted(b - a for a, b in zip(earlier[-n:], later[-n:], strict=True))
         return 1e3 * values[len(values) // 2] if values else float("nan")
 
@@ -278,7 +281,9 @@ def hops(result: dict[str, Any]) -> dict[str, float]:
         "down": gaps(client["parsed"], server["sent"]),
         "to_step": gaps(ends, client["parsed"]),
         "round_trip": gaps(ends, begins),
-        "round_trip_mean": 1e3 * statistics.fmean(e - b for b, e in zip(begins, ends, strict=True)) if n else 0.0,
+        "round_trip_mean": 1e3 * statistics.fmean(e - b for b, e in zip(begins[-n:], ends[-n:], strict=True))
+        if n
+        else float("nan"),
     }
 
 
