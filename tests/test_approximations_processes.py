@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from splitlearning import subprocesses
-from tests.faults_support import wait_for_port_file
+from tests.faults_support import spawn, wait_for_port_file
 
 pytestmark = pytest.mark.processes  # every test here starts OS processes
 
@@ -27,19 +27,20 @@ def _env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "SPLIT_SEED": "3"}
 
 
+def start_server(folder: Path, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A split-server (seed 3) on a free port with `flags`: the process and its port."""
+    port_file = folder / "port"
+    args = ["--address", "127.0.0.1:0", "--port-file", str(port_file), "--seed", "3", *flags]
+    process = spawn("server_part", args, folder / "server.log")
+    return process, wait_for_port_file(port_file, process, START_TIMEOUT)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    port_file = tmp_path_factory.mktemp("server") / "port"
-    command = [sys.executable, "-m", "server_part", "--address", "127.0.0.1:0", "--port-file", str(port_file)]
-    process = subprocess.Popen(
-        [*command, "--allow-approximations", ALLOWED, "--optimizer", "adam", "--learning-rate", "0.003"],
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    flags = ("--allow-approximations", ALLOWED, "--optimizer", "adam", "--learning-rate", "0.003")
+    process, port = start_server(tmp_path_factory.mktemp("server"), *flags)
     try:
-        yield wait_for_port_file(port_file, process, START_TIMEOUT)
+        yield port
     finally:
         subprocesses.stop(process, timeout=20)
 
@@ -74,13 +75,8 @@ def test_a_client_trains_with_what_it_asked_for_and_says_so(
 
 
 def test_a_server_that_does_not_allow_it_refuses_in_one_line(tmp_path: Path) -> None:
-    port_file = tmp_path / "port"
-    command = [sys.executable, "-m", "server_part", "--address", "127.0.0.1:0", "--port-file", str(port_file)]
-    process = subprocess.Popen(
-        [*command, "--allow-approximations", "top-k"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    process, port = start_server(tmp_path, "--allow-approximations", "top-k")
     try:
-        port = wait_for_port_file(port_file, process, START_TIMEOUT)
         result, report = client(port, tmp_path, "--stale-gradients")
     finally:
         subprocesses.stop(process, timeout=20)
