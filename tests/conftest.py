@@ -162,3 +162,73 @@ def client_without_server() -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "client_part", *flags], env=env, capture_output=True, text=True, timeout=120
     )
+
+
+# -- running on two workers (pytest-xdist, `-n 2 --dist loadgroup`, as the README's test command does) ----------
+
+# Modules whose tests share machine-wide things that are not made per test (the throw-away Docker engine with its
+# image tags and compose projects, network namespaces, root-only system settings): one work unit, so one worker
+# runs them one at a time, as a run without workers does.
+SYSTEM_MODULES = frozenset({"test_deploy_engine", "test_deploy_two_hosts", "test_deploy_compose"})
+
+# Modules whose tests share a module-scoped fixture (a reference run, a server process, a data set): each worker
+# makes such a fixture for itself, so each of these modules is one work unit, and its fixtures are made once.
+# pytest_collection_modifyitems below refuses a module that has one and is missing here.
+SHARED_FIXTURE_MODULES = frozenset(
+    {
+        "test_bad_requests",
+        "test_faults_resume",
+        "test_faults_robustness",
+        "test_faults_rollback",
+        "test_group_dropouts",
+        "test_group_faults",
+        "test_hostile_strings",
+        "test_security_tls",
+        "test_sessions_processes",
+        "test_ushape_processes",
+        "test_vertical_data",
+        "test_vertical_processes",
+    }
+)
+
+
+def work_unit(nodeid: str) -> str:
+    """What `--dist loadgroup` hands to one worker at once: a test alone, or every test of its group."""
+    path = nodeid.split("::", 1)[0]
+    module = path.rpartition("/")[2].removesuffix(".py")
+    if module in SYSTEM_MODULES:
+        return "system"
+    if module in SHARED_FIXTURE_MODULES:
+        return path
+    return nodeid
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A module with a module-scoped fixture that is not in SHARED_FIXTURE_MODULES would make it once per worker
+    (and, for a fixture that holds a fixed resource, twice at once): say so, with or without workers."""
+    missing = set()
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        module = item.nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+        if info is None or module in SYSTEM_MODULES or module in SHARED_FIXTURE_MODULES:
+            continue
+        if any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
+            missing.add(module)
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(missing)} to SHARED_FIXTURE_MODULES")
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run without workers may lack
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup` with the work units of `work_unit`. xdist's own loadgroup (3.8) groups by `xdist_group`
+    marks through `item._nodeid`, which pytest 9.2 no longer reads (its tests would be spread over the workers);
+    the scheduler is given the test ids only, so the groups are named by module here."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return GroupScheduling(config, log)

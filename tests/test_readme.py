@@ -51,6 +51,20 @@ def test_the_exactness_rerun_is_the_same_in_the_readme_and_in_ci() -> None:
     assert "tests/test_cli_default_exactness.py" in modules(ci)
 
 
+def test_the_test_command_is_the_same_in_the_readme_and_in_ci() -> None:
+    """The README's first test command (its pytest options: the workers and how tests are spread over them) is
+    the one `.ci/run` runs under the Docker engine, and the README names it so."""
+    ci = (README.parent / ".ci" / "run").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", section("Quick start"), re.S)
+    tests = [block for block in blocks if "pytest" in block]
+    assert len(tests) == 1, "not one test command in the README's Quick start"
+    first = tests[0].splitlines()[0]
+    assert first.startswith(".venv/bin/python -m pytest"), first
+    ran = re.findall(r"^SPLIT_TESTS_REQUIRE_ALL=1 scripts/docker_engine.sh (.*)$", ci, re.MULTILINE)
+    assert ran == [first]
+    assert f"`SPLIT_TESTS_REQUIRE_ALL=1 scripts/docker_engine.sh {first}`" in " ".join(README.read_text().split())
+
+
 def test_the_after_training_commands_parse_with_the_programs_parsers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
