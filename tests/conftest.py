@@ -176,6 +176,7 @@ SYSTEM_MODULES = frozenset({"test_deploy_engine", "test_deploy_two_hosts", "test
 # pytest_collection_modifyitems below refuses a module that has one and is missing here.
 SHARED_FIXTURE_MODULES = frozenset(
     {
+        "test_approximations_processes",
         "test_bad_requests",
         "test_faults_resume",
         "test_faults_robustness",
