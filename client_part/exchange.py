@@ -29,7 +29,6 @@ from splitlearning.contract import Spec
 from splitlearning.top_k import sparsify
 from splitlearning.training.first_part import Pipeline, Stale
 
-Started = tuple[int, int, float]  # bytes sent, bytes received and the time when a step's first part went out
 Request = tuple[int, np.ndarray, np.ndarray, bool]  # `Transport.send`'s arguments for a whole step
 
 
@@ -66,11 +65,8 @@ class StepExchange:
         self._iv = iv
         self._sent: list[bool] = []  # per micro-batch of the step in flight: was it sent (not empty)?
         self._parts: list[tuple[Any, ...]] = []  # the step in flight's sent micro-batches: `Transport.send`'s args
-        self._started: Started = (0, 0, 0.0)  # of the step in flight
-        self._counted = (transport.bytes_sent, transport.bytes_received)  # when the last step ended
-        self._flight: list[
-            tuple[Request, Started]
-        ] = []  # stale gradients: the steps sent and not answered, oldest first
+        self._started = 0.0  # when the step in flight's first part went out
+        self._flight: list[tuple[Request, float]] = []  # stale gradients: the steps sent and not answered, oldest first
 
     def sparsified(self, iv: np.ndarray) -> np.ndarray:
         """The IV as this step sends it: with top-k, each sample's largest entries (no error feedback for an IV:
@@ -84,8 +80,8 @@ class StepExchange:
 
     def train(self, iv: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """One whole step: dLoss/dIV for `iv`."""
-        transport, session, position = self._transport, self._session, self._position
-        started = (transport.bytes_sent, transport.bytes_received, time.perf_counter())
+        session, position = self._session, self._position
+        started = time.perf_counter()
         step = position.step
         iv = self.sparsified(iv)
 
@@ -102,7 +98,7 @@ class StepExchange:
         transport = self._transport
         if int(index) == 0:
             self._sent, self._parts = [], []
-            self._started = (transport.bytes_sent, transport.bytes_received, time.perf_counter())
+            self._started = time.perf_counter()
         batch = int(size)
         self._sent.append(len(iv) > 0)  # a batch smaller than micro_batches leaves some parts empty
         if len(iv):
@@ -155,7 +151,7 @@ class StepExchange:
     def send_stale(self, iv: np.ndarray, labels: np.ndarray) -> None:
         """Send the next step (after those in flight) without waiting for its answer."""
         transport, position = self._transport, self._position
-        started = (transport.bytes_sent, transport.bytes_received, time.perf_counter())
+        started = time.perf_counter()
         # The first step sent after an epoch starts (or a restore) restarts the server's running metrics; a resend
         # repeats its flag.
         request: Request = (position.step + len(self._flight), self.sparsified(iv), labels, position.reset_metrics)
@@ -183,16 +179,9 @@ class StepExchange:
         self._done(started, metrics, reset=False)
         return grad
 
-    def _done(self, started: Started, metrics: list[float], reset: bool = True) -> None:
+    def _done(self, started: float, metrics: list[float], reset: bool = True) -> None:
         """The end of a step, whole or pipelined: its time and bytes measured, its metrics kept, the step counted."""
-        transport = self._transport
-        _, _, began = started
-        seconds = time.perf_counter() - began
-        # The bytes since the last step's end: with two steps in flight a step's own span also holds the next one's
-        # request, so counting from `started` would count it twice.
-        sent, received = self._counted
-        self._counted = (transport.bytes_sent, transport.bytes_received)
-        self._meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
+        self._meter.exchange(time.perf_counter() - started, *self._transport.take_bytes())
         self.last_metrics = metrics
         if reset:  # a stale step's flag went with its request (`send_stale`)
             self._position.reset_metrics = False

@@ -130,6 +130,7 @@ class Transport:
         self._was_ready = False  # the channel connected once (wait_ready)
         self.bytes_sent = 0  # serialized TrainRequest bytes so far (counted by the Train call's serializer)
         self.bytes_received = 0  # serialized TrainResponse bytes so far (counted by its deserializer)
+        self._taken = (0, 0)  # the counts when `take_bytes` was last called
 
     @property
     def session_id(self) -> str:
@@ -319,6 +320,13 @@ class Transport:
             encoding=self.joined.encoding,
             approximations=applied,
         )
+
+    def take_bytes(self) -> tuple[int, int]:
+        """The training stream's bytes sent and received since the last call. gRPC serializes on a thread of its
+        own, and with steps in flight a step's span holds the next one's request too: a step is charged what was
+        counted since the last step was, so the totals (and the mean per step) come out right."""
+        taken, self._taken = self._taken, (self.bytes_sent, self.bytes_received)
+        return self.bytes_sent - taken[0], self.bytes_received - taken[1]
 
     def train(self, step: int, iv: np.ndarray, labels: np.ndarray, reset: bool) -> tuple[np.ndarray, list[float]]:
         """Send one step on the training stream; return dLoss/dIV and the running metrics."""

@@ -75,7 +75,6 @@ class LocalLossWindow:
         self._prepare = prepare
         self._shown = shown
         self._pending: deque[_Sent] = deque()
-        self._counted = (transport.bytes_sent, transport.bytes_received)  # charged to the steps so far
         self._read = 0  # replies read so far
 
     @property
@@ -97,12 +96,7 @@ class LocalLossWindow:
             self._shown(request.iv)
         position.reset_metrics = False
         position.step += 1
-        seconds = time.perf_counter() - began
-        # gRPC serializes on a thread of its own, after `send` returns: each step is charged the bytes counted since
-        # the last one was, so the totals (and the mean per step) are right, one step late.
-        sent, received = self._counted
-        self._counted = (transport.bytes_sent, transport.bytes_received)
-        self._meter.exchange(seconds, transport.bytes_sent - sent, transport.bytes_received - received)
+        self._meter.exchange(time.perf_counter() - began, *transport.take_bytes())
         return np.zeros((), np.int64)
 
     def drain(self) -> None:

@@ -48,7 +48,7 @@ ENCODING_NAMES: dict[EncodingCode, str] = {
     pb.ENCODING_INT8: "int8",
     pb.ENCODING_SPARSE: "sparse",
 }
-_EXPECTED_ENCODINGS = "raw, float16, bfloat16, int8, sparse"
+_EXPECTED_ENCODINGS = ", ".join(dict.fromkeys(ENCODING_NAMES.values()))  # raw, float16, ..., sparse
 
 # Wire encodings whose payload is a narrower float than the tensor's own dtype.
 _NARROW_FLOATS: dict[EncodingCode, np.dtype] = {
