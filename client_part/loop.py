@@ -122,7 +122,7 @@ class EpochLoop:
         self._session.start_epoch(epoch)
         trainer.regularization.reset_state()
         trainer.local_loss.reset_state()
-        started, samples, logs, index, penalty = time.perf_counter(), 0, {}, start - 1, 0.0
+        started, samples, logs, index = time.perf_counter(), 0, {}, start - 1
         # The next batch is gathered and made a tensor on the client's device while this step runs.
         ready = batches.prefetch(batches.iterate(x, y, run.batch_size, order, start), self._as_tensors)
         for index, (xb, yb) in enumerate(ready, start):
@@ -139,13 +139,16 @@ class EpochLoop:
             progress.update(index + 1, list(logs.items()), finalize=False)
         if index < 0:
             raise ValueError("fit got no data: the training set is empty")
-        if self._window is not None:  # the epoch ends with both parts at the same step, its metrics all read
-            self._window.drain()
-            logs = self._logs(names, penalty)
-        if trainer.in_flight:  # stale gradients: the epoch's last step, applied before it ends
-            trainer.drain()
-            logs = logs_of(names, self._steps.last_metrics, trainer.penalty_so_far())
+        if self._window is not None or trainer.in_flight:  # the epoch ends with both parts at the same step
+            self._drain()
+            logs = self._logs(names, trainer.penalty_so_far())
         return logs, index
+
+    def _drain(self) -> None:
+        """Every step sent settled: stale gradients' last step applied, a local loss's replies read."""
+        self._trainer.drain()
+        if self._window is not None:
+            self._window.drain()
 
     def _logs(self, names: list[str], penalty: float) -> dict[str, float]:
         """The step's logs: the server's running metrics (with a local loss, of the last reply read; none
@@ -162,9 +165,7 @@ class EpochLoop:
         sent = self._position.step + self._trainer.in_flight  # the steps applied once the trainer drains
         due = checkpoints is not None and checkpoints.due(sent)
         if due or self._stop.is_set():
-            self._trainer.drain()  # stale gradients: a checkpoint or a stop holds every step sent
-            if self._window is not None:
-                self._window.drain()  # local loss: both parts at `step` before it is saved or training stops
+            self._drain()  # a checkpoint or a stop holds every step sent, both parts at `step`
         step = self._position.step
         if checkpoints is not None and (due or self._stop.is_set()):
             checkpoints.save(step, self._position.epoch0_step)
