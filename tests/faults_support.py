@@ -88,9 +88,36 @@ def make_npz(path: Path, n_train: int = 96, n_test: int = 32, seed: int = 0) -> 
 
 def spawn(module: str, args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
     """`python -m module args` with this environment (PYTHONPATH included), output to `log`."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    # PYTHONFAULTHANDLER: a process that `exit_code` finds hung writes every thread's stack to its log on SIGABRT.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=out, stderr=out, cwd=ROOT)
+
+
+def exit_code(
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float,
+    what: str = "the process",
+    peers: Sequence[tuple[subprocess.Popen[bytes], Path]] = (),
+) -> int:
+    """`process`'s exit status once it ends. A process still running after `timeout` seconds fails the test: it
+    and its `peers` (its server, say: process and log) are sent SIGABRT, so that each writes where its threads
+    stand to its log (`spawn` enables Python's fault handler), and are killed; the failure shows their logs' ends."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tails = []
+        for each, each_log in ((process, log), *peers):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                stop(each, signal.SIGABRT, timeout=10.0)
+            stop(each)
+            tails.append(f"the end of {each_log.name}:\n{_tail(each_log)}")
+        raise AssertionError(f"{what} still ran after {timeout:g} s; " + "\n".join(tails)) from None
+
+
+def _tail(path: Path, size: int = 6000) -> str:
+    return path.read_text(errors="replace")[-size:] if path.exists() else "(no log)"
 
 
 def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL, timeout: float = 15.0) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from splitlearning import part_state
-from tests.faults_support import CuttingProxy, free_port, load_weights, spawn, stop, wait_for
+from tests.faults_support import CuttingProxy, exit_code, free_port, load_weights, spawn, stop, wait_for
 
 BATCH = 64
 START_TIMEOUT = 120.0  # TensorFlow's import with several processes starting at once on two busy cores
@@ -170,7 +170,8 @@ class Run:
         """Every member exits 0; then the server (and the aggregator) stop on SIGTERM with 0."""
         for name, process in sorted(self.processes.items()):
             if name not in ("server", "aggregator"):
-                code = process.wait(timeout=RUN_TIMEOUT)
+                peers = [(self.processes[n], self.log(n)) for n in ("server", "aggregator") if n in self.processes]
+                code = exit_code(process, self.log(name), RUN_TIMEOUT, name, peers)
                 assert code == 0, f"{name} exited {code}:\n{self.text(name)[-5000:]}"
         for name in ("server", "aggregator"):
             if name in self.processes:

@@ -16,6 +16,7 @@ from client_part import cli as client_cli
 from server_part import cli as server_cli
 from tests.faults_support import (
     assert_weights_close,
+    exit_code,
     free_port,
     latest_session_step,
     latest_step,
@@ -134,7 +135,7 @@ def run_interrupted(workdir: Path, dataset: Path, name: str, interruptions: list
             else:
                 stop(client, sig)
                 client = spawn("client_part", client_args, base / "client.log")
-        code = client.wait(timeout=RUN_TIMEOUT)
+        code = exit_code(client, base / "client.log", RUN_TIMEOUT, "the client")
         assert code == 0, (base / "client.log").read_text()[-5000:]
         assert stop(server, signal.SIGTERM, timeout=10.0) == 0, (base / "server.log").read_text()[-5000:]
     finally:

@@ -22,7 +22,7 @@ from server_part import cli as server_cli
 from server_part.server import SplitServer
 from server_part.session import Session
 from tests.exactness_support import assert_same
-from tests.faults_support import free_port, latest_step, load_weights, make_npz, spawn, stop, wait_for
+from tests.faults_support import exit_code, free_port, latest_step, load_weights, make_npz, spawn, stop, wait_for
 
 pytestmark = pytest.mark.processes  # every test here starts OS processes
 
@@ -121,10 +121,16 @@ def alone(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Iterator[d
     yield runs
 
 
-def wait_all(processes: dict[int, subprocess.Popen[bytes]], logs: dict[int, Path]) -> None:
+def wait_all(
+    processes: dict[int, subprocess.Popen[bytes]],
+    logs: dict[int, Path],
+    server: tuple[subprocess.Popen[bytes], Path] | None = None,
+) -> None:
+    """Each client exits 0 (a hung one fails the test with its stacks and its `server`'s: process and log)."""
     try:
         for seed, process in processes.items():
-            code = process.wait(timeout=RUN_TIMEOUT)
+            peers = [server] if server is not None else []
+            code = exit_code(process, logs[seed], RUN_TIMEOUT, f"client {seed}", peers)
             assert code == 0, logs[seed].read_text()[-4000:]
     finally:
         for process in processes.values():
@@ -189,7 +195,7 @@ def test_a_server_killed_with_three_sessions_resumes_them_all(
         assert all(p.poll() is None for p in clients.values()), "a client ended before the kill"
         assert stop(server, signal.SIGKILL) == -signal.SIGKILL
         server = spawn("server_part", server_args, tmp_path / "server.log")
-        wait_all(clients, logs)
+        wait_all(clients, logs, (server, tmp_path / "server.log"))
     finally:
         for process in [server, *clients.values()]:
             if process.poll() is None:

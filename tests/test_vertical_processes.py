@@ -26,7 +26,7 @@ from splitlearning import models, vertical_data
 from splitlearning.batch_order import BatchOrder
 from splitlearning.files import read_json
 from tests.exactness_support import ONEDNN, assert_close, assert_weights_equal, roundoff
-from tests.faults_support import free_port, saved_steps, spawn, stop, wait_for
+from tests.faults_support import exit_code, free_port, saved_steps, spawn, stop, wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -98,7 +98,8 @@ class Run:
     def finish(self, timeout: float = 240) -> None:
         try:
             for name, process in self.processes.items():
-                code = process.wait(timeout=timeout)
+                peers = [(other, self.log(n)) for n, other in self.processes.items() if n != name]
+                code = exit_code(process, self.log(name), timeout, name, peers)
                 assert code == 0, f"{name} exited {code}:\n{self.log(name).read_text()[-3000:]}"
         finally:
             for process in self.processes.values():
