@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+import tensorflow as tf
+
 from server_part.middle_trainer import MiddleTrainer
 from splitlearning.checkpoint import StepCheckpoints, latest_step
 from splitlearning.training.loss_trainer import LossTrainer
@@ -17,7 +20,11 @@ log = logging.getLogger(__name__)
 
 
 class ServerCheckpoints:
-    """Saves `trainer` in `directory` every `every` steps (0: only when asked) and restores any kept step."""
+    """Saves `trainer` in `directory` every `every` steps (0: only when asked) and restores any kept step.
+
+    With each step's part goes top-k's residual (what the server's error feedback left out of the gradients it
+    sent, `splitlearning.top_k`), so a session resumed from a checkpoint sends what a session never stopped would.
+    A checkpoint written before the residual was kept restores with none (`residual` None)."""
 
     def __init__(
         self, directory: Path, trainer: LossTrainer | MiddleTrainer, every: int = 1, max_to_keep: int = 5
@@ -26,9 +33,23 @@ class ServerCheckpoints:
             raise ValueError(f"checkpoint interval must be >= 0 steps, got {every}")
         self.every = every
         self._trainer = trainer
-        self._store = StepCheckpoints(
-            directory, {"model": trainer.model.variables, "optimizer": trainer.optimizer.variables}, max_to_keep
+        # Any shape (the batch's), of the gradient's dtype as error feedback keeps it; empty: none.
+        self._dtype = np.result_type(trainer.contract.iv.dtype, np.float32)
+        self._residual = tf.Variable(
+            np.zeros((0,), self._dtype), shape=tf.TensorShape(None), trainable=False, name="top_k_residual"
         )
+        self._store = StepCheckpoints(
+            directory,
+            {"model": trainer.model.variables, "optimizer": trainer.optimizer.variables},
+            max_to_keep,
+            optional={"top_k_residual": self._residual},
+        )
+
+    @property
+    def residual(self) -> np.ndarray | None:
+        """Top-k's residual as the checkpoint last saved or restored holds it (None: none)."""
+        value = self._residual.numpy()
+        return value if value.size else None
 
     def steps(self) -> list[int]:
         return self._store.steps()
@@ -38,16 +59,18 @@ class ServerCheckpoints:
 
     def restore(self, step: int) -> None:
         self._trainer.settle()  # a pending update must not land on the restored weights afterwards
+        self._residual.assign(np.zeros((0,), self._dtype))  # what a checkpoint that lacks it restores
         self._store.restore(step)
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, residual: np.ndarray | None = None) -> None:
         self._trainer.settle()  # the checkpoint of step N holds N's update
+        self._residual.assign(np.zeros((0,), self._dtype) if residual is None else residual.astype(self._dtype))
         self._store.save(step)
 
-    def after_step(self, step: int) -> None:
-        """Called with the number of steps applied so far; saves every `every` steps."""
+    def after_step(self, step: int, residual: np.ndarray | None = None) -> None:
+        """Called with the number of steps applied so far (and top-k's residual then); saves every `every` steps."""
         if self.every and step % self.every == 0:
-            self.save(step)
+            self.save(step, residual)
 
 
 class SessionStore:

@@ -119,6 +119,8 @@ class Session:
         self.encoding: EncodingCode = encodings.RAW  # chosen by the last accepted handshake
         self.approximations = NONE  # asked for by the last accepted handshake
         self._feedback: ErrorFeedback | None = None  # top-k's error feedback of the gradients sent
+        # Top-k's residual while no feedback uses it: restored from a checkpoint, for the next top-k handshake.
+        self._carried = checkpoints.residual if checkpoints is not None else None
         self.resent = 0  # steps answered again from the first reply (their reply was lost)
         self.restarted = 0  # pipelined steps started over after the client rejoined mid-step
         self.compute_seconds = 0.0  # running total of time inside the trainer (read by the telemetry)
@@ -192,7 +194,9 @@ class Session:
             if approximations != self.approximations:
                 self.approximations = approximations
                 self._cache.depth = approximations.in_flight
-                self._feedback = ErrorFeedback(approximations.top_k) if approximations.top_k else None
+                residual = self._residual
+                self._feedback = ErrorFeedback(approximations.top_k, residual) if approximations.top_k else None
+                self._carried = None if self._feedback is not None else residual
             return next_step
 
     def _agree(self, offered: Sequence[int]) -> int:
@@ -215,6 +219,7 @@ class Session:
             log.info("resuming at step %d (was at step %d): restoring its checkpoint", step, self.next_step)
             self._discard_micro()
             self.checkpoints.restore(step)
+            self._restore_residual(self.checkpoints.residual)
             self.next_step, self._in_flight = step, None
             self._cache.forget()
         return step
@@ -457,7 +462,7 @@ class Session:
                 return False
             # A U-shaped forward in flight changed the middle's statistics: the state is no step's to save.
             if save and self._in_flight is None:
-                self.checkpoints.save(self.next_step)
+                self.checkpoints.save(self.next_step, self._residual)
             return self.next_step in self.checkpoints.steps()
 
     def claim_idle(self, reason: SplitError) -> bool:
@@ -515,10 +520,21 @@ class Session:
             return np.zeros((0,), grad.dtype)
         return self._feedback(grad) if self._feedback is not None else grad
 
+    @property
+    def _residual(self) -> np.ndarray | None:
+        """Top-k's residual: what the gradients sent so far left out (checkpointed with each step)."""
+        return self._feedback.residual if self._feedback is not None else self._carried
+
+    def _restore_residual(self, residual: np.ndarray | None) -> None:
+        if self._feedback is not None:
+            self._feedback = ErrorFeedback(self._feedback.fraction, residual)
+        else:
+            self._carried = residual
+
     def _after_step(self) -> None:
         self.steps_applied += 1
         if self.checkpoints is not None:
-            self.checkpoints.after_step(self.next_step)
+            self.checkpoints.after_step(self.next_step, self._residual)
 
     def _count_resent(self, step: int, answers: str) -> None:
         log.info("step %d sent again: %s answered from the first replies, no second update", step, answers)

@@ -38,11 +38,18 @@ class StepCheckpoints:
     """The last `max_to_keep` checkpoints of `variables` in `directory`, indexed by step.
 
     `variables` maps a name to a list of Keras or TensorFlow variables (for example the model's and the
-    optimizer's); `extra` names int64 scalars saved with them (the data position, for instance).
+    optimizer's); `extra` names int64 scalars saved with them (the data position, for instance). `optional` maps a
+    name to a variable saved with every checkpoint that a checkpoint may lack (one written before it existed):
+    restoring such a checkpoint leaves that variable as it is, and `restore` says which were absent.
     """
 
     def __init__(
-        self, directory: Path, variables: Mapping[str, Sequence[Any]], max_to_keep: int = 5, extra: Sequence[str] = ()
+        self,
+        directory: Path,
+        variables: Mapping[str, Sequence[Any]],
+        max_to_keep: int = 5,
+        extra: Sequence[str] = (),
+        optional: Mapping[str, tf.Variable] | None = None,
     ) -> None:
         if max_to_keep < 2:
             raise ValueError("keep at least 2 checkpoints: resuming may need the one before the latest")
@@ -51,9 +58,12 @@ class StepCheckpoints:
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.extra = {name: tf.Variable(0, dtype=tf.int64, trainable=False, name=name) for name in extra}
         tracked = {name: [getattr(v, "value", v) for v in vs] for name, vs in variables.items()}
-        self._checkpoint = tf.train.Checkpoint(step=self.step, **tracked, **self.extra)
+        self._tracked = {"step": self.step, **tracked, **self.extra}
+        self._optional = dict(optional or {})
+        self._checkpoint = tf.train.Checkpoint(**self._tracked, **self._optional)
         self._max_to_keep = max_to_keep
         self._manager = self._new_manager()
+        self.absent: list[str] = []  # the optional variables the last checkpoint restored lacked
 
     def _new_manager(self) -> tf.train.CheckpointManager:
         return tf.train.CheckpointManager(
@@ -80,11 +90,18 @@ class StepCheckpoints:
         log.info("saved checkpoint %s", path)
 
     def restore(self, step: int) -> dict[str, int]:
-        """Restore the state after `step` steps; forget later checkpoints; return the saved extras."""
+        """Restore the state after `step` steps; forget later checkpoints; return the saved extras. The optional
+        variables the checkpoint lacks are listed in `absent` afterwards (and left as they were)."""
         path = str(self.directory / f"{_NAME}-{step}")
         if step not in self.steps():
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} (have {self.steps()})")
-        self._checkpoint.restore(path).assert_existing_objects_matched().expect_partial()
+        saved = {name.split("/", 1)[0] for name, _ in tf.train.list_variables(path)} if self._optional else set()
+        self.absent = sorted(set(self._optional) - saved)
+        checkpoint = self._checkpoint
+        if self.absent:  # the same objects, less those it lacks
+            present = {name: v for name, v in self._optional.items() if name in saved}
+            checkpoint = tf.train.Checkpoint(**self._tracked, **present)
+        checkpoint.restore(path).assert_existing_objects_matched().expect_partial()
         if int(self.step.numpy()) != step:
             raise ValueError(f"{path} holds step {int(self.step.numpy())}, not {step}")
         self._forget_after(step)

@@ -55,11 +55,17 @@ def _keep_largest(values: np.ndarray, fraction: float) -> np.ndarray:
 class ErrorFeedback:
     """One sender's stream of tensors, sparsified to `fraction` of their entries with error feedback."""
 
-    def __init__(self, fraction: float) -> None:
+    def __init__(self, fraction: float, residual: np.ndarray | None = None) -> None:
+        """`residual`: what an earlier sender left out (restored from a checkpoint), else None."""
         if not 0 < fraction < 1:
             raise ValueError(f"top-k keeps a fraction in (0, 1) of each tensor's entries, got {fraction}")
         self.fraction = fraction
-        self._residual: np.ndarray | None = None
+        self._residual = residual
+
+    @property
+    def residual(self) -> np.ndarray | None:
+        """What the tensors sent so far left out, to be added to the next of its shape (None: nothing yet)."""
+        return self._residual
 
     def __call__(self, tensor: np.ndarray) -> np.ndarray:
         """The tensor to send: `tensor` plus the residual, all but each row's k largest magnitudes set to zero."""
@@ -71,6 +77,3 @@ class ErrorFeedback:
         if residual is None or residual.shape == values.shape:
             self._residual = left
         return values
-
-    def reset(self) -> None:
-        self._residual = None

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -41,3 +42,27 @@ def test_a_rollback_lists_only_the_kept_steps(tmp_path: Path, caplog: pytest.Log
     assert reopened.steps() == [1, 2]
     reopened.save(3)
     assert reopened.steps() == [1, 2, 3]
+
+
+def test_an_optional_variable_is_saved_and_may_be_absent_from_an_earlier_checkpoint(tmp_path: Path) -> None:
+    weight = keras.Variable(0.0)
+    earlier = StepCheckpoints(tmp_path, {"model": [weight]}, max_to_keep=5)  # a version without the variable
+    weight.assign(1.0)
+    earlier.save(1)
+
+    residual = tf.Variable(np.zeros((0,), np.float32), shape=tf.TensorShape(None), trainable=False)
+    checkpoints = StepCheckpoints(tmp_path, {"model": [weight]}, max_to_keep=5, optional={"residual": residual})
+    weight.assign(2.0)
+    residual.assign(np.arange(6, dtype=np.float32).reshape(2, 3))  # any shape: it follows the batch
+    checkpoints.save(2)
+
+    weight.assign(0.0)
+    residual.assign(np.zeros((0,), np.float32))
+    checkpoints.restore(2)
+    assert float(weight.numpy()) == 2.0 and checkpoints.absent == []
+    np.testing.assert_array_equal(residual.numpy(), np.arange(6, dtype=np.float32).reshape(2, 3))
+
+    residual.assign(np.full((1,), 7.0, np.float32))
+    checkpoints.restore(1)  # written without it: the rest restores, the variable is left as it was
+    assert float(weight.numpy()) == 1.0 and checkpoints.absent == ["residual"]
+    np.testing.assert_array_equal(residual.numpy(), [7.0])
