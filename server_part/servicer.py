@@ -212,7 +212,7 @@ class SplitLearningServicer:
             )
         else:
             result = session.train(client, request.step, iv, labels, request.reset_metrics)
-        if session.approximations.local_loss:  # the client trains on its own loss: no gradient goes back
+        if result.iv_gradient is None:  # the client trains on its own loss: no gradient goes back
             return framing.Outgoing(pb.TrainResponse(step=result.step, metrics=result.metrics), {})
         try:
             gradient = codec.encode(result.iv_gradient, session.encoding)

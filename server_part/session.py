@@ -56,7 +56,7 @@ _JOINED_KEPT = 64
 @dataclass(frozen=True)
 class StepResult:
     step: int
-    iv_gradient: np.ndarray
+    iv_gradient: np.ndarray | None  # None: none goes back (the client trains on a local loss)
     metrics: list[float]
 
 
@@ -275,9 +275,12 @@ class Session:
                 )
             self._check_order(step)
             started = time.perf_counter()
-            grad, metrics = self._standard().train(iv, labels, reset)
+            if self.approximations.local_loss:  # the client trains on its own loss: no dLoss/dIV goes back
+                result = StepResult(step, None, self._standard().train_top(iv, labels, reset))
+            else:
+                grad, metrics = self._standard().train(iv, labels, reset)
+                result = StepResult(step, self._sent_gradient(grad), metrics)
             self.compute_seconds += time.perf_counter() - started
-            result = StepResult(step, self._sent_gradient(grad), metrics)
             self._cache.remember(step, StepKind.WHOLE, client_id, [(iv, labels)], [result])
             self.next_step = step + 1
             self._after_step()
@@ -306,6 +309,11 @@ class Session:
         # partial gradients.
         if not 0 <= micro_batch < micro_batches:
             raise InvalidRequest(f"micro_batch {micro_batch} does not lie in [0, {micro_batches})")
+        if self.approximations.in_flight > 1 or self.approximations.local_loss:
+            raise PreconditionFailed(
+                f"micro-batches in a session that trains with {self.approximations.describe()}: its steps are "
+                "sent whole (micro_batches 0 or 1)"
+            )
         self._check_batch(iv, labels)
         batch = len(iv)
         limit = self.limits.max_batch_size
@@ -515,9 +523,7 @@ class Session:
         )
 
     def _sent_gradient(self, grad: np.ndarray) -> np.ndarray:
-        """The gradient as the reply carries it: none with a local loss, sparsified with top-k."""
-        if self.approximations.local_loss:
-            return np.zeros((0,), grad.dtype)
+        """The gradient as the reply carries it: sparsified with top-k."""
         return self._feedback(grad) if self._feedback is not None else grad
 
     @property

@@ -390,6 +390,11 @@ def case_micro_plan(peer: Peer) -> None:
     peer.train(step(session, 0, n=2, labels=labels(2), micro_batches=2, micro_batch=1, step_samples=4))
 
 
+def case_micro_approximations(peer: Peer) -> None:
+    session = peer.handshake(approximations=pb.Approximations(local_loss=True)).session_id
+    peer.train(step(session, 0, n=2, labels=labels(2), micro_batches=2, micro_batch=0, step_samples=4))
+
+
 def case_micro_fields(peer: Peer) -> None:
     session = peer.handshake().session_id
     peer.train(step(session, 0, n=2, labels=labels(2), micro_batches=2, micro_batch=0, step_samples=0))
@@ -569,6 +574,7 @@ CASES: dict[str, tuple[Callable[[Peer], None], dict[str, Any]]] = {
     "order": (case_order, {}),
     "resend": (case_resend, {}),
     "micro-plan": (case_micro_plan, {}),
+    "micro-approximations": (case_micro_approximations, {"allow_approximations": "local-loss"}),
     "micro-fields": (case_micro_fields, {}),
     "diverged": (case_diverged, {"top": "diverging", "wire_encodings": ("raw", "int8")}),
     "ushape-labels": (case_ushape_labels, {"cut": "ushape"}),

@@ -75,6 +75,8 @@ class LossTrainer:
             iv_sig = tf.TensorSpec([None, *self.contract.iv.shape], self.contract.iv.dtype)
             label_sig = tf.TensorSpec([None, *self.label_spec.shape], self.label_spec.dtype)
             self._train_fn = Compiled(self._train_step, input_signature=[iv_sig, label_sig])
+            # A step whose client trains on a loss of its own (local loss): no dLoss/dIV is computed.
+            self._train_top_fn = Compiled(self._train_top_step, input_signature=[iv_sig, label_sig])
             xla = not exact  # the optimizer's updates: XLA-fused, or a plain graph as in `fit`
             self._apply_fn: Callable[..., object] = Compiled(self._apply_step, open_batch=False, jit_compile=xla)
             # Micro-batch pipelining: gradients of a step's micro-batches add up here until the last one.
@@ -159,6 +161,18 @@ class LossTrainer:
         self._defer(lambda: self._apply_fn(*grads))
         return grad.numpy(), [float(v) for v in values]
 
+    def train_top(self, iv: np.ndarray, labels: np.ndarray, reset_metrics: bool) -> list[float]:
+        """`train` without dLoss/dIV (the client trains its part on a loss of its own): the weights' gradients
+        alone, the same as `train`'s, so the first layer's backward to its input is skipped; the running
+        metrics."""
+        self.settle()
+        if reset_metrics:
+            self.model.reset_metrics()
+        with tf.device(self.device):
+            grads, values = self._train_top_fn(iv, labels)
+        self._defer(lambda: self._apply_fn(*grads))
+        return [float(v) for v in values]
+
     def train_micro(
         self, iv: np.ndarray, labels: np.ndarray, share: float, last: bool, reset_metrics: bool, first: bool = False
     ) -> tuple[np.ndarray, list[float]]:
@@ -213,6 +227,10 @@ class LossTrainer:
         grads, iv_grad, y_pred = self._gradients(iv, labels)
         return iv_grad, grads, self._results(self.model.compute_metrics(iv, labels, y_pred))
 
+    def _train_top_step(self, iv: tf.Tensor, labels: tf.Tensor) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        grads, _, y_pred = self._gradients(iv, labels, watch_iv=False)
+        return grads, self._results(self.model.compute_metrics(iv, labels, y_pred))
+
     def _apply_step(self, *grads: tf.Tensor) -> None:
         self.optimizer.apply(list(grads), self.model.trainable_variables)
 
@@ -233,17 +251,21 @@ class LossTrainer:
             accumulator.assign(tf.zeros_like(accumulator))
 
     def _gradients(
-        self, iv: tf.Tensor, labels: tf.Tensor, share: tf.Tensor | None = None
-    ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+        self, iv: tf.Tensor, labels: tf.Tensor, share: tf.Tensor | None = None, watch_iv: bool = True
+    ) -> tuple[list[tf.Tensor], tf.Tensor | None, tf.Tensor]:
         """One training forward with the IV watched: the weights' gradients and dLoss/dIV from one pass (of
-        the loss times `share`, a micro-batch's part of its batch), and the predictions for the metrics."""
+        the loss times `share`, a micro-batch's part of its batch), and the predictions for the metrics.
+        `watch_iv` False: no dLoss/dIV (None), and no backward to the IV."""
         model = self.model
         with tf.GradientTape() as tape:
-            tape.watch(iv)
+            if watch_iv:
+                tape.watch(iv)
             y_pred = model(iv, training=True)
             loss = model.compute_loss(x=iv, y=labels, y_pred=y_pred, training=True)
             scaled = loss if share is None else loss * share
         model._loss_tracker.update_state(loss, sample_weight=tf.shape(iv)[0])
+        if not watch_iv:
+            return tape.gradient(scaled, model.trainable_variables), None, y_pred
         *grads, iv_grad = tape.gradient(scaled, [*model.trainable_variables, iv])
         return grads, iv_grad, y_pred
 
