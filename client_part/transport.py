@@ -346,7 +346,7 @@ class Transport:
         """Queue one request on the training stream without waiting for its answer (see `receive`)."""
         joined = self.joined
         request = pb.TrainRequest(session_id=joined.session_id, step=step, reset_metrics=reset)
-        if reset and joined.epoch is not None:
+        if joined.epoch is not None:  # on every step: a server that restarted mid-epoch learns it too
             request.epoch = joined.epoch
         if micro_batches > 1:
             request.micro_batches, request.micro_batch, request.step_samples = micro_batches, micro_batch, step_samples

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
+import keras
 import pytest
 
 from client_part import SplitClient
+from server_part import SplitServer
 from splitlearning import logs
-from tests.conftest import StartServer, make_data
+from tests.conftest import StartServer, build_pair, make_data, make_loss
 from tests.observability_support import captured
 
 
@@ -74,3 +77,38 @@ def test_the_server_numbers_epochs_as_the_client_does(
         split.server.stop(grace=1.0)  # closes the last epoch
     epochs = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "server_part.telemetry"]
     assert epochs == ["epoch 6", "epoch 7"], epochs
+
+
+def test_a_server_restarted_mid_epoch_numbers_it_as_the_client_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server stops after the second step of the second epoch and a new one takes over from its checkpoint:
+    the client goes on mid-epoch (no metrics reset), and the new server's epoch line says epoch 2, not 0."""
+    bottom, _ = build_pair("plain", 3)
+    servers: list[SplitServer] = []
+
+    def serve(port: int = 0) -> int:
+        _, part = build_pair("plain", 3)
+        server = SplitServer(part, make_loss(), "sgd", ["accuracy"], checkpoint_dir=tmp_path, checkpoint_every=0)
+        servers.append(server)
+        return server.start(f"127.0.0.1:{port}")
+
+    class RestartServer(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict[str, float] | None = None) -> None:
+            if len(servers) == 1 and client.step == 6:  # epoch 2 (index 1), two of its four steps done
+                servers[0].stop(grace=1.0)  # saves the session at step 6
+                serve(port)
+
+    port = serve()
+    x, y = make_data(40)
+    try:
+        with caplog.at_level(logging.INFO, logger="server_part.telemetry"):
+            with SplitClient(bottom, "sgd", target=f"127.0.0.1:{port}", connect_timeout=10) as client:
+                client.fit(x, y, batch_size=10, epochs=3, verbose=0, callbacks=[RestartServer()])
+            servers[-1].stop(grace=1.0)
+    finally:
+        for server in servers:
+            server.stop(grace=1.0)
+    assert len(servers) == 2, "the server was not restarted"
+    epochs = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "server_part.telemetry"]
+    assert epochs == ["epoch 1", "epoch 2", "epoch 2", "epoch 3"], epochs

@@ -693,9 +693,10 @@ class TrainRequest(_message.Message):
     Required when micro_batches > 1 (0 is INVALID_ARGUMENT).
     """
     epoch: _builtins.int
-    """On a request with reset_metrics (an epoch's first step, or the first after a resume): the index of the epoch,
-    from 0, as the client counts it. The server numbers its epochs (logs, TensorBoard) with it; unset, it counts
-    the resets it has seen, which start again with a restarted server.
+    """The index of the step's epoch, from 0, as the client counts it (on every step, or at least on those with
+    reset_metrics). The server numbers its epochs (logs, TensorBoard) with it: it reads it where an epoch begins
+    for it, on reset_metrics or on the first step it sees of an epoch it did not see begin (it restarted
+    mid-epoch); unset, it counts the resets it has seen, which start again with a restarted server.
     """
     @_builtins.property
     def iv(self) -> Global___Tensor:
