@@ -700,8 +700,9 @@ def save_parts(client: SplitClient, config: ClientConfig) -> None:
     if config.save_weights:
         save_weights(config.save_weights, client.model, client.trainer.optimizer)
     if config.save_model:
-        save_model(config.save_model, client.model)
-        log.info("first part written to %s", config.save_model)
+        save_model(config.save_model, client.inference_model)
+        top_k = " (with its top-k)" if client.approximations.top_k else ""
+        log.info("first part written to %s%s", config.save_model, top_k)
     if config.save_head:
         if client.head is None:
             raise ValueError("--save-head: this client holds no head (only with --cut ushape)")

@@ -39,6 +39,7 @@ from splitlearning.models import ModelSource
 from splitlearning.optimizers import OptimizerSettings
 from splitlearning.part_state import PartState
 from splitlearning.security import Secret, TlsConfig
+from splitlearning.top_k_layer import with_top_k
 from splitlearning.training.first_part import ClientTrainer
 from splitlearning.training.local_loss import LocalHead, classes_of
 from splitlearning.v1 import split_learning_pb2 as pb
@@ -280,6 +281,14 @@ class SplitClient:
     @property
     def model(self) -> keras.Model:
         return self.trainer.model
+
+    @property
+    def inference_model(self) -> keras.Model:
+        """The first part as it runs at inference: `model`, followed by top-k's `TopK` layer when this client
+        trains with top-k (splitlearning/top_k_layer.py). What `split-client --save-model` writes, so that the
+        saved part gives the IVs the server's part learned from."""
+        fraction = self.approximations.top_k
+        return with_top_k(self.model, fraction) if fraction else self.model
 
     @property
     def checkpoints(self) -> ClientCheckpoints | None:

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     tensorflow_setup.load(verbose=False)
     import keras
 
+    from splitlearning import top_k_layer  # noqa: F401 (registers TopK: a first part saved after top-k holds one)
+
     try:
         parts = [keras.saving.load_model(path, compile=False) for path in args.parts]
         model = join(parts)

@@ -15,6 +15,8 @@ from typing import Any, TypeAlias
 
 import keras
 
+from splitlearning import top_k_layer  # noqa: F401 (registers TopK: a first part saved after top-k holds one)
+
 ModelSource: TypeAlias = "keras.Model | Callable[[], keras.Model]"
 
 

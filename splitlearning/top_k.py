@@ -1,7 +1,8 @@
 """Top-k sparsification, pure numpy: plain for the IV (client), with error feedback for its gradient (server).
 
 In each row (a sample's entries) the k = ceil(fraction x entries per row) of largest magnitude are kept and the
-rest set to zero. Per row, so that every sample keeps its strongest entries (per tensor, some samples would send
+rest set to zero (an entry whose magnitude ties with the k-th largest is kept too, so the choice depends on the
+values alone). Per row, so that every sample keeps its strongest entries (per tensor, some samples would send
 none).
 
 Error feedback (Stich et al., "Sparsified SGD with memory", 2018): the sender keeps what it left out of its last
@@ -31,25 +32,39 @@ def keep_count(fraction: float, size: int) -> int:
 
 
 def sparsify(tensor: np.ndarray, fraction: float) -> np.ndarray:
-    """`tensor` with all but each row's k largest magnitudes set to zero (no feedback): a new array."""
+    """`tensor` with each row's entries below its k-th largest magnitude set to zero (no feedback): a new array."""
     values = np.array(tensor, dtype=np.result_type(tensor, np.float32), copy=True)
-    _keep_largest(values, fraction)
+    rows = _rows(values)
+    if rows.size:
+        rows[_dropped(rows, fraction)] = 0
     return values
 
 
 def _keep_largest(values: np.ndarray, fraction: float) -> np.ndarray:
-    """Keep each row's k largest magnitudes of `values` in place and return what was left out (a new array)."""
-    if not values.size:
+    """Keep each row's largest magnitudes of `values` in place and return what was left out (a new array)."""
+    rows = _rows(values)
+    if not rows.size:
         return np.zeros_like(values)
-    rows = values.reshape(len(values), -1) if values.ndim else values.reshape(1, 1)
-    width = rows.shape[1]
-    k = keep_count(fraction, width)
-    kept = np.argpartition(np.abs(rows), width - k, axis=1)[:, width - k :]
-    sent = np.zeros_like(rows)
-    np.put_along_axis(sent, kept, np.take_along_axis(rows, kept, axis=1), axis=1)
-    left = rows - sent
-    rows[...] = sent
+    dropped = _dropped(rows, fraction)
+    left = np.where(dropped, rows, 0).astype(rows.dtype, copy=False)
+    rows[dropped] = 0
     return left.reshape(values.shape)
+
+
+def _rows(values: np.ndarray) -> np.ndarray:
+    """`values` as one row per sample (a view)."""
+    return values.reshape(len(values), math.prod(values.shape[1:])) if values.ndim else values.reshape(1, 1)
+
+
+def _dropped(rows: np.ndarray, fraction: float) -> np.ndarray:
+    """Where each row's magnitude is below the row's k-th largest: what top-k does not send. A magnitude tied
+    with the k-th is kept (so a row may keep more than k where magnitudes tie), which makes the choice a function
+    of the values alone, the same here as in `TopK` (splitlearning/top_k_layer.py) and on any CPU."""
+    width = rows.shape[1]
+    magnitudes = np.abs(rows)
+    at = width - keep_count(fraction, width)
+    kth = np.partition(magnitudes, at, axis=1)[:, at : at + 1]
+    return magnitudes < kth
 
 
 class ErrorFeedback:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from splitlearning import subprocesses
+from splitlearning.models import _keras_file
+from splitlearning.top_k_layer import TopK
 from tests.faults_support import spawn, wait_for_port_file
 
 pytestmark = pytest.mark.processes  # every test here starts OS processes
@@ -64,7 +66,8 @@ def client(port: int, tmp_path: Path, *flags: str) -> tuple[subprocess.Completed
 def test_a_client_trains_with_what_it_asked_for_and_says_so(
     server: int, tmp_path: Path, flags: tuple[str, ...], names: list[str]
 ) -> None:
-    result, report = client(server, tmp_path, *flags)
+    saved = ("--save-model", str(tmp_path / "first.keras")) if "--top-k" in flags else ()
+    result, report = client(server, tmp_path, *flags, *saved)
     assert result.returncode == 0, result.stderr[-3000:]
     assert report is not None
     assert report["summary"]["approximations"] == names
@@ -72,6 +75,10 @@ def test_a_client_trains_with_what_it_asked_for_and_says_so(
     assert report["test"]["accuracy"] > 0.5, report["test"]  # digits, 10 classes: it learned
     if "--local-loss" in flags:
         assert len(report["history"]["local_loss"]) == 3
+    if saved:  # the first part as it ran: with its top-k, which loading the file (as --model does) restores
+        assert "(with its top-k)" in result.stderr
+        first = _keras_file(saved[1])()
+        assert isinstance(first.layers[-1], TopK) and first.layers[-1].fraction == 0.25
 
 
 def test_a_server_that_does_not_allow_it_refuses_in_one_line(tmp_path: Path) -> None:
