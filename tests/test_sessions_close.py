@@ -3,6 +3,7 @@ session left memory (its reply was lost): then the step of its latest checkpoint
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ from server_part import SplitServer
 from splitlearning.v1 import split_learning_pb2 as pb
 from splitlearning.v1 import split_learning_pb2_grpc as pb_grpc
 from tests.conftest import build_bottom, build_top, make_data, make_loss
+from tests.faults_support import wait_for
 
 STEPS = 3
 
@@ -24,7 +26,11 @@ def test_a_close_sent_again_answers_the_final_step_from_the_checkpoints(tmp_path
         with SplitClient(build_bottom("plain", 1), "adam", target=target, connect_timeout=10) as client:
             client.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0)
             session = client.session_id
-        with grpc.insecure_channel(target) as channel:  # the client's stream is closed: any client may close it
+        # The client closed its stream; once the server has seen it end, any client may close the session.
+        held = server.sessions.find(session)
+        assert held is not None
+        wait_for(lambda: held.idle_seconds(time.monotonic()) is not None, 10, "the server to see the stream end")
+        with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.SplitLearningServiceStub(channel)
             request = pb.CloseSessionRequest(session_id=session)
             first = stub.CloseSession(request, timeout=10)
