@@ -33,11 +33,13 @@ class ServerCheckpoints:
             raise ValueError(f"checkpoint interval must be >= 0 steps, got {every}")
         self.every = every
         self._trainer = trainer
-        # Any shape (the batch's), of the gradient's dtype as error feedback keeps it; empty: none.
+        # Any shape (the batch's), of the gradient's dtype as error feedback keeps it; empty: none. Host memory:
+        # numpy reads and writes it.
         self._dtype = np.result_type(trainer.contract.iv.dtype, np.float32)
-        self._residual = tf.Variable(
-            np.zeros((0,), self._dtype), shape=tf.TensorShape(None), trainable=False, name="top_k_residual"
-        )
+        with tf.device("/CPU:0"):
+            self._residual = tf.Variable(
+                np.zeros((0,), self._dtype), shape=tf.TensorShape(None), trainable=False, name="top_k_residual"
+            )
         self._store = StepCheckpoints(
             directory,
             {"model": trainer.model.variables, "optimizer": trainer.optimizer.variables},

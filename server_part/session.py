@@ -309,11 +309,6 @@ class Session:
         # partial gradients.
         if not 0 <= micro_batch < micro_batches:
             raise InvalidRequest(f"micro_batch {micro_batch} does not lie in [0, {micro_batches})")
-        if self.approximations.in_flight > 1 or self.approximations.local_loss:
-            raise PreconditionFailed(
-                f"micro-batches in a session that trains with {self.approximations.describe()}: its steps are "
-                "sent whole (micro_batches 0 or 1)"
-            )
         self._check_batch(iv, labels)
         batch = len(iv)
         limit = self.limits.max_batch_size
@@ -321,6 +316,11 @@ class Session:
             raise TooLarge(f"step_samples {step_samples} is over this server's limit of {limit}")
         if not 0 < batch <= step_samples:
             raise InvalidRequest(f"step_samples {step_samples} must lie in [{batch}, {limit}]")
+        if self.approximations.in_flight > 1 or self.approximations.local_loss:
+            raise PreconditionFailed(
+                f"micro-batches in a session that trains with {self.approximations.describe()}: its steps are "
+                "sent whole (micro_batches 0 or 1)"
+            )
         with self._lock:
             self._touch()
             micro = self._micro
