@@ -94,6 +94,7 @@ class _MicroStep:
     seen: int = 0  # samples received so far
     requests: list[tuple[np.ndarray, ...]] = field(default_factory=list, repr=False)
     replies: list[StepResult] = field(default_factory=list, repr=False)
+    residual: np.ndarray | None = field(default=None, repr=False)  # top-k's, before the step's first micro-batch
 
 
 class Session:
@@ -119,7 +120,7 @@ class Session:
         self.encoding: EncodingCode = encodings.RAW  # chosen by the last accepted handshake
         self.approximations = NONE  # asked for by the last accepted handshake
         self._feedback: ErrorFeedback | None = None  # top-k's error feedback of the gradients sent
-        # Top-k's residual while no feedback uses it: restored from a checkpoint, for the next top-k handshake.
+        # Top-k's residual restored from a checkpoint, until the next handshake says whether top-k goes on.
         self._carried = checkpoints.residual if checkpoints is not None else None
         self.resent = 0  # steps answered again from the first reply (their reply was lost)
         self.restarted = 0  # pipelined steps started over after the client rejoined mid-step
@@ -194,9 +195,10 @@ class Session:
             if approximations != self.approximations:
                 self.approximations = approximations
                 self._cache.depth = approximations.in_flight
-                residual = self._residual
-                self._feedback = ErrorFeedback(approximations.top_k, residual) if approximations.top_k else None
-                self._carried = None if self._feedback is not None else residual
+            # Top-k goes on with what its gradients left out so far; without top-k nothing is left out.
+            residual = self._residual if approximations.top_k else None
+            self._feedback = ErrorFeedback(approximations.top_k, residual) if approximations.top_k else None
+            self._carried = None
             return next_step
 
     def _agree(self, offered: Sequence[int]) -> int:
@@ -338,7 +340,7 @@ class Session:
                     f"{expected[1]} of step {expected[0]}"
                 )
             if micro_batch == 0:
-                self._micro = micro = _MicroStep(plan=(micro_batches, step_samples))
+                self._micro = micro = _MicroStep(plan=(micro_batches, step_samples), residual=self._residual)
             seen = micro.seen + batch
             last = micro_batch + 1 == micro_batches
             if micro.plan != (micro_batches, step_samples) or seen > step_samples or (last and seen != step_samples):
@@ -528,7 +530,10 @@ class Session:
 
     @property
     def _residual(self) -> np.ndarray | None:
-        """Top-k's residual: what the gradients sent so far left out (checkpointed with each step)."""
+        """Top-k's residual: what the gradients of the steps applied so far left out (checkpointed with each
+        step; a pipelined step in progress has not happened yet)."""
+        if self._micro.next:
+            return self._micro.residual
         return self._feedback.residual if self._feedback is not None else self._carried
 
     def _restore_residual(self, residual: np.ndarray | None) -> None:
@@ -550,6 +555,8 @@ class Session:
         """Drop the partial gradients of a pipelined step that will not be finished."""
         if self._micro.next and self.mode is CutMode.STANDARD:
             self._standard().discard_micro()
+            if self._feedback is not None:  # what its micro-batches' gradients left out is not left out
+                self._feedback = ErrorFeedback(self._feedback.fraction, self._micro.residual)
         self._micro = _MicroStep()
 
     def _standard(self) -> LossTrainer:

@@ -193,8 +193,10 @@ class ServerTelemetry:
         series.step_gauge.set(step + 1)
         for gauge, value in zip(series.metric_gauges, metrics, strict=False):
             gauge.set(value)
-        if reset or (epoch is not None and not series.epoch_open and epoch != series.epoch):
-            self._open_epoch(series, epoch)  # an epoch begins, or goes on here after a restart mid-epoch
+        # An epoch begins (or goes on here after a restart mid-epoch): a reset, or a step of another epoch (a
+        # pipelined step's reset comes with its first micro-batch, and only its last one is counted here).
+        if reset or (epoch is not None and epoch != series.epoch):
+            self._open_epoch(series, epoch)
         with self._lock:
             series.last_done, series.last_metrics, series.epoch_open = step + 1, list(metrics), True
         if series.tensorboard is not None:

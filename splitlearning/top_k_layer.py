@@ -5,7 +5,9 @@ part learned from such IVs. `TopK` applies the same rule as `splitlearning.top_k
 row's k-th largest magnitude set to zero, ties with the k-th kept), so a first part saved with it appended
 (`with_top_k`; what `split-client --save-model` writes after top-k training) gives what the split pipeline gave:
 for `split-client --predict` with that file, and in the uncut model `split-join` makes of it. Both find the k-th
-largest magnitude of the same float values, and compare against it, so they choose the same entries.
+largest magnitude of the same float values, and compare against it, so they choose the same entries (for finite
+values; TensorFlow flushes subnormal numbers to zero). The layer computes in the IV's own dtype, as `sparsify`
+does for float32 and float64 (it widens float16 to float32: the same entries, another dtype).
 
 The class is registered with Keras (`splitlearning>TopK`): loading a file that holds it needs this module
 imported first, which `splitlearning.models` (every `--model FILE`) and `split-join` do.
@@ -28,6 +30,7 @@ class TopK(keras.layers.Layer):
     tied with the k-th); the rest become zero. No weights; the gradient flows to the kept entries."""
 
     def __init__(self, fraction: float, **kwargs: Any) -> None:
+        kwargs.setdefault("autocast", False)  # the IV's own dtype, as `sparsify` keeps a float64 IV float64
         super().__init__(**kwargs)
         if not 0 < fraction < 1:
             raise ValueError(f"top-k keeps a fraction in (0, 1) of each row's entries, got {fraction}")
@@ -51,7 +54,11 @@ class TopK(keras.layers.Layer):
 
 
 def with_top_k(model: keras.Model, fraction: float) -> keras.Model:
-    """`model` followed by `TopK(fraction)`: one model, the same layers and weights (not copies)."""
+    """`model` followed by `TopK(fraction)`: one model, the same layers and weights (not copies). A part that ends
+    in that top-k already (loaded from such a file) is returned as it is."""
+    last = model.layers[-1] if model.layers else None
+    if isinstance(last, TopK) and last.fraction == float(fraction):
+        return model
     if len(model.outputs) != 1:
         raise ValueError(f"top-k follows a part with one output (the IV), this one has {len(model.outputs)}")
-    return keras.Model(model.inputs, TopK(fraction, name="top_k")(model.outputs[0]), name=f"{model.name}_top_k")
+    return keras.Model(model.inputs, TopK(fraction)(model.outputs[0]), name=f"{model.name}_top_k")

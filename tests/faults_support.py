@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import selectors
 import signal
 import socket
@@ -90,6 +91,9 @@ def spawn(module: str, args: Sequence[str], log: Path) -> subprocess.Popen[bytes
     """`python -m module args` with this environment (PYTHONPATH included), output to `log`."""
     # PYTHONFAULTHANDLER: a process that `exit_code` finds hung writes every thread's stack to its log on SIGABRT.
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
+    # An abort writes no core file into the repository: the child inherits this process's limit (a preexec_fn
+    # could deadlock the child of a process with threads, as this one has).
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=out, stderr=out, cwd=ROOT)
 
@@ -111,7 +115,8 @@ def exit_code(
         for each, each_log in ((process, log), *peers):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 stop(each, signal.SIGABRT, timeout=10.0)
-            stop(each)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                stop(each)
             tails.append(f"the end of {each_log.name}:\n{_tail(each_log)}")
         raise AssertionError(f"{what} still ran after {timeout:g} s; " + "\n".join(tails)) from None
 

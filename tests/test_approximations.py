@@ -242,3 +242,33 @@ def test_a_sparse_iv_is_refused_past_a_full_batch_before_it_is_made_dense(split_
         request.iv.CopyFrom(codec.to_proto(np.eye(4, CUT_DIM, dtype=np.float32), pb.ENCODING_SPARSE))
         (answer,) = raw.train(stub, request)
         assert answer.iv_gradient.encoding == pb.ENCODING_SPARSE
+
+
+def test_a_pipelined_step_started_over_sends_what_an_undisturbed_one_sends(split_pair: StartServer) -> None:
+    """Top-k with micro-batches: a step left after its first micro-batch (the client rejoined) starts over with
+    the residual from before it, so its gradients equal those of a session that never broke off."""
+    split = split_pair(allow_approximations="top-k")
+    rng = np.random.default_rng(5)
+    parts = [(sparsify(rng.normal(size=(2, CUT_DIM)).astype("float32"), 0.4), rng.integers(0, 3, 2)) for _ in range(4)]
+
+    def micro(session: str, step: int, index: int) -> pb.TrainRequest:
+        iv, labels = parts[2 * step + index]
+        return pb.TrainRequest(
+            session_id=session, step=step, micro_batches=2, micro_batch=index, step_samples=4,
+            iv=codec.to_proto(iv, pb.ENCODING_SPARSE), labels=codec.to_proto(labels.astype("int64")),
+        )  # fmt: skip
+
+    def gradients(replies: list[Any]) -> list[np.ndarray]:
+        return [codec.from_proto(reply.iv_gradient) for reply in replies]
+
+    channel, stub = raw.connect(split.target)
+    with channel:
+        asked = pb.Approximations(top_k=0.4)
+        whole = raw.handshake(stub, approximations=asked, client_id="a").session_id
+        undisturbed = gradients(raw.train(stub, *(micro(whole, s, i) for s in (0, 1) for i in (0, 1))))
+        broken = raw.handshake(stub, approximations=asked, client_id="b").session_id
+        raw.train(stub, micro(broken, 0, 0), micro(broken, 0, 1), micro(broken, 1, 0))  # step 1 left unfinished
+        assert raw.handshake(stub, broken, approximations=asked, client_id="b").next_step == 1  # starts over
+        again = gradients(raw.train(stub, micro(broken, 1, 0), micro(broken, 1, 1)))
+    for got, expected in zip(again, undisturbed[2:], strict=True):
+        np.testing.assert_array_equal(got, expected)

@@ -135,7 +135,7 @@ def run_interrupted(workdir: Path, dataset: Path, name: str, interruptions: list
             else:
                 stop(client, sig)
                 client = spawn("client_part", client_args, base / "client.log")
-        code = exit_code(client, base / "client.log", RUN_TIMEOUT, "the client")
+        code = exit_code(client, base / "client.log", RUN_TIMEOUT, "the client", [(server, base / "server.log")])
         assert code == 0, (base / "client.log").read_text()[-5000:]
         assert stop(server, signal.SIGTERM, timeout=10.0) == 0, (base / "server.log").read_text()[-5000:]
     finally:

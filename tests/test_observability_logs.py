@@ -112,3 +112,18 @@ def test_a_server_restarted_mid_epoch_numbers_it_as_the_client_does(
     assert len(servers) == 2, "the server was not restarted"
     epochs = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "server_part.telemetry"]
     assert epochs == ["epoch 1", "epoch 2", "epoch 2", "epoch 3"], epochs
+
+
+def test_a_pipelined_run_numbers_its_epochs_as_the_client_does(
+    split_pair: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With micro-batches a step's reset comes with its first micro-batch and the server counts the last: each
+    step carries its epoch, so three epochs without validation are three epoch lines, not one."""
+    split = split_pair("plain", 3)
+    x, y = make_data(20)
+    with caplog.at_level(logging.INFO, logger="server_part.telemetry"):
+        with SplitClient(split.bottom, "sgd", target=split.target, connect_timeout=10, micro_batches=2) as client:
+            client.fit(x, y, batch_size=10, epochs=3, verbose=0)
+        split.server.stop(grace=1.0)  # closes the last epoch
+    epochs = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "server_part.telemetry"]
+    assert epochs == ["epoch 1", "epoch 2", "epoch 3"], epochs

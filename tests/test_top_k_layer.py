@@ -30,6 +30,7 @@ def tensors() -> dict[str, np.ndarray]:
         "relu": np.maximum(normal, 0),  # many zeros: fewer than k entries are not zero in some rows
         "ties": rng.integers(-3, 4, size=(64, 20)).astype("float32"),  # magnitudes tie at the k-th
         "flat": rng.normal(size=(3, 1)).astype("float32"),  # one entry a row: k = 1 keeps it
+        "float64": rng.normal(size=(16, 7)),  # chosen and kept in float64, by both
     }
 
 
@@ -39,6 +40,7 @@ def test_the_layer_chooses_what_the_client_sends(name: str, fraction: float) -> 
     tensor = tensors()[name]
     expected = sparsify(tensor, fraction)
     got = keras.ops.convert_to_numpy(TopK(fraction)(tensor))
+    assert got.dtype == expected.dtype
     np.testing.assert_array_equal(got, expected)
     rows = expected.reshape(len(expected), -1)
     k = keep_count(fraction, rows.shape[1])
@@ -64,6 +66,8 @@ def test_a_part_saved_with_it_loads_and_gives_the_sparse_iv(tmp_path: Path) -> N
     loaded = _keras_file(str(tmp_path / "first.keras"))()  # what `--model FILE` loads
     assert isinstance(loaded.layers[-1], TopK) and loaded.layers[-1].fraction == 0.25
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), sparsify(part.predict(x, verbose=0), 0.25))
+    assert with_top_k(loaded, 0.25) is loaded  # a part that holds its top-k (trained on again) is saved as it is
+    save_model(tmp_path / "again.keras", with_top_k(loaded, 0.1))  # another fraction: a second, named apart
     with pytest.raises(ValueError, match=r"a fraction in \(0, 1\)"):
         TopK(1.0)
 

@@ -695,8 +695,9 @@ class TrainRequest(_message.Message):
     epoch: _builtins.int
     """The index of the step's epoch, from 0, as the client counts it (on every step, or at least on those with
     reset_metrics). The server numbers its epochs (logs, TensorBoard) with it: it reads it where an epoch begins
-    for it, on reset_metrics or on the first step it sees of an epoch it did not see begin (it restarted
-    mid-epoch); unset, it counts the resets it has seen, which start again with a restarted server.
+    for it, on reset_metrics or on a step whose epoch differs from the last it saw (it restarted mid-epoch, or a
+    pipelined step's reset came with a micro-batch before the last); unset, it counts the resets it has seen,
+    which start again with a restarted server.
     """
     @_builtins.property
     def iv(self) -> Global___Tensor:
