@@ -409,7 +409,8 @@ def no_common_ids() -> dict[str, str]:
 
 def test_a_label_defence_noises_each_step_once() -> None:
     """Marvell on the gradients sent: a resend gets the same noisy gradient (the step is applied once); without
-    the defence the same IV gets another one."""
+    the defence the same IV gets another one. One batch of all 16 rows: Marvell adds noise only to a batch that
+    holds both classes, and which rows a smaller first batch takes depends on the alignment's random blinding."""
     ids = [f"p{i}" for i in range(16)]
     y = (np.arange(16) % 4 == 0).astype(np.float32).reshape(-1, 1)
 
@@ -426,7 +427,7 @@ def test_a_label_defence_noises_each_step_once() -> None:
             parties=["a"],
             ids=ids,
             y=y,
-            batch_size=8,
+            batch_size=16,
             test_fraction=0.0,
             label_defence=defence,
         )
@@ -439,7 +440,7 @@ def test_a_label_defence_noises_each_step_once() -> None:
             reblinded = member.reblind(psi.Blinded(list(offer.offer)))
             alignment = raw.call("Match", pb.MatchRequest(party="a", reblinded=reblinded.points), None).alignment
             ticket = raw.call("Join", join_request("a", alignment), None).ticket
-            iv = np.linspace(-1, 1, 16, dtype=np.float32).reshape(8, 2)
+            iv = np.linspace(-1, 1, 32, dtype=np.float32).reshape(16, 2)
             request = pb.VerticalStepRequest(ticket=ticket, step=0, iv=codec.to_proto(iv))
             first, again = raw.call("Step", request, None), raw.call("Step", request, None)
             assert first.gradient.content == again.gradient.content
