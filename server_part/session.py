@@ -552,11 +552,11 @@ class Session:
         self.resent += 1
 
     def _discard_micro(self) -> None:
-        """Drop the partial gradients of a pipelined step that will not be finished."""
+        """Drop the partial gradients of a pipelined step that will not be finished, and what its micro-batches'
+        gradients left out of top-k's residual (it goes back to the one from before the step)."""
         if self._micro.next and self.mode is CutMode.STANDARD:
             self._standard().discard_micro()
-            if self._feedback is not None:  # what its micro-batches' gradients left out is not left out
-                self._feedback = ErrorFeedback(self._feedback.fraction, self._micro.residual)
+            self._restore_residual(self._micro.residual)
         self._micro = _MicroStep()
 
     def _standard(self) -> LossTrainer:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from splitlearning import subprocesses
-from splitlearning.models import _keras_file
+from splitlearning.models import load_part
 from splitlearning.top_k_layer import TopK
 from tests.faults_support import spawn, wait_for_port_file
 
@@ -77,7 +77,7 @@ def test_a_client_trains_with_what_it_asked_for_and_says_so(
         assert len(report["history"]["local_loss"]) == 3
     if saved:  # the first part as it ran: with its top-k, which loading the file (as --model does) restores
         assert "(with its top-k)" in result.stderr
-        first = _keras_file(saved[1])()
+        first = load_part(saved[1], "client", 0)()
         assert isinstance(first.layers[-1], TopK) and first.layers[-1].fraction == 0.25
 
 

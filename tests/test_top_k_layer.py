@@ -16,10 +16,12 @@ from server_part import SplitServer
 from splitlearning.approximations import Approximations
 from splitlearning.checkpoint import save_model
 from splitlearning.joined import join
-from splitlearning.models import _keras_file
+from splitlearning.models import load_part
 from splitlearning.top_k import keep_count, sparsify
 from splitlearning.top_k_layer import TopK, with_top_k
 from tests.conftest import StartServer, make_data, make_loss
+
+NAMES = (("first.keras", "client"), ("second.keras", "server"))
 
 
 def tensors() -> dict[str, np.ndarray]:
@@ -63,7 +65,7 @@ def test_a_part_saved_with_it_loads_and_gives_the_sparse_iv(tmp_path: Path) -> N
     chained = with_top_k(part, 0.25)
     assert chained.layers[1] is part.layers[0]  # the same layer and weights, not a copy
     save_model(tmp_path / "first.keras", chained)
-    loaded = _keras_file(str(tmp_path / "first.keras"))()  # what `--model FILE` loads
+    loaded = load_part(str(tmp_path / "first.keras"), "client", 0)()  # what `--model FILE` loads
     assert isinstance(loaded.layers[-1], TopK) and loaded.layers[-1].fraction == 0.25
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), sparsify(part.predict(x, verbose=0), 0.25))
     assert with_top_k(loaded, 0.25) is loaded  # a part that holds its top-k (trained on again) is saved as it is
@@ -84,7 +86,7 @@ def test_predicting_with_the_saved_part_gives_the_trained_clients_outputs(
         assert trained.inference_model is not trained.model
         save_model(tmp_path / "first.keras", trained.inference_model)
         save_model(tmp_path / "second.keras", split.server.model)  # the first session's part: this client's
-    first, second = (_keras_file(str(tmp_path / name))() for name in ("first.keras", "second.keras"))
+    first, second = (load_part(str(tmp_path / name), side, 0)() for name, side in NAMES)
     # The parts served as README's "After training" does; a client of the saved file asks for no top-k.
     served = SplitServer(second, make_loss(), keras.optimizers.SGD(0.1), ["accuracy"], serve_only=True)
     try:
